@@ -1,0 +1,3 @@
+from model.AuxNet import AuxNet, AuxNetOutput
+
+__all__ = ["AuxNet", "AuxNetOutput"]

@@ -1,0 +1,3 @@
+from configs.config_parser import Config, ConfigError, load_config, save_config
+
+__all__ = ["Config", "ConfigError", "load_config", "save_config"]

@@ -1,0 +1,285 @@
+"""Load `config.yaml` and command-line overrides into a typed :class:`Config`.
+
+The dataclass below is the schema: each field's type and default. `configs/config.yaml` holds the
+same defaults with a one-line comment per option (a test keeps the two in step). Loading collects
+*every* problem (unknown key, wrong type) and hands them, together with the cross-field rules of
+:mod:`configs.validator`, to one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+
+ModelName = Literal["AuxNet-EDC", "AuxNet-ED", "AuxNet-C", "AuxNet-D", "UNet"]
+Composition = Literal["full", "boundary"]
+Distance = Literal["euclidean", "manhattan", "chebyshev"]
+Normalization = Literal["static_max", "dynamic_max", "minmax", "none"]
+MetricName = Literal["DSC", "IoU", "TTR", "ASD", "AD", "HD95", "D95", "CMA"]
+
+
+class ConfigError(ValueError):
+    """Every problem found in a configuration, one per line, each with its fix."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
+
+
+@dataclass
+class Config:
+    """All run options; see `configs/config.yaml` for the documented defaults."""
+
+    # directories
+    DATASET_DIR: str = "synthetic"
+    RESULTS_DIR: str = "saved"
+    # dataset
+    SEED: int = 42
+    TRAIN_SET_COMPOSITION: Composition = "full"
+    TEST_SET_COMPOSITION: Composition = "full"
+    TEST_SPLIT: float = 0.2
+    CROSS_VALIDATION: bool = False
+    DEFAULT_FOLD: int = 0
+    NUM_WORKERS: int = 0
+    TILE_OVERLAP: int = 0
+    SYNTHETIC_IMAGES: int = 12
+    SYNTHETIC_SIZE: int = 512
+    AUGMENTATIONS: Union[Literal["default", "none"], list[dict]] = "default"
+    # model
+    MODEL: ModelName = "AuxNet-EDC"
+    MODEL_WEIGHTS: Optional[str] = None
+    INPUT_SIZE: int = 128
+    INPUT_CHANNELS: int = 1
+    UNET_DEPTH: int = 4
+    CONV_DEPTH: int = 16
+    BATCH_SIZE: int = 8
+    # segmentation
+    SEG_CLASSES: int = 1
+    SEG_DROPOUT: float = 0.0
+    SEG_THRESHOLD: float = 0.5
+    # classification
+    CLS_CLASSES: int = 1
+    CLS_DROPOUT: float = 0.3
+    CLS_THRESHOLD: float = 0.5
+    # optimiser
+    INIT_LR: float = 1e-4
+    BASE_LR: float = 3e-3
+    L2_DECAY: float = 1e-4
+    WARMUP_EPOCHS: int = 1
+    TRAIN_EPOCHS: int = 14
+    MIXED_PRECISION: Literal["bf16", "fp16", "none"] = "bf16"
+    CHANNELS_LAST: bool = True
+    # signed distance maps
+    SDM_KERNEL_SIZE: int = 3
+    SDM_DISTANCE: Distance = "euclidean"
+    SDM_NORMALIZATION: Normalization = "static_max"
+    # loss
+    LOSS: str = "SoftDICE_BCE"
+    INCLUDE_BACKGROUND: bool = False
+    ADAPTIVE_WEIGHTS: Union[bool, Literal["schedule"]] = False
+    STATIC_WEIGHTS: Optional[list[float]] = None
+    CLAMP_DELTA: float = 0.1
+    SIGMOID_STEEPNESS: float = 10.0
+    WCE_W0: float = 10.0
+    WCE_SIGMA: float = 5.0
+    # evaluation
+    SAVE_MODEL: bool = True
+    EVAL_METRIC: MetricName = "DSC"
+    CMA_COEFFICIENTS: dict[str, float] = field(
+        default_factory=lambda: {"DSC": 0.5, "TTR": 0.2, "HD95": 0.3}
+    )
+    DISTANCE_METRICS: bool = True
+    PIXEL_SPACING: Optional[list[float]] = None
+    # distributed
+    GPUs: Optional[list[int]] = None
+    CPU_PROCESSES: int = 1
+    MASTER_ADDR: str = "localhost"
+    MASTER_PORT: str = "29500"
+    NCCL_P2P_DISABLE: bool = False
+    # logging
+    LOG_WANDB: bool = False
+    LOG_LOCAL: bool = True
+    EXP_ID: str = ""
+    RUN_ID: str = ""
+
+    # ---- derived views (not options)
+    @property
+    def loss_terms(self) -> list[str]:
+        return [t for t in self.LOSS.split("_") if t]
+
+    @property
+    def has_head(self) -> bool:
+        return self.MODEL != "UNet"
+
+    @property
+    def trains_segmentation(self) -> bool:
+        return self.MODEL in ("AuxNet-EDC", "AuxNet-ED", "AuxNet-D", "UNet")
+
+    @property
+    def trains_classifier(self) -> bool:
+        return self.MODEL in ("AuxNet-EDC", "AuxNet-C")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` checked against the annotation ``tp`` (ints are accepted for floats).
+
+    Raises:
+        TypeError: with a message naming the expected type.
+    """
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+        raise TypeError(f"expected one of {_type_name(tp)}")
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return coerce(value, arg)
+            except TypeError:
+                continue
+        raise TypeError(f"expected {_type_name(tp)}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise TypeError(f"expected {_type_name(tp)}")
+        return [coerce(v, item) for v in value]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise TypeError(f"expected {_type_name(tp)}")
+        return {coerce(k, key_tp): coerce(v, val_tp) for k, v in value.items()}
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError("expected null")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is dict and isinstance(value, dict):
+        return value
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise TypeError(f"expected {_type_name(tp)}")
+
+
+def did_you_mean(name: str, choices: typing.Iterable[str]) -> str:
+    """`` (did you mean 'X'?)`` for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_overrides(items: typing.Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Split ``KEY=VALUE`` strings; values are parsed as YAML. Returns (overrides, problems)."""
+    overrides: dict[str, Any] = {}
+    problems: list[str] = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            problems.append(f"command-line argument {item!r} is not KEY=VALUE (e.g. BATCH_SIZE=4)")
+            continue
+        try:
+            overrides[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            overrides[key] = raw
+    return overrides, problems
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, raising :class:`ConfigError` naming the file on any problem."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError([f"cannot read config file {str(path)!r}: {err.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path} is not valid YAML: {err}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path} must hold a mapping of KEY: value, found {type(data).__name__}"])
+    return data
+
+
+def check_values(values: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Type-check raw values. Returns (valid values, {key: problem}) without raising."""
+    valid: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    for key, value in values.items():
+        if key not in FIELDS:
+            problems[key] = (
+                f"{source}: unknown option {key!r}{did_you_mean(key, FIELDS)}; "
+                f"valid options: {', '.join(FIELDS)}"
+            )
+            continue
+        try:
+            valid[key] = coerce(value, _HINTS[key])
+        except TypeError as err:
+            problems[key] = f"{source}: {key}={value!r} has the wrong type: {err}"
+    return valid, problems
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load, override and validate a configuration.
+
+    Keys missing from the file keep their defaults. A key with a bad value is reported and keeps
+    its default meanwhile, so that the cross-field rules still run and every problem is listed.
+
+    Args:
+        path: YAML file (default: `configs/config.yaml`).
+        overrides: ``KEY=VALUE`` strings from the command line.
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        ConfigError: listing every problem found (file, keys, types and cross-field rules).
+    """
+    from configs.validator import validate
+
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    file_values, file_problems = check_values(read_yaml(path), source=str(path))
+    cli, problems = parse_overrides(overrides)
+    cli_values, cli_problems = check_values(cli, source="command line")
+    # A bad value in the file that the command line replaces is no longer a problem.
+    problems += [msg for key, msg in file_problems.items() if key not in cli]
+    problems += list(cli_problems.values())
+    cfg = Config(**{**file_values, **cli_values})
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved configuration as YAML (atomically)."""
+    from utils.util import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,237 @@
+"""The training / evaluation loop. ``fit()`` reads like a table of contents; construction lives in
+:mod:`engines.builders`."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model.AuxNet import AuxNet, AuxNetOutput
+from model.metrics import HIGHER_IS_BETTER
+from utils.util import DistContext, atomic_torch_save, atomic_write_json
+
+
+@torch.no_grad()
+def evaluate_model(net: AuxNet, loader, metrics, device: torch.device, autocast, channels_last: bool,
+                   decode: bool = True):
+    """Feed every batch of ``loader`` through ``net`` (eval mode) into ``metrics``; return ``metrics``."""
+    net.eval()
+    for batch in loader:
+        image = batch["image"].to(device, non_blocking=True)
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            out = net(image, decode=decode)
+        metrics.update(
+            out.seg.float() if out.seg is not None else None, batch["mask"].to(device),
+            out.cls.float() if out.cls is not None else None, batch["label"].to(device), ids=list(batch["id"]),
+        )
+    return metrics
+
+
+class TrainStep(nn.Module):
+    """Network and loss in one module, so DDP (and the optimiser) see the learnable loss weights.
+
+    ``forward`` returns the network's output and the loss; ``decode=False`` skips the decoder when
+    only the classifier trains.
+    """
+
+    def __init__(self, net: AuxNet, loss: nn.Module, decode: bool, use_cls: bool):
+        super().__init__()
+        self.net, self.loss, self.decode, self.use_cls = net, loss, decode, use_cls
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor, label: torch.Tensor):
+        out: AuxNetOutput = self.net(image, decode=self.decode)
+        cls = out.cls if self.use_cls else None
+        return out, self.loss(out.seg, mask, cls, label if cls is not None else None)
+
+
+@dataclass
+class TrainerSettings:
+    """The few options the loop itself needs (the builders translate the Config)."""
+
+    run_dir: Path
+    epochs: int
+    eval_metric: str
+    save_best: bool
+    amp_dtype: Optional[torch.dtype]
+    channels_last: bool
+    config: dict
+
+
+class SegTrainer:
+    """Trains a :class:`TrainStep` and evaluates it after every epoch.
+
+    Args:
+        step: network + loss (see :class:`TrainStep`).
+        optimizer, scheduler: the scheduler is stepped once per optimisation step.
+        train_loader, test_loader: loaders from :func:`utils.dataset.make_loader`.
+        metrics: a fresh :class:`model.metrics.SegmentationMetrics` is made by calling this.
+        logger: a :class:`utils.loggers.MultiLogger`.
+        ctx: this process's place in the launch.
+        settings: see :class:`TrainerSettings`.
+    """
+
+    def __init__(self, step, optimizer, scheduler, train_loader, test_loader, metrics, logger, ctx: DistContext,
+                 settings: TrainerSettings):
+        self.step = step.to(ctx.device)
+        if settings.channels_last:
+            self.step = self.step.to(memory_format=torch.channels_last)
+        self.ddp = (
+            DistributedDataParallel(self.step, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+            if ctx.distributed else self.step
+        )
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.make_metrics, self.logger, self.ctx, self.s = metrics, logger, ctx, settings
+        use_scaler = settings.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_scaler)
+        self.start_epoch, self.best_value, self.best_epoch = 0, None, None
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ table of contents
+    def fit(self) -> dict[str, Any]:
+        """Train for the configured epochs (resuming from ``last.pth`` if present); return a summary."""
+        self.resume_if_possible()
+        for epoch in range(self.start_epoch, self.s.epochs):
+            started = time.perf_counter()
+            train_stats = self.train_epoch(epoch)
+            eval_stats = self.evaluate().compute()
+            record = {**train_stats, **eval_stats, "time_s": time.perf_counter() - started}
+            improved = self.track_best(epoch, eval_stats)
+            self.logger.log(record, step=epoch)
+            self.history.append({"epoch": epoch, **record})
+            self.save_checkpoint(epoch, improved)
+        return self.summary()
+
+    # ------------------------------------------------------------------ steps
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training set; returns the mean loss and each term and weight."""
+        self.ddp.train()
+        self.step.loss.set_epoch(epoch)
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        batches = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.ctx.is_main,
+                       dynamic_ncols=True)
+        for n, batch in enumerate(batches, start=1):
+            loss_out = self.optimise(batch)
+            for name, value in {"loss": loss_out.total.detach(), **loss_out.terms}.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+            weights = loss_out.weights
+            batches.set_postfix(loss=f"{sums['loss'] / n:.4f}")
+        n = max(len(self.train_loader), 1)
+        stats = {"lr": self.optimizer.param_groups[0]["lr"], "loss": sums.get("loss", math.nan) / n}
+        stats |= {f"loss/{k}": v / n for k, v in sums.items() if k != "loss"}
+        stats |= {f"weight/{k}": float(v) for k, v in weights.items()}
+        return stats
+
+    def optimise(self, batch: dict[str, Any]):
+        """Forward, backward and one optimiser step on a batch; returns the loss output."""
+        image, mask, label = self.to_device(batch)
+        with self.autocast():
+            _, loss_out = self.ddp(image, mask, label)
+        if not torch.isfinite(loss_out.total):
+            raise FloatingPointError(
+                f"the loss became {float(loss_out.total)} (terms: "
+                f"{ {k: float(v) for k, v in loss_out.terms.items()} }): lower BASE_LR or check the data"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_out.total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss_out
+
+    def evaluate(self, loader=None):
+        """Run the test split (this rank's shard) through the network; returns the metrics object,
+        whose ``compute()`` all-reduces over ranks."""
+        return evaluate_model(self.step.net, loader or self.test_loader, self.make_metrics(), self.ctx.device,
+                              self.autocast, self.s.channels_last, decode=self.step.decode)
+
+    def track_best(self, epoch: int, eval_stats: dict[str, float]) -> bool:
+        """Remember the best epoch by the evaluation metric; True when this epoch is the new best."""
+        value = eval_stats.get(self.s.eval_metric, math.nan)
+        if not math.isfinite(value):
+            return False
+        better = self.best_value is None or (
+            value > self.best_value if HIGHER_IS_BETTER[self.s.eval_metric] else value < self.best_value
+        )
+        if better:
+            self.best_value, self.best_epoch = value, epoch
+        return better
+
+    def save_checkpoint(self, epoch: int, improved: bool) -> None:
+        """``last.pth`` every epoch and ``best.pth`` on improvement, written atomically (main rank)."""
+        if not self.ctx.is_main:
+            return
+        state = {
+            "epoch": epoch,
+            "model": self.step.net.state_dict(),
+            "loss": self.step.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "best": {"metric": self.s.eval_metric, "value": self.best_value, "epoch": self.best_epoch},
+            "history": self.history,
+            "config": self.s.config,
+        }
+        atomic_torch_save(state, self.s.run_dir / "last.pth")
+        if improved and self.s.save_best:
+            atomic_torch_save(state, self.s.run_dir / "best.pth")
+
+    def resume_if_possible(self) -> None:
+        """Continue from ``last.pth`` in the run folder, if one exists."""
+        path = self.s.run_dir / "last.pth"
+        if not path.is_file():
+            return
+        state = torch.load(path, map_location=self.ctx.device, weights_only=False)
+        self.step.net.load_state_dict(state["model"])
+        self.step.loss.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = state["epoch"] + 1
+        self.best_value, self.best_epoch = state["best"]["value"], state["best"]["epoch"]
+        self.history = state.get("history", [])
+        if self.ctx.is_main:
+            tqdm.write(f"resuming {self.s.run_dir} after epoch {state['epoch']}")
+
+    def summary(self) -> dict[str, Any]:
+        """Final and best epochs' metrics, written to ``summary.json`` (main rank)."""
+        summary = {
+            "eval_metric": self.s.eval_metric,
+            "best_epoch": self.best_epoch,
+            "best": next((h for h in self.history if h["epoch"] == self.best_epoch), None),
+            "final": self.history[-1] if self.history else None,
+        }
+        if self.ctx.is_main:
+            atomic_write_json(self.s.run_dir / "summary.json", summary)
+        return summary
+
+    # ------------------------------------------------------------------ helpers
+    def to_device(self, batch: dict[str, Any]):
+        dev = self.ctx.device
+        image = batch["image"].to(dev, non_blocking=True)
+        if self.s.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return image, batch["mask"].to(dev, non_blocking=True), batch["label"].to(dev, non_blocking=True)
+
+    def autocast(self):
+        return autocast_for(self.ctx.device, self.s.amp_dtype)
+
+
+def autocast_for(device: torch.device, dtype: Optional[torch.dtype]):
+    """Autocast in ``dtype`` on ``device``'s type, or a no-op context when ``dtype`` is None."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

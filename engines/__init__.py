@@ -1,0 +1,3 @@
+from engines.SegTrainer import SegTrainer, TrainStep
+
+__all__ = ["SegTrainer", "TrainStep"]

@@ -1,0 +1,173 @@
+"""Builders: translate the :class:`~configs.Config` into the plain arguments that the model, loss,
+data, metrics, optimiser and trainer take. The only place (with ``main.py``) that reads the config."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from configs import Config
+from configs.validator import resolve_weights_path
+from engines.SegTrainer import SegTrainer, TrainerSettings, TrainStep
+from model.AuxNet import MODES, AuxNet
+from model.loss import build_loss as make_loss
+from model.metrics import SegmentationMetrics
+from utils.dataset import DEFAULT_AUGMENTATIONS, Splits, build_datasets, make_loader
+from utils.loggers import build_loggers
+from utils.util import DistContext
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def build_model(cfg: Config) -> AuxNet:
+    """The network, with MODEL_WEIGHTS loaded and only the MODEL's parts left trainable."""
+    net = AuxNet(
+        in_channels=cfg.INPUT_CHANNELS,
+        seg_classes=cfg.SEG_CLASSES,
+        cls_classes=cfg.CLS_CLASSES if cfg.has_head else 0,
+        depth=cfg.UNET_DEPTH,
+        base_width=cfg.CONV_DEPTH,
+        seg_dropout=cfg.SEG_DROPOUT,
+        cls_dropout=cfg.CLS_DROPOUT,
+    )
+    if cfg.MODEL_WEIGHTS:
+        load_weights(net, resolve_weights_path(cfg.MODEL_WEIGHTS), allow_missing_head=cfg.MODEL in ("AuxNet-C", "AuxNet-EDC"))
+    net.set_trainable(MODES[cfg.MODEL])
+    return net
+
+
+def load_weights(net: AuxNet, path: Path, allow_missing_head: bool) -> None:
+    """Load a checkpoint's network weights into ``net``.
+
+    Raises:
+        ValueError: naming the file and the mismatching parameters when the architecture differs
+            (a missing classifier head is allowed when the head is about to be trained).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    weights = state.get("model", state) if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise ValueError(f"MODEL_WEIGHTS={str(path)!r} holds no network weights (expected a .pth saved by AuxNet)")
+    own = net.state_dict()
+    missing = [k for k in own if k not in weights and not (allow_missing_head and k.startswith("head."))]
+    shapes = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or shapes:
+        raise ValueError(
+            f"MODEL_WEIGHTS={str(path)!r} does not fit this network: "
+            f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, wrong shape {shapes[:5]}; "
+            "use the same INPUT_CHANNELS, UNET_DEPTH, CONV_DEPTH, SEG_CLASSES and CLS_CLASSES as the run that saved it"
+        )
+    net.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+
+
+def build_loss(cfg: Config) -> nn.Module:
+    weighting = {False: "static", True: "adaptive", "schedule": "schedule"}[cfg.ADAPTIVE_WEIGHTS]
+    return make_loss(
+        cfg.LOSS,
+        seg_classes=cfg.SEG_CLASSES,
+        cls_classes=cfg.CLS_CLASSES if cfg.trains_classifier else 0,
+        weighting=weighting,
+        static_weights=cfg.STATIC_WEIGHTS,
+        include_background=cfg.INCLUDE_BACKGROUND,
+        sdm_distance=cfg.SDM_DISTANCE,
+        sdm_normalization=None if cfg.SDM_NORMALIZATION == "none" else cfg.SDM_NORMALIZATION,
+        sdm_kernel_size=cfg.SDM_KERNEL_SIZE,
+        clamp_delta=cfg.CLAMP_DELTA,
+        sigmoid_steepness=cfg.SIGMOID_STEEPNESS,
+        seg_threshold=cfg.SEG_THRESHOLD,
+        wce_w0=cfg.WCE_W0,
+        wce_sigma=cfg.WCE_SIGMA,
+    )
+
+
+def build_data(cfg: Config, split_file: Path, fold: int) -> Splits:
+    augmentations = {"default": DEFAULT_AUGMENTATIONS, "none": []}.get(cfg.AUGMENTATIONS, cfg.AUGMENTATIONS)
+    return build_datasets(
+        cfg.DATASET_DIR,
+        split_file=split_file,
+        cache_dir=Path(cfg.RESULTS_DIR) / ".cache",
+        seed=cfg.SEED,
+        input_size=cfg.INPUT_SIZE,
+        input_channels=cfg.INPUT_CHANNELS,
+        seg_classes=cfg.SEG_CLASSES,
+        test_split=cfg.TEST_SPLIT,
+        fold=fold,
+        cross_validation=cfg.CROSS_VALIDATION,
+        train_composition=cfg.TRAIN_SET_COMPOSITION,
+        test_composition=cfg.TEST_SET_COMPOSITION,
+        tile_overlap=cfg.TILE_OVERLAP,
+        augmentations=augmentations,
+        synthetic_images=cfg.SYNTHETIC_IMAGES,
+        synthetic_size=cfg.SYNTHETIC_SIZE,
+    )
+
+
+def build_loaders(cfg: Config, splits: Splits, ctx: DistContext):
+    common = dict(num_workers=cfg.NUM_WORKERS, seed=cfg.SEED, distributed=ctx.distributed,
+                  pin_memory=ctx.device.type == "cuda")
+    return (
+        make_loader(splits.train, batch_size=cfg.BATCH_SIZE, train=True, **common),
+        make_loader(splits.test, batch_size=cfg.BATCH_SIZE, train=False, **common),
+    )
+
+
+def build_metrics(cfg: Config, device: torch.device):
+    """A factory of fresh metric accumulators (one per evaluation)."""
+    return partial(
+        SegmentationMetrics,
+        cfg.SEG_CLASSES,
+        distance_metrics=cfg.DISTANCE_METRICS,
+        spacing=cfg.PIXEL_SPACING,
+        include_background=cfg.INCLUDE_BACKGROUND,
+        seg_threshold=cfg.SEG_THRESHOLD,
+        cls_threshold=cfg.CLS_THRESHOLD,
+        cma_coefficients=cfg.CMA_COEFFICIENTS,
+        device=device,
+    )
+
+
+def build_optimizer(cfg: Config, step: TrainStep, steps_per_epoch: int):
+    """AdamW (L2_DECAY on the network only, never on learnable loss weights) and a per-step
+    schedule: linear warm-up INIT_LR → BASE_LR over WARMUP_EPOCHS, then cosine to 0 over TRAIN_EPOCHS."""
+    groups = [
+        {"params": [p for p in step.net.parameters() if p.requires_grad], "weight_decay": cfg.L2_DECAY},
+        {"params": [p for p in step.loss.parameters() if p.requires_grad], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.BASE_LR)
+    warmup = cfg.WARMUP_EPOCHS * steps_per_epoch
+    decay = cfg.TRAIN_EPOCHS * steps_per_epoch
+    schedule = partial(lr_factor, warmup=warmup, decay=decay, start=cfg.INIT_LR / cfg.BASE_LR)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def lr_factor(step: int, *, warmup: int, decay: int, start: float) -> float:
+    """Multiplier of BASE_LR at optimisation ``step`` (see :func:`build_optimizer`)."""
+    if step < warmup:
+        return start + (1.0 - start) * step / warmup
+    t = min((step - warmup) / max(decay, 1), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def build_trainer(cfg: Config, ctx: DistContext, run_dir: Path, splits: Splits) -> SegTrainer:
+    net = build_model(cfg)
+    step = TrainStep(net, build_loss(cfg), decode=cfg.MODEL != "AuxNet-C", use_cls=cfg.trains_classifier)
+    train_loader, test_loader = build_loaders(cfg, splits, ctx)
+    optimizer, scheduler = build_optimizer(cfg, step, max(len(train_loader), 1))
+    logger = build_loggers(
+        run_dir, is_main=ctx.is_main, local=cfg.LOG_LOCAL, wandb=cfg.LOG_WANDB,
+        project="AuxNet", name=f"{run_dir.parent.name}/{run_dir.name}", config=cfg.to_dict(),
+    )
+    settings = TrainerSettings(
+        run_dir=run_dir,
+        epochs=cfg.WARMUP_EPOCHS + cfg.TRAIN_EPOCHS,
+        eval_metric=cfg.EVAL_METRIC,
+        save_best=cfg.SAVE_MODEL,
+        amp_dtype=AMP_DTYPES[cfg.MIXED_PRECISION],
+        channels_last=cfg.CHANNELS_LAST,
+        config=cfg.to_dict(),
+    )
+    return SegTrainer(step, optimizer, scheduler, train_loader, test_loader, build_metrics(cfg, ctx.device),
+                      logger, ctx, settings)

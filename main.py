@@ -1,0 +1,203 @@
+"""AuxNet command line.
+
+    python main.py [train] [--config FILE] [KEY=VALUE ...]     train (the default command)
+    python main.py eval --config FILE MODEL_WEIGHTS=... [...]   evaluate a checkpoint on the test split
+
+Spawns one process per GPU (or CPU_PROCESSES on the CPU) for DDP, or joins a ``torchrun`` launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import statistics
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from configs import Config, ConfigError, load_config, save_config
+from utils.util import (DistContext, atomic_write_json, atomic_write_text, cleanup_distributed, init_distributed,
+                        next_run_id, seed_everything)
+
+COMMANDS = ("train", "eval")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    parser = argparse.ArgumentParser(prog="main.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config (default: configs/config.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override any config option")
+    args = parser.parse_args(argv)
+    args.command = command
+    return args
+
+
+def resolve_run_dir(cfg: Config, command: str) -> Path:
+    """``RESULTS_DIR/<EXP_ID>/<RUN_ID>``; ids are filled in when empty. ``eval`` of a checkpoint that
+    lives in a run folder reports into that run (and uses its split)."""
+    if command == "eval" and not cfg.RUN_ID:
+        from configs.validator import resolve_weights_path
+
+        ckpt_dir = resolve_weights_path(cfg.MODEL_WEIGHTS).resolve().parent
+        for candidate in (ckpt_dir, ckpt_dir.parent):
+            if (candidate / "tts.json").is_file():
+                return candidate
+    exp_dir = Path(cfg.RESULTS_DIR) / (cfg.EXP_ID or "default")
+    return exp_dir / (cfg.RUN_ID or next_run_id(exp_dir))
+
+
+def launch_plan(cfg: Config) -> tuple[int, list[torch.device]]:
+    """(world size, device of each local rank)."""
+    gpus = cfg.GPUs if cfg.GPUs is not None else list(range(torch.cuda.device_count()))
+    if gpus:
+        return len(gpus), [torch.device("cuda", g) for g in gpus]
+    return cfg.CPU_PROCESSES, [torch.device("cpu")] * cfg.CPU_PROCESSES
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "eval" and not cfg.MODEL_WEIGHTS:
+            raise ConfigError(["`main.py eval` evaluates a checkpoint: set MODEL_WEIGHTS=path/to/best.pth"])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run_dir = resolve_run_dir(cfg, args.command)
+    cfg.EXP_ID, cfg.RUN_ID = run_dir.parent.name, run_dir.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.command == "train":
+        save_config(cfg, run_dir / "config.yaml")
+    os.environ.setdefault("MASTER_ADDR", cfg.MASTER_ADDR)
+    os.environ.setdefault("MASTER_PORT", cfg.MASTER_PORT)
+    if cfg.NCCL_P2P_DISABLE:
+        os.environ["NCCL_P2P_DISABLE"] = "1"
+
+    world, devices = launch_plan(cfg)
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = devices[local % len(devices)] if devices[0].type == "cuda" else torch.device("cpu")
+        worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local, device, cfg, run_dir, args.command)
+    elif world > 1:
+        mp.spawn(spawned, args=(world, devices, cfg, run_dir, args.command), nprocs=world, join=True)
+    else:
+        worker(0, 1, 0, devices[0], cfg, run_dir, args.command)
+    return 0
+
+
+def spawned(local_rank: int, world: int, devices, cfg: Config, run_dir: Path, command: str) -> None:
+    worker(local_rank, world, local_rank, devices[local_rank], cfg, run_dir, command)
+
+
+def worker(rank: int, world: int, local_rank: int, device: torch.device, cfg: Config, run_dir: Path,
+           command: str) -> None:
+    ctx = init_distributed(rank, world, local_rank, device)
+    try:
+        if command == "train":
+            train(cfg, ctx, run_dir)
+        else:
+            evaluate(cfg, ctx, run_dir)
+    finally:
+        cleanup_distributed()
+
+
+def main_first(ctx: DistContext, make):
+    """Run ``make()`` on the main rank first (it may write the split or the data cache), then on the others."""
+    result = make() if ctx.is_main else None
+    if ctx.distributed:
+        dist.barrier()
+    return result if ctx.is_main else make()
+
+
+def folds_of(cfg: Config) -> list[int]:
+    from utils.dataset import num_folds
+
+    return list(range(num_folds(cfg.TEST_SPLIT))) if cfg.CROSS_VALIDATION else [cfg.DEFAULT_FOLD]
+
+
+def train(cfg: Config, ctx: DistContext, run_dir: Path) -> None:
+    from engines.builders import build_data, build_trainer
+
+    summaries = {}
+    for fold in folds_of(cfg):
+        fold_dir = run_dir / f"fold_{fold}" if cfg.CROSS_VALIDATION else run_dir
+        seed_everything(cfg.SEED + fold)
+        splits = main_first(ctx, lambda: build_data(cfg, run_dir / "tts.json", fold))
+        trainer = build_trainer(cfg, ctx, fold_dir, splits)
+        if ctx.is_main:
+            print(f"run {fold_dir}  fold {fold}: {len(splits.train)} train / {len(splits.test)} test tiles, "
+                  f"device {ctx.device}, {ctx.world_size} process(es)")
+        try:
+            summaries[fold] = trainer.fit()
+        finally:
+            trainer.logger.close()
+        if ctx.is_main:
+            print(results_table(summaries[fold]))
+    if ctx.is_main and cfg.CROSS_VALIDATION:
+        finals = [s["final"] for s in summaries.values() if s["final"]]
+        keys = [k for k in finals[0] if isinstance(finals[0][k], (int, float)) and k != "epoch"]
+        cv = {k: {"mean": statistics.fmean(f[k] for f in finals),
+                  "std": statistics.pstdev(f[k] for f in finals)} for k in keys}
+        atomic_write_json(run_dir / "cv_summary.json", {"folds": summaries, "final_mean_std": cv})
+        print("cross-validation (final epoch, mean ± std over folds): " +
+              ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in cv.items() if "/" not in k))
+
+
+def results_table(summary: dict) -> str:
+    """A plain-text table of the best and the final epoch."""
+    rows = [("best", summary["best"]), ("final", summary["final"])]
+    keys = [k for k in ("DSC", "IoU", "TTR", "ASD", "AD", "HD95", "D95", "CMA", "loss")
+            if any(r and k in r for _, r in rows)]
+    lines = ["| epoch | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for label, rec in rows:
+        if rec:
+            cells = [f"{rec[k]:.4f}" if isinstance(rec.get(k), float) else str(rec.get(k, "")) for k in keys]
+            lines.append(f"| {label} ({rec['epoch']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate(cfg: Config, ctx: DistContext, run_dir: Path) -> None:
+    """Evaluate MODEL_WEIGHTS on the test split: a per-image CSV and a summary JSON in ``run_dir``."""
+    from functools import partial
+
+    from engines.builders import AMP_DTYPES, build_data, build_loaders, build_metrics, build_model
+    from engines.SegTrainer import autocast_for, evaluate_model
+
+    splits = main_first(ctx, lambda: build_data(cfg, run_dir / "tts.json", cfg.DEFAULT_FOLD))
+    _, test_loader = build_loaders(cfg, splits, ctx)
+    net = build_model(cfg).to(ctx.device)
+    if cfg.CHANNELS_LAST:
+        net = net.to(memory_format=torch.channels_last)
+    autocast = partial(autocast_for, ctx.device, AMP_DTYPES[cfg.MIXED_PRECISION])
+    metrics = evaluate_model(net, test_loader, build_metrics(cfg, ctx.device)(), ctx.device, autocast,
+                             cfg.CHANNELS_LAST, decode=cfg.MODEL != "AuxNet-C")
+    summary = metrics.compute()
+    rows = metrics.gather_per_image()
+    if ctx.is_main:
+        stem = Path(cfg.MODEL_WEIGHTS).stem
+        atomic_write_text(run_dir / f"eval_{stem}.csv", to_csv(rows))
+        atomic_write_json(run_dir / f"eval_{stem}.json",
+                          {"checkpoint": str(cfg.MODEL_WEIGHTS), "tiles": len(rows), "metrics": summary})
+        print(f"evaluated {cfg.MODEL_WEIGHTS} on {len(rows)} test tiles -> {run_dir / f'eval_{stem}.json'}")
+        print(" | ".join(f"{k} {v:.4f}" for k, v in summary.items() if "/" not in k))
+
+
+def to_csv(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""AuxNet: a U-Net with a tile classifier branching off the bottleneck.
+
+::
+
+    x ─ Enc1 ───────────────────────────── Dec1 ─ OutConv ─▶ seg (B, SEG_CLASSES, H, W)
+          └ Down ─ Enc2 ───────────── Dec2 ┘
+                    └ Down ─ Bottleneck ┘
+                                 └ ClassifierHead ─▶ cls (B, CLS_CLASSES)
+
+Width doubles per level from ``base_width``; ``depth`` counts levels including the bottleneck, so
+the input side must be divisible by 2^(depth-1). The head answers "does this tile contain an object
+boundary?"; in AuxNet's staged training (``MODES``) it can be trained jointly with the U-Net, or
+alone on a frozen encoder.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+# What each MODEL trains: encoder ("E"), decoder ("D"), classifier head ("C").
+MODES: dict[str, str] = {
+    "AuxNet-EDC": "EDC",
+    "AuxNet-ED": "ED",
+    "AuxNet-C": "C",
+    "AuxNet-D": "D",
+    "UNet": "ED",
+}
+
+
+class AuxNetOutput(NamedTuple):
+    """Raw logits: ``seg`` (B, K, H, W) or None when decoding is skipped; ``cls`` (B, J) or None."""
+
+    seg: Optional[torch.Tensor]
+    cls: Optional[torch.Tensor]
+
+
+class ConvBlock(nn.Sequential):
+    """(3×3 conv → BatchNorm → ReLU) × 2, then spatial dropout."""
+
+    def __init__(self, in_ch: int, out_ch: int, dropout: float):
+        super().__init__(
+            nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout) if dropout > 0 else nn.Identity(),
+        )
+
+
+class Down(nn.Sequential):
+    """2×2 max-pool, then a ConvBlock: one level down the encoder."""
+
+    def __init__(self, in_ch: int, out_ch: int, dropout: float):
+        super().__init__(nn.MaxPool2d(2), ConvBlock(in_ch, out_ch, dropout))
+
+
+class Up(nn.Module):
+    """2×2 transposed conv, concatenate the skip connection, ConvBlock: one level up the decoder."""
+
+    def __init__(self, in_ch: int, out_ch: int, dropout: float):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_ch, out_ch, 2, stride=2)
+        self.conv = ConvBlock(2 * out_ch, out_ch, dropout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+
+
+class ClassifierHead(nn.Sequential):
+    """Global average pool → dropout → linear: tile-level logits from the bottleneck."""
+
+    def __init__(self, in_ch: int, num_classes: int, dropout: float):
+        super().__init__(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_ch, num_classes)
+        )
+
+
+class AuxNet(nn.Module):
+    """U-Net of configurable depth and width with an optional classifier head.
+
+    Args:
+        in_channels: image channels.
+        seg_classes: segmentation output channels (1 = binary/sigmoid, >= 2 = softmax).
+        cls_classes: classifier outputs (1 = sigmoid, 2 = softmax); 0 builds no head (plain U-Net).
+        depth: levels including the bottleneck (>= 2).
+        base_width: feature maps of the first level; doubles per level.
+        seg_dropout: spatial dropout after each encoder and decoder block.
+        cls_dropout: dropout before the head's linear layer.
+
+    Shape:
+        x: (B, in_channels, H, W) with H, W divisible by 2^(depth-1).
+        Returns :class:`AuxNetOutput` with seg (B, seg_classes, H, W) and cls (B, cls_classes).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        seg_classes: int = 1,
+        cls_classes: int = 1,
+        depth: int = 4,
+        base_width: int = 16,
+        seg_dropout: float = 0.0,
+        cls_dropout: float = 0.0,
+    ):
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"depth={depth}: a U-Net needs at least 2 levels")
+        widths = [base_width * 2**i for i in range(depth)]
+        self.depth = depth
+        self.inc = ConvBlock(in_channels, widths[0], seg_dropout)
+        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], seg_dropout) for i in range(depth - 1))
+        self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], seg_dropout) for i in reversed(range(depth - 1)))
+        self.outc = nn.Conv2d(widths[0], seg_classes, 1)
+        self.head = ClassifierHead(widths[-1], cls_classes, cls_dropout) if cls_classes > 0 else None
+
+    def encoder_modules(self) -> list[nn.Module]:
+        return [self.inc, self.downs]
+
+    def decoder_modules(self) -> list[nn.Module]:
+        return [self.ups, self.outc]
+
+    def forward(self, x: torch.Tensor, decode: bool = True) -> AuxNetOutput:
+        if x.shape[-1] % 2 ** (self.depth - 1) or x.shape[-2] % 2 ** (self.depth - 1):
+            raise ValueError(
+                f"input of size {tuple(x.shape[-2:])} is not divisible by 2^(depth-1)={2 ** (self.depth - 1)}"
+            )
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        bottleneck = skips.pop()
+        cls = self.head(bottleneck) if self.head is not None else None
+        if not decode:
+            return AuxNetOutput(None, cls)
+        y = bottleneck
+        for up in self.ups:
+            y = up(y, skips.pop())
+        return AuxNetOutput(self.outc(y), cls)
+
+    def set_trainable(self, parts: str) -> None:
+        """Freeze everything but ``parts`` (a subset of "EDC": encoder, decoder, classifier head).
+
+        Frozen parts also stay in eval mode (see :meth:`train`) so their BatchNorm statistics and
+        dropout do not change while the other parts learn.
+        """
+        groups = {"E": self.encoder_modules(), "D": self.decoder_modules(), "C": [self.head] if self.head else []}
+        self._frozen = [m for key, mods in groups.items() if key not in parts for m in mods]
+        for key, mods in groups.items():
+            for module in mods:
+                module.requires_grad_(key in parts)
+
+    def train(self, mode: bool = True) -> "AuxNet":
+        super().train(mode)
+        for module in getattr(self, "_frozen", []):
+            module.eval()
+        return self

@@ -1,0 +1,143 @@
+"""Config loading, command-line overrides and every validator rule."""
+
+import dataclasses
+import re
+
+import pytest
+import yaml
+
+from configs import Config, ConfigError, load_config
+from configs.config_parser import DEFAULT_CONFIG, FIELDS
+
+
+def problems_of(*overrides, path=None):
+    with pytest.raises(ConfigError) as err:
+        load_config(path, list(overrides))
+    return err.value.problems
+
+
+def test_yaml_defaults_match_schema_and_are_documented():
+    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    assert list(data) == list(FIELDS), "config.yaml must list every option, in schema order"
+    defaults = Config()
+    for key, value in data.items():
+        assert getattr(defaults, key) == value, key
+    for line in DEFAULT_CONFIG.read_text().splitlines():
+        if re.match(r"^[A-Za-z_]+:", line) and not line.rstrip().endswith(":"):
+            assert "#" in line, f"option without a one-line comment: {line}"
+
+
+def test_default_config_is_valid():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.loss_terms == ["SoftDICE", "BCE"]
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["BATCH_SIZE=4", "STATIC_WEIGHTS=[1, 0.5]", "BASE_LR=1e-3", "EXP_ID=abc",
+                             "MASTER_PORT=12345", "PIXEL_SPACING=[0.5,2]"])
+    assert cfg.BATCH_SIZE == 4 and cfg.STATIC_WEIGHTS == [1.0, 0.5] and cfg.BASE_LR == 1e-3
+    assert cfg.EXP_ID == "abc" and isinstance(cfg.BASE_LR, float)
+    assert cfg.MASTER_PORT == "12345" and cfg.PIXEL_SPACING == [0.5, 2.0]
+
+
+def test_wrong_types_and_unknown_keys_are_all_reported():
+    problems = problems_of("BATCH_SIZE=four", "SEG_DROPOUT=true", "BACH_SIZE=3", "justaword")
+    text = "\n".join(problems)
+    assert "BATCH_SIZE='four' has the wrong type: expected int" in text
+    assert "SEG_DROPOUT=True has the wrong type" in text
+    assert "unknown option 'BACH_SIZE' (did you mean 'BATCH_SIZE'?)" in text
+    assert "'justaword' is not KEY=VALUE" in text
+    assert len(problems) == 4
+
+
+def test_bool_is_not_an_int():
+    assert any("UNET_DEPTH=True" in p for p in problems_of("UNET_DEPTH=true"))
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("MODLE: UNet\nSEED: 3\n")
+    (problem,) = problems_of(path=path)
+    assert str(path) in problem and "did you mean 'MODEL'" in problem
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("SEED: [1,\n")
+    (problem,) = problems_of(path=path)
+    assert str(path) in problem and "not valid YAML" in problem
+    (problem,) = problems_of(path=tmp_path / "missing.yaml")
+    assert "cannot read config file" in problem
+
+
+def test_cli_value_replaces_a_bad_file_value(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("BATCH_SIZE: lots\n")
+    assert load_config(path, ["BATCH_SIZE=2"]).BATCH_SIZE == 2
+
+
+def test_the_three_classic_mistakes_in_one_error():
+    problems = problems_of("MODEL=AuxNet-XYZ", "LOSS=Foo_BCE", "INPUT_SIZE=100")
+    text = "\n".join(problems)
+    assert "MODEL='AuxNet-XYZ'" in text and "'AuxNet-EDC'" in text and "'UNet'" in text
+    assert "Foo" in text and "SoftDICE" in text
+    assert "INPUT_SIZE=100 is not divisible by 2^(UNET_DEPTH-1)=8" in text and "use e.g. 96 or 104" in text
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["STATIC_WEIGHTS=[1.0]"], "STATIC_WEIGHTS has 1 weight(s) but LOSS='SoftDICE_BCE' has 2 term(s)"),
+        (["STATIC_WEIGHTS=[1, -1]"], "has a negative weight"),
+        (["ADAPTIVE_WEIGHTS=true", "STATIC_WEIGHTS=[1,1]"], "remove STATIC_WEIGHTS"),
+        (["MODEL=AuxNet-C"], "set MODEL_WEIGHTS"),
+        (["MODEL=AuxNet-D"], "set MODEL_WEIGHTS"),
+        (["MODEL_WEIGHTS=/no/such/ckpt"], "no such file"),
+        (["TEST_SPLIT=1.5"], "TEST_SPLIT=1.5 is out of range"),
+        (["TEST_SPLIT=0.7"], "use TEST_SPLIT <= 0.5"),
+        (["DEFAULT_FOLD=5"], "DEFAULT_FOLD=5 does not exist"),
+        (["UNET_DEPTH=1"], "UNET_DEPTH=1 is out of range"),
+        (["SEG_DROPOUT=1.0"], "SEG_DROPOUT=1.0 is out of range"),
+        (["SEG_THRESHOLD=0"], "SEG_THRESHOLD=0 is out of range"),
+        (["CLS_CLASSES=3"], "use 1 (sigmoid) or 2 (softmax)"),
+        (["TRAIN_EPOCHS=0"], "TRAIN_EPOCHS=0 is out of range"),
+        (["BASE_LR=0"], "BASE_LR=0 is out of range"),
+        (["SDM_KERNEL_SIZE=4"], "must be odd"),
+        (["MODEL=UNet", "EVAL_METRIC=TTR"], "which MODEL=UNet lacks"),
+        (["DISTANCE_METRICS=false", "EVAL_METRIC=HD95"], "set DISTANCE_METRICS=true"),
+        (["EVAL_METRIC=CMA", "CMA_COEFFICIENTS={DSC: 1, HD59: 1}"], "unknown metric 'HD59' (did you mean 'HD95'?)"),
+        (["EVAL_METRIC=CMA", "CMA_COEFFICIENTS={DSC: 0}"], "at least one positive weight"),
+        (["PIXEL_SPACING=[1, 0]"], "two positive numbers"),
+        (["TILE_OVERLAP=128"], "TILE_OVERLAP=128 must be in [0, INPUT_SIZE=128)"),
+        (["SEG_CLASSES=5"], "does not fit the synthetic data"),
+        (["SYNTHETIC_SIZE=64"], "SYNTHETIC_SIZE=64 is smaller than INPUT_SIZE=128"),
+        (["DATASET_DIR=/no/such/dir"], "lacks the folder(s) images, masks"),
+        (["GPUs=[0]"], "no CUDA GPU is visible"),
+        (["MASTER_PORT=http"], "must be a port number"),
+        (["RUN_ID=../escape"], "must be a plain folder name"),
+        (["MIXED_PRECISION=fp16"], "needs a CUDA GPU"),
+        (["AUGMENTATIONS=[{name: HorizontalFlap, p: 0.5}]"], "HorizontalFlap"),
+    ],
+)
+def test_validator_rules(overrides, expected):
+    text = "\n".join(problems_of(*overrides))
+    assert expected in text
+
+
+def test_error_message_lists_every_problem_with_count():
+    with pytest.raises(ConfigError, match=r"3 problem\(s\)"):
+        load_config(None, ["UNET_DEPTH=1", "BATCH_SIZE=0", "TRAIN_EPOCHS=0"])
+
+
+def test_weights_path_suffix_is_optional(tmp_path):
+    import torch
+
+    ckpt = tmp_path / "best.pth"
+    torch.save({"model": {}}, ckpt)
+    cfg = load_config(None, [f"MODEL_WEIGHTS={tmp_path / 'best'}", "MODEL=AuxNet-C", "EVAL_METRIC=TTR"])
+    assert cfg.MODEL_WEIGHTS.endswith("best")
+
+
+def test_config_is_a_dataclass_with_docs_for_each_field():
+    assert dataclasses.is_dataclass(Config)

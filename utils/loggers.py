@@ -1,0 +1,108 @@
+"""One logger interface — ``log(metrics, step)`` and ``close()`` — fanned out to the console, a
+JSON-lines file and (optionally) Weights & Biases. Only the main process logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from tqdm import tqdm
+
+
+class ConsoleLogger:
+    """One line per epoch, written through tqdm so progress bars stay intact."""
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        parts = [f"{k} {_fmt(v)}" for k, v in metrics.items() if "/" not in k or k.startswith("loss/")]
+        tqdm.write(f"[epoch {step:>3}] " + " | ".join(parts))
+
+    def close(self) -> None:
+        pass
+
+
+class JsonLinesLogger:
+    """Appends one JSON object per call to ``path`` (flushed at once, so a crash loses nothing)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = self.path.open("a")
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        record = {"epoch": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class WandbLogger:
+    """Weights & Biases, imported lazily. The mode comes from WANDB_MODE; without it, ``online``
+    when an API key is configured and ``offline`` otherwise (so a run never fails for lack of a key)."""
+
+    def __init__(self, project: str, name: str, config: dict, run_dir: Path):
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
+        self._run = wandb.init(
+            project=project, name=name, config=config, dir=str(run_dir), mode=mode, reinit="finish_previous"
+        )
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        self._run.log(dict(metrics), step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MultiLogger:
+    """Fans each call out to every logger it holds."""
+
+    def __init__(self, loggers: list):
+        self.loggers = loggers
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        for logger in self.loggers:
+            logger.log(metrics, step)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+def build_loggers(
+    run_dir: Path, *, is_main: bool, local: bool, wandb: bool, project: str, name: str, config: dict
+) -> MultiLogger:
+    """Console (+ ``log.jsonl`` when ``local``, + W&B when ``wandb``) on the main process; none elsewhere."""
+    if not is_main:
+        return MultiLogger([])
+    loggers: list = [ConsoleLogger()]
+    if local:
+        loggers.append(JsonLinesLogger(Path(run_dir) / "log.jsonl"))
+    if wandb:
+        loggers.append(WandbLogger(project, name, config, Path(run_dir)))
+    return MultiLogger(loggers)
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _fmt(v: Any) -> str:
+    v = _jsonable(v)
+    return f"{v:.4f}" if isinstance(v, float) else str(v)

@@ -1,0 +1,101 @@
+"""Small shared helpers: atomic file writes, seeding, run folders, process-group set-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    _atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a temporary file and a rename."""
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def next_run_id(exp_dir: Path) -> str:
+    """``run_NNN`` one above the highest existing index in ``exp_dir``."""
+    taken = [int(m.group(1)) for p in exp_dir.glob("run_*") if (m := re.fullmatch(r"run_(\d+)", p.name))]
+    return f"run_{max(taken, default=0) + 1:03d}"
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in a (possibly single-process) launch."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(
+    rank: int, world_size: int, local_rank: int, device: torch.device, timeout_s: float = 1800
+) -> DistContext:
+    """Join the process group (NCCL on CUDA, gloo on CPU) when ``world_size > 1``.
+
+    MASTER_ADDR / MASTER_PORT must already be in the environment. Each CPU process gets
+    cores / world_size threads so processes do not oversubscribe the machine.
+    """
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        )
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    return DistContext(rank, world_size, local_rank, device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
