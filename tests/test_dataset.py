@@ -1,0 +1,659 @@
+"""Data pipeline: file formats and errors, tiling and labels, splits and tts.json, synthetic data,
+augmentation alignment, and the loaders' sampling."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+from scipy import ndimage
+
+import utils.dataset as ds
+from utils.dataset import (
+    DEFAULT_AUGMENTATIONS,
+    DatasetError,
+    ImageEntry,
+    ImageSet,
+    TileDataset,
+    UNetElasticTransform,
+    augmentation_problems,
+    boundary_label,
+    build_augmentation,
+    build_datasets,
+    generate_synthetic,
+    load_folder,
+    load_synthetic,
+    make_folds,
+    make_loader,
+    num_folds,
+    tile_positions,
+)
+
+ISBI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012"
+
+
+def _build(source, tmp_path, **kw):
+    args = dict(
+        split_file=tmp_path / "run" / "tts.json", cache_dir=tmp_path / "cache", seed=0, input_size=32,
+        input_channels=1, seg_classes=1, test_split=0.2, fold=0, cross_validation=False,
+        train_composition="full", test_composition="full", tile_overlap=0, augmentations=None,
+        synthetic_images=10, synthetic_size=64,
+    )
+    args.update(kw)
+    return build_datasets(str(source), **args)
+
+
+def _write(path: Path, arr: np.ndarray, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".tif", ".tiff"):
+        tifffile.imwrite(path, arr, **kw)
+    else:
+        Image.fromarray(arr).save(path, **kw)
+    return path
+
+
+def _pair(root: Path, stem: str, image: np.ndarray, mask: np.ndarray, ext=".png", mask_ext=".png", **kw):
+    _write(root / "images" / f"{stem}{ext}", image, **kw)
+    _write(root / "masks" / f"{stem}{mask_ext}", mask)
+
+
+def _blobs(rng, h=48, w=48):
+    """A binary mask with a rectangle, so tiles have both labels."""
+    m = np.zeros((h, w), np.uint8)
+    y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    m[y:y + h // 3, x:x + w // 3] = 1
+    return m
+
+
+# --------------------------------------------------------------------------------- helpers
+@pytest.mark.parametrize(
+    "length, size, overlap, expected",
+    [
+        (512, 128, 0, [0, 128, 256, 384]),
+        (500, 128, 0, [0, 128, 256, 372]),  # last tile aligned to the border
+        (128, 128, 0, [0]),
+        (300, 128, 32, [0, 96, 172]),  # stride 96; 192 would overrun, so 300-128=172
+        (352, 128, 16, [0, 112, 224]),  # ends exactly at the border: no extra tile
+    ],
+)
+def test_tile_positions(length, size, overlap, expected):
+    starts = tile_positions(length, size, overlap)
+    assert starts == expected
+    covered = np.zeros(length, bool)
+    for s in starts:
+        covered[s:s + size] = True
+    assert covered.all()
+
+
+@pytest.mark.parametrize("args, match", [((100, 128, 0), "smaller than the tile"), ((256, 128, 128), "overlap"),
+                                         ((256, 128, -1), "overlap"), ((256, 0, 0), "size")])
+def test_tile_positions_rejects(args, match):
+    with pytest.raises(ValueError, match=match):
+        tile_positions(*args)
+
+
+def test_boundary_label_is_any_adjacent_pair_of_different_classes():
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((8, 8), np.uint8), np.full((8, 8), 2, np.uint8)]
+    masks += [(rng.random((8, 8)) < q).astype(np.uint8) * rng.integers(1, 3) for q in (0.01, 0.02, 0.3)]
+    one = np.zeros((8, 8), np.uint8)
+    one[7, 7] = 1
+    masks.append(one)
+    for m in masks:
+        reference = bool((np.diff(m, axis=0) != 0).any() or (np.diff(m, axis=1) != 0).any())
+        assert boundary_label(m) == int(reference)
+    assert boundary_label(one) == 1 and boundary_label(masks[0]) == 0
+
+
+def test_num_folds():
+    assert [num_folds(t) for t in (0.2, 0.25, 0.3, 0.5)] == [5, 4, 3, 2]
+    with pytest.raises(ValueError, match="test_split"):
+        num_folds(1.0)
+
+
+# --------------------------------------------------------------------------------- file formats
+def test_png_8_and_16_bit_gray_scale_by_dtype_range(tmp_path):
+    rng = np.random.default_rng(1)
+    img8 = rng.integers(0, 256, (48, 40), dtype=np.uint8)
+    img16 = rng.integers(0, 65536, (48, 40), dtype=np.uint16)
+    mask = _blobs(rng, 48, 40)
+    _pair(tmp_path, "a", img8, mask)
+    _pair(tmp_path, "b", img16, mask * 255)
+    # Mixed 0/1 and 0/255 masks: values are then class indices, and 255 is out of range.
+    with pytest.raises(DatasetError, match=r"masks/b.png: mask value\(s\) 255 >= 2 .*\n.*note: masks are read as binary"):
+        load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32)
+    _write(tmp_path / "masks" / "a.png", mask * 255)
+    images = load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32)
+    assert images.ids == ["a", "b"] and images.mask_map_255
+    tiles = TileDataset(images, [(0, 16, 8), (1, 16, 8)], 32)
+    for k, raw in enumerate((img8, img16)):
+        item = tiles[k]
+        expected = raw[16:48, 8:40].astype(np.float64) / np.iinfo(raw.dtype).max
+        assert item["image"].shape == (1, 32, 32) and item["image"].dtype == torch.float32
+        np.testing.assert_allclose(item["image"][0].numpy(), expected, atol=1e-6)
+        np.testing.assert_array_equal(item["mask"].numpy(), mask[16:48, 8:40])
+        assert item["mask"].dtype == torch.int64
+
+
+def test_rgb_png_and_multichannel_tiffs(tmp_path):
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    chw5 = rng.integers(0, 65536, (5, 40, 40), dtype=np.uint16)
+    mask = _blobs(rng, 40, 40)
+    root3, root5 = tmp_path / "rgb", tmp_path / "five"
+    _pair(root3, "png", rgb, mask)
+    _pair(root3, "tif", rgb, mask, ext=".tif", mask_ext=".tif")  # contiguous (H, W, 3), axes YXS
+    _pair(root5, "x", chw5, mask, ext=".tiff")  # (5, H, W), one page per channel
+    images = load_folder(root3, input_channels=3, seg_classes=2, input_size=32)
+    for i in range(2):
+        item = TileDataset(images, [(i, 0, 8)], 32)[0]
+        np.testing.assert_allclose(item["image"].numpy(), rgb[:32, 8:40].transpose(2, 0, 1) / 255.0, atol=1e-6)
+        np.testing.assert_array_equal(item["mask"].numpy(), mask[:32, 8:40])
+    item = TileDataset(load_folder(root5, input_channels=5, seg_classes=2, input_size=32), [(0, 8, 0)], 32)[0]
+    np.testing.assert_allclose(item["image"].numpy(), chw5[:, 8:40, :32] / 65535.0, atol=1e-6)
+
+
+def test_tiff_16_bit_gray_with_tiff_mask_and_float_tiff(tmp_path):
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 65536, (33, 35), dtype=np.uint16)
+    mask = _blobs(rng, 33, 35)
+    _pair(tmp_path, "g", img, mask, ext=".tif", mask_ext=".tiff")
+    _pair(tmp_path, "f", (img / 65535.0).astype(np.float32), mask, ext=".tif")
+    images = load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32)
+    for i in range(2):
+        item = TileDataset(images, [(i, 1, 3)], 32)[0]
+        np.testing.assert_allclose(item["image"][0].numpy(), img[1:, 3:] / 65535.0, atol=1e-6)
+    _write(tmp_path / "images" / "f.tif", (img / 30000.0).astype(np.float32))
+    with pytest.raises(DatasetError, match=r"images/f.tif: unreadable .*float images must already lie in \[0, 1\]"):
+        load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32)
+
+
+def test_jpeg_image_and_class_index_masks(tmp_path):
+    rng = np.random.default_rng(4)
+    smooth = ndimage.gaussian_filter(rng.random((48, 48)), 4)
+    img = np.uint8(np.rint(255 * (smooth - smooth.min()) / np.ptp(smooth)))
+    classes = np.zeros((48, 48), np.uint8)
+    classes[5:20, 5:40], classes[25:45, 10:30] = 1, 2
+    palette = Image.frombytes("P", (48, 48), classes.tobytes())  # palette PNG: pixels are the indices
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0])
+    _write(tmp_path / "images" / "j.jpg", img, quality=95)
+    _pair(tmp_path, "k", img, classes)  # plain 8-bit class-index mask
+    palette.save(tmp_path / "masks" / "j.png")
+    images = load_folder(tmp_path, input_channels=1, seg_classes=3, input_size=32)
+    assert not images.mask_map_255
+    for i in range(2):
+        item = TileDataset(images, [(i, 0, 0)], 32)[0]
+        np.testing.assert_array_equal(item["mask"].numpy(), classes[:32, :32])
+        # JPEG is lossy: close to the original, not equal
+        assert np.abs(item["image"][0].numpy() - img[:32, :32] / 255.0).mean() < 3 / 255
+    with pytest.raises(DatasetError, match=r"masks/k.png: mask value\(s\) 2 >= 2 \(SEG_CLASSES=1 allows 0..1\)"):
+        load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32)
+
+
+def test_lazy_decoding_matches_the_in_memory_cache(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    for stem in ("p", "q"):
+        _pair(tmp_path, stem, rng.integers(0, 256, (64, 48), dtype=np.uint8), _blobs(rng, 64, 48) * 255)
+    cached = load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32)
+    monkeypatch.setattr(ds, "MEMORY_CACHE_FRACTION", 0.0)
+    lazy = load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32)
+    assert cached.in_memory and not lazy.in_memory
+    tiles = ds.tiles_of(cached, [0, 1], 32, 0)
+    a, b = TileDataset(cached, tiles, 32), TileDataset(lazy, tiles, 32)
+    for k in range(len(tiles)):
+        assert torch.equal(a[k]["image"], b[k]["image"]) and torch.equal(a[k]["mask"], b[k]["mask"])
+
+
+# --------------------------------------------------------------------------------- errors
+def _good(root, stem="ok", size=(40, 40)):
+    rng = np.random.default_rng(list(stem.encode()))
+    _pair(root, stem, rng.integers(0, 256, size, dtype=np.uint8), _blobs(rng, *size))
+
+
+def _truncated_png(root, stem):
+    _good(root, stem)
+    path = root / "images" / f"{stem}.png"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+BAD_CASES = {
+    "truncated image": (lambda r: _truncated_png(r, "trunc"), r"images/trunc.png: unreadable \(OSError: image file is truncated"),
+    "garbage mask": (lambda r: (_good(r, "garb"), (r / "masks" / "garb.png").write_bytes(b"not a png")),
+                     r"masks/garb.png: unreadable \(UnidentifiedImageError"),
+    "missing mask": (lambda r: _write(r / "images" / "lonely.png", np.zeros((40, 40), np.uint8)),
+                     r"images/lonely.png: missing mask"),
+    "mask without image": (lambda r: _write(r / "masks" / "orphan.png", np.zeros((40, 40), np.uint8)),
+                           r"masks/orphan.png: mask without an image"),
+    "size mismatch": (lambda r: _pair(r, "mis", np.zeros((40, 40), np.uint8), np.zeros((40, 41), np.uint8)),
+                      r"masks/mis.png: size 41x40 differs from images/mis.png \(40x40"),
+    "mask value": (lambda r: _pair(r, "val", np.zeros((40, 40), np.uint8), np.full((40, 40), 7, np.uint8)),
+                   r"masks/val.png: mask value\(s\) 7 >= 2"),
+    "channels": (lambda r: _pair(r, "rgb", np.zeros((40, 40, 3), np.uint8), np.zeros((40, 40), np.uint8)),
+                 r"images/rgb.png: 3 channel\(s\), but INPUT_CHANNELS is 1"),
+    "too small": (lambda r: _pair(r, "tiny", np.zeros((20, 40), np.uint8), np.zeros((20, 40), np.uint8)),
+                  r"images/tiny.png: 40x20 pixels is smaller than INPUT_SIZE=32"),
+    "unsupported file": (lambda r: (r / "images" / "notes.txt").write_text("x"), r"images/notes.txt: not a supported image file"),
+    "duplicate stem": (lambda r: (_good(r, "dup"), _write(r / "images" / "dup.tif", np.zeros((40, 40), np.uint8))),
+                       r"images/dup.tif: same stem as images/dup.png"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_each_bad_file_is_reported(tmp_path, case):
+    make, match = BAD_CASES[case]
+    _good(tmp_path)
+    make(tmp_path)
+    with pytest.raises(DatasetError, match=match):
+        load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32)
+
+
+def test_one_error_lists_every_bad_file(tmp_path):
+    _good(tmp_path)
+    for make, _ in BAD_CASES.values():
+        make(tmp_path)
+    with pytest.raises(DatasetError) as info:
+        load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32)
+    message = str(info.value)
+    assert message.startswith(f"{len(BAD_CASES)} problem(s) with the dataset in {tmp_path}")
+    for _, match in BAD_CASES.values():
+        assert re.search(match, message), match
+
+
+def test_missing_folders_and_empty_dataset(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DatasetError, match=r"lacks masks/"):
+        load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32)
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(DatasetError, match="has no images"):
+        load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32)
+    with pytest.raises(DatasetError, match="does not exist"):
+        _build(tmp_path / "nope", tmp_path)
+
+
+# --------------------------------------------------------------------------------- real EM data
+@pytest.mark.skipif(not ISBI.is_dir(), reason=f"ISBI 2012 data not found at {ISBI} (CI clones the repo beside shared/)")
+def test_isbi2012_loads_without_conversion_and_trains(tmp_path):
+    splits = _build(ISBI, tmp_path, input_size=128, seg_classes=1, augmentations=DEFAULT_AUGMENTATIONS)
+    assert splits.num_folds == 5 and len(splits.train_ids) == 24 and len(splits.test_ids) == 6
+    assert len(splits.train) == 24 * 16 and len(splits.test) == 6 * 16
+    for k in (0, 37):
+        item = splits.test[k]
+        image_id, y, x = item["id"].split("_")
+        y, x = int(y[1:]), int(x[1:])
+        raw = np.asarray(Image.open(ISBI / "images" / f"{image_id}.png"))[y:y + 128, x:x + 128]
+        label = np.asarray(Image.open(ISBI / "masks" / f"{image_id}.png"))[y:y + 128, x:x + 128]
+        np.testing.assert_allclose(item["image"][0].numpy(), raw / 255.0, atol=1e-6)
+        np.testing.assert_array_equal(item["mask"].numpy(), (label == 255).astype(np.int64))  # 1 = cell interior
+    # A couple of optimisation steps on augmented tiles from the loader.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 1, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loader = make_loader(splits.train, batch_size=4, train=True, num_workers=0, seed=0, distributed=False,
+                         pin_memory=False)
+    losses = []
+    for step, batch in zip(range(2), loader):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(batch["image"])[:, 0], batch["mask"].float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+# --------------------------------------------------------------------------------- splits
+def test_folds_partition_the_images_and_no_image_straddles_the_split(tmp_path):
+    k = num_folds(0.25)
+    test_sets = []
+    for fold in range(k):
+        s = _build("synthetic", tmp_path, test_split=0.25, fold=fold, cross_validation=True)
+        assert s.fold == fold and s.num_folds == k
+        assert set(s.train_ids).isdisjoint(s.test_ids)
+        assert sorted(s.train_ids + s.test_ids) == [f"{i}" for i in range(10)]
+        # tiles come only from their side's images, and every image's 4 tiles are present
+        assert {t.split("_")[0] for t in s.train.ids} == set(s.train_ids)
+        assert {t.split("_")[0] for t in s.test.ids} == set(s.test_ids)
+        assert len(s.train) == 4 * len(s.train_ids) and len(s.test) == 4 * len(s.test_ids)
+        test_sets.append(s.test_ids)
+    flat = [i for t in test_sets for i in t]
+    assert sorted(flat) == [f"{i}" for i in range(10)] and len(set(flat)) == 10
+    assert sorted(len(t) for t in test_sets) == [2, 2, 3, 3]
+
+
+def test_make_folds_is_seeded():
+    ids = [f"im{i:02d}" for i in range(20)]
+    assert make_folds(ids, 5, seed=3) == make_folds(list(reversed(ids)), 5, seed=3)
+    assert make_folds(ids, 5, seed=3) != make_folds(ids, 5, seed=4)
+    with pytest.raises(ValueError, match="cannot be split into 5 folds"):
+        make_folds(ids[:4], 5, seed=0)
+
+
+def test_tts_json_holds_image_ids_and_is_reused(tmp_path):
+    first = _build("synthetic", tmp_path, seed=1)
+    record = json.loads((tmp_path / "run" / "tts.json").read_text())
+    assert record["num_folds"] == 5 and record["images"] == [str(i) for i in range(10)]
+    assert [f["test"] for f in record["folds"]][0] == first.test_ids  # image ids, not tile ids
+    # A repeated run with another seed still sees the stored split.
+    again = _build("synthetic", tmp_path, seed=1234)
+    assert again.test_ids == first.test_ids and again.train_ids == first.train_ids
+    # Without the file, that seed gives another split.
+    fresh = _build("synthetic", tmp_path, seed=1234, split_file=tmp_path / "other" / "tts.json")
+    assert fresh.test_ids != first.test_ids
+
+
+def test_tts_json_that_no_longer_matches_the_files_is_an_error(tmp_path):
+    root = tmp_path / "data"
+    for i in range(6):
+        _good(root, f"s{i}")
+    _build(root, tmp_path, test_split=0.5)
+    for sub in ("images", "masks"):
+        (root / sub / "s3.png").unlink()
+    _good(root, "s9")
+    with pytest.raises(DatasetError, match=r"no longer matches.*1 image\(s\) of the split are no longer on disk \(s3\)"
+                                           r".*1 image\(s\) on disk are not in the split \(s9\)"):
+        _build(root, tmp_path, test_split=0.5)
+    _build("synthetic", tmp_path, split_file=tmp_path / "syn.json", test_split=0.5)
+    with pytest.raises(DatasetError, match="has 2 folds but TEST_SPLIT gives K=3"):
+        _build("synthetic", tmp_path, split_file=tmp_path / "syn.json", test_split=0.34)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="bad.json is unreadable"):
+        _build("synthetic", tmp_path, split_file=tmp_path / "bad.json")
+
+
+def test_boundary_composition_keeps_only_boundary_tiles(tmp_path):
+    full = _build("synthetic", tmp_path)
+    only = _build("synthetic", tmp_path, train_composition="boundary", test_composition="boundary")
+    for a, b in ((full.train, only.train), (full.test, only.test)):
+        assert 0 < len(b) < len(a)
+        assert list(b.ids) == [i for i, lab in zip(a.ids, a.labels) if lab == 1]
+        assert all(b[k]["label"] == 1 for k in range(len(b)))
+    with pytest.raises(ValueError, match=r"train_composition='edges' is not one of \['full', 'boundary'\]"):
+        _build("synthetic", tmp_path, train_composition="edges")
+
+
+def test_bad_arguments_name_the_argument(tmp_path):
+    for kw, match in [({"fold": 5}, r"fold=5 does not exist: test_split=0.2 gives folds 0..4"),
+                      ({"tile_overlap": 32}, r"tile_overlap=32 must be in \[0, input_size=32\)"),
+                      ({"test_split": 0.7}, r"K=round\(1/test_split\)=1"),
+                      ({"synthetic_images": 3}, r"synthetic_images=3 is fewer than the K=5 folds"),
+                      ({"seg_classes": 4}, r"seg_classes=4 does not fit the synthetic data")]:
+        with pytest.raises(ValueError, match=match):
+            _build("synthetic", tmp_path, split_file=tmp_path / "x.json", **kw)
+
+
+# --------------------------------------------------------------------------------- synthetic data
+def test_synthetic_data_is_deterministic_and_cached(tmp_path, monkeypatch):
+    a_img, a_cls = generate_synthetic(7, 3, 96)
+    b_img, b_cls = generate_synthetic(7, 3, 96)
+    c_img, _ = generate_synthetic(8, 3, 96)
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_cls, b_cls) and not np.array_equal(a_img, c_img)
+    first = load_synthetic(tmp_path, seed=7, num_images=3, size=96, channels=1, seg_classes=3)
+    assert [p.name for p in tmp_path.iterdir()] == [f"synthetic_v{ds.SYNTHETIC_VERSION}_seed7_n3_s96_c1.npz"]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(ds, "generate_synthetic", fail)
+    second = load_synthetic(tmp_path, seed=7, num_images=3, size=96, channels=1, seg_classes=3)
+    for i in range(3):
+        assert np.array_equal(first.get(i)[0], second.get(i)[0]) and np.array_equal(first.get(i)[1], a_cls[i])
+    monkeypatch.undo()
+    next(tmp_path.iterdir()).write_bytes(b"broken")
+    with pytest.warns(UserWarning, match="unusable.*regenerating"):
+        third = load_synthetic(tmp_path, seed=7, num_images=3, size=96, channels=1, seg_classes=3)
+    assert np.array_equal(third.get(2)[0], a_img[2])
+
+
+def test_synthetic_classes_and_contrast():
+    images, classes = generate_synthetic(0, 4, 256)
+    assert set(np.unique(classes)) == {0, 1, 2}
+    gray = images[..., 0].astype(float) / 255
+    # objects (either class) are clearly brighter than the background in every image
+    for g, c in zip(gray, classes):
+        assert g[c > 0].mean() - g[c == 0].mean() > 0.3
+    # lines are thin (at most 6 px from another class: width <= 12), ellipses are not (>= 14 px)
+    depth_line = max(ndimage.distance_transform_edt(c == 1).max() for c in classes)
+    depth_ellipse = max(ndimage.distance_transform_edt(c == 2).max() for c in classes)
+    assert depth_line <= 7 and depth_ellipse >= 14
+
+
+def test_synthetic_binary_and_three_class_masks_agree(tmp_path):
+    binary = _build("synthetic", tmp_path, seg_classes=1, split_file=tmp_path / "a.json")
+    three = _build("synthetic", tmp_path, seg_classes=3, split_file=tmp_path / "b.json", input_channels=1)
+    labels = np.concatenate([binary.train.labels, binary.test.labels])
+    assert 0 < labels.mean() < 1  # both tile labels occur
+    for k in range(0, len(binary.train), 7):
+        m1, m3 = binary.train[k]["mask"], three.train[k]["mask"]
+        assert set(m1.unique().tolist()) <= {0, 1} and set(m3.unique().tolist()) <= {0, 1, 2}
+        assert torch.equal(m1, (m3 > 0).long())
+    rgb = _build("synthetic", tmp_path, input_channels=3, split_file=tmp_path / "c.json")
+    assert rgb.train[0]["image"].shape == (3, 32, 32)
+
+
+# --------------------------------------------------------------------------------- augmentation
+def test_default_augmentations_are_valid():
+    assert augmentation_problems(DEFAULT_AUGMENTATIONS) == []
+    assert len(build_augmentation(DEFAULT_AUGMENTATIONS).transforms) == len(DEFAULT_AUGMENTATIONS)
+    assert build_augmentation([]) is None and build_augmentation(None) is None
+
+
+def test_augmentation_problems_lists_every_problem():
+    spec = [
+        {"name": "HorizontalFlp", "p": 0.5},
+        {"name": "VerticalFlip"},
+        {"name": "GaussNoise", "p": 1.5, "std_rang": [0.1, 0.2]},
+        {"name": "ElasticTransform", "p": 0.5, "sigma": -3, "grid_size": 2.5},
+        {"name": "ShiftScaleRotate", "p": "often", "rotate_limit": [30, 10]},
+        "HorizontalFlip",
+    ]
+    problems = augmentation_problems(spec)
+    expected = [
+        r"entry 0: unknown transform 'HorizontalFlp' \(did you mean 'HorizontalFlip'\?\); choose from Affine, ",
+        r"entry 1 \(VerticalFlip\): missing 'p'",
+        r"entry 2 \(GaussNoise\): p must be in \[0, 1\], got 1.5",
+        r"entry 2 \(GaussNoise\): unknown parameter 'std_rang' \(did you mean 'std_range'\?\)",
+        r"entry 3 \(ElasticTransform\): sigma must be in \[0, inf\], got -3",
+        r"entry 3 \(ElasticTransform\): grid_size must be an integer, got 2.5",
+        r"entry 4 \(ShiftScaleRotate\): p must be a number, got 'often'",
+        r"entry 4 \(ShiftScaleRotate\): rotate_limit needs low <= high, got \[30, 10\]",
+        r"entry 5: must be a mapping",
+    ]
+    assert len(problems) == len(expected)
+    for pattern, problem in zip(expected, problems):
+        assert re.match(pattern, problem), (pattern, problem)
+    assert augmentation_problems({"name": "HorizontalFlip"})[0].startswith("must be a list")
+    with pytest.raises(ValueError, match="invalid augmentations:\n  - entry 0: unknown transform"):
+        build_augmentation(spec)
+
+
+def _smooth_tile_set(seed=0, size=64, foreground=1):
+    """An image whose mask is its own thresholded intensity (mask = foreground where image > 0.5)."""
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.normal(size=(size, size)), 5)
+    raw = np.uint8(np.clip(np.rint(127.5 + field / field.std() * 60), 0, 255))
+    mask = (raw >= 128).astype(np.uint8) * foreground  # raw >= 128  <=>  raw / 255 > 0.5
+    entry = ImageEntry("s", size, size, 1, 0.0, 255.0)
+    return ImageSet([entry], [(raw[..., None], mask)]), mask
+
+
+@pytest.mark.parametrize(
+    "spec, exact",
+    [
+        ([{"name": "HorizontalFlip", "p": 1}, {"name": "VerticalFlip", "p": 0.5}, {"name": "RandomRotate90", "p": 1}], True),
+        ([{"name": "ShiftScaleRotate", "p": 1, "shift_limit": 0.2, "scale_limit": 0.3, "rotate_limit": 90}], False),
+        ([{"name": "Affine", "p": 1, "scale": [0.7, 1.4], "rotate": 45, "shear": 15}], False),
+        ([{"name": "ElasticTransform", "p": 1, "sigma": 10, "grid_size": 3}], False),
+    ],
+    ids=["flips+rot90", "ShiftScaleRotate", "Affine", "ElasticTransform"],
+)
+def test_geometric_augmentation_keeps_image_and_mask_aligned(spec, exact):
+    # Classes 0 and 2: a mask interpolated other than by nearest neighbour would show a 1 between them.
+    images, mask = _smooth_tile_set(foreground=2)
+    data = TileDataset(images, [(0, 0, 0)], 64, build_augmentation(spec, seed=0))
+    moved = 0
+    for _ in range(12):
+        item = data[0]
+        image, aug_mask = item["image"][0].numpy(), item["mask"].numpy()
+        assert set(np.unique(aug_mask).tolist()) <= {0, 2}
+        aug_mask = aug_mask // 2
+        thresholded = (image > 0.5).astype(np.int64)
+        moved += not np.array_equal(aug_mask, mask // 2)
+        if exact:  # pixel permutations: no interpolation at all
+            np.testing.assert_array_equal(aug_mask, thresholded)
+            continue
+        # Interpolated image vs nearest-neighbour mask may disagree only right at the mask's edge.
+        wrong = aug_mask != thresholded
+        edge = ndimage.binary_dilation(aug_mask ^ ndimage.binary_erosion(aug_mask), iterations=1) | \
+            ndimage.binary_dilation((1 - aug_mask) ^ ndimage.binary_erosion(1 - aug_mask), iterations=1)
+        assert not (wrong & ~edge).any()
+        assert wrong.mean() < 0.03
+        assert item["label"] == boundary_label(aug_mask)
+    assert moved >= 8  # the transforms really moved the pixels
+
+
+def test_misaligned_pairs_would_fail_the_alignment_check():
+    images, mask = _smooth_tile_set()
+    image = images.get(0)[0][..., 0] / 255.0
+    wrong = np.fliplr(mask) != (image > 0.5)  # what an image-only flip would leave behind
+    assert wrong.mean() > 0.1
+
+
+def test_unet_elastic_displacements_have_sigma_pixels_at_the_grid_points():
+    t = UNetElasticTransform(sigma=10.0, grid_size=3, p=1.0)
+    t.set_random_seed(0)
+    corner, centre = [], []
+    for _ in range(300):
+        maps = t.get_params_dependent_on_data({"shape": (65, 65)}, {})
+        corner.append(maps["map_x"][0, 0] - 0.0)
+        centre.append(maps["map_y"][32, 32] - 32.0)
+        # smooth field: neighbouring pixels move almost together
+        assert np.abs(np.diff(maps["map_x"], axis=1) - 1).max() < 2.0
+    assert 8.5 < np.std(corner) < 11.5 and 8.5 < np.std(centre) < 11.5
+
+
+def test_intensity_augmentations_leave_the_mask_alone_and_stay_in_range():
+    images, mask = _smooth_tile_set()
+    spec = [{"name": "RandomBrightnessContrast", "p": 1, "brightness_limit": 0.5, "contrast_limit": 0.5},
+            {"name": "GaussNoise", "p": 1, "std_range": [0.1, 0.2]}]
+    data = TileDataset(images, [(0, 0, 0)], 64, build_augmentation(spec, seed=0))
+    plain = TileDataset(images, [(0, 0, 0)], 64)[0]["image"]
+    for _ in range(5):
+        item = data[0]
+        assert np.array_equal(item["mask"].numpy(), mask)
+        assert not torch.equal(item["image"], plain)
+        assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+
+
+def test_label_is_recomputed_after_augmentation():
+    raw = np.full((64, 64, 1), 40, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:6, :6] = 1  # an object only in the corner
+    raw[:6, :6] = 200
+    images = ImageSet([ImageEntry("c", 64, 64, 1, 0.0, 255.0)], [(raw, mask)])
+    zoom = build_augmentation([{"name": "Affine", "p": 1, "scale": 2.0}], seed=0)  # zoom x2 about the centre
+    data = TileDataset(images, [(0, 0, 0)], 64, zoom)
+    assert data.labels[0] == 1
+    item = data[0]
+    assert item["mask"].sum() == 0 and item["label"] == 0
+
+
+# --------------------------------------------------------------------------------- loaders
+def _indices(loader):
+    return [i for batch in loader for i in batch["index"].tolist()]
+
+
+def _tiny_dataset(n, augment=None):
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (16, 16 * n, 1), dtype=np.uint8)
+    mask = (raw[..., 0] > 128).astype(np.uint8)
+    images = ImageSet([ImageEntry("t", 16, 16 * n, 1, 0.0, 255.0)], [(raw, mask)])
+    return TileDataset(images, [(0, 0, 16 * k) for k in range(n)], 16, augment)
+
+
+def test_train_loader_shuffles_each_epoch_reproducibly():
+    data = _tiny_dataset(20)
+    loader = make_loader(data, batch_size=4, train=True, num_workers=0, seed=3, distributed=False, pin_memory=False)
+    orders = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        orders.append(_indices(loader))
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(20))
+    assert orders[0] != orders[1] and orders[0] != list(range(20))
+    twin = make_loader(data, batch_size=4, train=True, num_workers=0, seed=3, distributed=False, pin_memory=False)
+    twin.sampler.set_epoch(1)
+    assert _indices(twin) == orders[1]
+
+
+@pytest.mark.parametrize("n, batch, drop", [(17, 8, True), (18, 8, False), (16, 8, False), (5, 1, False), (9, 4, True)])
+def test_drop_last_only_when_a_single_tile_would_be_left(n, batch, drop):
+    loader = make_loader(_tiny_dataset(n), batch_size=batch, train=True, num_workers=0, seed=0, distributed=False,
+                         pin_memory=False)
+    sizes = [len(b["id"]) for b in loader]
+    assert loader.drop_last is drop
+    assert 1 not in sizes or batch == 1
+    assert sum(sizes) == n - (n % batch if drop else 0)
+
+
+def test_a_single_tile_is_too_few_to_train():
+    with pytest.raises(ValueError, match="training set has 1 tile"):
+        make_loader(_tiny_dataset(1), batch_size=2, train=True, num_workers=0, seed=0, distributed=False,
+                    pin_memory=False)
+
+
+def test_evaluation_shards_without_padding_and_in_order():
+    data = _tiny_dataset(10)
+    assert _indices(make_loader(data, batch_size=3, train=False, num_workers=0, seed=0, distributed=False,
+                                pin_memory=False)) == list(range(10))
+    shards = [_indices(make_loader(data, batch_size=3, train=False, num_workers=0, seed=0, distributed=True,
+                                   pin_memory=False, rank=r, world_size=3)) for r in range(3)]
+    assert shards == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+
+
+def test_distributed_training_uses_a_distributed_sampler_with_set_epoch():
+    data = _tiny_dataset(10)
+    loaders = [make_loader(data, batch_size=5, train=True, num_workers=0, seed=0, distributed=True,
+                           pin_memory=False, rank=r, world_size=2) for r in range(2)]
+    for loader in loaders:
+        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
+        loader.sampler.set_epoch(1)
+    a, b = (_indices(loader) for loader in loaders)
+    assert sorted(a + b) == list(range(10)) and a != sorted(a)
+    loaders[0].sampler.set_epoch(2)
+    assert _indices(loaders[0]) != a
+
+
+def test_workers_persist_and_are_seeded_differently_but_reproducibly():
+    spec = [{"name": "GaussNoise", "p": 1, "std_range": [0.2, 0.2]}]
+    data = _tiny_dataset(4, build_augmentation(spec, seed=0))
+    data.tiles = [data.tiles[0]] * 4  # the same tile four times: differences come from the RNG
+    data.ids = [data.ids[0]] * 4
+
+    def images():
+        loader = make_loader(data, batch_size=1, train=True, num_workers=2, seed=5, distributed=False,
+                             pin_memory=False)
+        assert loader.persistent_workers
+        loader.sampler.set_epoch(0)
+        return {int(b["index"]): b["image"] for b in loader}
+
+    first, second = images(), images()
+    assert all(torch.equal(first[k], second[k]) for k in range(4))
+    # indices 0..3 are spread over two workers; no two items share an augmentation draw
+    assert len({first[k].sum().item() for k in range(4)}) == 4
+
+
+def test_default_collate_gives_the_documented_batch(tmp_path):
+    s = _build("synthetic", tmp_path, seg_classes=3)
+    batch = next(iter(make_loader(s.test, batch_size=4, train=False, num_workers=0, seed=0, distributed=False,
+                                  pin_memory=False)))
+    assert batch["image"].shape == (4, 1, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["mask"].shape == (4, 32, 32) and batch["mask"].dtype == torch.int64
+    assert batch["label"].shape == (4,) and batch["label"].dtype == torch.int64
+    assert batch["index"].tolist() == [0, 1, 2, 3]
+    assert batch["id"][0] == f"{s.test_ids[0]}_y0000_x0000" and batch["id"][1] == f"{s.test_ids[0]}_y0000_x0032"
+    assert float(batch["image"].min()) >= 0 and float(batch["image"].max()) <= 1
+    assert os.path.isfile(tmp_path / "run" / "tts.json")
