@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         save_config(cfg, run_dir / "config.yaml")
     os.environ.setdefault("MASTER_ADDR", cfg.MASTER_ADDR)
-    os.environ.setdefault("MASTER_PORT", cfg.MASTER_PORT)
+    os.environ.setdefault("MASTER_PORT", str(cfg.MASTER_PORT))
     if cfg.NCCL_P2P_DISABLE:
         os.environ["NCCL_P2P_DISABLE"] = "1"
 
@@ -178,7 +178,7 @@ def evaluate(cfg: Config, ctx: DistContext, run_dir: Path) -> None:
         net = net.to(memory_format=torch.channels_last)
     autocast = partial(autocast_for, ctx.device, AMP_DTYPES[cfg.MIXED_PRECISION])
     metrics = evaluate_model(net, test_loader, build_metrics(cfg, ctx.device)(), ctx.device, autocast,
-                             cfg.CHANNELS_LAST, decode=cfg.MODEL != "AuxNet-C")
+                             cfg.CHANNELS_LAST)
     summary = metrics.compute()
     rows = metrics.gather_per_image()
     if ctx.is_main:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -92,6 +93,12 @@ class Config:
     SIGMOID_STEEPNESS: float = 10.0
     WCE_W0: float = 10.0
     WCE_SIGMA: float = 5.0
+    WBCE_W0: float = 10.0
+    WBCE_SIGMA: float = 5.0
+    FOCAL_GAMMA: float = 2.0
+    FOCAL_ALPHA: Optional[float] = None
+    CLS_WEIGHT: float = 1.0
+    SCHEDULE_ALPHA: list[float] = field(default_factory=lambda: [0.01, 0.01, 0.9])
     # evaluation
     SAVE_MODEL: bool = True
     EVAL_METRIC: MetricName = "DSC"
@@ -104,7 +111,7 @@ class Config:
     GPUs: Optional[list[int]] = None
     CPU_PROCESSES: int = 1
     MASTER_ADDR: str = "localhost"
-    MASTER_PORT: str = "29500"
+    MASTER_PORT: Union[int, str] = 29500
     NCCL_P2P_DISABLE: bool = False
     # logging
     LOG_WANDB: bool = False
@@ -148,6 +155,9 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def coerce(value: Any, tp: Any) -> Any:
     """Return ``value`` checked against the annotation ``tp`` (ints are accepted for floats).
 
@@ -182,6 +192,8 @@ def coerce(value: Any, tp: Any) -> Any:
         raise TypeError("expected null")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if tp is dict and isinstance(value, dict):
         return value
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):

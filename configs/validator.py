@@ -24,10 +24,11 @@ def _in_range(problems: list[str], key: str, value, lo=None, hi=None, lo_open=Fa
     bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
     bad_hi = hi is not None and (value >= hi if hi_open else value > hi)
     if bad_lo or bad_hi:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
+        left = "(" if lo_open or lo is None else "["
+        right = ")" if hi_open or hi is None else "]"
         span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-        problems.append(f"{key}={value!r} is out of range: use a value in {span}")
+        shown = f"{value:g}" if isinstance(value, float) else repr(value)
+        problems.append(f"{key}={shown} is out of range: use a value in {span}")
 
 
 def _data_rules(cfg: Config) -> list[str]:
@@ -121,7 +122,8 @@ def _loss_rules(cfg: Config) -> list[str]:
         p.append(f"LOSS={cfg.LOSS!r}: {err}")
         terms = None
     if terms is not None:
-        p += [f"LOSS={cfg.LOSS!r}: {msg}" for msg in loss_problems(terms, cfg.SEG_CLASSES)]
+        weighting = {False: "static", True: "adaptive", "schedule": "schedule"}[cfg.ADAPTIVE_WEIGHTS]
+        p += [f"LOSS={cfg.LOSS!r}: {msg}" for msg in loss_problems(terms, cfg.SEG_CLASSES, weighting)]
         if cfg.STATIC_WEIGHTS is not None:
             if cfg.ADAPTIVE_WEIGHTS is True:
                 p.append("STATIC_WEIGHTS is set but ADAPTIVE_WEIGHTS=true learns the weights: remove STATIC_WEIGHTS or set ADAPTIVE_WEIGHTS=false")
@@ -136,11 +138,22 @@ def _loss_rules(cfg: Config) -> list[str]:
     _in_range(p, "SIGMOID_STEEPNESS", cfg.SIGMOID_STEEPNESS, 0, lo_open=True)
     _in_range(p, "WCE_W0", cfg.WCE_W0, 0)
     _in_range(p, "WCE_SIGMA", cfg.WCE_SIGMA, 0, lo_open=True)
+    _in_range(p, "WBCE_W0", cfg.WBCE_W0, 0)
+    _in_range(p, "WBCE_SIGMA", cfg.WBCE_SIGMA, 0, lo_open=True)
+    _in_range(p, "FOCAL_GAMMA", cfg.FOCAL_GAMMA, 0)
+    if cfg.FOCAL_ALPHA is not None:
+        _in_range(p, "FOCAL_ALPHA", cfg.FOCAL_ALPHA, 0, 1)
+    _in_range(p, "CLS_WEIGHT", cfg.CLS_WEIGHT, 0)
+    if cfg.ADAPTIVE_WEIGHTS is True and cfg.CLS_WEIGHT != 1.0:
+        p.append("CLS_WEIGHT is learned with ADAPTIVE_WEIGHTS=true: leave CLS_WEIGHT at 1.0")
+    alpha = cfg.SCHEDULE_ALPHA
+    if len(alpha) != 3 or not (0 <= alpha[0] <= alpha[2] <= 1 and alpha[1] >= 0):
+        p.append(f"SCHEDULE_ALPHA={alpha} must be [start, step, max] with 0 <= start <= max <= 1 and step >= 0")
     return p
 
 
 def _eval_rules(cfg: Config) -> list[str]:
-    from model.metrics import DISTANCE_METRIC_NAMES, METRIC_NAMES
+    from model.metrics import DISTANCE_METRICS as DISTANCE_METRIC_NAMES, METRIC_NAMES
 
     p: list[str] = []
     needs: dict[str, str] = {}
@@ -184,7 +197,7 @@ def _runtime_rules(cfg: Config) -> list[str]:
         if len(set(cfg.GPUs)) != len(cfg.GPUs):
             p.append(f"GPUs={cfg.GPUs} lists a GPU twice")
     _in_range(p, "CPU_PROCESSES", cfg.CPU_PROCESSES, 1)
-    if not cfg.MASTER_PORT.isdigit() or not 0 < int(cfg.MASTER_PORT) < 65536:
+    if not str(cfg.MASTER_PORT).isdigit() or not 0 < int(cfg.MASTER_PORT) < 65536:
         p.append(f"MASTER_PORT={cfg.MASTER_PORT!r} must be a port number in 1..65535")
     for key in ("EXP_ID", "RUN_ID"):
         value = getattr(cfg, key)

@@ -23,7 +23,10 @@ from utils.util import DistContext, atomic_torch_save, atomic_write_json
 @torch.no_grad()
 def evaluate_model(net: AuxNet, loader, metrics, device: torch.device, autocast, channels_last: bool,
                    decode: bool = True):
-    """Feed every batch of ``loader`` through ``net`` (eval mode) into ``metrics``; return ``metrics``."""
+    """Feed every batch of ``loader`` through ``net`` (eval mode) into ``metrics``; return ``metrics``.
+
+    Evaluation always decodes: under MODEL=AuxNet-C the frozen decoder's segmentation is scored
+    beside the head being trained."""
     net.eval()
     for batch in loader:
         image = batch["image"].to(device, non_blocking=True)
@@ -31,9 +34,11 @@ def evaluate_model(net: AuxNet, loader, metrics, device: torch.device, autocast,
             image = image.contiguous(memory_format=torch.channels_last)
         with autocast():
             out = net(image, decode=decode)
+        has_cls = out.cls is not None
         metrics.update(
-            out.seg.float() if out.seg is not None else None, batch["mask"].to(device),
-            out.cls.float() if out.cls is not None else None, batch["label"].to(device), ids=list(batch["id"]),
+            out.seg.float(), batch["mask"].to(device),
+            out.cls.float() if has_cls else None, batch["label"].to(device) if has_cls else None,
+            ids=list(batch["id"]),
         )
     return metrics
 
@@ -158,7 +163,7 @@ class SegTrainer:
         """Run the test split (this rank's shard) through the network; returns the metrics object,
         whose ``compute()`` all-reduces over ranks."""
         return evaluate_model(self.step.net, loader or self.test_loader, self.make_metrics(), self.ctx.device,
-                              self.autocast, self.s.channels_last, decode=self.step.decode)
+                              self.autocast, self.s.channels_last)
 
     def track_best(self, epoch: int, eval_stats: dict[str, float]) -> bool:
         """Remember the best epoch by the evaluation metric; True when this epoch is the new best."""

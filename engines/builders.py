@@ -80,6 +80,14 @@ def build_loss(cfg: Config) -> nn.Module:
         seg_threshold=cfg.SEG_THRESHOLD,
         wce_w0=cfg.WCE_W0,
         wce_sigma=cfg.WCE_SIGMA,
+        wbce_w0=cfg.WBCE_W0,
+        wbce_sigma=cfg.WBCE_SIGMA,
+        focal_gamma=cfg.FOCAL_GAMMA,
+        focal_alpha=cfg.FOCAL_ALPHA,
+        cls_weight=cfg.CLS_WEIGHT,
+        schedule_alpha_start=cfg.SCHEDULE_ALPHA[0],
+        schedule_alpha_step=cfg.SCHEDULE_ALPHA[1],
+        schedule_alpha_max=cfg.SCHEDULE_ALPHA[2],
     )
 
 
@@ -116,6 +124,7 @@ def build_loaders(cfg: Config, splits: Splits, ctx: DistContext):
 
 def build_metrics(cfg: Config, device: torch.device):
     """A factory of fresh metric accumulators (one per evaluation)."""
+    cma = {k: w for k, w in cfg.CMA_COEFFICIENTS.items() if w > 0}
     return partial(
         SegmentationMetrics,
         cfg.SEG_CLASSES,
@@ -124,7 +133,7 @@ def build_metrics(cfg: Config, device: torch.device):
         include_background=cfg.INCLUDE_BACKGROUND,
         seg_threshold=cfg.SEG_THRESHOLD,
         cls_threshold=cfg.CLS_THRESHOLD,
-        cma_coefficients=cfg.CMA_COEFFICIENTS,
+        cma_coefficients=cma if cfg.EVAL_METRIC == "CMA" else None,
         device=device,
     )
 

@@ -38,7 +38,7 @@ def test_overrides_are_typed():
                              "MASTER_PORT=12345", "PIXEL_SPACING=[0.5,2]"])
     assert cfg.BATCH_SIZE == 4 and cfg.STATIC_WEIGHTS == [1.0, 0.5] and cfg.BASE_LR == 1e-3
     assert cfg.EXP_ID == "abc" and isinstance(cfg.BASE_LR, float)
-    assert cfg.MASTER_PORT == "12345" and cfg.PIXEL_SPACING == [0.5, 2.0]
+    assert cfg.MASTER_PORT == 12345 and cfg.PIXEL_SPACING == [0.5, 2.0]
 
 
 def test_wrong_types_and_unknown_keys_are_all_reported():
@@ -98,7 +98,7 @@ def test_the_three_classic_mistakes_in_one_error():
         (["TEST_SPLIT=0.7"], "use TEST_SPLIT <= 0.5"),
         (["DEFAULT_FOLD=5"], "DEFAULT_FOLD=5 does not exist"),
         (["UNET_DEPTH=1"], "UNET_DEPTH=1 is out of range"),
-        (["SEG_DROPOUT=1.0"], "SEG_DROPOUT=1.0 is out of range"),
+        (["SEG_DROPOUT=1.0"], "SEG_DROPOUT=1 is out of range"),
         (["SEG_THRESHOLD=0"], "SEG_THRESHOLD=0 is out of range"),
         (["CLS_CLASSES=3"], "use 1 (sigmoid) or 2 (softmax)"),
         (["TRAIN_EPOCHS=0"], "TRAIN_EPOCHS=0 is out of range"),

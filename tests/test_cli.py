@@ -1,0 +1,106 @@
+"""The command line end to end: fail-fast validation, a 2-epoch run, resume, eval, DDP on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["SYNTHETIC_IMAGES=4", "SYNTHETIC_SIZE=128", "INPUT_SIZE=64", "UNET_DEPTH=3", "CONV_DEPTH=8",
+        "BATCH_SIZE=4", "WARMUP_EPOCHS=0", "BASE_LR=0.01", "TEST_SPLIT=0.25", "NUM_WORKERS=0"]
+
+
+def run_cli(*args, check=True, timeout=300):
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_bad_config_fails_fast_with_every_problem_and_leaves_nothing(tmp_path):
+    proc = run_cli("MODEL=AuxNet-XYZ", "LOSS=Foo_BCE", "INPUT_SIZE=100", f"RESULTS_DIR={tmp_path / 'out'}",
+                   check=False)
+    assert proc.returncode == 2
+    assert "3 problem(s)" in proc.stderr
+    assert "AuxNet-XYZ" in proc.stderr and "Foo" in proc.stderr and "INPUT_SIZE=100" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_needs_weights(tmp_path):
+    proc = run_cli("eval", f"RESULTS_DIR={tmp_path}", check=False)
+    assert proc.returncode == 2 and "MODEL_WEIGHTS" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    run_cli(*TINY, "TRAIN_EPOCHS=2", f"RESULTS_DIR={results}", "EXP_ID=smoke")
+    return results / "smoke" / "run_001"
+
+
+def test_two_epoch_run_writes_everything_and_learns(trained_run):
+    for name in ("config.yaml", "tts.json", "log.jsonl", "last.pth", "best.pth", "summary.json"):
+        assert (trained_run / name).is_file(), name
+    log = read_log(trained_run)
+    assert [r["epoch"] for r in log] == [0, 1]
+    for key in ("DSC", "IoU", "TTR", "ASD", "HD95", "loss", "loss/SoftDICE", "loss/BCE", "loss/CLS", "lr"):
+        assert key in log[-1], key
+    assert 0.0 <= log[-1]["DSC"] <= 1.0
+    assert log[1]["loss"] < log[0]["loss"]
+    ckpt = torch.load(trained_run / "last.pth", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["config"]["RUN_ID"] == "run_001"
+    assert not list(trained_run.glob("*.tmp"))
+
+
+def test_resume_continues_after_the_last_epoch(trained_run):
+    split_before = (trained_run / "tts.json").read_text()
+    proc = run_cli(*TINY, "TRAIN_EPOCHS=3", f"RESULTS_DIR={trained_run.parents[1]}", "EXP_ID=smoke",
+                   "RUN_ID=run_001")
+    assert "resuming" in proc.stdout + proc.stderr
+    assert [r["epoch"] for r in read_log(trained_run)] == [0, 1, 2]
+    assert (trained_run / "tts.json").read_text() == split_before
+
+
+def test_eval_command_writes_csv_and_summary(trained_run):
+    run_cli("eval", *TINY, "TRAIN_EPOCHS=2", f"RESULTS_DIR={trained_run.parents[1]}",
+            f"MODEL_WEIGHTS={trained_run / 'best'}")
+    summary = json.loads((trained_run / "eval_best.json").read_text())
+    rows = (trained_run / "eval_best.csv").read_text().splitlines()
+    assert summary["tiles"] == len(rows) - 1 > 0
+    assert "DSC" in summary["metrics"] and "HD95" in summary["metrics"]
+    assert rows[0].startswith("id")
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    run_cli(*TINY, "TRAIN_EPOCHS=1", "CPU_PROCESSES=2", f"RESULTS_DIR={tmp_path}", "MASTER_PORT=29531")
+    log = read_log(tmp_path / "default" / "run_001")
+    assert len(log) == 1 and 0.0 <= log[0]["DSC"] <= 1.0
+
+
+def test_stage_c_trains_only_the_head_of_a_trained_network(trained_run, tmp_path):
+    run_cli(*TINY, "TRAIN_EPOCHS=1", f"RESULTS_DIR={tmp_path}", "MODEL=AuxNet-C", "EVAL_METRIC=TTR",
+            f"MODEL_WEIGHTS={trained_run / 'best'}")
+    before = torch.load(trained_run / "best.pth", weights_only=False)["model"]
+    after = torch.load(tmp_path / "default" / "run_001" / "last.pth", weights_only=False)["model"]
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head"}
+    log = read_log(tmp_path / "default" / "run_001")
+    assert "TTR" in log[0] and "DSC" in log[0] and "loss/SoftDICE" not in log[0]
+
+
+def test_unet_with_the_combined_score(tmp_path):
+    run_cli(*TINY, "TRAIN_EPOCHS=1", f"RESULTS_DIR={tmp_path}", "MODEL=UNet", "EVAL_METRIC=CMA",
+            "CMA_COEFFICIENTS={DSC: 0.7, HD95: 0.3}")
+    log = read_log(tmp_path / "default" / "run_001")
+    assert "CMA" in log[0] and "TTR" not in log[0] and "loss/CLS" not in log[0]
