@@ -9,9 +9,11 @@ Spawns one process per GPU (or CPU_PROCESSES on the CPU) for DDP, or joins a ``t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import os
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -23,8 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from configs import Config, ConfigError, load_config, save_config
-from utils.util import (DistContext, atomic_write_json, atomic_write_text, cleanup_distributed, init_distributed,
-                        next_run_id, seed_everything)
+from utils.util import (DistContext, RunError, atomic_write_json, atomic_write_text, cleanup_distributed,
+                        init_distributed, next_run_id, seed_everything)
 
 COMMANDS = ("train", "eval")
 
@@ -73,8 +75,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = resolve_run_dir(cfg, args.command)
     cfg.EXP_ID, cfg.RUN_ID = run_dir.parent.name, run_dir.name
+    new_run = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if args.command == "train":
+    try:
+        launch(cfg, run_dir, args.command)
+    except (RunError, mp.ProcessExitedException) as err:
+        if isinstance(err, RunError) and int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {err}", file=sys.stderr)
+        elif err.exit_code != 2:
+            raise
+        if new_run and not any(run_dir.rglob("*.pth")):
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing was trained: leave no empty run behind
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()  # the experiment folder too, if this run was all it held
+        return 2
+    return 0
+
+
+def launch(cfg: Config, run_dir: Path, command: str) -> None:
+    """Run ``command`` in this process, in ``torchrun``'s, or in one spawned process per device."""
+    if command == "train":
         save_config(cfg, run_dir / "config.yaml")
     os.environ.setdefault("MASTER_ADDR", cfg.MASTER_ADDR)
     os.environ.setdefault("MASTER_PORT", str(cfg.MASTER_PORT))
@@ -85,16 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun
         local = int(os.environ.get("LOCAL_RANK", 0))
         device = devices[local % len(devices)] if devices[0].type == "cuda" else torch.device("cpu")
-        worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local, device, cfg, run_dir, args.command)
+        worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local, device, cfg, run_dir, command)
     elif world > 1:
-        mp.spawn(spawned, args=(world, devices, cfg, run_dir, args.command), nprocs=world, join=True)
+        mp.spawn(spawned, args=(world, devices, cfg, run_dir, command), nprocs=world, join=True)
     else:
-        worker(0, 1, 0, devices[0], cfg, run_dir, args.command)
-    return 0
+        worker(0, 1, 0, devices[0], cfg, run_dir, command)
 
 
 def spawned(local_rank: int, world: int, devices, cfg: Config, run_dir: Path, command: str) -> None:
-    worker(local_rank, world, local_rank, devices[local_rank], cfg, run_dir, command)
+    try:
+        worker(local_rank, world, local_rank, devices[local_rank], cfg, run_dir, command)
+    except RunError as err:
+        if local_rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def worker(rank: int, world: int, local_rank: int, device: torch.device, cfg: Config, run_dir: Path,
@@ -110,10 +134,20 @@ def worker(rank: int, world: int, local_rank: int, device: torch.device, cfg: Co
 
 
 def main_first(ctx: DistContext, make):
-    """Run ``make()`` on the main rank first (it may write the split or the data cache), then on the others."""
-    result = make() if ctx.is_main else None
-    if ctx.distributed:
-        dist.barrier()
+    """Run ``make()`` on the main rank first (it may write the split or the data cache), then on the
+    others. A :class:`RunError` on the main rank is raised on every rank, so that all stop together."""
+    if not ctx.distributed:
+        return make()
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = make()
+        except RunError as err:
+            error = err
+    message = [str(error) if error is not None else None]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise error if ctx.is_main else RunError(message[0])
     return result if ctx.is_main else make()
 
 

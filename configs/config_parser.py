@@ -166,9 +166,11 @@ def coerce(value: Any, tp: Any) -> Any:
     """
     origin = typing.get_origin(tp)
     if origin is Literal:
-        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) in {type(a) for a in choices}:
             return value
-        raise TypeError(f"expected one of {_type_name(tp)}")
+        hint = did_you_mean(str(value), [str(c) for c in choices])
+        raise TypeError(f"expected one of {_type_name(tp)}{hint}")
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
@@ -254,7 +256,8 @@ def check_values(values: dict[str, Any], source: str) -> tuple[dict[str, Any], d
         try:
             valid[key] = coerce(value, _HINTS[key])
         except TypeError as err:
-            problems[key] = f"{source}: {key}={value!r} has the wrong type: {err}"
+            kind = "is not valid" if typing.get_origin(_HINTS[key]) is Literal else "has the wrong type"
+            problems[key] = f"{source}: {key}={value!r} {kind}: {err}"
     return valid, problems
 
 

@@ -47,6 +47,9 @@ def _data_rules(cfg: Config) -> list[str]:
         p.append(f"TILE_OVERLAP={cfg.TILE_OVERLAP} must be in [0, INPUT_SIZE={cfg.INPUT_SIZE})")
     if cfg.DATASET_DIR == "synthetic":
         _in_range(p, "SYNTHETIC_IMAGES", cfg.SYNTHETIC_IMAGES, 2)
+        if 0 < cfg.TEST_SPLIT <= 0.5 and cfg.SYNTHETIC_IMAGES < num_folds(cfg.TEST_SPLIT):
+            p.append(f"SYNTHETIC_IMAGES={cfg.SYNTHETIC_IMAGES} is fewer than the {num_folds(cfg.TEST_SPLIT)} folds of "
+                     f"TEST_SPLIT={cfg.TEST_SPLIT}: raise SYNTHETIC_IMAGES or TEST_SPLIT")
         if cfg.SYNTHETIC_SIZE < cfg.INPUT_SIZE:
             p.append(f"SYNTHETIC_SIZE={cfg.SYNTHETIC_SIZE} is smaller than INPUT_SIZE={cfg.INPUT_SIZE}: raise SYNTHETIC_SIZE")
         if cfg.SEG_CLASSES not in (1, 2, 3):

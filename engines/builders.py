@@ -18,7 +18,7 @@ from model.loss import build_loss as make_loss
 from model.metrics import SegmentationMetrics
 from utils.dataset import DEFAULT_AUGMENTATIONS, Splits, build_datasets, make_loader
 from utils.loggers import build_loggers
-from utils.util import DistContext
+from utils.util import DistContext, RunError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
@@ -35,7 +35,11 @@ def build_model(cfg: Config) -> AuxNet:
         cls_dropout=cfg.CLS_DROPOUT,
     )
     if cfg.MODEL_WEIGHTS:
-        load_weights(net, resolve_weights_path(cfg.MODEL_WEIGHTS), allow_missing_head=cfg.MODEL in ("AuxNet-C", "AuxNet-EDC"))
+        try:
+            load_weights(net, resolve_weights_path(cfg.MODEL_WEIGHTS),
+                         allow_missing_head=cfg.MODEL in ("AuxNet-C", "AuxNet-EDC"))
+        except ValueError as err:
+            raise RunError(str(err)) from err
     net.set_trainable(MODES[cfg.MODEL])
     return net
 
@@ -47,7 +51,11 @@ def load_weights(net: AuxNet, path: Path, allow_missing_head: bool) -> None:
         ValueError: naming the file and the mismatching parameters when the architecture differs
             (a missing classifier head is allowed when the head is about to be trained).
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ValueError(f"MODEL_WEIGHTS={str(path)!r} cannot be read as a checkpoint "
+                         f"({type(err).__name__}: {err}); point it at a .pth saved by AuxNet") from err
     weights = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise ValueError(f"MODEL_WEIGHTS={str(path)!r} holds no network weights (expected a .pth saved by AuxNet)")
@@ -92,7 +100,19 @@ def build_loss(cfg: Config) -> nn.Module:
 
 
 def build_data(cfg: Config, split_file: Path, fold: int) -> Splits:
+    """The train and test tile datasets of ``fold``.
+
+    Raises:
+        RunError: naming DATASET_DIR, for any bad, missing or mismatched file or split.
+    """
     augmentations = {"default": DEFAULT_AUGMENTATIONS, "none": []}.get(cfg.AUGMENTATIONS, cfg.AUGMENTATIONS)
+    try:
+        return _build_datasets(cfg, split_file, fold, augmentations)
+    except (ValueError, OSError) as err:
+        raise RunError(f"DATASET_DIR={cfg.DATASET_DIR!r}: {err}") from err
+
+
+def _build_datasets(cfg: Config, split_file: Path, fold: int, augmentations) -> Splits:
     return build_datasets(
         cfg.DATASET_DIR,
         split_file=split_file,

@@ -104,3 +104,40 @@ def test_unet_with_the_combined_score(tmp_path):
             "CMA_COEFFICIENTS={DSC: 0.7, HD95: 0.3}")
     log = read_log(tmp_path / "default" / "run_001")
     assert "CMA" in log[0] and "TTR" not in log[0] and "loss/CLS" not in log[0]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_bad_data_files_fail_cleanly_and_leave_no_run(tmp_path, processes):
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for n in range(5):
+        Image.fromarray(np.full((64, 64), 40 * n, np.uint8)).save(data / "images" / f"{n}.png")
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(data / "masks" / f"{n}.png")
+    Image.fromarray(np.full((64, 64), 7, np.uint8)).save(data / "masks" / "3.png")  # class 7 of 1
+    (data / "images" / "4.png").write_bytes(b"not a png")
+    proc = run_cli(*TINY, f"DATASET_DIR={data}", f"RESULTS_DIR={tmp_path / 'out'}", f"CPU_PROCESSES={processes}",
+                   "MASTER_PORT=29533", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "3.png" in proc.stderr and "4.png" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "out").rglob("run_*"))
+
+
+def test_a_checkpoint_of_another_architecture_is_a_clear_error(trained_run, tmp_path):
+    proc = run_cli("eval", *TINY, "CONV_DEPTH=16", f"RESULTS_DIR={tmp_path}",
+                   f"MODEL_WEIGHTS={trained_run / 'best'}", check=False)
+    assert proc.returncode == 2 and "does not fit this network" in proc.stderr and "Traceback" not in proc.stderr
+
+
+ISBI = ROOT.parent / "shared" / "data" / "isbi2012"
+
+
+@pytest.mark.skipif(not ISBI.is_dir(), reason=f"ISBI 2012 data not found at {ISBI}")
+def test_one_epoch_on_the_isbi2012_em_data(tmp_path):
+    run_cli(f"DATASET_DIR={ISBI}", "TRAIN_EPOCHS=1", "WARMUP_EPOCHS=0", "UNET_DEPTH=3", "CONV_DEPTH=8",
+            "BATCH_SIZE=16", f"RESULTS_DIR={tmp_path}")
+    (record,) = read_log(tmp_path / "default" / "run_001")
+    assert record["DSC"] > 0.5 and json.loads((tmp_path / "default" / "run_001" / "tts.json").read_text())

@@ -27,6 +27,12 @@ def test_yaml_defaults_match_schema_and_are_documented():
             assert "#" in line, f"option without a one-line comment: {line}"
 
 
+def test_readme_documents_every_option():
+    readme = (DEFAULT_CONFIG.parents[1] / "README.md").read_text()
+    missing = [key for key in FIELDS if f"| `{key}` |" not in readme]
+    assert not missing, f"README configuration reference lacks {missing}"
+
+
 def test_default_config_is_valid():
     cfg = load_config()
     assert cfg == Config()
@@ -49,6 +55,12 @@ def test_wrong_types_and_unknown_keys_are_all_reported():
     assert "unknown option 'BACH_SIZE' (did you mean 'BATCH_SIZE'?)" in text
     assert "'justaword' is not KEY=VALUE" in text
     assert len(problems) == 4
+
+
+def test_a_bad_choice_lists_the_choices_and_the_closest():
+    (problem,) = problems_of("MIXED_PRECISION=bf61")
+    assert "MIXED_PRECISION='bf61' is not valid: expected one of 'bf16' | 'fp16' | 'none'" in problem
+    assert "(did you mean 'bf16'?)" in problem
 
 
 def test_bool_is_not_an_int():
@@ -111,6 +123,7 @@ def test_the_three_classic_mistakes_in_one_error():
         (["PIXEL_SPACING=[1, 0]"], "two positive numbers"),
         (["TILE_OVERLAP=128"], "TILE_OVERLAP=128 must be in [0, INPUT_SIZE=128)"),
         (["SEG_CLASSES=5"], "does not fit the synthetic data"),
+        (["SYNTHETIC_IMAGES=3"], "SYNTHETIC_IMAGES=3 is fewer than the 5 folds of TEST_SPLIT=0.2"),
         (["SYNTHETIC_SIZE=64"], "SYNTHETIC_SIZE=64 is smaller than INPUT_SIZE=128"),
         (["DATASET_DIR=/no/such/dir"], "lacks the folder(s) images, masks"),
         (["GPUs=[0]"], "no CUDA GPU is visible"),

@@ -17,6 +17,11 @@ import torch
 import torch.distributed as dist
 
 
+class RunError(RuntimeError):
+    """A problem with what a run reads (data files, split, checkpoint), found after the config was
+    validated. ``main.py`` prints it without a traceback and exits with status 2."""
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
