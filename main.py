@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from configs import Config, ConfigError, load_config, save_config
+from configs.config_parser import config_for_checkpoint, parse_overrides, read_yaml, resume_problems
 from utils.util import (DistContext, RunError, atomic_write_json, atomic_write_text, cleanup_distributed,
                         init_distributed, next_run_id, seed_everything)
 
@@ -68,23 +69,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.command == "eval" and not cfg.MODEL_WEIGHTS:
-            raise ConfigError(["`main.py eval` evaluates a checkpoint: set MODEL_WEIGHTS=path/to/best.pth"])
+        if args.command == "eval":
+            cfg = eval_config(cfg, args.overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_dir = resolve_run_dir(cfg, args.command)
+    ctx = join_torchrun(cfg) if "WORLD_SIZE" in os.environ and "RANK" in os.environ else None
+    is_main = ctx is None or ctx.is_main
+    # The main rank picks (and checks) the run folder; under torchrun it tells the other ranks.
+    decision: list = [None, None, False]  # run folder, error, created now
+    if is_main:
+        try:
+            run_dir = resolve_run_dir(cfg, args.command)
+            if args.command == "train" and (run_dir / "config.yaml").is_file():
+                problems = resume_problems(read_yaml(run_dir / "config.yaml"), cfg, run_dir)
+                if problems:
+                    raise ConfigError(problems, source=f"resuming {run_dir}")
+            decision = [str(run_dir), None, not run_dir.exists()]
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except ConfigError as err:
+            decision = [None, str(err), False]
+    if ctx is not None and ctx.distributed:
+        dist.broadcast_object_list(decision, src=0)
+    if decision[1] is not None:
+        if is_main:
+            print(f"error: {decision[1]}", file=sys.stderr)
+        cleanup_distributed()
+        return 2
+    run_dir, new_run = Path(decision[0]), decision[2]
     cfg.EXP_ID, cfg.RUN_ID = run_dir.parent.name, run_dir.name
-    new_run = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        launch(cfg, run_dir, args.command)
+        launch(cfg, run_dir, args.command, ctx)
     except (RunError, mp.ProcessExitedException) as err:
-        if isinstance(err, RunError) and int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {err}", file=sys.stderr)
-        elif err.exit_code != 2:
+        if isinstance(err, mp.ProcessExitedException) and err.exit_code != 2:
             raise
-        if new_run and not any(run_dir.rglob("*.pth")):
+        if isinstance(err, RunError) and is_main:
+            print(f"error: {err}", file=sys.stderr)
+        if is_main and new_run and not any(run_dir.rglob("*.pth")):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing was trained: leave no empty run behind
             with contextlib.suppress(OSError):
                 run_dir.parent.rmdir()  # the experiment folder too, if this run was all it held
@@ -92,38 +113,66 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def launch(cfg: Config, run_dir: Path, command: str) -> None:
-    """Run ``command`` in this process, in ``torchrun``'s, or in one spawned process per device."""
-    if command == "train":
+def eval_config(cfg: Config, overrides: list[str]) -> Config:
+    """``eval`` evaluates a checkpoint as its run trained it: network, data, split and fold come from the
+    checkpoint; the command line may set the evaluation options (see ``EVAL_KEYS``)."""
+    from configs.validator import resolve_weights_path, validate
+
+    if not cfg.MODEL_WEIGHTS:
+        raise ConfigError(["`main.py eval` evaluates a checkpoint: set MODEL_WEIGHTS=path/to/best.pth"])
+    path = resolve_weights_path(cfg.MODEL_WEIGHTS)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError([f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r} cannot be read as a checkpoint "
+                           f"({type(err).__name__}): point it at a .pth saved by AuxNet"]) from None
+    saved = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        return cfg  # bare weights: the command line describes the network
+    given, _ = parse_overrides(overrides)
+    cfg = config_for_checkpoint(saved, cfg, given, fold=state.get("fold", saved.get("DEFAULT_FOLD", 0)))
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError(problems, source=f"the configuration saved in {path}")
+    return cfg
+
+
+def join_torchrun(cfg: Config) -> DistContext:
+    """Join the process group of a ``torchrun`` launch (before the run folder is chosen)."""
+    world, devices = launch_plan(cfg)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = devices[local % len(devices)] if devices[0].type == "cuda" else torch.device("cpu")
+    return init_distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local, device)
+
+
+def launch(cfg: Config, run_dir: Path, command: str, ctx: DistContext | None) -> None:
+    """Run ``command`` in this process, in ``torchrun``'s (``ctx``), or in one spawned process per device."""
+    if command == "train" and (ctx is None or ctx.is_main):
         save_config(cfg, run_dir / "config.yaml")
+    if ctx is not None:
+        run(ctx, cfg, run_dir, command)
+        return
     os.environ.setdefault("MASTER_ADDR", cfg.MASTER_ADDR)
     os.environ.setdefault("MASTER_PORT", str(cfg.MASTER_PORT))
     if cfg.NCCL_P2P_DISABLE:
         os.environ["NCCL_P2P_DISABLE"] = "1"
-
     world, devices = launch_plan(cfg)
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        device = devices[local % len(devices)] if devices[0].type == "cuda" else torch.device("cpu")
-        worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local, device, cfg, run_dir, command)
-    elif world > 1:
+    if world > 1:
         mp.spawn(spawned, args=(world, devices, cfg, run_dir, command), nprocs=world, join=True)
     else:
-        worker(0, 1, 0, devices[0], cfg, run_dir, command)
+        run(init_distributed(0, 1, 0, devices[0]), cfg, run_dir, command)
 
 
 def spawned(local_rank: int, world: int, devices, cfg: Config, run_dir: Path, command: str) -> None:
     try:
-        worker(local_rank, world, local_rank, devices[local_rank], cfg, run_dir, command)
+        run(init_distributed(local_rank, world, local_rank, devices[local_rank]), cfg, run_dir, command)
     except RunError as err:
         if local_rank == 0:
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
 
-def worker(rank: int, world: int, local_rank: int, device: torch.device, cfg: Config, run_dir: Path,
-           command: str) -> None:
-    ctx = init_distributed(rank, world, local_rank, device)
+def run(ctx: DistContext, cfg: Config, run_dir: Path, command: str) -> None:
     try:
         if command == "train":
             train(cfg, ctx, run_dir)
@@ -165,7 +214,7 @@ def train(cfg: Config, ctx: DistContext, run_dir: Path) -> None:
         fold_dir = run_dir / f"fold_{fold}" if cfg.CROSS_VALIDATION else run_dir
         seed_everything(cfg.SEED + fold)
         splits = main_first(ctx, lambda: build_data(cfg, run_dir / "tts.json", fold))
-        trainer = build_trainer(cfg, ctx, fold_dir, splits)
+        trainer = build_trainer(cfg, ctx, fold_dir, splits, fold)
         if ctx.is_main:
             print(f"run {fold_dir}  fold {fold}: {len(splits.train)} train / {len(splits.test)} test tiles, "
                   f"device {ctx.device}, {ctx.world_size} process(es)")
@@ -177,7 +226,7 @@ def train(cfg: Config, ctx: DistContext, run_dir: Path) -> None:
             print(results_table(summaries[fold]))
     if ctx.is_main and cfg.CROSS_VALIDATION:
         finals = [s["final"] for s in summaries.values() if s["final"]]
-        keys = [k for k in finals[0] if isinstance(finals[0][k], (int, float)) and k != "epoch"]
+        keys = [k for k in finals[0] if isinstance(finals[0][k], (int, float)) and k not in ("epoch", "lr", "time_s")]
         cv = {k: {"mean": statistics.fmean(f[k] for f in finals),
                   "std": statistics.pstdev(f[k] for f in finals)} for k in keys}
         atomic_write_json(run_dir / "cv_summary.json", {"folds": summaries, "final_mean_std": cv})
@@ -199,7 +248,7 @@ def results_table(summary: dict) -> str:
 
 
 def evaluate(cfg: Config, ctx: DistContext, run_dir: Path) -> None:
-    """Evaluate MODEL_WEIGHTS on the test split: a per-image CSV and a summary JSON in ``run_dir``."""
+    """Evaluate MODEL_WEIGHTS on its fold's test split: a per-image CSV and a summary JSON beside it."""
     from functools import partial
 
     from engines.builders import AMP_DTYPES, build_data, build_loaders, build_metrics, build_model
@@ -216,11 +265,15 @@ def evaluate(cfg: Config, ctx: DistContext, run_dir: Path) -> None:
     summary = metrics.compute()
     rows = metrics.gather_per_image()
     if ctx.is_main:
-        stem = Path(cfg.MODEL_WEIGHTS).stem
-        atomic_write_text(run_dir / f"eval_{stem}.csv", to_csv(rows))
-        atomic_write_json(run_dir / f"eval_{stem}.json",
-                          {"checkpoint": str(cfg.MODEL_WEIGHTS), "tiles": len(rows), "metrics": summary})
-        print(f"evaluated {cfg.MODEL_WEIGHTS} on {len(rows)} test tiles -> {run_dir / f'eval_{stem}.json'}")
+        from configs.validator import resolve_weights_path
+
+        ckpt = resolve_weights_path(cfg.MODEL_WEIGHTS)
+        out = ckpt.parent if (run_dir / "tts.json").is_file() and ckpt.resolve().is_relative_to(run_dir.resolve()) \
+            else run_dir  # beside the checkpoint when it belongs to this run (a fold's own folder under CV)
+        atomic_write_text(out / f"eval_{ckpt.stem}.csv", to_csv(rows))
+        atomic_write_json(out / f"eval_{ckpt.stem}.json",
+                          {"checkpoint": str(ckpt), "fold": cfg.DEFAULT_FOLD, "tiles": len(rows), "metrics": summary})
+        print(f"evaluated {ckpt} (fold {cfg.DEFAULT_FOLD}) on {len(rows)} test tiles -> {out / f'eval_{ckpt.stem}.json'}")
         print(" | ".join(f"{k} {v:.4f}" for k, v in summary.items() if "/" not in k))
 
 

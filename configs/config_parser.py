@@ -218,6 +218,9 @@ def parse_overrides(items: typing.Sequence[str]) -> tuple[dict[str, Any], list[s
         if not sep or not key:
             problems.append(f"command-line argument {item!r} is not KEY=VALUE (e.g. BATCH_SIZE=4)")
             continue
+        if _HINTS.get(key) in (str, Optional[str]) and raw not in ("null", "~"):
+            overrides[key] = raw  # text options keep what was typed (RUN_ID=001 stays "001")
+            continue
         try:
             overrides[key] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
@@ -298,3 +301,57 @@ def save_config(cfg: Config, path: Path) -> None:
     from utils.util import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---- runs that already exist: resuming one, evaluating its checkpoint
+
+#: Options a resumed run may change: they decide where and how fast it runs, not what it learns.
+#: (TRAIN_EPOCHS extends or shortens the cosine decay from the next step on.)
+RESUMABLE_KEYS = frozenset({
+    "TRAIN_EPOCHS", "DATASET_DIR", "RESULTS_DIR", "NUM_WORKERS", "GPUs", "CPU_PROCESSES", "MASTER_ADDR",
+    "MASTER_PORT", "NCCL_P2P_DISABLE", "LOG_WANDB", "LOG_LOCAL", "EXP_ID", "RUN_ID",
+})
+
+#: Options ``eval`` takes from the command line; the others come from the checkpoint's run.
+EVAL_KEYS = frozenset({
+    "MODEL_WEIGHTS", "RESULTS_DIR", "EXP_ID", "RUN_ID", "DATASET_DIR", "NUM_WORKERS", "BATCH_SIZE", "GPUs",
+    "CPU_PROCESSES", "MASTER_ADDR", "MASTER_PORT", "NCCL_P2P_DISABLE", "LOG_WANDB", "LOG_LOCAL",
+    "MIXED_PRECISION", "CHANNELS_LAST", "SEG_THRESHOLD", "CLS_THRESHOLD", "EVAL_METRIC", "CMA_COEFFICIENTS",
+    "DISTANCE_METRICS", "PIXEL_SPACING", "INCLUDE_BACKGROUND",
+})
+
+
+def _typed(saved: dict[str, Any]) -> dict[str, Any]:
+    values, _ = check_values({k: v for k, v in saved.items() if k in FIELDS}, source="saved run")
+    return values
+
+
+def resume_problems(saved: dict[str, Any], cfg: Config, where: Path) -> list[str]:
+    """The options that differ from the run being resumed (its saved ``config.yaml``), each with the fix."""
+    old, new = _typed(saved), cfg.to_dict()
+    return [
+        f"{key}={new[key]!r} but the run in {where} was made with {key}={old[key]!r}: resuming cannot change "
+        f"it; use {key}={old[key]!r}, or start a new run (another RUN_ID) with MODEL_WEIGHTS={where}/last"
+        for key in FIELDS
+        if key not in RESUMABLE_KEYS and key in old and old[key] != new[key]
+    ]
+
+
+def config_for_checkpoint(saved: dict[str, Any], cfg: Config, given: typing.Iterable[str], fold: int) -> Config:
+    """The configuration to evaluate a checkpoint with: its run's options (network, data, split,
+    ``fold``), except the evaluation options (:data:`EVAL_KEYS`) that ``given`` names, taken from ``cfg``.
+
+    Raises:
+        ConfigError: an option in ``given`` (typed on the command line) that the checkpoint fixes
+            and that differs from it.
+    """
+    old, new = _typed(saved), cfg.to_dict()
+    problems = [
+        f"{key}={new[key]!r} but the checkpoint was trained with {key}={old[key]!r}: remove it from the command line"
+        for key in given
+        if key in FIELDS and key not in EVAL_KEYS and key in old and old[key] != new[key]
+    ]
+    if problems:
+        raise ConfigError(problems, source="the eval command")
+    chosen = {k: new[k] for k in given if k in EVAL_KEYS}
+    return Config(**{**old, **chosen, "MODEL_WEIGHTS": cfg.MODEL_WEIGHTS, "DEFAULT_FOLD": fold})

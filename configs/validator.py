@@ -43,6 +43,7 @@ def _data_rules(cfg: Config) -> list[str]:
         elif not 0 <= cfg.DEFAULT_FOLD < folds:
             p.append(f"DEFAULT_FOLD={cfg.DEFAULT_FOLD} does not exist: TEST_SPLIT={cfg.TEST_SPLIT} gives folds 0..{folds - 1}")
     _in_range(p, "NUM_WORKERS", cfg.NUM_WORKERS, 0)
+    _in_range(p, "SEED", cfg.SEED, 0, 2**32 - 1)
     if not 0 <= cfg.TILE_OVERLAP < cfg.INPUT_SIZE:
         p.append(f"TILE_OVERLAP={cfg.TILE_OVERLAP} must be in [0, INPUT_SIZE={cfg.INPUT_SIZE})")
     if cfg.DATASET_DIR == "synthetic":
@@ -178,6 +179,9 @@ def _eval_rules(cfg: Config) -> list[str]:
             p.append(f"{where} needs the distance metrics: set DISTANCE_METRICS=true")
         if metric == "TTR" and not cfg.has_head:
             p.append(f"{where} scores the classifier head, which MODEL=UNet lacks: use an AuxNet model or another metric")
+        elif metric == "TTR" and cfg.MODEL == "AuxNet-ED" and not cfg.MODEL_WEIGHTS:
+            p.append(f"{where} scores the classifier head, which MODEL=AuxNet-ED does not train: use MODEL=AuxNet-EDC "
+                     "or another metric")
         if metric in ("DSC", "IoU", "ASD", "AD", "HD95", "D95") and cfg.MODEL == "AuxNet-C":
             p.append(f"{where} scores segmentation, which MODEL=AuxNet-C does not train: use EVAL_METRIC=TTR")
     if cfg.PIXEL_SPACING is not None and (len(cfg.PIXEL_SPACING) != 2 or min(cfg.PIXEL_SPACING) <= 0):

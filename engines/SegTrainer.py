@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from model.AuxNet import AuxNet, AuxNetOutput
 from model.metrics import HIGHER_IS_BETTER
-from utils.util import DistContext, atomic_torch_save, atomic_write_json
+from utils.util import DistContext, RunError, atomic_torch_save, atomic_write_json
 
 
 @torch.no_grad()
@@ -71,6 +71,7 @@ class TrainerSettings:
     amp_dtype: Optional[torch.dtype]
     channels_last: bool
     config: dict
+    fold: int = 0
 
 
 class SegTrainer:
@@ -126,6 +127,7 @@ class SegTrainer:
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate of the epoch's first step
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         batches = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.ctx.is_main,
@@ -137,7 +139,7 @@ class SegTrainer:
             weights = loss_out.weights
             batches.set_postfix(loss=f"{sums['loss'] / n:.4f}")
         n = max(len(self.train_loader), 1)
-        stats = {"lr": self.optimizer.param_groups[0]["lr"], "loss": sums.get("loss", math.nan) / n}
+        stats = {"lr": lr, "loss": sums.get("loss", math.nan) / n}
         stats |= {f"loss/{k}": v / n for k, v in sums.items() if k != "loss"}
         stats |= {f"weight/{k}": float(v) for k, v in weights.items()}
         return stats
@@ -191,22 +193,29 @@ class SegTrainer:
             "best": {"metric": self.s.eval_metric, "value": self.best_value, "epoch": self.best_epoch},
             "history": self.history,
             "config": self.s.config,
+            "fold": self.s.fold,
         }
-        atomic_torch_save(state, self.s.run_dir / "last.pth")
-        if improved and self.s.save_best:
+        if improved and self.s.save_best:  # best first: last.pth never records a best.pth not yet written
             atomic_torch_save(state, self.s.run_dir / "best.pth")
+        atomic_torch_save(state, self.s.run_dir / "last.pth")
 
     def resume_if_possible(self) -> None:
         """Continue from ``last.pth`` in the run folder, if one exists."""
         path = self.s.run_dir / "last.pth"
         if not path.is_file():
             return
-        state = torch.load(path, map_location=self.ctx.device, weights_only=False)
-        self.step.net.load_state_dict(state["model"])
-        self.step.loss.load_state_dict(state["loss"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        try:
+            state = torch.load(path, map_location=self.ctx.device, weights_only=False)
+            self.step.net.load_state_dict(state["model"])
+            self.step.loss.load_state_dict(state["loss"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except Exception as err:  # noqa: BLE001 - any mismatch: say which file and what to do
+            raise RunError(
+                f"cannot resume from {path} ({type(err).__name__}: {str(err)[:300]}): the run was made with "
+                "another network or loss; start a new run (another RUN_ID), or pass MODEL_WEIGHTS to start from it"
+            ) from err
         self.start_epoch = state["epoch"] + 1
         self.best_value, self.best_epoch = state["best"]["value"], state["best"]["epoch"]
         self.history = state.get("history", [])

@@ -51,8 +51,8 @@ def load_weights(net: AuxNet, path: Path, allow_missing_head: bool) -> None:
         ValueError: naming the file and the mismatching parameters when the architecture differs
             (a missing classifier head is allowed when the head is about to be trained).
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: a checkpoint from elsewhere cannot run code while it loads
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise ValueError(f"MODEL_WEIGHTS={str(path)!r} cannot be read as a checkpoint "
                          f"({type(err).__name__}: {err}); point it at a .pth saved by AuxNet") from err
@@ -180,10 +180,13 @@ def lr_factor(step: int, *, warmup: int, decay: int, start: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def build_trainer(cfg: Config, ctx: DistContext, run_dir: Path, splits: Splits) -> SegTrainer:
+def build_trainer(cfg: Config, ctx: DistContext, run_dir: Path, splits: Splits, fold: int = 0) -> SegTrainer:
     net = build_model(cfg)
     step = TrainStep(net, build_loss(cfg), decode=cfg.MODEL != "AuxNet-C", use_cls=cfg.trains_classifier)
-    train_loader, test_loader = build_loaders(cfg, splits, ctx)
+    try:
+        train_loader, test_loader = build_loaders(cfg, splits, ctx)
+    except ValueError as err:
+        raise RunError(f"DATASET_DIR={cfg.DATASET_DIR!r}: {err}") from err
     optimizer, scheduler = build_optimizer(cfg, step, max(len(train_loader), 1))
     logger = build_loggers(
         run_dir, is_main=ctx.is_main, local=cfg.LOG_LOCAL, wandb=cfg.LOG_WANDB,
@@ -197,6 +200,7 @@ def build_trainer(cfg: Config, ctx: DistContext, run_dir: Path, splits: Splits) 
         amp_dtype=AMP_DTYPES[cfg.MIXED_PRECISION],
         channels_last=cfg.CHANNELS_LAST,
         config=cfg.to_dict(),
+        fold=fold,
     )
     return SegTrainer(step, optimizer, scheduler, train_loader, test_loader, build_metrics(cfg, ctx.device),
                       logger, ctx, settings)

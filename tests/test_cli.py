@@ -127,9 +127,21 @@ def test_bad_data_files_fail_cleanly_and_leave_no_run(tmp_path, processes):
 
 
 def test_a_checkpoint_of_another_architecture_is_a_clear_error(trained_run, tmp_path):
-    proc = run_cli("eval", *TINY, "CONV_DEPTH=16", f"RESULTS_DIR={tmp_path}",
-                   f"MODEL_WEIGHTS={trained_run / 'best'}", check=False)
+    proc = run_cli(*TINY, "CONV_DEPTH=16", f"RESULTS_DIR={tmp_path}", f"MODEL_WEIGHTS={trained_run / 'best'}",
+                   check=False)
     assert proc.returncode == 2 and "does not fit this network" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("run_*"))
+    proc = run_cli("eval", *TINY, "CONV_DEPTH=16", f"MODEL_WEIGHTS={trained_run / 'best'}", check=False)
+    assert proc.returncode == 2 and "trained with CONV_DEPTH=8: remove it" in proc.stderr
+
+
+def test_resume_refuses_changed_options_and_keeps_the_run(trained_run):
+    before = (trained_run / "config.yaml").read_text()
+    proc = run_cli(*TINY, "TRAIN_EPOCHS=2", "BASE_LR=0.5", "LOSS=SoftDICE", f"RESULTS_DIR={trained_run.parents[1]}",
+                   "EXP_ID=smoke", "RUN_ID=run_001", check=False)
+    assert proc.returncode == 2
+    assert "BASE_LR=0.5 but the run" in proc.stderr and "LOSS='SoftDICE' but the run" in proc.stderr
+    assert (trained_run / "config.yaml").read_text() == before and (trained_run / "last.pth").is_file()
 
 
 ISBI = ROOT.parent / "shared" / "data" / "isbi2012"

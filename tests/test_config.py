@@ -63,6 +63,11 @@ def test_a_bad_choice_lists_the_choices_and_the_closest():
     assert "(did you mean 'bf16'?)" in problem
 
 
+def test_text_options_keep_what_was_typed():
+    cfg = load_config(None, ["RUN_ID=001", "EXP_ID=2024", "MODEL_WEIGHTS=null"])
+    assert cfg.RUN_ID == "001" and cfg.EXP_ID == "2024" and cfg.MODEL_WEIGHTS is None
+
+
 def test_bool_is_not_an_int():
     assert any("UNET_DEPTH=True" in p for p in problems_of("UNET_DEPTH=true"))
 
@@ -123,6 +128,8 @@ def test_the_three_classic_mistakes_in_one_error():
         (["PIXEL_SPACING=[1, 0]"], "two positive numbers"),
         (["TILE_OVERLAP=128"], "TILE_OVERLAP=128 must be in [0, INPUT_SIZE=128)"),
         (["SEG_CLASSES=5"], "does not fit the synthetic data"),
+        (["SEED=-1"], "SEED=-1 is out of range"),
+        (["MODEL=AuxNet-ED", "EVAL_METRIC=TTR"], "which MODEL=AuxNet-ED does not train"),
         (["SYNTHETIC_IMAGES=3"], "SYNTHETIC_IMAGES=3 is fewer than the 5 folds of TEST_SPLIT=0.2"),
         (["SYNTHETIC_SIZE=64"], "SYNTHETIC_SIZE=64 is smaller than INPUT_SIZE=128"),
         (["DATASET_DIR=/no/such/dir"], "lacks the folder(s) images, masks"),

@@ -18,6 +18,13 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["f.txt"]
 
 
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    from utils.util import _UMASK
+
+    atomic_write_text(tmp_path / "f.txt", "x")  # mkstemp alone would leave 0600
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~_UMASK
+
+
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.pth"
     atomic_torch_save({"epoch": 1}, path)
