@@ -125,6 +125,11 @@ class Config:
         return [t for t in self.LOSS.split("_") if t]
 
     @property
+    def loss_weighting(self) -> str:
+        """ADAPTIVE_WEIGHTS as the loss library names it: static, adaptive or schedule."""
+        return {False: "static", True: "adaptive", "schedule": "schedule"}[self.ADAPTIVE_WEIGHTS]
+
+    @property
     def has_head(self) -> bool:
         return self.MODEL != "UNet"
 

@@ -126,8 +126,7 @@ def _loss_rules(cfg: Config) -> list[str]:
         p.append(f"LOSS={cfg.LOSS!r}: {err}")
         terms = None
     if terms is not None:
-        weighting = {False: "static", True: "adaptive", "schedule": "schedule"}[cfg.ADAPTIVE_WEIGHTS]
-        p += [f"LOSS={cfg.LOSS!r}: {msg}" for msg in loss_problems(terms, cfg.SEG_CLASSES, weighting)]
+        p += [f"LOSS={cfg.LOSS!r}: {msg}" for msg in loss_problems(terms, cfg.SEG_CLASSES, cfg.loss_weighting)]
         if cfg.STATIC_WEIGHTS is not None:
             if cfg.ADAPTIVE_WEIGHTS is True:
                 p.append("STATIC_WEIGHTS is set but ADAPTIVE_WEIGHTS=true learns the weights: remove STATIC_WEIGHTS or set ADAPTIVE_WEIGHTS=false")

@@ -20,20 +20,22 @@ from model.metrics import HIGHER_IS_BETTER
 from utils.util import DistContext, RunError, atomic_torch_save, atomic_write_json
 
 
+def image_to(image: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A batch of images on ``device``, in the channels_last memory format when asked."""
+    image = image.to(device, non_blocking=True)
+    return image.contiguous(memory_format=torch.channels_last) if channels_last else image
+
+
 @torch.no_grad()
-def evaluate_model(net: AuxNet, loader, metrics, device: torch.device, autocast, channels_last: bool,
-                   decode: bool = True):
+def evaluate_model(net: AuxNet, loader, metrics, device: torch.device, autocast, channels_last: bool):
     """Feed every batch of ``loader`` through ``net`` (eval mode) into ``metrics``; return ``metrics``.
 
     Evaluation always decodes: under MODEL=AuxNet-C the frozen decoder's segmentation is scored
     beside the head being trained."""
     net.eval()
     for batch in loader:
-        image = batch["image"].to(device, non_blocking=True)
-        if channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
         with autocast():
-            out = net(image, decode=decode)
+            out = net(image_to(batch["image"], device, channels_last))
         has_cls = out.cls is not None
         metrics.update(
             out.seg.float(), batch["mask"].to(device),
@@ -237,9 +239,7 @@ class SegTrainer:
     # ------------------------------------------------------------------ helpers
     def to_device(self, batch: dict[str, Any]):
         dev = self.ctx.device
-        image = batch["image"].to(dev, non_blocking=True)
-        if self.s.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        image = image_to(batch["image"], dev, self.s.channels_last)
         return image, batch["mask"].to(dev, non_blocking=True), batch["label"].to(dev, non_blocking=True)
 
     def autocast(self):

@@ -4,6 +4,7 @@ data, metrics, optimiser and trainer take. The only place (with ``main.py``) tha
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -72,12 +73,11 @@ def load_weights(net: AuxNet, path: Path, allow_missing_head: bool) -> None:
 
 
 def build_loss(cfg: Config) -> nn.Module:
-    weighting = {False: "static", True: "adaptive", "schedule": "schedule"}[cfg.ADAPTIVE_WEIGHTS]
     return make_loss(
         cfg.LOSS,
         seg_classes=cfg.SEG_CLASSES,
         cls_classes=cfg.CLS_CLASSES if cfg.trains_classifier else 0,
-        weighting=weighting,
+        weighting=cfg.loss_weighting,
         static_weights=cfg.STATIC_WEIGHTS,
         include_background=cfg.INCLUDE_BACKGROUND,
         sdm_distance=cfg.SDM_DISTANCE,
@@ -106,40 +106,45 @@ def build_data(cfg: Config, split_file: Path, fold: int) -> Splits:
         RunError: naming DATASET_DIR, for any bad, missing or mismatched file or split.
     """
     augmentations = {"default": DEFAULT_AUGMENTATIONS, "none": []}.get(cfg.AUGMENTATIONS, cfg.AUGMENTATIONS)
-    try:
-        return _build_datasets(cfg, split_file, fold, augmentations)
-    except (ValueError, OSError) as err:
-        raise RunError(f"DATASET_DIR={cfg.DATASET_DIR!r}: {err}") from err
-
-
-def _build_datasets(cfg: Config, split_file: Path, fold: int, augmentations) -> Splits:
-    return build_datasets(
-        cfg.DATASET_DIR,
-        split_file=split_file,
-        cache_dir=Path(cfg.RESULTS_DIR) / ".cache",
-        seed=cfg.SEED,
-        input_size=cfg.INPUT_SIZE,
-        input_channels=cfg.INPUT_CHANNELS,
-        seg_classes=cfg.SEG_CLASSES,
-        test_split=cfg.TEST_SPLIT,
-        fold=fold,
-        cross_validation=cfg.CROSS_VALIDATION,
-        train_composition=cfg.TRAIN_SET_COMPOSITION,
-        test_composition=cfg.TEST_SET_COMPOSITION,
-        tile_overlap=cfg.TILE_OVERLAP,
-        augmentations=augmentations,
-        synthetic_images=cfg.SYNTHETIC_IMAGES,
-        synthetic_size=cfg.SYNTHETIC_SIZE,
-    )
+    with _dataset_errors(cfg):
+        return build_datasets(
+            cfg.DATASET_DIR,
+            split_file=split_file,
+            cache_dir=Path(cfg.RESULTS_DIR) / ".cache",
+            seed=cfg.SEED,
+            input_size=cfg.INPUT_SIZE,
+            input_channels=cfg.INPUT_CHANNELS,
+            seg_classes=cfg.SEG_CLASSES,
+            test_split=cfg.TEST_SPLIT,
+            fold=fold,
+            cross_validation=cfg.CROSS_VALIDATION,
+            train_composition=cfg.TRAIN_SET_COMPOSITION,
+            test_composition=cfg.TEST_SET_COMPOSITION,
+            tile_overlap=cfg.TILE_OVERLAP,
+            augmentations=augmentations,
+            synthetic_images=cfg.SYNTHETIC_IMAGES,
+            synthetic_size=cfg.SYNTHETIC_SIZE,
+        )
 
 
 def build_loaders(cfg: Config, splits: Splits, ctx: DistContext):
+    """The train and test loaders (RunError, naming DATASET_DIR, when a split is too small)."""
     common = dict(num_workers=cfg.NUM_WORKERS, seed=cfg.SEED, distributed=ctx.distributed,
                   pin_memory=ctx.device.type == "cuda")
-    return (
-        make_loader(splits.train, batch_size=cfg.BATCH_SIZE, train=True, **common),
-        make_loader(splits.test, batch_size=cfg.BATCH_SIZE, train=False, **common),
-    )
+    with _dataset_errors(cfg):
+        return (
+            make_loader(splits.train, batch_size=cfg.BATCH_SIZE, train=True, **common),
+            make_loader(splits.test, batch_size=cfg.BATCH_SIZE, train=False, **common),
+        )
+
+
+@contextmanager
+def _dataset_errors(cfg: Config):
+    """Turn a data problem (bad, missing or mismatched files; a split too small) into a RunError."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        raise RunError(f"DATASET_DIR={cfg.DATASET_DIR!r}: {err}") from err
 
 
 def build_metrics(cfg: Config, device: torch.device):
@@ -183,10 +188,7 @@ def lr_factor(step: int, *, warmup: int, decay: int, start: float) -> float:
 def build_trainer(cfg: Config, ctx: DistContext, run_dir: Path, splits: Splits, fold: int = 0) -> SegTrainer:
     net = build_model(cfg)
     step = TrainStep(net, build_loss(cfg), decode=cfg.MODEL != "AuxNet-C", use_cls=cfg.trains_classifier)
-    try:
-        train_loader, test_loader = build_loaders(cfg, splits, ctx)
-    except ValueError as err:
-        raise RunError(f"DATASET_DIR={cfg.DATASET_DIR!r}: {err}") from err
+    train_loader, test_loader = build_loaders(cfg, splits, ctx)
     optimizer, scheduler = build_optimizer(cfg, step, max(len(train_loader), 1))
     logger = build_loggers(
         run_dir, is_main=ctx.is_main, local=cfg.LOG_LOCAL, wandb=cfg.LOG_WANDB,

@@ -59,7 +59,7 @@ from albumentations.core.transforms_interface import BaseTransformInitSchema  # 
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info  # noqa: E402
 
-from utils.util import _atomic_write, atomic_write_json  # noqa: E402
+from utils.util import atomic_write, atomic_write_json  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 COMPOSITIONS = ("full", "boundary")
@@ -585,7 +585,7 @@ def load_synthetic(
             images = classes = None
     if images is None:
         images, classes = generate_synthetic(seed, num_images, size, channels)
-        _atomic_write(path, lambda fh: np.savez(fh, images=images, classes=classes))
+        atomic_write(path, lambda fh: np.savez(fh, images=images, classes=classes))
     if seg_classes < 3:
         classes = (classes > 0).astype(np.uint8)
     width = len(str(num_images - 1))
