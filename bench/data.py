@@ -33,13 +33,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.AuxNet import AuxNet  # noqa: E402
-from utils.dataset import (  # noqa: E402
-    DEFAULT_AUGMENTATIONS,
-    build_datasets,
-    generate_synthetic,
-    load_synthetic,
-    make_loader,
-)
+from utils.augment import DEFAULT_AUGMENTATIONS  # noqa: E402
+from utils.dataset import build_datasets, make_loader  # noqa: E402
+from utils.synthetic import generate_synthetic, load_synthetic  # noqa: E402
 
 INPUT_SIZE = 128
 BATCH_SIZES = (8, 16)

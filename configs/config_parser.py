@@ -1,31 +1,26 @@
-"""Load `config.yaml` and command-line overrides into a typed :class:`Config`.
+"""Load `config.yaml` and command-line overrides into a typed :class:`~configs.schema.Config`.
 
-The dataclass below is the schema: each field's type and default. `configs/config.yaml` holds the
-same defaults with a one-line comment per option (a test keeps the two in step). Loading collects
-*every* problem (unknown key, wrong type) and hands them, together with the cross-field rules of
-:mod:`configs.validator`, to one :class:`ConfigError`.
+The schema (types, defaults, docs) lives in :mod:`configs.schema`. Loading collects *every* problem
+(unknown key, wrong type) and hands them, together with the cross-field rules of
+:mod:`configs.validator`, to one :class:`ConfigError`. The rules for runs that already exist
+(resuming one, evaluating its checkpoint) are here too.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 
-DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+from configs.schema import FIELDS, Config
+from configs.validator import validate
+from utils.util import atomic_write_text, did_you_mean
 
-ModelName = Literal["AuxNet-EDC", "AuxNet-ED", "AuxNet-C", "AuxNet-D", "UNet"]
-Composition = Literal["full", "boundary"]
-Distance = Literal["euclidean", "manhattan", "chebyshev"]
-Normalization = Literal["static_max", "dynamic_max", "minmax", "none"]
-MetricName = Literal["DSC", "IoU", "TTR", "ASD", "AD", "HD95", "D95", "CMA"]
+DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 
 
 class ConfigError(ValueError):
@@ -37,115 +32,6 @@ class ConfigError(ValueError):
         super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
 
 
-@dataclass
-class Config:
-    """All run options; see `configs/config.yaml` for the documented defaults."""
-
-    # directories
-    DATASET_DIR: str = "synthetic"
-    RESULTS_DIR: str = "saved"
-    # dataset
-    SEED: int = 42
-    TRAIN_SET_COMPOSITION: Composition = "full"
-    TEST_SET_COMPOSITION: Composition = "full"
-    TEST_SPLIT: float = 0.2
-    CROSS_VALIDATION: bool = False
-    DEFAULT_FOLD: int = 0
-    NUM_WORKERS: int = 0
-    TILE_OVERLAP: int = 0
-    SYNTHETIC_IMAGES: int = 12
-    SYNTHETIC_SIZE: int = 512
-    AUGMENTATIONS: Union[Literal["default", "none"], list[dict]] = "default"
-    # model
-    MODEL: ModelName = "AuxNet-EDC"
-    MODEL_WEIGHTS: Optional[str] = None
-    INPUT_SIZE: int = 128
-    INPUT_CHANNELS: int = 1
-    UNET_DEPTH: int = 4
-    CONV_DEPTH: int = 16
-    BATCH_SIZE: int = 8
-    # segmentation
-    SEG_CLASSES: int = 1
-    SEG_DROPOUT: float = 0.0
-    SEG_THRESHOLD: float = 0.5
-    # classification
-    CLS_CLASSES: int = 1
-    CLS_DROPOUT: float = 0.3
-    CLS_THRESHOLD: float = 0.5
-    # optimiser
-    INIT_LR: float = 1e-4
-    BASE_LR: float = 3e-3
-    L2_DECAY: float = 1e-4
-    WARMUP_EPOCHS: int = 1
-    TRAIN_EPOCHS: int = 14
-    MIXED_PRECISION: Literal["bf16", "fp16", "none"] = "bf16"
-    CHANNELS_LAST: bool = True
-    # signed distance maps
-    SDM_KERNEL_SIZE: int = 3
-    SDM_DISTANCE: Distance = "euclidean"
-    SDM_NORMALIZATION: Normalization = "static_max"
-    # loss
-    LOSS: str = "SoftDICE_BCE"
-    INCLUDE_BACKGROUND: bool = False
-    ADAPTIVE_WEIGHTS: Union[bool, Literal["schedule"]] = False
-    STATIC_WEIGHTS: Optional[list[float]] = None
-    CLAMP_DELTA: float = 0.1
-    SIGMOID_STEEPNESS: float = 10.0
-    WCE_W0: float = 10.0
-    WCE_SIGMA: float = 5.0
-    WBCE_W0: float = 10.0
-    WBCE_SIGMA: float = 5.0
-    FOCAL_GAMMA: float = 2.0
-    FOCAL_ALPHA: Optional[float] = None
-    CLS_WEIGHT: float = 1.0
-    SCHEDULE_ALPHA: list[float] = field(default_factory=lambda: [0.01, 0.01, 0.9])
-    # evaluation
-    SAVE_MODEL: bool = True
-    EVAL_METRIC: MetricName = "DSC"
-    CMA_COEFFICIENTS: dict[str, float] = field(
-        default_factory=lambda: {"DSC": 0.5, "TTR": 0.2, "HD95": 0.3}
-    )
-    DISTANCE_METRICS: bool = True
-    PIXEL_SPACING: Optional[list[float]] = None
-    # distributed
-    GPUs: Optional[list[int]] = None
-    CPU_PROCESSES: int = 1
-    MASTER_ADDR: str = "localhost"
-    MASTER_PORT: Union[int, str] = 29500
-    NCCL_P2P_DISABLE: bool = False
-    # logging
-    LOG_WANDB: bool = False
-    LOG_LOCAL: bool = True
-    EXP_ID: str = ""
-    RUN_ID: str = ""
-
-    # ---- derived views (not options)
-    @property
-    def loss_terms(self) -> list[str]:
-        return [t for t in self.LOSS.split("_") if t]
-
-    @property
-    def loss_weighting(self) -> str:
-        """ADAPTIVE_WEIGHTS as the loss library names it: static, adaptive or schedule."""
-        return {False: "static", True: "adaptive", "schedule": "schedule"}[self.ADAPTIVE_WEIGHTS]
-
-    @property
-    def has_head(self) -> bool:
-        return self.MODEL != "UNet"
-
-    @property
-    def trains_segmentation(self) -> bool:
-        return self.MODEL in ("AuxNet-EDC", "AuxNet-ED", "AuxNet-D", "UNet")
-
-    @property
-    def trains_classifier(self) -> bool:
-        return self.MODEL in ("AuxNet-EDC", "AuxNet-C")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
 
 
@@ -206,12 +92,6 @@ def coerce(value: Any, tp: Any) -> Any:
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise TypeError(f"expected {_type_name(tp)}")
-
-
-def did_you_mean(name: str, choices: typing.Iterable[str]) -> str:
-    """`` (did you mean 'X'?)`` for the closest choice, or an empty string."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def parse_overrides(items: typing.Sequence[str]) -> tuple[dict[str, Any], list[str]]:
@@ -285,8 +165,6 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     Raises:
         ConfigError: listing every problem found (file, keys, types and cross-field rules).
     """
-    from configs.validator import validate
-
     path = Path(path) if path is not None else DEFAULT_CONFIG
     file_values, file_problems = check_values(read_yaml(path), source=str(path))
     cli, problems = parse_overrides(overrides)
@@ -303,8 +181,6 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved configuration as YAML (atomically)."""
-    from utils.util import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 

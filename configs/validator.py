@@ -9,15 +9,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from configs.config_parser import Config, did_you_mean
+import torch
 
-
-def resolve_weights_path(name: str) -> Path | None:
-    """The checkpoint file MODEL_WEIGHTS names (``.pth`` may be omitted), or None if absent."""
-    for candidate in (Path(name), Path(name + ".pth")):
-        if candidate.is_file():
-            return candidate
-    return None
+from configs.schema import STAGES, Config
+from engines.checkpoint import resolve_weights_path
+from model.loss import loss_problems, parse_loss
+from model.metrics import DISTANCE_METRICS as DISTANCE_METRIC_NAMES
+from model.metrics import METRIC_NAMES
+from utils.augment import augmentation_problems
+from utils.sdf import check_kernel_size
+from utils.splits import num_folds
+from utils.util import did_you_mean
 
 
 def _in_range(problems: list[str], key: str, value, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -32,8 +34,6 @@ def _in_range(problems: list[str], key: str, value, lo=None, hi=None, lo_open=Fa
 
 
 def _data_rules(cfg: Config) -> list[str]:
-    from utils.dataset import augmentation_problems, num_folds
-
     p: list[str] = []
     _in_range(p, "TEST_SPLIT", cfg.TEST_SPLIT, 0, 1, lo_open=True, hi_open=True)
     if 0 < cfg.TEST_SPLIT < 1:
@@ -82,10 +82,9 @@ def _model_rules(cfg: Config) -> list[str]:
                 f"INPUT_SIZE={cfg.INPUT_SIZE} is not divisible by 2^(UNET_DEPTH-1)={factor}: "
                 f"use e.g. {lower} or {lower + factor}, or a smaller UNET_DEPTH"
             )
-    if cfg.MODEL in ("AuxNet-C", "AuxNet-D") and not cfg.MODEL_WEIGHTS:
-        part = "classifier head" if cfg.MODEL == "AuxNet-C" else "decoder"
+    if cfg.stage.needs_weights and not cfg.MODEL_WEIGHTS:
         p.append(
-            f"MODEL={cfg.MODEL} trains only the {part} on a trained network: set MODEL_WEIGHTS to a "
+            f"MODEL={cfg.MODEL} trains {cfg.stage.summary}: set MODEL_WEIGHTS to a "
             "checkpoint (e.g. the best.pth of an AuxNet-ED run)"
         )
     if cfg.MODEL_WEIGHTS and resolve_weights_path(cfg.MODEL_WEIGHTS) is None:
@@ -101,8 +100,6 @@ def _model_rules(cfg: Config) -> list[str]:
 
 
 def _optim_rules(cfg: Config) -> list[str]:
-    import torch
-
     p: list[str] = []
     _in_range(p, "INIT_LR", cfg.INIT_LR, 0, lo_open=True)
     _in_range(p, "BASE_LR", cfg.BASE_LR, 0, lo_open=True)
@@ -115,28 +112,18 @@ def _optim_rules(cfg: Config) -> list[str]:
 
 
 def _loss_rules(cfg: Config) -> list[str]:
-    from model.loss import loss_problems, parse_loss
-
     p: list[str] = []
-    if cfg.SDM_KERNEL_SIZE < 3 or cfg.SDM_KERNEL_SIZE % 2 == 0:
-        p.append(f"SDM_KERNEL_SIZE={cfg.SDM_KERNEL_SIZE} must be odd and >= 3 (e.g. 3, 5, 7)")
+    try:
+        check_kernel_size(cfg.SDM_KERNEL_SIZE, "SDM_KERNEL_SIZE")
+    except ValueError as err:
+        p.append(str(err))
     try:
         terms = parse_loss(cfg.LOSS)
     except ValueError as err:
         p.append(f"LOSS={cfg.LOSS!r}: {err}")
         terms = None
     if terms is not None:
-        p += [f"LOSS={cfg.LOSS!r}: {msg}" for msg in loss_problems(terms, cfg.SEG_CLASSES, cfg.loss_weighting)]
-        if cfg.STATIC_WEIGHTS is not None:
-            if cfg.ADAPTIVE_WEIGHTS is True:
-                p.append("STATIC_WEIGHTS is set but ADAPTIVE_WEIGHTS=true learns the weights: remove STATIC_WEIGHTS or set ADAPTIVE_WEIGHTS=false")
-            elif len(cfg.STATIC_WEIGHTS) != len(terms):
-                p.append(
-                    f"STATIC_WEIGHTS has {len(cfg.STATIC_WEIGHTS)} weight(s) but LOSS={cfg.LOSS!r} has "
-                    f"{len(terms)} term(s) {terms}: give one weight per term, in order"
-                )
-            if any(w < 0 for w in cfg.STATIC_WEIGHTS):
-                p.append(f"STATIC_WEIGHTS={cfg.STATIC_WEIGHTS} has a negative weight: weights must be >= 0")
+        p += loss_problems(terms, cfg.SEG_CLASSES, cfg.loss_weighting, cfg.STATIC_WEIGHTS, cfg.CLS_WEIGHT)
     _in_range(p, "CLAMP_DELTA", cfg.CLAMP_DELTA, 0, lo_open=True)
     _in_range(p, "SIGMOID_STEEPNESS", cfg.SIGMOID_STEEPNESS, 0, lo_open=True)
     _in_range(p, "WCE_W0", cfg.WCE_W0, 0)
@@ -147,8 +134,6 @@ def _loss_rules(cfg: Config) -> list[str]:
     if cfg.FOCAL_ALPHA is not None:
         _in_range(p, "FOCAL_ALPHA", cfg.FOCAL_ALPHA, 0, 1)
     _in_range(p, "CLS_WEIGHT", cfg.CLS_WEIGHT, 0)
-    if cfg.ADAPTIVE_WEIGHTS is True and cfg.CLS_WEIGHT != 1.0:
-        p.append("CLS_WEIGHT is learned with ADAPTIVE_WEIGHTS=true: leave CLS_WEIGHT at 1.0")
     alpha = cfg.SCHEDULE_ALPHA
     if len(alpha) != 3 or not (0 <= alpha[0] <= alpha[2] <= 1 and alpha[1] >= 0):
         p.append(f"SCHEDULE_ALPHA={alpha} must be [start, step, max] with 0 <= start <= max <= 1 and step >= 0")
@@ -156,8 +141,6 @@ def _loss_rules(cfg: Config) -> list[str]:
 
 
 def _eval_rules(cfg: Config) -> list[str]:
-    from model.metrics import DISTANCE_METRICS as DISTANCE_METRIC_NAMES, METRIC_NAMES
-
     p: list[str] = []
     needs: dict[str, str] = {}
     if cfg.EVAL_METRIC == "CMA":
@@ -178,19 +161,18 @@ def _eval_rules(cfg: Config) -> list[str]:
             p.append(f"{where} needs the distance metrics: set DISTANCE_METRICS=true")
         if metric == "TTR" and not cfg.has_head:
             p.append(f"{where} scores the classifier head, which MODEL=UNet lacks: use an AuxNet model or another metric")
-        elif metric == "TTR" and cfg.MODEL == "AuxNet-ED" and not cfg.MODEL_WEIGHTS:
-            p.append(f"{where} scores the classifier head, which MODEL=AuxNet-ED does not train: use MODEL=AuxNet-EDC "
+        elif metric == "TTR" and not cfg.trains_classifier and not cfg.MODEL_WEIGHTS:
+            trainer = next(name for name, stage in STAGES.items() if "C" in stage.trains)
+            p.append(f"{where} scores the classifier head, which MODEL={cfg.MODEL} does not train: use MODEL={trainer} "
                      "or another metric")
-        if metric in ("DSC", "IoU", "ASD", "AD", "HD95", "D95") and cfg.MODEL == "AuxNet-C":
-            p.append(f"{where} scores segmentation, which MODEL=AuxNet-C does not train: use EVAL_METRIC=TTR")
+        if metric not in ("TTR", "CMA") and not cfg.stage.decodes:
+            p.append(f"{where} scores segmentation, which MODEL={cfg.MODEL} does not train: use EVAL_METRIC=TTR")
     if cfg.PIXEL_SPACING is not None and (len(cfg.PIXEL_SPACING) != 2 or min(cfg.PIXEL_SPACING) <= 0):
         p.append(f"PIXEL_SPACING={cfg.PIXEL_SPACING} must be two positive numbers [row, column], or null")
     return p
 
 
 def _runtime_rules(cfg: Config) -> list[str]:
-    import torch
-
     p: list[str] = []
     if cfg.GPUs:
         count = torch.cuda.device_count()

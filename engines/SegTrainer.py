@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -15,34 +13,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from engines.checkpoint import restore_training, save_checkpoint
+from engines.forward import autocast_for, evaluate_model, image_to
+from engines.run_dir import RunDir
 from model.AuxNet import AuxNet, AuxNetOutput
 from model.metrics import HIGHER_IS_BETTER
-from utils.util import DistContext, RunError, atomic_torch_save, atomic_write_json
-
-
-def image_to(image: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """A batch of images on ``device``, in the channels_last memory format when asked."""
-    image = image.to(device, non_blocking=True)
-    return image.contiguous(memory_format=torch.channels_last) if channels_last else image
-
-
-@torch.no_grad()
-def evaluate_model(net: AuxNet, loader, metrics, device: torch.device, autocast, channels_last: bool):
-    """Feed every batch of ``loader`` through ``net`` (eval mode) into ``metrics``; return ``metrics``.
-
-    Evaluation always decodes: under MODEL=AuxNet-C the frozen decoder's segmentation is scored
-    beside the head being trained."""
-    net.eval()
-    for batch in loader:
-        with autocast():
-            out = net(image_to(batch["image"], device, channels_last))
-        has_cls = out.cls is not None
-        metrics.update(
-            out.seg.float(), batch["mask"].to(device),
-            out.cls.float() if has_cls else None, batch["label"].to(device) if has_cls else None,
-            ids=list(batch["id"]),
-        )
-    return metrics
+from utils.util import DistContext, atomic_write_json
 
 
 class TrainStep(nn.Module):
@@ -66,7 +42,7 @@ class TrainStep(nn.Module):
 class TrainerSettings:
     """The few options the loop itself needs (the builders translate the Config)."""
 
-    run_dir: Path
+    run: RunDir
     epochs: int
     eval_metric: str
     save_best: bool
@@ -185,44 +161,28 @@ class SegTrainer:
         """``last.pth`` every epoch and ``best.pth`` on improvement, written atomically (main rank)."""
         if not self.ctx.is_main:
             return
-        state = {
-            "epoch": epoch,
-            "model": self.step.net.state_dict(),
-            "loss": self.step.loss.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "best": {"metric": self.s.eval_metric, "value": self.best_value, "epoch": self.best_epoch},
-            "history": self.history,
-            "config": self.s.config,
-            "fold": self.s.fold,
-        }
+        state = dict(
+            epoch=epoch, net=self.step.net, loss=self.step.loss, optimizer=self.optimizer,
+            scheduler=self.scheduler, scaler=self.scaler,
+            best={"metric": self.s.eval_metric, "value": self.best_value, "epoch": self.best_epoch},
+            history=self.history, config=self.s.config, fold=self.s.fold,
+        )
         if improved and self.s.save_best:  # best first: last.pth never records a best.pth not yet written
-            atomic_torch_save(state, self.s.run_dir / "best.pth")
-        atomic_torch_save(state, self.s.run_dir / "last.pth")
+            save_checkpoint(self.s.run.best, **state)
+        save_checkpoint(self.s.run.last, **state)
 
     def resume_if_possible(self) -> None:
         """Continue from ``last.pth`` in the run folder, if one exists."""
-        path = self.s.run_dir / "last.pth"
+        path = self.s.run.last
         if not path.is_file():
             return
-        try:
-            state = torch.load(path, map_location=self.ctx.device, weights_only=False)
-            self.step.net.load_state_dict(state["model"])
-            self.step.loss.load_state_dict(state["loss"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
-        except Exception as err:  # noqa: BLE001 - any mismatch: say which file and what to do
-            raise RunError(
-                f"cannot resume from {path} ({type(err).__name__}: {str(err)[:300]}): the run was made with "
-                "another network or loss; start a new run (another RUN_ID), or pass MODEL_WEIGHTS to start from it"
-            ) from err
+        state = restore_training(path, net=self.step.net, loss=self.step.loss, optimizer=self.optimizer,
+                                 scheduler=self.scheduler, scaler=self.scaler, device=self.ctx.device)
         self.start_epoch = state["epoch"] + 1
         self.best_value, self.best_epoch = state["best"]["value"], state["best"]["epoch"]
         self.history = state.get("history", [])
         if self.ctx.is_main:
-            tqdm.write(f"resuming {self.s.run_dir} after epoch {state['epoch']}")
+            tqdm.write(f"resuming {self.s.run.root} after epoch {state['epoch']}")
 
     def summary(self) -> dict[str, Any]:
         """Final and best epochs' metrics, written to ``summary.json`` (main rank)."""
@@ -233,7 +193,7 @@ class SegTrainer:
             "final": self.history[-1] if self.history else None,
         }
         if self.ctx.is_main:
-            atomic_write_json(self.s.run_dir / "summary.json", summary)
+            atomic_write_json(self.s.run.summary, summary)
         return summary
 
     # ------------------------------------------------------------------ helpers
@@ -245,7 +205,3 @@ class SegTrainer:
     def autocast(self):
         return autocast_for(self.ctx.device, self.s.amp_dtype)
 
-
-def autocast_for(device: torch.device, dtype: Optional[torch.dtype]):
-    """Autocast in ``dtype`` on ``device``'s type, or a no-op context when ``dtype`` is None."""
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

@@ -7,21 +7,31 @@ import math
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
 from configs import Config
-from configs.validator import resolve_weights_path
+from engines.checkpoint import load_weights, resolve_weights_path
+from engines.run_dir import RunDir
 from engines.SegTrainer import SegTrainer, TrainerSettings, TrainStep
-from model.AuxNet import MODES, AuxNet
+from model.AuxNet import AuxNet
+from model.loss import LossOptions
 from model.loss import build_loss as make_loss
 from model.metrics import SegmentationMetrics
-from utils.dataset import DEFAULT_AUGMENTATIONS, Splits, build_datasets, make_loader
+from utils.augment import DEFAULT_AUGMENTATIONS
+from utils.dataset import Splits, build_datasets, make_loader
+from utils.image_io import DatasetError
 from utils.loggers import build_loggers
 from utils.util import DistContext, RunError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def precision_of(cfg: Config) -> Optional[torch.dtype]:
+    """The autocast dtype MIXED_PRECISION names (None = fp32)."""
+    return AMP_DTYPES[cfg.MIXED_PRECISION]
 
 
 def build_model(cfg: Config) -> AuxNet:
@@ -36,49 +46,21 @@ def build_model(cfg: Config) -> AuxNet:
         cls_dropout=cfg.CLS_DROPOUT,
     )
     if cfg.MODEL_WEIGHTS:
-        try:
-            load_weights(net, resolve_weights_path(cfg.MODEL_WEIGHTS),
-                         allow_missing_head=cfg.MODEL in ("AuxNet-C", "AuxNet-EDC"))
-        except ValueError as err:
-            raise RunError(str(err)) from err
-    net.set_trainable(MODES[cfg.MODEL])
+        # A head that is about to be trained may be missing from the file (it starts fresh).
+        allow = ("head.",) if cfg.trains_classifier else ()
+        load_weights(net, resolve_weights_path(cfg.MODEL_WEIGHTS), allow_missing=allow)
+    net.set_trainable(cfg.stage.trains)
     return net
 
 
-def load_weights(net: AuxNet, path: Path, allow_missing_head: bool) -> None:
-    """Load a checkpoint's network weights into ``net``.
-
-    Raises:
-        ValueError: naming the file and the mismatching parameters when the architecture differs
-            (a missing classifier head is allowed when the head is about to be trained).
-    """
-    try:  # weights_only: a checkpoint from elsewhere cannot run code while it loads
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"MODEL_WEIGHTS={str(path)!r} cannot be read as a checkpoint "
-                         f"({type(err).__name__}: {err}); point it at a .pth saved by AuxNet") from err
-    weights = state.get("model", state) if isinstance(state, dict) else None
-    if not isinstance(weights, dict):
-        raise ValueError(f"MODEL_WEIGHTS={str(path)!r} holds no network weights (expected a .pth saved by AuxNet)")
-    own = net.state_dict()
-    missing = [k for k in own if k not in weights and not (allow_missing_head and k.startswith("head."))]
-    shapes = [k for k in own if k in weights and weights[k].shape != own[k].shape]
-    if missing or shapes:
-        raise ValueError(
-            f"MODEL_WEIGHTS={str(path)!r} does not fit this network: "
-            f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, wrong shape {shapes[:5]}; "
-            "use the same INPUT_CHANNELS, UNET_DEPTH, CONV_DEPTH, SEG_CLASSES and CLS_CLASSES as the run that saved it"
-        )
-    net.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
-
-
-def build_loss(cfg: Config) -> nn.Module:
-    return make_loss(
-        cfg.LOSS,
+def loss_options(cfg: Config) -> LossOptions:
+    """The loss section of the configuration."""
+    return LossOptions(
         seg_classes=cfg.SEG_CLASSES,
         cls_classes=cfg.CLS_CLASSES if cfg.trains_classifier else 0,
         weighting=cfg.loss_weighting,
         static_weights=cfg.STATIC_WEIGHTS,
+        cls_weight=cfg.CLS_WEIGHT,
         include_background=cfg.INCLUDE_BACKGROUND,
         sdm_distance=cfg.SDM_DISTANCE,
         sdm_normalization=None if cfg.SDM_NORMALIZATION == "none" else cfg.SDM_NORMALIZATION,
@@ -92,11 +74,12 @@ def build_loss(cfg: Config) -> nn.Module:
         wbce_sigma=cfg.WBCE_SIGMA,
         focal_gamma=cfg.FOCAL_GAMMA,
         focal_alpha=cfg.FOCAL_ALPHA,
-        cls_weight=cfg.CLS_WEIGHT,
-        schedule_alpha_start=cfg.SCHEDULE_ALPHA[0],
-        schedule_alpha_step=cfg.SCHEDULE_ALPHA[1],
-        schedule_alpha_max=cfg.SCHEDULE_ALPHA[2],
+        schedule_alpha=tuple(cfg.SCHEDULE_ALPHA),
     )
+
+
+def build_loss(cfg: Config) -> nn.Module:
+    return make_loss(cfg.LOSS, loss_options(cfg))
 
 
 def build_data(cfg: Config, split_file: Path, fold: int) -> Splits:
@@ -143,7 +126,7 @@ def _dataset_errors(cfg: Config):
     """Turn a data problem (bad, missing or mismatched files; a split too small) into a RunError."""
     try:
         yield
-    except (ValueError, OSError) as err:
+    except DatasetError as err:
         raise RunError(f"DATASET_DIR={cfg.DATASET_DIR!r}: {err}") from err
 
 
@@ -185,21 +168,21 @@ def lr_factor(step: int, *, warmup: int, decay: int, start: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def build_trainer(cfg: Config, ctx: DistContext, run_dir: Path, splits: Splits, fold: int = 0) -> SegTrainer:
+def build_trainer(cfg: Config, ctx: DistContext, run: RunDir, splits: Splits, fold: int = 0) -> SegTrainer:
     net = build_model(cfg)
-    step = TrainStep(net, build_loss(cfg), decode=cfg.MODEL != "AuxNet-C", use_cls=cfg.trains_classifier)
+    step = TrainStep(net, build_loss(cfg), decode=cfg.stage.decodes, use_cls=cfg.trains_classifier)
     train_loader, test_loader = build_loaders(cfg, splits, ctx)
     optimizer, scheduler = build_optimizer(cfg, step, max(len(train_loader), 1))
     logger = build_loggers(
-        run_dir, is_main=ctx.is_main, local=cfg.LOG_LOCAL, wandb=cfg.LOG_WANDB,
-        project="AuxNet", name=f"{run_dir.parent.name}/{run_dir.name}", config=cfg.to_dict(),
+        run.root, is_main=ctx.is_main, local=cfg.LOG_LOCAL, wandb=cfg.LOG_WANDB,
+        project="AuxNet", name=f"{run.root.parent.name}/{run.root.name}", config=cfg.to_dict(),
     )
     settings = TrainerSettings(
-        run_dir=run_dir,
+        run=run,
         epochs=cfg.WARMUP_EPOCHS + cfg.TRAIN_EPOCHS,
         eval_metric=cfg.EVAL_METRIC,
         save_best=cfg.SAVE_MODEL,
-        amp_dtype=AMP_DTYPES[cfg.MIXED_PRECISION],
+        amp_dtype=precision_of(cfg),
         channels_last=cfg.CHANNELS_LAST,
         config=cfg.to_dict(),
         fold=fold,

@@ -37,9 +37,9 @@ and take the weight alpha of the ``schedule`` weighting mode (see :class:`Combin
 from __future__ import annotations
 
 import difflib
-import inspect
 import math
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils.sdf import distance_transform, signed_distance_map
+from utils.sdf import check_kernel_size, distance_transform, label_masks, signed_distance_map
+from utils.util import check_choice
 
 SMOOTH = 1e-5
 """Additive smoothing of the region losses' numerator and denominator (as MONAI's ``smooth_nr`` and
@@ -104,7 +105,7 @@ def _one_hot(target: Tensor, k: int) -> Tensor:
     """fp32 (B, K, H, W) indicator of ``target``; for K = 1 the single foreground channel."""
     if k == 1:
         return target.unsqueeze(1).float()
-    return F.one_hot(target.long(), k).permute(0, 3, 1, 2).float()
+    return label_masks(target.long(), range(k)).float()
 
 
 def _region_channels(x: Tensor, include_background: bool) -> Tensor:
@@ -142,11 +143,6 @@ def _has_boundary(y: Tensor) -> Tensor:
     """(B, C) bool: the (B, C, H, W) binary map has both foreground and background pixels."""
     yb = y.bool().flatten(2)
     return yb.any(-1) & ~yb.all(-1)
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -293,7 +289,7 @@ class WeightedBCELoss(SegLoss):
         super().__init__()
         _check_positive("wbce_w0", w0, allow_zero=True)
         _check_positive("wbce_sigma", sigma)
-        _check_choice("sdm_distance", distance, SDM_DISTANCES)
+        check_choice("sdm_distance", distance, SDM_DISTANCES)
         self.w0, self.sigma, self.distance = float(w0), float(sigma), distance
 
     @torch.no_grad()
@@ -521,10 +517,9 @@ class _DistanceLoss(SegLoss):
         self, distance: str = "euclidean", normalization: Optional[str] = "static_max", kernel_size: int = 3
     ):
         super().__init__()
-        _check_choice("sdm_distance", distance, SDM_DISTANCES)
-        _check_choice("sdm_normalization", normalization, SDM_NORMALIZATIONS)
-        if not isinstance(kernel_size, int) or kernel_size < 3 or kernel_size % 2 == 0:
-            raise ValueError(f"sdm_kernel_size={kernel_size!r} must be an odd int >= 3")
+        check_choice("sdm_distance", distance, SDM_DISTANCES)
+        check_choice("sdm_normalization", normalization, SDM_NORMALIZATIONS)
+        check_kernel_size(kernel_size, "sdm_kernel_size")
         self.distance, self.normalization, self.kernel_size = distance, normalization, kernel_size
 
     def sdm(self, mask: Tensor, method: str) -> Tensor:
@@ -755,21 +750,31 @@ def parse_loss(loss: str) -> list[str]:
     return terms
 
 
-def loss_problems(terms: list[str], seg_classes: int, weighting: str = "static") -> list[str]:
-    """Everything wrong with a list of (parsed) loss terms for a head and a weighting mode.
+def loss_problems(
+    terms: list[str],
+    seg_classes: int,
+    weighting: str = "static",
+    static_weights: Optional[list[float]] = None,
+    cls_weight: float = 1.0,
+) -> list[str]:
+    """Everything wrong with a list of (parsed) loss terms for a head and a weighting: the one place
+    these rules live (the config validator and :func:`build_loss` both ask here).
 
     Args:
         terms: names from :func:`parse_loss`.
         seg_classes: SEG_CLASSES, the head's output channels (1 = binary).
         weighting: ``"static"``, ``"adaptive"`` or ``"schedule"``.
+        static_weights: STATIC_WEIGHTS, one per term (None = all 1).
+        cls_weight: CLS_WEIGHT.
 
     Returns:
-        One message per problem (empty when all is well): a term that does not support the head,
-        a ``schedule`` weighting without a region and a boundary term, an unknown name.
+        One message per problem, each with its fix (empty when all is well).
     """
-    problems = []
     if not isinstance(seg_classes, int) or seg_classes < 1:
         return [f"SEG_CLASSES={seg_classes!r} must be an int >= 1"]
+    problems = []
+    if weighting not in WEIGHTINGS:
+        problems.append(f"weighting={weighting!r} is not one of {list(WEIGHTINGS)}")
     head = _head(seg_classes)
     for term in terms:
         if term not in LOSSES:
@@ -789,6 +794,17 @@ def loss_problems(terms: list[str], seg_classes: int, weighting: str = "static")
                 f"schedule weighting needs a region term next to the boundary terms in {terms} "
                 "(e.g. SoftDICE_Boundary): a boundary loss alone does not train (Kervadec et al.)"
             )
+    if weighting == "adaptive" and cls_weight != 1.0:
+        problems.append("CLS_WEIGHT is learned with ADAPTIVE_WEIGHTS=true: leave CLS_WEIGHT at 1.0")
+    if static_weights is not None:
+        if weighting == "adaptive":
+            problems.append("STATIC_WEIGHTS is set but ADAPTIVE_WEIGHTS=true learns the weights: remove "
+                            "STATIC_WEIGHTS or set ADAPTIVE_WEIGHTS=false")
+        elif len(static_weights) != len(terms):
+            problems.append(f"STATIC_WEIGHTS has {len(static_weights)} weight(s) but LOSS={'_'.join(terms)!r} has "
+                            f"{len(terms)} term(s) {terms}: give one weight per term, in order")
+        if any(not (isinstance(w, (int, float)) and math.isfinite(w)) or w < 0 for w in static_weights):
+            problems.append(f"STATIC_WEIGHTS={static_weights} has a negative weight (or a non-finite one): weights must be finite and >= 0")
     return problems
 
 
@@ -880,7 +896,7 @@ class CombinedLoss(nn.Module):
       so the weights stay a convex combination).
 
     All parameters of this module (the ``s_i``, in ``adaptive`` mode only) are loss weights: give
-    them no weight decay (see :meth:`no_decay_parameters`). Keep the module inside the module that
+    them no weight decay. Keep the module inside the module that
     DDP wraps so that the ``s_i`` are all-reduced; a term that is skipped in a call (no
     ``seg_logits`` or no ``cls_logits``) still adds ``0 · s_i`` so that every parameter receives a
     gradient and DDP needs no ``find_unused_parameters``.
@@ -910,7 +926,7 @@ class CombinedLoss(nn.Module):
         alpha_max: float = 0.9,
     ):
         super().__init__()
-        _check_choice("weighting", weighting, WEIGHTINGS)
+        check_choice("weighting", weighting, WEIGHTINGS)
         if not seg_terms and cls_term is None:
             raise ValueError("CombinedLoss needs at least one term")
         self.seg_terms = nn.ModuleDict(seg_terms)
@@ -954,10 +970,6 @@ class CombinedLoss(nn.Module):
     def alpha(self) -> float:
         """The ``schedule`` weighting's current α."""
         return min(self.alpha_max, self.alpha_start + self.alpha_step * self.epoch)
-
-    def no_decay_parameters(self) -> list[nn.Parameter]:
-        """Parameters that must not be weight-decayed: all of this module's (the log-variances)."""
-        return list(self.parameters())
 
     def current_weights(self) -> dict[str, float]:
         """Each term's effective weight now: fixed, scheduled, or ``exp(-s_i)``."""
@@ -1032,49 +1044,16 @@ class CombinedLoss(nn.Module):
 # builder
 
 
-def _make_term(name: str, options: dict) -> SegLoss:
-    """Instantiate LOSSES[name] with the options its constructor takes."""
-    cls = LOSSES[name]
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in options.items() if k in accepted})
+@dataclass(frozen=True)
+class LossOptions:
+    """Every option a loss term or the combination may take (the config's loss section).
 
-
-def build_loss(
-    loss: str,
-    *,
-    seg_classes: int,
-    cls_classes: int = 0,
-    weighting: str = "static",
-    static_weights: Optional[list[float]] = None,
-    cls_weight: float = 1.0,
-    include_background: bool = False,
-    sdm_distance: str = "euclidean",
-    sdm_normalization: Optional[str] = "static_max",
-    sdm_kernel_size: int = 3,
-    clamp_delta: float = 0.1,
-    sigmoid_steepness: float = 10.0,
-    seg_threshold: float = 0.5,
-    wce_w0: float = 10.0,
-    wce_sigma: float = 5.0,
-    wbce_w0: float = 10.0,
-    wbce_sigma: float = 5.0,
-    focal_gamma: float = 2.0,
-    focal_alpha: Optional[float] = None,
-    schedule_alpha_start: float = 0.01,
-    schedule_alpha_step: float = 0.01,
-    schedule_alpha_max: float = 0.9,
-) -> CombinedLoss:
-    """Build the :class:`CombinedLoss` that a LOSS string names.
-
-    Args:
-        loss: LOSS, e.g. ``"SoftDICE_BCE_Boundary"`` (see :func:`parse_loss`).
+    Attributes:
         seg_classes: SEG_CLASSES (1 = binary sigmoid head).
         cls_classes: CLS_CLASSES; 0 = no classifier term, else a term ``CLS`` (BCE for 1, CE for >= 2).
         weighting: ``"static"``, ``"adaptive"`` (learnable) or ``"schedule"`` (see :class:`CombinedLoss`).
-        static_weights: one weight per LOSS term, in order (None = all 1); ``static`` and
-            ``schedule`` only.
-        cls_weight: fixed weight of ``CLS`` (``static`` and ``schedule``; must stay 1.0 under
-            ``adaptive``, which learns it).
+        static_weights: one weight per LOSS term, in order (None = all 1); ``static`` and ``schedule``.
+        cls_weight: fixed weight of ``CLS`` (must stay 1.0 under ``adaptive``, which learns it).
         include_background: INCLUDE_BACKGROUND, for SoftDICE, HardDICE, IoU, GDL.
         sdm_distance, sdm_normalization, sdm_kernel_size: distance maps of MAE, cMAE, sMAE and
             Boundary (kernel: the ``conv`` SDM of MAE, cMAE, sMAE; wBCE uses ``sdm_distance`` only).
@@ -1084,53 +1063,84 @@ def build_loss(
         wce_w0, wce_sigma: wCE's U-Net weight map.
         wbce_w0, wbce_sigma: wBCE's boundary weight.
         focal_gamma, focal_alpha: Focal's γ and α.
-        schedule_alpha_start, schedule_alpha_step, schedule_alpha_max: the ``schedule`` α.
+        schedule_alpha: the ``schedule`` α: (start, step per epoch, maximum).
+    """
+
+    seg_classes: int = 1
+    cls_classes: int = 0
+    weighting: str = "static"
+    static_weights: Optional[list[float]] = None
+    cls_weight: float = 1.0
+    include_background: bool = False
+    sdm_distance: str = "euclidean"
+    sdm_normalization: Optional[str] = "static_max"
+    sdm_kernel_size: int = 3
+    clamp_delta: float = 0.1
+    sigmoid_steepness: float = 10.0
+    seg_threshold: float = 0.5
+    wce_w0: float = 10.0
+    wce_sigma: float = 5.0
+    wbce_w0: float = 10.0
+    wbce_sigma: float = 5.0
+    focal_gamma: float = 2.0
+    focal_alpha: Optional[float] = None
+    schedule_alpha: tuple[float, float, float] = (0.01, 0.01, 0.9)
+
+
+def _sdm(o: LossOptions) -> dict:
+    return {"distance": o.sdm_distance, "normalization": o.sdm_normalization, "kernel_size": o.sdm_kernel_size}
+
+
+#: How each LOSS term is made from the options: the one table that maps options to constructors.
+TERM_FACTORIES: dict[str, Callable[[LossOptions], SegLoss]] = {
+    "BCE": lambda o: BCELoss(),
+    "CE": lambda o: CELoss(),
+    "wBCE": lambda o: WeightedBCELoss(w0=o.wbce_w0, sigma=o.wbce_sigma, distance=o.sdm_distance),
+    "Focal": lambda o: FocalLoss(gamma=o.focal_gamma, alpha=o.focal_alpha),
+    "SoftDICE": lambda o: SoftDiceLoss(include_background=o.include_background),
+    "HardDICE": lambda o: HardDiceLoss(include_background=o.include_background, steepness=o.sigmoid_steepness,
+                                       threshold=o.seg_threshold),
+    "IoU": lambda o: IoULoss(include_background=o.include_background),
+    "GDL": lambda o: GeneralizedDiceLoss(include_background=o.include_background),
+    "MAE": lambda o: SDMMAELoss(**_sdm(o)),
+    "cMAE": lambda o: ClampedSDMMAELoss(delta=o.clamp_delta, **_sdm(o)),
+    "sMAE": lambda o: SignSDMMAELoss(steepness=o.sigmoid_steepness, **_sdm(o)),
+    # Under learned weights a term must be >= 0 (see CombinedLoss): Boundary is shifted by its minimum.
+    "Boundary": lambda o: BoundaryLoss(distance=o.sdm_distance, normalization=o.sdm_normalization,
+                                       nonnegative=o.weighting == "adaptive"),
+    "wCE": lambda o: WeightedCELoss(w0=o.wce_w0, sigma=o.wce_sigma),
+}
+
+
+def build_loss(loss: str, options: Optional[LossOptions] = None, **overrides) -> CombinedLoss:
+    """Build the :class:`CombinedLoss` that a LOSS string names.
+
+    Args:
+        loss: LOSS, e.g. ``"SoftDICE_BCE_Boundary"`` (see :func:`parse_loss`).
+        options: the :class:`LossOptions` (default: all defaults).
+        overrides: fields of :class:`LossOptions` to replace (``build_loss("BCE", seg_classes=1)``).
 
     Returns:
-        The loss; under ``adaptive``, ``Boundary`` is its non-negative shift (see
-        :class:`BoundaryLoss`).
+        The loss; under ``adaptive``, ``Boundary`` is its non-negative shift (see :class:`BoundaryLoss`).
 
     Raises:
-        ValueError: listing every problem found (unknown terms, head mismatches, weights, options).
+        ValueError: listing every problem of the combination (:func:`loss_problems`), or the first
+            out-of-range option a term's constructor finds (named).
     """
+    o = LossOptions(**{**(options.__dict__ if options else {}), **overrides})
     terms = parse_loss(loss)
-    problems = loss_problems(terms, seg_classes, weighting)
-    if weighting not in WEIGHTINGS:
-        problems.append(f"weighting={weighting!r} is not one of {list(WEIGHTINGS)}")
-    if not isinstance(cls_classes, int) or cls_classes < 0:
-        problems.append(f"cls_classes={cls_classes!r} must be an int >= 0 (0 = no classifier term)")
-    if weighting == "adaptive" and cls_weight != 1.0:
-        problems.append(f"cls_weight={cls_weight} is set but adaptive weighting learns the weights: leave it at 1.0")
-    if static_weights is not None:
-        if weighting == "adaptive":
-            problems.append("static_weights is set but adaptive weighting learns the weights: pass None")
-        elif len(static_weights) != len(terms):
-            problems.append(f"static_weights has {len(static_weights)} weight(s) for {len(terms)} term(s) {terms}")
-        elif any(not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0) for w in static_weights):
-            problems.append(f"static_weights={static_weights} must be finite numbers >= 0")
+    problems = loss_problems(terms, o.seg_classes, o.weighting, o.static_weights, o.cls_weight)
+    if not isinstance(o.cls_classes, int) or o.cls_classes < 0:
+        problems.append(f"cls_classes={o.cls_classes!r} must be an int >= 0 (0 = no classifier term)")
     if problems:
         raise ValueError("invalid loss configuration: " + "; ".join(problems))
-
-    options = dict(
-        include_background=include_background, distance=sdm_distance, normalization=sdm_normalization,
-        kernel_size=sdm_kernel_size, delta=clamp_delta, steepness=sigmoid_steepness, threshold=seg_threshold,
-        gamma=focal_gamma, alpha=focal_alpha, nonnegative=weighting == "adaptive",
-    )
-    seg_terms = {}
-    for name in terms:
-        if name == "wCE":
-            seg_terms[name] = WeightedCELoss(w0=wce_w0, sigma=wce_sigma)
-        elif name == "wBCE":
-            seg_terms[name] = WeightedBCELoss(w0=wbce_w0, sigma=wbce_sigma, distance=sdm_distance)
-        else:
-            seg_terms[name] = _make_term(name, options)
-    weights = dict(zip(terms, static_weights or [1.0] * len(terms)))
+    seg_terms = {name: TERM_FACTORIES[name](o) for name in terms}
+    weights = dict(zip(terms, o.static_weights or [1.0] * len(terms)))
     cls_term = None
-    if cls_classes > 0:
-        cls_term = ClassificationLoss(cls_classes)
-        if weighting != "adaptive":
-            weights["CLS"] = cls_weight
-    return CombinedLoss(
-        seg_terms, cls_term, weighting=weighting, weights=weights,
-        alpha_start=schedule_alpha_start, alpha_step=schedule_alpha_step, alpha_max=schedule_alpha_max,
-    )
+    if o.cls_classes > 0:
+        cls_term = ClassificationLoss(o.cls_classes)
+        if o.weighting != "adaptive":
+            weights["CLS"] = o.cls_weight
+    start, step, top = o.schedule_alpha
+    return CombinedLoss(seg_terms, cls_term, weighting=o.weighting, weights=weights,
+                        alpha_start=start, alpha_step=step, alpha_max=top)

@@ -96,7 +96,8 @@ import torch
 import torch.distributed as dist
 from scipy.spatial import cKDTree
 
-from utils.sdf import boundary
+from utils.sdf import boundary, label_masks, spacing_pair
+from utils.util import check_choice
 
 __all__ = [
     "CMA_METRICS",
@@ -173,28 +174,6 @@ def _check_threshold(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
     return float(value)
-
-
-def _check_spacing(spacing: Any) -> tuple[float, float]:
-    """``None`` → (1, 1); a number → isotropic; a (row, column) pair → as given."""
-    if spacing is None:
-        return (1.0, 1.0)
-    values = [spacing] if isinstance(spacing, (int, float)) else spacing
-    ok = isinstance(values, Sequence) and len(values) in (1, 2)
-    ok = ok and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values
-    )
-    if not ok:
-        raise ValueError(
-            f"spacing must be None, a positive number or a [row, column] pair of positive numbers, got {spacing!r}"
-        )
-    return (float(values[0]), float(values[-1]))
-
-
-def _check_backend(backend: Any) -> str:
-    if backend not in DISTANCE_BACKENDS:
-        raise ValueError(f"backend must be one of {list(DISTANCE_BACKENDS)}, got {backend!r}")
-    return backend
 
 
 def _check_label_maps(pred: Any, target: Any, num_labels: int) -> None:
@@ -302,10 +281,8 @@ def confusion_counts(
     """
     num_classes = _check_num_classes(num_classes)
     _check_label_maps(pred, target, max(num_classes, 2))
-    classes = torch.tensor(_classes(num_classes, include_background), device=pred.device)
-    p = pred[:, None] == classes[None, :, None, None]
-    t = target[:, None] == classes[None, :, None, None]
-    return _confusion(p, t)
+    classes = _classes(num_classes, include_background)
+    return _confusion(label_masks(pred, classes), label_masks(target, classes))
 
 
 def _confusion(p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -330,7 +307,7 @@ def image_diagonal(height: int, width: int, spacing: float | Sequence[float] | N
     It exceeds the distance between any two pixel centres of the image, so a missed or
     hallucinated object always scores worse than any real prediction.
     """
-    sy, sx = _check_spacing(spacing)
+    sy, sx = spacing_pair(spacing)
     return math.hypot(height * sy, width * sx)
 
 
@@ -367,12 +344,10 @@ def surface_distances(
     """
     num_classes = _check_num_classes(num_classes)
     _check_label_maps(pred, target, max(num_classes, 2))
-    scale = _check_spacing(spacing)
-    backend = _check_backend(backend)
+    scale = spacing_pair(spacing)
+    check_choice("backend", backend, DISTANCE_BACKENDS)
     classes = _classes(num_classes, include_background)
-    cls = torch.tensor(classes, device=pred.device)
-    p = pred[:, None] == cls[None, :, None, None]
-    t = target[:, None] == cls[None, :, None, None]
+    p, t = label_masks(pred, classes), label_masks(target, classes)
     *d, both_empty = _distances_from_masks(p, t, scale, backend)
     return SurfaceDistances(*d, both_empty=both_empty, classes=classes, diagonal=image_diagonal(*p.shape[-2:], scale))
 
@@ -541,12 +516,13 @@ class SegmentationMetrics:
     ) -> None:
         self.num_classes = _check_num_classes(num_classes)
         self.distance_metrics = bool(distance_metrics)
-        self.spacing = _check_spacing(spacing)
+        self.spacing = spacing_pair(spacing)
         self.include_background = bool(include_background)
         self.seg_threshold = _check_threshold("seg_threshold", seg_threshold)
         self.cls_threshold = _check_threshold("cls_threshold", cls_threshold)
         self.cma_coefficients = self._check_cma(cma_coefficients)
-        self.backend = _check_backend(backend)
+        check_choice("backend", backend, DISTANCE_BACKENDS)
+        self.backend = backend
         self.classes = _classes(self.num_classes, self.include_background)
         self._fixed_device = torch.device(device) if device is not None else None
         self.reset()
@@ -603,7 +579,6 @@ class SegmentationMetrics:
         cls_logits: torch.Tensor | None = None,
         cls_target: torch.Tensor | None = None,
         ids: Sequence[Any] | None = None,
-        valid: torch.Tensor | None = None,
     ) -> None:
         """Add one batch given the network's raw logits.
 
@@ -614,12 +589,10 @@ class SegmentationMetrics:
             cls_target: classifier targets; required with ``cls_logits``.
             ids: one identifier per image for :meth:`per_image` (default: a running index on
                 this process; pass real ids under DDP).
-            valid: boolean mask of the images to count; ``False`` drops an image (e.g. a padded
-                duplicate from ``DistributedSampler``).
 
         Shape:
             seg_logits: (B, K, H, W); target: (B, H, W) or (B, 1, H, W); cls_logits: (B, J);
-            cls_target: (B,); valid: (B,).
+            cls_target: (B,).
 
         Raises:
             ValueError: inconsistent shapes, K different from ``num_classes``, labels out of
@@ -631,7 +604,7 @@ class SegmentationMetrics:
         if seg_logits.shape[1] != self.num_classes:
             raise ValueError(f"seg_logits has {seg_logits.shape[1]} channels but num_classes is {self.num_classes}")
         cls_pred = None if cls_logits is None else predict_classes(cls_logits, self.cls_threshold)
-        self.update_labels(predict_labels(seg_logits, self.seg_threshold), target, cls_pred, cls_target, ids, valid)
+        self.update_labels(predict_labels(seg_logits, self.seg_threshold), target, cls_pred, cls_target, ids)
 
     @torch.no_grad()
     def update_labels(
@@ -641,7 +614,6 @@ class SegmentationMetrics:
         cls_pred: torch.Tensor | None = None,
         cls_target: torch.Tensor | None = None,
         ids: Sequence[Any] | None = None,
-        valid: torch.Tensor | None = None,
     ) -> None:
         """Add one batch given predicted label maps (and predicted classes).
 
@@ -663,15 +635,6 @@ class SegmentationMetrics:
                     f"classification predictions and targets must be ({b},), got "
                     f"{tuple(cls_pred.shape)} and {tuple(cls_target.shape)}"
                 )
-        if valid is not None:
-            valid = torch.as_tensor(valid, device=pred.device)
-            if valid.dtype != torch.bool or valid.shape != (b,):
-                raise ValueError(f"valid must be a bool tensor of shape ({b},), got {valid.dtype} {tuple(valid.shape)}")
-            keep = valid.nonzero().flatten()
-            pred, target = pred[keep], target[keep]
-            ids = [ids[k] for k in keep.tolist()]
-            if cls_pred is not None:
-                cls_pred, cls_target = cls_pred[keep], cls_target[keep]  # type: ignore[index]
         self._add(pred, target, cls_pred, cls_target, ids)
 
     def _check_target(self, target: Any, pred: torch.Tensor) -> torch.Tensor:
@@ -713,9 +676,7 @@ class SegmentationMetrics:
         if pred.shape[0] == 0:
             return
         dev = s["tp"].device
-        cls = torch.tensor(self.classes, device=pred.device)
-        p = pred[:, None] == cls[None, :, None, None]
-        t = target[:, None] == cls[None, :, None, None]
+        p, t = label_masks(pred, self.classes), label_masks(target, self.classes)
         tp, fp, fn = _confusion(p, t)
         s["tp"] += tp.sum(0).to(dev, torch.float64)
         s["fp"] += fp.sum(0).to(dev, torch.float64)

@@ -120,7 +120,7 @@ def test_the_three_classic_mistakes_in_one_error():
         (["CLS_CLASSES=3"], "use 1 (sigmoid) or 2 (softmax)"),
         (["TRAIN_EPOCHS=0"], "TRAIN_EPOCHS=0 is out of range"),
         (["BASE_LR=0"], "BASE_LR=0 is out of range"),
-        (["SDM_KERNEL_SIZE=4"], "must be odd"),
+        (["SDM_KERNEL_SIZE=4"], "SDM_KERNEL_SIZE=4 must be an odd int >= 3"),
         (["MODEL=UNet", "EVAL_METRIC=TTR"], "which MODEL=UNet lacks"),
         (["DISTANCE_METRICS=false", "EVAL_METRIC=HD95"], "set DISTANCE_METRICS=true"),
         (["EVAL_METRIC=CMA", "CMA_COEFFICIENTS={DSC: 1, HD59: 1}"], "unknown metric 'HD59' (did you mean 'HD95'?)"),

@@ -110,9 +110,9 @@ def test_loss_problems():
 
 
 def test_build_loss_reports_every_problem():
-    with pytest.raises(ValueError, match=r"BCE does not support SEG_CLASSES=3.*static_weights has 1 weight"):
+    with pytest.raises(ValueError, match=r"BCE does not support SEG_CLASSES=3.*STATIC_WEIGHTS has 1 weight"):
         build_loss("SoftDICE_BCE", seg_classes=3, static_weights=[1.0])
-    with pytest.raises(ValueError, match="adaptive weighting learns"):
+    with pytest.raises(ValueError, match="ADAPTIVE_WEIGHTS=true learns the weights"):
         build_loss("SoftDICE_BCE", seg_classes=1, weighting="adaptive", static_weights=[1.0, 1.0])
     with pytest.raises(ValueError, match="weighting='learned' is not one of"):
         build_loss("SoftDICE_BCE", seg_classes=1, weighting="learned")
@@ -563,7 +563,7 @@ def test_schedule_weights_follow_kervadec_alpha():
 def test_adaptive_weights_start_at_one_and_shift_boundary():
     x, y = _batch()
     combined = build_loss("SoftDICE_Boundary", seg_classes=1, weighting="adaptive", sdm_normalization=None)
-    assert combined.no_decay_parameters() == [combined.log_vars]
+    assert list(combined.parameters()) == [combined.log_vars]
     out = combined(x, y)
     assert out.weights == {"SoftDICE": 1.0, "Boundary": 1.0}
     raw = BoundaryLoss(normalization=None)(x, y)
@@ -631,7 +631,7 @@ def test_learnable_weights_move_and_stay_finite_for_200_steps(one_thread):
     combined = build_loss("SoftDICE_BCE_Boundary", seg_classes=1, weighting="adaptive")
     optimizer = torch.optim.Adam([
         {"params": net.parameters()},
-        {"params": combined.no_decay_parameters(), "weight_decay": 0.0},
+        {"params": list(combined.parameters()), "weight_decay": 0.0},
     ], lr=0.01)
     start = combined.log_vars.detach().clone()
     for _ in range(200):

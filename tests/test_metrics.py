@@ -386,22 +386,6 @@ def test_cma_is_bounded_by_worst_case():
     assert m.compute()["CMA"] == pytest.approx(1.0)
 
 
-def test_valid_mask_drops_padded_duplicates():
-    rng = np.random.default_rng(2)
-    logits, target, cls_logits, cls_target = _random_batch(rng, 5, 3)
-    ref = SegmentationMetrics(3)
-    ref.update(logits[:4], target[:4], cls_logits[:4], cls_target[:4], ids=[0, 1, 2, 3])
-    m = SegmentationMetrics(3)
-    dup_logits = torch.cat([logits[:4], logits[:1]])  # sample 0 repeated as padding
-    dup_target = torch.cat([target[:4], target[:1]])
-    dup_cls = torch.cat([cls_logits[:4], cls_logits[:1]])
-    dup_cls_t = torch.cat([cls_target[:4], cls_target[:1]])
-    valid = torch.tensor([True, True, True, True, False])
-    m.update(dup_logits, dup_target, dup_cls, dup_cls_t, ids=[0, 1, 2, 3, 0], valid=valid)
-    assert m.compute() == ref.compute()
-    assert [r["id"] for r in m.per_image()] == [0, 1, 2, 3]
-
-
 def test_compute_is_repeatable_and_reset_clears():
     rng = np.random.default_rng(4)
     logits, target, _, _ = _random_batch(rng, 3, 1)
@@ -458,8 +442,6 @@ def test_update_rejects_bad_input():
         m.update(logits, torch.full((2, 8, 8), 0.5))
     with pytest.raises(ValueError, match="together"):
         m.update(logits, torch.zeros(2, 8, 8), cls_logits=torch.zeros(2, 1))
-    with pytest.raises(ValueError, match="valid must be a bool tensor"):
-        m.update(logits, torch.zeros(2, 8, 8), valid=torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="ids must have one entry per image"):
         m.update(logits, torch.zeros(2, 8, 8), ids=["a"])
     with pytest.raises(ValueError, match="seg_logits must be"):
@@ -498,11 +480,8 @@ def _ddp_worker(rank: int, world: int, port: int, data: tuple, out_dir: str) -> 
         mine = list(range(rank, n, world))  # DistributedSampler's interleaved shards
         m = SegmentationMetrics(3, **kwargs)
         m.update(logits[mine[:2]], target[mine[:2]], cls_logits[mine[:2]], cls_target[mine[:2]], ids=mine[:2])
-        rest = mine[2:]
-        valid = torch.ones(len(rest) + 1, dtype=torch.bool)
-        valid[-1] = False  # a padded duplicate of sample 0 must not count
-        idx = rest + [0]
-        m.update(logits[idx], target[idx], cls_logits[idx], cls_target[idx], ids=idx, valid=valid)
+        rest = mine[2:]  # ShardSampler's shards: no padded duplicates to count twice
+        m.update(logits[rest], target[rest], cls_logits[rest], cls_target[rest], ids=rest)
         torch.save({"res": m.compute(), "rows": m.gather_per_image()}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

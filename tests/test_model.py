@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model.AuxNet import MODES, AuxNet
+from model.AuxNet import STAGES, AuxNet
 
 
 @pytest.mark.parametrize("depth, width, in_ch, seg, cls, size",
@@ -37,10 +37,10 @@ def test_indivisible_input_is_a_clear_error():
         AuxNet(1, 1, 1, depth=4, base_width=2)(torch.randn(1, 1, 36, 36))
 
 
-@pytest.mark.parametrize("model", list(MODES))
+@pytest.mark.parametrize("model", list(STAGES))
 def test_set_trainable_freezes_the_other_parts(model):
     net = AuxNet(1, 1, 1, depth=3, base_width=4)
-    parts = MODES[model]
+    parts = STAGES[model].trains
     net.set_trainable(parts)
     assert all(p.requires_grad == ("E" in parts) for p in net.inc.parameters())
     assert all(p.requires_grad == ("D" in parts) for p in net.outc.parameters())

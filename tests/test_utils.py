@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from utils.loggers import JsonLinesLogger, WandbLogger, build_loggers
-from utils.util import atomic_torch_save, atomic_write_text, next_run_id
+from engines.run_dir import next_run_id
+from utils.util import atomic_torch_save, atomic_write_text
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.util import check_choice
+
 __all__ = [
     "BACKENDS",
     "BOUNDARY_METHODS",
@@ -43,9 +45,12 @@ __all__ = [
     "NORMALIZATIONS",
     "TARGETS",
     "boundary",
+    "check_kernel_size",
     "distance_transform",
+    "label_masks",
     "max_distance",
     "signed_distance_map",
+    "spacing_pair",
 ]
 
 DISTANCES = ("euclidean", "manhattan", "chebyshev")
@@ -71,12 +76,7 @@ _MAX_WINDOW_ELEMENTS = 1 << 24
 # ----------------------------------------------------------------------------- argument checks
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
-
-
-def _spacing_pair(spacing: Spacing) -> tuple[float, float]:
+def spacing_pair(spacing: Spacing) -> tuple[float, float]:
     """(row, column) pixel size from None, one number or a pair; ValueError otherwise."""
     if spacing is None:
         return 1.0, 1.0
@@ -96,11 +96,11 @@ def _spacing_pair(spacing: Spacing) -> tuple[float, float]:
     return pair
 
 
-def _check_kernel_size(kernel_size) -> int:
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, (int, np.integer)):
-        raise ValueError(f"kernel_size={kernel_size!r} must be an odd int >= 3")
-    if kernel_size < 3 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size={kernel_size!r} must be an odd int >= 3")
+def check_kernel_size(kernel_size, name: str = "kernel_size") -> int:
+    """``kernel_size`` as an int; a ValueError naming ``name`` unless it is an odd int >= 3."""
+    if (isinstance(kernel_size, bool) or not isinstance(kernel_size, (int, np.integer))
+            or kernel_size < 3 or kernel_size % 2 == 0):
+        raise ValueError(f"{name}={kernel_size!r} must be an odd int >= 3 (e.g. 3, 5, 7)")
     return int(kernel_size)
 
 
@@ -157,7 +157,7 @@ def boundary(mask: torch.Tensor, method: str = "erosion") -> torch.Tensor:
     Raises:
         ValueError: unknown ``method``, or ``mask`` not a tensor with at least 2 dims.
     """
-    _check_choice("method", method, BOUNDARY_METHODS)
+    check_choice("method", method, BOUNDARY_METHODS)
     _check_mask(mask)
     m = mask.bool()
     h, w = m.shape[-2:]
@@ -206,8 +206,8 @@ def max_distance(height: int, width: int, distance: str = "euclidean", spacing: 
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name}={value!r} must be an int >= 1")
-    _check_choice("distance", distance, DISTANCES)
-    sy, sx = _spacing_pair(spacing)
+    check_choice("distance", distance, DISTANCES)
+    sy, sx = spacing_pair(spacing)
     dy, dx = sy * (height - 1), sx * (width - 1)
     if distance == "euclidean":
         return math.hypot(dy, dx)
@@ -293,7 +293,7 @@ def _exact_row_pass(g: torch.Tensor, distance: str, sx: float) -> torch.Tensor:
             break
         radius = min(2 * radius, w - 1)
         # Windows as a strided view of the +inf-padded rows: gathering a pixel's window copies one
-        # contiguous run (several times faster than indexing element by element).
+        # contiguous run (faster than indexing element by element).
         windows = F.pad(g, (radius, radius), value=math.inf).unfold(-1, 2 * radius + 1, 1)
         costs = cost(torch.arange(-radius, radius + 1, device=g.device).abs().to(g.dtype))
         chunk = max(1, _MAX_WINDOW_ELEMENTS // (2 * radius + 1))
@@ -335,7 +335,7 @@ def _cpu_threads() -> int:
 
 def _resolve_backend(backend: str, distance: str, device: torch.device, sy: float, sx: float) -> str:
     """Concrete backend for ``method="exact"``; ValueError for impossible combinations."""
-    _check_choice("backend", backend, BACKENDS)
+    check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         if device.type != "cpu":
             return "torch"
@@ -454,7 +454,7 @@ def _min_plus_values(x: torch.Tensor, step: float, dim: int, use_numpy: Optional
     """Values of ``y[t] = min_u (x[u] + step·|t − u|)`` along ``dim`` (no autograd).
 
     ``min_{u≤t}(x[u] + step·(t − u)) = step·t + cummin(x − step·u)``, and the mirror image for
-    u ≥ t. On CPU, NumPy's ``minimum.accumulate`` does the running minima ~3× faster than
+    u ≥ t. On CPU, NumPy's ``minimum.accumulate`` does the running minima faster than
     ``torch.cummin`` (which also writes an int64 index per element) and scans a reversed view
     without copying; elsewhere torch. ``use_numpy`` overrides the choice (tests run both on CPU).
     """
@@ -588,7 +588,7 @@ def distance_transform(
 
     ``method="exact"`` (exact to 1e-4 px, with spacing; no gradient):
 
-    * CPU tensors: ``backend="auto"`` uses the ``edt`` package for euclidean (≈ 2-3× SciPy;
+    * CPU tensors: ``backend="auto"`` uses the ``edt`` package for euclidean (faster than SciPy;
       SciPy's EDT when ``edt`` is not installed -- same numbers) and SciPy's
       ``distance_transform_cdt`` for manhattan / chebyshev with isotropic spacing (torch otherwise).
     * Other devices: pure torch on the tensor's device (``backend="torch"``, which also runs on
@@ -596,8 +596,8 @@ def distance_transform(
       exact row pass -- cummin for manhattan; for euclidean / chebyshev a min-plus / min-max search
       that stops, pixel by pixel, once no farther column can win (radius 8 for all pixels, then
       doubling for the remaining ones only). Batched over all maps, memory bounded by chunks of
-      2^24 elements. Not yet timed on a GPU; on this 2-core CPU it takes ~2-3 s for 16×1×512²
-      random blobs against ~0.1-0.2 s for ``edt``, which is why CPU tensors go to ``edt`` / SciPy.
+      2^24 elements. On the CPU it is slower than ``edt`` (``bench/sdm.py`` measures both), which is
+      why CPU tensors go to ``edt`` / SciPy.
 
     ``method="conv"`` (differentiable, fp32 even under autocast, fp64 for fp64 input): a cascade of
     min-plus convolutions, the hard-minimum counterpart of Pham et al.'s cascaded soft-min
@@ -665,14 +665,14 @@ def distance_transform(
             than 2 dims, or a backend that cannot serve the request (named in the message).
     """
     _check_mask(mask)
-    _check_choice("distance", distance, DISTANCES)
-    _check_choice("method", method, METHODS)
-    _check_choice("target", target, TARGETS)
-    _check_choice("boundary_method", boundary_method, BOUNDARY_METHODS)
-    _check_choice("backend", backend, BACKENDS)
-    kernel_size = _check_kernel_size(kernel_size)
+    check_choice("distance", distance, DISTANCES)
+    check_choice("method", method, METHODS)
+    check_choice("target", target, TARGETS)
+    check_choice("boundary_method", boundary_method, BOUNDARY_METHODS)
+    check_choice("backend", backend, BACKENDS)
+    kernel_size = check_kernel_size(kernel_size)
     h = _check_h(h)
-    sy, sx = _spacing_pair(spacing)
+    sy, sx = spacing_pair(spacing)
 
     with torch.autocast(device_type=mask.device.type, enabled=False):
         if target == "boundary":
@@ -712,8 +712,13 @@ def _class_maps(mask: torch.Tensor, num_classes: Optional[int]) -> torch.Tensor:
             f"label values must lie in [0, num_classes={num_classes}), got min {int(labels.min())} "
             f"and max {int(labels.max())}"
         )
-    classes = torch.arange(num_classes, device=labels.device).view(1, num_classes, 1, 1)
-    return labels.unsqueeze(1) == classes
+    return label_masks(labels, range(num_classes))
+
+
+def label_masks(labels: torch.Tensor, classes) -> torch.Tensor:
+    """(B, C, H, W) bool masks ``labels == c`` of an integer (B, H, W) label map, one per class in ``classes``."""
+    classes = torch.as_tensor(list(classes), device=labels.device, dtype=labels.dtype)
+    return labels.unsqueeze(1) == classes.view(1, -1, 1, 1)
 
 
 def _exact_sdm_cpu(pos: torch.Tensor, distance: str, sy: float, sx: float, backend: str) -> torch.Tensor:
@@ -820,13 +825,13 @@ def signed_distance_map(
             ``spacing`` / ``kernel_size`` / ``h``, or an impossible ``backend``.
     """
     _check_mask(mask)
-    _check_choice("distance", distance, DISTANCES)
-    _check_choice("method", method, METHODS)
-    _check_choice("normalization", normalization, NORMALIZATIONS)
-    _check_choice("backend", backend, BACKENDS)
-    kernel_size = _check_kernel_size(kernel_size)
+    check_choice("distance", distance, DISTANCES)
+    check_choice("method", method, METHODS)
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    check_choice("backend", backend, BACKENDS)
+    kernel_size = check_kernel_size(kernel_size)
     h = _check_h(h)
-    sy, sx = _spacing_pair(spacing)
+    sy, sx = spacing_pair(spacing)
     classes = _class_maps(mask, num_classes)
     shape = classes.shape
     if classes.numel() == 0:

@@ -1,16 +1,17 @@
-"""Small shared helpers: atomic file writes, seeding, run folders, process-group set-up."""
+"""Small shared helpers: argument checks with a "did you mean", atomic file writes, seeding, run
+folders, process-group set-up."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import random
-import re
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -20,6 +21,20 @@ import torch.distributed as dist
 class RunError(RuntimeError):
     """A problem with what a run reads (data files, split, checkpoint), found after the config was
     validated. ``main.py`` prints it without a traceback and exits with status 2."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'X'?)`` for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    """Raise a ValueError naming ``name``, the valid choices and the closest one unless ``value`` is one of them."""
+    choices = list(choices)
+    if value not in choices:
+        hint = did_you_mean(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ""
+        raise ValueError(f"{name}={value!r} is not one of {choices}{hint}")
 
 
 _UMASK = os.umask(0)
@@ -61,12 +76,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def next_run_id(exp_dir: Path) -> str:
-    """``run_NNN`` one above the highest existing index in ``exp_dir``."""
-    taken = [int(m.group(1)) for p in exp_dir.glob("run_*") if (m := re.fullmatch(r"run_(\d+)", p.name))]
-    return f"run_{max(taken, default=0) + 1:03d}"
 
 
 @dataclass(frozen=True)

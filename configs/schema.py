@@ -1,0 +1,181 @@
+"""The configuration schema: every option with its type, default and one-line doc.
+
+The dataclass is the single source of truth: `configs/config.yaml` repeats each default with the
+doc as its comment, and the README's configuration reference shows the same doc (tests compare all
+three). Choices come from the registries that own them (the model stages, the metric names), so a
+new stage or metric appears here without a second list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+from model.AuxNet import STAGES, Stage
+from model.metrics import METRIC_NAMES
+from utils.sdf import DISTANCES
+
+ModelName = Literal[tuple(STAGES)]  # type: ignore[valid-type]
+Composition = Literal["full", "boundary"]
+Distance = Literal[DISTANCES]  # type: ignore[valid-type]
+Normalization = Literal["static_max", "dynamic_max", "minmax", "none"]
+MetricName = Literal[METRIC_NAMES]  # type: ignore[valid-type]
+
+
+def opt(default: Any = dataclasses.MISSING, doc: str = "", *, default_factory: Any = dataclasses.MISSING):
+    """A Config field with its one-line ``doc`` (kept in the field's metadata)."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"doc": doc})
+
+
+@dataclass
+class Config:
+    """All run options. Each field's one-line doc is the comment in `configs/config.yaml` and the
+    meaning in the README's configuration reference (tests keep the three in step)."""
+
+    # directories
+    DATASET_DIR: str = opt(
+        "synthetic",
+        "folder with images/ and masks/ (same stems), or `synthetic` (built-in, generated from SEED)",
+    )
+    RESULTS_DIR: str = opt("saved", "runs go to RESULTS_DIR/<EXP_ID>/<RUN_ID>/")
+    # dataset
+    SEED: int = opt(42, "seeds the split, the synthetic data, weight init and augmentation")
+    TRAIN_SET_COMPOSITION: Composition = opt("full", "full | boundary (only tiles that contain a class boundary)")
+    TEST_SET_COMPOSITION: Composition = opt("full", "full | boundary")
+    TEST_SPLIT: float = opt(0.2, "fraction of images (not tiles) held out for testing")
+    CROSS_VALIDATION: bool = opt(False, "train K = round(1/TEST_SPLIT) folds, one after another")
+    DEFAULT_FOLD: int = opt(0, "fold used when CROSS_VALIDATION is off (0 ... K-1)")
+    NUM_WORKERS: int = opt(0, "DataLoader worker processes (0 = load in the training process)")
+    TILE_OVERLAP: int = opt(0, "pixels shared by neighbouring tiles when large images are cut into INPUT_SIZE tiles")
+    SYNTHETIC_IMAGES: int = opt(12, "synthetic data: number of large images to generate")
+    SYNTHETIC_SIZE: int = opt(512, "synthetic data: side length of each generated image (pixels)")
+    AUGMENTATIONS: Union[Literal["default", "none"], list[dict]] = opt(
+        "default",
+        "`default`, `none`, or a list of {name: Transform, p: prob, <param>: value}",
+    )
+    # model
+    MODEL: ModelName = opt(
+        "AuxNet-EDC",
+        "AuxNet-EDC | AuxNet-ED | AuxNet-C | AuxNet-D | UNet (what trains: E=encoder, D=decoder, C=classifier head)",
+    )
+    MODEL_WEIGHTS: Optional[str] = opt(
+        None,
+        "checkpoint (.pth, suffix optional) to start from; required by AuxNet-C and AuxNet-D",
+    )
+    INPUT_SIZE: int = opt(128, "tile side length (pixels); divisible by 2^(UNET_DEPTH-1)")
+    INPUT_CHANNELS: int = opt(1, "image channels")
+    UNET_DEPTH: int = opt(4, "U-Net levels including the bottleneck")
+    CONV_DEPTH: int = opt(16, "feature maps of the first level (doubles per level)")
+    BATCH_SIZE: int = opt(8, "tiles per step and per process")
+    # segmentation
+    SEG_CLASSES: int = opt(1, "output channels: 1 = binary (sigmoid), >= 2 = classes incl. background (softmax)")
+    SEG_DROPOUT: float = opt(0.0, "dropout in encoder and decoder blocks")
+    SEG_THRESHOLD: float = opt(0.5, "foreground probability threshold for binary masks")
+    # classification
+    CLS_CLASSES: int = opt(1, "classifier outputs: 1 = sigmoid, 2 = softmax (\"tile contains a boundary\")")
+    CLS_DROPOUT: float = opt(0.3, "dropout before the classifier's linear layer")
+    CLS_THRESHOLD: float = opt(0.5, "positive-class probability threshold (CLS_CLASSES = 1)")
+    # optimiser
+    INIT_LR: float = opt(1e-4, "learning rate at the start of the warm-up")
+    BASE_LR: float = opt(3e-3, "learning rate reached at the end of the warm-up, then cosine decay to 0")
+    L2_DECAY: float = 1e-4
+    WARMUP_EPOCHS: int = opt(1, "linear warm-up epochs (0 = none)")
+    TRAIN_EPOCHS: int = opt(14, "epochs after the warm-up")
+    MIXED_PRECISION: Literal["bf16", "fp16", "none"] = opt(
+        "bf16",
+        "bf16 | fp16 (CUDA only) | none: autocast for the forward pass",
+    )
+    CHANNELS_LAST: bool = opt(True, "channels_last memory format (faster convolutions on CPU and recent GPUs)")
+    # signed distance maps
+    SDM_KERNEL_SIZE: int = opt(3, "kernel of the cascaded-convolution SDM used for predictions (odd, >= 3)")
+    SDM_DISTANCE: Distance = opt("euclidean", "euclidean | manhattan | chebyshev")
+    SDM_NORMALIZATION: Normalization = opt("static_max", "static_max | dynamic_max | minmax | none")
+    # loss
+    LOSS: str = opt(
+        "SoftDICE_BCE",
+        "terms joined by `_`: BCE CE wBCE Focal SoftDICE HardDICE IoU GDL MAE cMAE sMAE Boundary wCE",
+    )
+    INCLUDE_BACKGROUND: bool = opt(
+        False,
+        "region losses (Dice, IoU, GDL) also score the background (binary heads: the 1-p channel)",
+    )
+    ADAPTIVE_WEIGHTS: Union[bool, Literal["schedule"]] = opt(
+        False,
+        "false = STATIC_WEIGHTS | true = learnable (uncertainty) weights | schedule = boundary terms by a rising alpha",
+    )
+    STATIC_WEIGHTS: Optional[list[float]] = opt(None, "one weight per LOSS term (null = all 1.0)")
+    CLAMP_DELTA: float = opt(0.1, "cMAE: SDMs are clamped to +-CLAMP_DELTA (in normalised units)")
+    SIGMOID_STEEPNESS: float = opt(10.0, "slope of the steep sigmoids in HardDICE and sMAE")
+    WCE_W0: float = 10.0
+    WCE_SIGMA: float = opt(5.0, "wCE: border width sigma (pixels) of the U-Net weight map")
+    WBCE_W0: float = 10.0
+    WBCE_SIGMA: float = opt(5.0, "wBCE: width sigma (pixels) of the band around the boundary")
+    FOCAL_GAMMA: float = opt(2.0, "Focal: focusing exponent gamma")
+    FOCAL_ALPHA: Optional[float] = opt(
+        None,
+        "Focal: weight alpha of foreground pixels (background 1 - alpha; null = unweighted)",
+    )
+    CLS_WEIGHT: float = opt(1.0, "weight of the classifier's loss term (static and schedule weighting)")
+    SCHEDULE_ALPHA: list[float] = opt(
+        default_factory=lambda: [0.01, 0.01, 0.9],
+        doc="schedule weighting: alpha start, rise per epoch, maximum (boundary terms x alpha, others x 1-alpha)",
+    )
+    # evaluation
+    SAVE_MODEL: bool = opt(True, "keep best.pth (selected by EVAL_METRIC) beside last.pth")
+    EVAL_METRIC: MetricName = opt("DSC", "DSC | IoU | TTR | ASD | AD | HD95 | D95 | CMA")
+    CMA_COEFFICIENTS: dict[str, float] = opt(
+        default_factory=lambda: {"DSC": 0.5, "TTR": 0.2, "HD95": 0.3},
+        doc="weights of the combined score CMA (distances enter as scores in [0, 1])",
+    )
+    DISTANCE_METRICS: bool = opt(True, "also compute ASD, AD, HD95, D95 each epoch")
+    PIXEL_SPACING: Optional[list[float]] = opt(
+        None,
+        "[row, column] pixel size for distances in physical units (null = pixels)",
+    )
+    # distributed
+    GPUs: Optional[list[int]] = opt(None, "GPU indices to train on, one process each (null = all visible; [] = CPU)")
+    CPU_PROCESSES: int = opt(1, "processes for CPU-only training (gloo DDP when > 1)")
+    MASTER_ADDR: str = opt("localhost", "rendezvous address for multi-process training")
+    MASTER_PORT: Union[int, str] = opt(29500, "rendezvous port")
+    NCCL_P2P_DISABLE: bool = False
+    # logging
+    LOG_WANDB: bool = opt(False, "log to Weights & Biases (mode from WANDB_MODE; offline when no API key is set)")
+    LOG_LOCAL: bool = opt(True, "write log.jsonl in the run folder")
+    EXP_ID: str = opt("", "experiment folder name (\"\" = default)")
+    RUN_ID: str = opt("", "run folder name (\"\" = next free run_NNN; an existing run with last.pth is resumed)")
+
+    # ---- derived views (not options)
+    @property
+    def stage(self) -> Stage:
+        """What MODEL trains, whether it has a head, decodes, needs MODEL_WEIGHTS."""
+        return STAGES[self.MODEL]
+
+    @property
+    def loss_terms(self) -> list[str]:
+        return [t for t in self.LOSS.split("_") if t]
+
+    @property
+    def loss_weighting(self) -> str:
+        """ADAPTIVE_WEIGHTS as the loss library names it: static, adaptive or schedule."""
+        return {False: "static", True: "adaptive", "schedule": "schedule"}[self.ADAPTIVE_WEIGHTS]
+
+    @property
+    def has_head(self) -> bool:
+        return self.stage.has_head
+
+    @property
+    def trains_classifier(self) -> bool:
+        return "C" in self.stage.trains
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+"""Every option by name, in schema order."""
+
+
+def doc_of(key: str) -> str:
+    """The one-line doc of option ``key``."""
+    return FIELDS[key].metadata["doc"]

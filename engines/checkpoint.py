@@ -1,0 +1,153 @@
+"""Checkpoints: the one module that writes and reads them.
+
+A checkpoint is a ``.pth`` dict::
+
+    epoch      int, the last finished epoch (from 0)
+    model      the network's state_dict
+    loss       the loss's state_dict (learnable loss weights)
+    optimizer, scheduler, scaler   their state_dicts (to resume)
+    best       {"metric", "value", "epoch"}
+    history    one record per finished epoch
+    config     the run's resolved configuration (a plain dict)
+    fold       the fold it was trained on
+
+Every read uses ``torch.load(weights_only=True)``: a checkpoint from elsewhere cannot run code while
+it loads. Every write goes through a temporary file and a rename, so a crash never leaves half a
+checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from utils.util import RunError, atomic_torch_save
+
+
+class CheckpointError(RunError):
+    """A checkpoint that cannot be read, or does not fit the network or run it is loaded into."""
+
+
+def resolve_weights_path(name: str) -> Optional[Path]:
+    """The checkpoint file MODEL_WEIGHTS names (``.pth`` may be omitted), or None if absent."""
+    for candidate in (Path(name), Path(name + ".pth")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint dict in ``path`` (a bare state_dict is returned as ``{"model": state_dict}``).
+
+    Raises:
+        CheckpointError: naming the file, when it is not a readable ``.pth``.
+    """
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(err).__name__}: {str(err)[:200]}); "
+                              "point it at a .pth saved by AuxNet") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint saved by AuxNet")
+    if "model" not in state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        state = {"model": state}
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path} holds no network weights (expected a .pth saved by AuxNet)")
+    return state
+
+
+def saved_run(path: Path) -> tuple[Optional[dict[str, Any]], Optional[int]]:
+    """(the saved configuration, the fold) of a checkpoint; (None, None) for bare weights."""
+    state = read_checkpoint(path)
+    config = state.get("config")
+    if not isinstance(config, dict):
+        return None, None
+    return config, int(state.get("fold", config.get("DEFAULT_FOLD", 0)))
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_weights` did: parameter names loaded, left as initialised, and ignored."""
+
+    loaded: list[str]
+    initialised: list[str]
+    ignored: list[str]
+
+
+def load_weights(net: nn.Module, path: Path, allow_missing: tuple[str, ...] = ()) -> LoadReport:
+    """Load a checkpoint's network weights into ``net``.
+
+    Args:
+        net: the network.
+        path: a checkpoint (or bare state_dict) file.
+        allow_missing: name prefixes (e.g. ``"head."``) that may be absent from the file; they keep
+            their fresh initialisation.
+
+    Raises:
+        CheckpointError: naming the file and the mismatching parameters when the architecture differs.
+    """
+    weights = read_checkpoint(path)["model"]
+    own = net.state_dict()
+    missing = [k for k in own if k not in weights and not k.startswith(allow_missing)]
+    shapes = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or shapes:
+        raise CheckpointError(
+            f"MODEL_WEIGHTS={str(path)!r} does not fit this network: "
+            f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, wrong shape {shapes[:5]}; "
+            "use the same INPUT_CHANNELS, UNET_DEPTH, CONV_DEPTH, SEG_CLASSES and CLS_CLASSES as the run that saved it"
+        )
+    net.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+    return LoadReport(
+        loaded=[k for k in own if k in weights],
+        initialised=[k for k in own if k not in weights],
+        ignored=[k for k in weights if k not in own],
+    )
+
+
+def save_checkpoint(path: Path, *, epoch: int, net: nn.Module, loss: nn.Module, optimizer, scheduler, scaler,
+                    best: dict[str, Any], history: list[dict[str, Any]], config: dict[str, Any], fold: int) -> None:
+    """Write a training checkpoint atomically (see the module docstring for its content)."""
+    atomic_torch_save({
+        "epoch": epoch,
+        "model": net.state_dict(),
+        "loss": loss.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "best": best,
+        "history": history,
+        "config": config,
+        "fold": fold,
+    }, path)
+
+
+def restore_training(path: Path, *, net: nn.Module, loss: nn.Module, optimizer, scheduler, scaler,
+                     device: torch.device) -> dict[str, Any]:
+    """Load the training state of ``path`` into the given objects; returns the checkpoint dict
+    (for its ``epoch``, ``best`` and ``history``).
+
+    Raises:
+        CheckpointError: the file is unreadable, or was made with another network, loss or optimiser.
+    """
+    state = read_checkpoint(path, map_location=device)
+    missing = [k for k in ("epoch", "loss", "optimizer", "scheduler", "scaler", "best") if k not in state]
+    if missing:
+        raise CheckpointError(f"cannot resume from {path}: it lacks {missing} (bare weights, not a training "
+                              "checkpoint); start a new run with MODEL_WEIGHTS pointing at it")
+    try:
+        net.load_state_dict(state["model"])
+        loss.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:  # torch's own mismatch reports
+        raise CheckpointError(
+            f"cannot resume from {path} ({type(err).__name__}: {str(err)[:300]}): the run was made with "
+            "another network or loss; start a new run (another RUN_ID), or pass MODEL_WEIGHTS to start from it"
+        ) from err
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return state

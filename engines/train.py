@@ -1,0 +1,81 @@
+"""The ``train`` command: a new run, or the resumption of one; every fold under CROSS_VALIDATION."""
+
+from __future__ import annotations
+
+import statistics
+
+from configs import Config, ConfigError, save_config
+from configs.config_parser import read_yaml, resume_problems
+from engines.builders import build_data, build_trainer
+from engines.launch import main_first
+from engines.run_dir import RunDir, run_dir_for
+from utils.splits import num_folds
+from utils.util import DistContext, atomic_write_json, seed_everything
+
+#: The metrics of the results table, in order.
+TABLE_KEYS = ("DSC", "IoU", "TTR", "ASD", "AD", "HD95", "D95", "CMA", "loss")
+
+
+def choose_run(cfg: Config) -> RunDir:
+    """The run folder to train in; an existing run is resumed only with the options it was made with.
+
+    Raises:
+        ConfigError: naming every option that differs from the existing run's ``config.yaml``.
+    """
+    run = run_dir_for(cfg.RESULTS_DIR, cfg.EXP_ID, cfg.RUN_ID)
+    if run.config.is_file():
+        problems = resume_problems(read_yaml(run.config), cfg, run.root)
+        if problems:
+            raise ConfigError(problems, source=f"resuming {run.root}")
+    return run
+
+
+def train(cfg: Config, ctx: DistContext, run: RunDir) -> None:
+    """Train every fold of the configuration (one unless CROSS_VALIDATION) in ``run``."""
+    if ctx.is_main:
+        save_config(cfg, run.config)
+    folds = list(range(num_folds(cfg.TEST_SPLIT))) if cfg.CROSS_VALIDATION else [cfg.DEFAULT_FOLD]
+    summaries = {fold: train_fold(cfg, ctx, run, fold) for fold in folds}
+    if ctx.is_main and cfg.CROSS_VALIDATION:
+        write_cv_summary(run, summaries)
+
+
+def train_fold(cfg: Config, ctx: DistContext, run: RunDir, fold: int) -> dict:
+    """Train one fold; returns its summary (best and final epoch)."""
+    fold_dir = run.fold(fold, cfg.CROSS_VALIDATION)
+    seed_everything(cfg.SEED + fold)
+    splits = main_first(ctx, lambda: build_data(cfg, run.split, fold))
+    trainer = build_trainer(cfg, ctx, fold_dir, splits, fold)
+    if ctx.is_main:
+        print(f"run {fold_dir.root}  fold {fold}: {len(splits.train)} train / {len(splits.test)} test tiles, "
+              f"device {ctx.device}, {ctx.world_size} process(es)")
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.logger.close()
+    if ctx.is_main:
+        print(results_table(summary))
+    return summary
+
+
+def write_cv_summary(run: RunDir, summaries: dict[int, dict]) -> None:
+    """``cv_summary.json``: every fold's summary and the mean ± std of the final epochs."""
+    finals = [s["final"] for s in summaries.values() if s["final"]]
+    keys = [k for k in finals[0] if isinstance(finals[0][k], (int, float)) and k not in ("epoch", "lr", "time_s")]
+    cv = {k: {"mean": statistics.fmean(f[k] for f in finals), "std": statistics.pstdev(f[k] for f in finals)}
+          for k in keys}
+    atomic_write_json(run.cv_summary, {"folds": summaries, "final_mean_std": cv})
+    print("cross-validation (final epoch, mean ± std over folds): " +
+          ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in cv.items() if "/" not in k))
+
+
+def results_table(summary: dict) -> str:
+    """A plain-text table of the best and the final epoch."""
+    rows = [("best", summary["best"]), ("final", summary["final"])]
+    keys = [k for k in TABLE_KEYS if any(r and k in r for _, r in rows)]
+    lines = ["| epoch | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for label, rec in rows:
+        if rec:
+            cells = [f"{rec[k]:.4f}" if isinstance(rec.get(k), float) else str(rec.get(k, "")) for k in keys]
+            lines.append(f"| {label} ({rec['epoch']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,346 @@
+"""Reading dataset files: images and masks of a folder dataset, checked and decoded.
+
+``DATASET_DIR/images/*`` and ``DATASET_DIR/masks/*`` are matched by file stem:
+
+* images: PNG, JPEG (Pillow) or TIFF (tifffile); 8/16-bit integer, or float already in [0, 1];
+  grayscale or multi-channel, the channel count must equal ``input_channels``;
+* masks: one channel of class indices 0 ... K-1, or binary 0/255. When *every* mask holds only the
+  values 0 and 255 the dataset is read as binary and 255 becomes class 1 (so the ISBI 2012 EM
+  labels, 255 = cell interior, load as they are). Masks must be lossless: a JPEG mask has stray
+  values and is reported as such;
+* dot-files (``.DS_Store``) are ignored; anything else that is not a supported image is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# Decoded folder datasets stay in memory while they take at most this fraction of the machine's
+# RAM (each DataLoader worker shares them copy-on-write); beyond it, files are decoded per tile
+# with a small per-process cache of recently used images.
+MEMORY_CACHE_FRACTION = 0.25
+LAZY_CACHE_IMAGES = 8
+
+
+class DatasetError(ValueError):
+    """The dataset on disk (or its split file) cannot be used; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image of a dataset: its id, size, intensity scaling and (folder datasets) files.
+
+    Pixel values become ``(raw - offset) / scale``; for integer files that maps the dtype's range
+    onto [0, 1].
+    """
+
+    id: str
+    height: int
+    width: int
+    channels: int
+    offset: float
+    scale: float
+    image_path: Optional[Path] = None
+    mask_path: Optional[Path] = None
+
+
+class ImageSet:
+    """The decoded images and masks of a dataset, by position.
+
+    Args:
+        entries: one :class:`ImageEntry` per image, in id order.
+        arrays: ``(image (H, W, C) raw dtype, mask (H, W) class indices)`` per entry, or None to
+            decode the files on demand (large folder datasets).
+        mask_map_255: folder datasets read as binary 0/255 (255 becomes class 1 when decoding).
+        mask_dtype: dtype class indices are stored in.
+    """
+
+    def __init__(
+        self,
+        entries: list[ImageEntry],
+        arrays: Optional[list[tuple[np.ndarray, np.ndarray]]],
+        mask_map_255: bool = False,
+        mask_dtype: Any = np.uint8,
+    ):
+        self.entries = entries
+        self.arrays = arrays
+        self.mask_map_255 = mask_map_255
+        self.mask_dtype = np.dtype(mask_dtype)
+        self._recent: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    @property
+    def ids(self) -> list[str]:
+        return [e.id for e in self.entries]
+
+    @property
+    def in_memory(self) -> bool:
+        return self.arrays is not None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(image (H, W, C) raw dtype, mask (H, W) class indices)`` of image ``i``."""
+        if self.arrays is not None:
+            return self.arrays[i]
+        if i in self._recent:
+            self._recent.move_to_end(i)
+            return self._recent[i]
+        entry = self.entries[i]
+        image = _to_hwc(_read_image_file(entry.image_path), entry.image_path)
+        mask = _decode_mask(_read_mask_file(entry.mask_path), self.mask_map_255, self.mask_dtype)
+        self._recent[i] = (image, mask)
+        if len(self._recent) > LAZY_CACHE_IMAGES:
+            self._recent.popitem(last=False)
+        return image, mask
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_image_file(path: Path) -> np.ndarray:
+    """Decode an image file as stored: (H, W), (H, W, C) or, for TIFF, whatever layout the file
+    declares (normalised by :func:`_to_hwc`). Errors from the decoders propagate."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return _read_tiff(path)
+    with Image.open(path) as im:
+        im.load()  # decodes now, so a truncated file fails here and not later in a worker
+        if im.mode == "P":  # palette colours, not indices, are the picture
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        elif im.mode == "1":
+            im = im.convert("L")
+        elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            im = im.convert("RGB")
+        return np.asarray(im)
+
+
+def _read_mask_file(path: Path) -> np.ndarray:
+    """Decode a mask file to a 2-D array of raw values (palette PNGs give their indices)."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        arr = _read_tiff(path)
+    else:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and path.suffix.lower() not in (".tif", ".tiff"):
+        # A gray mask saved as RGB(A): accept it only when the colour channels agree (lossless).
+        if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
+            arr = arr[..., 0]
+    if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
+        arr = arr.reshape(arr.shape[1:] if arr.shape[0] == 1 else arr.shape[:-1])
+    if arr.ndim != 2:
+        raise ValueError(f"a mask must have one channel of class indices, got an array of shape {arr.shape}")
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind not in "ui":
+        raise ValueError(f"a mask must hold integer class indices, got dtype {arr.dtype}")
+    return arr
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        arr = series.asarray()
+        axes = series.axes
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and axes.endswith("S"):
+        return arr  # contiguous samples: (H, W, C)
+    if arr.ndim == 3:
+        return np.moveaxis(arr, 0, -1)  # planar samples or pages (SYX, CYX, QYX, ...): (C, H, W)
+    if arr.ndim == 2:
+        return arr
+    raise ValueError(f"TIFF with axes {axes!r} and shape {arr.shape} is not one 2-D image")
+
+
+def _to_hwc(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3:
+        raise ValueError(f"{path}: expected a 2-D image, got shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def _intensity_range(arr: np.ndarray) -> tuple[float, float]:
+    """``(offset, scale)`` mapping the file's dtype range onto [0, 1].
+
+    Raises:
+        ValueError: a float image outside [0, 1] (floats have no dtype range to scale by), or an
+            unsupported dtype.
+    """
+    if arr.dtype.kind == "b":
+        return 0.0, 1.0
+    if arr.dtype.kind in "ui":
+        info = np.iinfo(arr.dtype)
+        return float(info.min), float(info.max) - float(info.min)
+    if arr.dtype.kind == "f":
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        if not (0.0 <= lo and hi <= 1.0) or np.isnan(arr).any():
+            raise ValueError(
+                f"float image with values in [{lo:g}, {hi:g}]: float images must already lie in [0, 1] "
+                "(integer images are scaled by their dtype's range)"
+            )
+        return 0.0, 1.0
+    raise ValueError(f"unsupported pixel type {arr.dtype}")
+
+
+def _decode_mask(raw: np.ndarray, map_255: bool, dtype: np.dtype) -> np.ndarray:
+    if map_255:
+        return (raw == 255).astype(dtype)
+    return raw.astype(dtype, copy=False)
+
+
+def _memory_budget() -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not exposed on this platform
+        total = 8 * 2**30
+    return int(total * MEMORY_CACHE_FRACTION)
+
+
+def _list_folder(folder: Path, problems: list[str], root: Path) -> dict[str, Path]:
+    """Supported files of ``folder`` by stem; every other entry is a problem."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        rel = path.relative_to(root)
+        if path.name.startswith("."):
+            continue
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            problems.append(f"{rel}: not a supported image file (use {', '.join(IMAGE_SUFFIXES)})")
+        elif path.stem in found:
+            problems.append(f"{rel}: same stem as {found[path.stem].relative_to(root)} (stems must be unique)")
+        else:
+            found[path.stem] = path
+    return found
+
+
+def load_folder(root: Path, *, input_channels: int, seg_classes: int, input_size: int) -> ImageSet:
+    """Read and check every image/mask pair of a folder dataset.
+
+    ``root/images/*`` and ``root/masks/*`` are matched by file stem. Every file is decoded once to
+    check it; the decoded arrays are kept when they fit in :data:`MEMORY_CACHE_FRACTION` of RAM.
+
+    Args:
+        root: the dataset folder.
+        input_channels: channels every image must have.
+        seg_classes: the model's output channels; mask values must be < ``max(seg_classes, 2)``.
+        input_size: tile side; images must be at least this large in both directions.
+
+    Returns:
+        An :class:`ImageSet` in stem order.
+
+    Raises:
+        DatasetError: listing every problem: a missing folder, unsupported or duplicate files,
+            unreadable or truncated files, an image without a mask or a mask without an image,
+            image/mask size mismatch, wrong channel count, image smaller than ``input_size``,
+            mask values >= ``max(seg_classes, 2)`` (naming the file and the values).
+    """
+    root = Path(root)
+    missing = [d for d in ("images", "masks") if not (root / d).is_dir()]
+    if missing:
+        raise DatasetError(
+            f"dataset folder {root} lacks {' and '.join(d + '/' for d in missing)}: a folder dataset holds "
+            "images/ and masks/ with files matched by stem"
+        )
+    problems: list[str] = []
+    images = _list_folder(root / "images", problems, root)
+    masks = _list_folder(root / "masks", problems, root)
+    for stem in sorted(set(masks) - set(images)):
+        problems.append(f"{masks[stem].relative_to(root)}: mask without an image (no images/{stem}.*)")
+    num_classes = max(seg_classes, 2)
+    mask_dtype = np.uint8 if num_classes <= 256 else np.uint16 if num_classes <= 65536 else np.int64
+    budget = _memory_budget()
+    used = 0
+    entries: list[ImageEntry] = []
+    arrays: list[tuple[np.ndarray, np.ndarray]] = []
+    raw_masks: list[tuple[Path, np.ndarray]] = []  # (path, unique values) for the 0/255 check
+    for stem in sorted(images):
+        ipath = images[stem]
+        irel = ipath.relative_to(root)
+        if stem not in masks:
+            problems.append(f"{irel}: missing mask (no masks/{stem}.* )")
+            continue
+        mpath = masks[stem]
+        mrel = mpath.relative_to(root)
+        image = mask = None
+        try:
+            image = _to_hwc(_read_image_file(ipath), ipath)
+            offset, scale = _intensity_range(image)
+        except Exception as e:  # noqa: BLE001 - decoders raise many types; each is reported below
+            problems.append(f"{irel}: unreadable ({type(e).__name__}: {e})")
+            image = None
+        try:
+            mask = _read_mask_file(mpath)
+        except Exception as e:  # noqa: BLE001 - as above
+            lossy = mpath.suffix.lower() in (".jpg", ".jpeg")
+            hint = " (masks must be lossless: save them as PNG or TIFF)" if lossy else ""
+            problems.append(f"{mrel}: unreadable ({type(e).__name__}: {e}){hint}")
+            mask = None
+        if image is None or mask is None:
+            continue
+        h, w, c = image.shape
+        ok = True
+        if mask.shape != (h, w):
+            problems.append(
+                f"{mrel}: size {mask.shape[1]}x{mask.shape[0]} differs from {irel} ({w}x{h}, width x height)"
+            )
+            ok = False
+        if c != input_channels:
+            problems.append(
+                f"{irel}: {c} channel(s), but INPUT_CHANNELS is {input_channels} "
+                f"(array shape {image.shape} read as H x W x C)"
+            )
+            ok = False
+        if h < input_size or w < input_size:
+            problems.append(f"{irel}: {w}x{h} pixels is smaller than INPUT_SIZE={input_size}")
+            ok = False
+        raw_masks.append((mpath, np.unique(mask)))
+        if not ok:
+            continue
+        entries.append(ImageEntry(stem, h, w, c, offset, scale, ipath, mpath))
+        used += image.nbytes + h * w * np.dtype(mask_dtype).itemsize
+        if arrays is not None and used <= budget:
+            arrays.append((image, mask))
+        else:
+            arrays = None  # too big to keep: decode per tile instead
+
+    map_255 = (
+        num_classes <= 255
+        and bool(raw_masks)
+        and all(set(u.tolist()) <= {0, 255} for _, u in raw_masks)
+        and any(255 in u for _, u in raw_masks)
+    )
+    saw_255 = False
+    for mpath, uniq in raw_masks:
+        values = uniq.tolist()
+        bad = [v for v in values if not 0 <= v < num_classes] if not map_255 else []
+        if bad:
+            saw_255 |= 255 in bad
+            shown = ", ".join(str(v) for v in bad[:8]) + (", ..." if len(bad) > 8 else "")
+            hint = " (JPEG is lossy: save masks as PNG or TIFF)" if mpath.suffix.lower() in (".jpg", ".jpeg") else ""
+            problems.append(
+                f"{mpath.relative_to(root)}: mask value(s) {shown} >= {num_classes} "
+                f"(SEG_CLASSES={seg_classes} allows 0..{num_classes - 1}){hint}"
+            )
+    if problems:
+        if saw_255:
+            problems.append(
+                "note: masks are read as binary 0/255 only when every mask holds just the values 0 and 255; "
+                "otherwise values are class indices"
+            )
+        raise DatasetError(
+            f"{len(problems)} problem(s) with the dataset in {root}:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+    if not entries:
+        raise DatasetError(f"the dataset in {root} has no images (images/ holds no {', '.join(IMAGE_SUFFIXES)} files)")
+    if arrays is not None:
+        arrays = [(img, _decode_mask(m, map_255, mask_dtype)) for img, m in arrays]
+    return ImageSet(entries, arrays, mask_map_255=map_255, mask_dtype=mask_dtype)
