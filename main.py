@@ -2,6 +2,7 @@
 
     python main.py [train] [--config FILE] [KEY=VALUE ...]     train (the default command)
     python main.py eval --config FILE MODEL_WEIGHTS=... [...]   evaluate a checkpoint on the test split
+    python main.py predict MODEL_WEIGHTS=... INPUT=<image or folder> [OUTPUT=...] [GATING=true|false]
 
 Spawns one process per GPU (or CPU_PROCESSES on the CPU) for DDP, or joins a ``torchrun`` launch.
 Every option can be set in the YAML file or as KEY=VALUE; see configs/config.yaml.
@@ -13,13 +14,14 @@ import argparse
 import sys
 
 from configs import ConfigError, load_config
-from engines import evaluate, train
+from engines import evaluate, predict, train
 from engines.launch import launch
 
 #: Each command: how to pick its run folder, and what every rank runs.
 COMMANDS = {
     "train": (train.choose_run, train.train),
     "eval": (evaluate.choose_run, evaluate.evaluate),
+    "predict": None,  # one process, no run folder: see engines/predict.py
 }
 
 
@@ -38,11 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.command == "eval":
-            cfg = evaluate.eval_config(cfg, args.overrides)
+        if args.command in ("eval", "predict"):
+            cfg = evaluate.eval_config(cfg, args.overrides, args.command)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.command == "predict":
+        return predict.predict(cfg)
     choose, command = COMMANDS[args.command]
     return launch(cfg, choose, command)
 

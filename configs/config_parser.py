@@ -179,9 +179,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return cfg
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    """Write the resolved configuration as YAML (atomically)."""
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(cfg: Config, path: Path, resolved: Optional[dict[str, str]] = None) -> None:
+    """Write the resolved configuration as YAML (atomically); ``resolved`` notes what an ``auto``
+    option became on this machine, as trailing comments."""
+    notes = "".join(f"# {key} resolved here: {why}\n" for key, why in (resolved or {}).items())
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False) + notes)
 
 
 # ---- runs that already exist: resuming one, evaluating its checkpoint
@@ -190,7 +192,8 @@ def save_config(cfg: Config, path: Path) -> None:
 #: (TRAIN_EPOCHS extends or shortens the cosine decay from the next step on.)
 RESUMABLE_KEYS = frozenset({
     "TRAIN_EPOCHS", "DATASET_DIR", "RESULTS_DIR", "NUM_WORKERS", "GPUs", "CPU_PROCESSES", "MASTER_ADDR",
-    "MASTER_PORT", "NCCL_P2P_DISABLE", "LOG_WANDB", "LOG_LOCAL", "EXP_ID", "RUN_ID",
+    "MASTER_PORT", "NCCL_P2P_DISABLE", "LOG_WANDB", "LOG_LOCAL", "EXP_ID", "RUN_ID", "INPUT", "OUTPUT", "GATING",
+    "SAVE_PROBABILITIES",
 })
 
 #: Options ``eval`` takes from the command line; the others come from the checkpoint's run.
@@ -198,8 +201,11 @@ EVAL_KEYS = frozenset({
     "MODEL_WEIGHTS", "RESULTS_DIR", "EXP_ID", "RUN_ID", "DATASET_DIR", "NUM_WORKERS", "BATCH_SIZE", "GPUs",
     "CPU_PROCESSES", "MASTER_ADDR", "MASTER_PORT", "NCCL_P2P_DISABLE", "LOG_WANDB", "LOG_LOCAL",
     "MIXED_PRECISION", "CHANNELS_LAST", "SEG_THRESHOLD", "CLS_THRESHOLD", "EVAL_METRIC", "CMA_COEFFICIENTS",
-    "DISTANCE_METRICS", "PIXEL_SPACING", "INCLUDE_BACKGROUND",
+    "DISTANCE_METRICS", "PIXEL_SPACING", "INCLUDE_BACKGROUND", "GATING", "TILE_OVERLAP",
 })
+
+#: Options ``predict`` takes from the command line, beyond the evaluation options.
+PREDICT_KEYS = EVAL_KEYS | {"INPUT", "OUTPUT", "SAVE_PROBABILITIES"}
 
 
 def _typed(saved: dict[str, Any]) -> dict[str, Any]:
@@ -218,9 +224,11 @@ def resume_problems(saved: dict[str, Any], cfg: Config, where: Path) -> list[str
     ]
 
 
-def config_for_checkpoint(saved: dict[str, Any], cfg: Config, given: typing.Iterable[str], fold: int) -> Config:
+def config_for_checkpoint(saved: dict[str, Any], cfg: Config, given: typing.Iterable[str], fold: int,
+                          allowed: typing.AbstractSet[str] = EVAL_KEYS) -> Config:
     """The configuration to evaluate a checkpoint with: its run's options (network, data, split,
-    ``fold``), except the evaluation options (:data:`EVAL_KEYS`) that ``given`` names, taken from ``cfg``.
+    ``fold``), except the options of ``allowed`` (:data:`EVAL_KEYS`, :data:`PREDICT_KEYS`) that ``given``
+    names, taken from ``cfg``.
 
     Raises:
         ConfigError: an option in ``given`` (typed on the command line) that the checkpoint fixes
@@ -230,9 +238,9 @@ def config_for_checkpoint(saved: dict[str, Any], cfg: Config, given: typing.Iter
     problems = [
         f"{key}={new[key]!r} but the checkpoint was trained with {key}={old[key]!r}: remove it from the command line"
         for key in given
-        if key in FIELDS and key not in EVAL_KEYS and key in old and old[key] != new[key]
+        if key in FIELDS and key not in allowed and key in old and old[key] != new[key]
     ]
     if problems:
         raise ConfigError(problems, source="the eval command")
-    chosen = {k: new[k] for k in given if k in EVAL_KEYS}
+    chosen = {k: new[k] for k in given if k in allowed}
     return Config(**{**old, **chosen, "MODEL_WEIGHTS": cfg.MODEL_WEIGHTS, "DEFAULT_FOLD": fold})

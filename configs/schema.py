@@ -47,7 +47,10 @@ class Config:
     CROSS_VALIDATION: bool = opt(False, "train K = round(1/TEST_SPLIT) folds, one after another")
     DEFAULT_FOLD: int = opt(0, "fold used when CROSS_VALIDATION is off (0 ... K-1)")
     NUM_WORKERS: int = opt(0, "DataLoader worker processes (0 = load in the training process)")
-    TILE_OVERLAP: int = opt(0, "pixels shared by neighbouring tiles when large images are cut into INPUT_SIZE tiles")
+    TILE_OVERLAP: Optional[int] = opt(
+        None,
+        "pixels shared by neighbouring tiles (null = 0 when training, INPUT_SIZE/2 when predicting)",
+    )
     SYNTHETIC_IMAGES: int = opt(12, "synthetic data: number of large images to generate")
     SYNTHETIC_SIZE: int = opt(512, "synthetic data: side length of each generated image (pixels)")
     AUGMENTATIONS: Union[Literal["default", "none"], list[dict]] = opt(
@@ -79,12 +82,12 @@ class Config:
     # optimiser
     INIT_LR: float = opt(1e-4, "learning rate at the start of the warm-up")
     BASE_LR: float = opt(3e-3, "learning rate reached at the end of the warm-up, then cosine decay to 0")
-    L2_DECAY: float = 1e-4
+    L2_DECAY: float = opt(1e-4, "AdamW weight decay (not applied to learnable loss weights)")
     WARMUP_EPOCHS: int = opt(1, "linear warm-up epochs (0 = none)")
     TRAIN_EPOCHS: int = opt(14, "epochs after the warm-up")
-    MIXED_PRECISION: Literal["bf16", "fp16", "none"] = opt(
-        "bf16",
-        "bf16 | fp16 (CUDA only) | none: autocast for the forward pass",
+    MIXED_PRECISION: Literal["auto", "bf16", "fp16", "none"] = opt(
+        "auto",
+        "auto | bf16 | fp16 (CUDA only) | none: autocast for the forward pass (auto: bf16 where native, else fp32)",
     )
     CHANNELS_LAST: bool = opt(True, "channels_last memory format (faster convolutions on CPU and recent GPUs)")
     # signed distance maps
@@ -107,9 +110,9 @@ class Config:
     STATIC_WEIGHTS: Optional[list[float]] = opt(None, "one weight per LOSS term (null = all 1.0)")
     CLAMP_DELTA: float = opt(0.1, "cMAE: SDMs are clamped to +-CLAMP_DELTA (in normalised units)")
     SIGMOID_STEEPNESS: float = opt(10.0, "slope of the steep sigmoids in HardDICE and sMAE")
-    WCE_W0: float = 10.0
+    WCE_W0: float = opt(10.0, "wCE: border weight w0 of the U-Net weight map")
     WCE_SIGMA: float = opt(5.0, "wCE: border width sigma (pixels) of the U-Net weight map")
-    WBCE_W0: float = 10.0
+    WBCE_W0: float = opt(10.0, "wBCE: pixel weight 1 + w0*exp(-sdm^2 / (2 sigma^2)) peaks at 1 + w0 on the boundary")
     WBCE_SIGMA: float = opt(5.0, "wBCE: width sigma (pixels) of the band around the boundary")
     FOCAL_GAMMA: float = opt(2.0, "Focal: focusing exponent gamma")
     FOCAL_ALPHA: Optional[float] = opt(
@@ -133,12 +136,17 @@ class Config:
         None,
         "[row, column] pixel size for distances in physical units (null = pixels)",
     )
+    # prediction
+    INPUT: Optional[str] = opt(None, "predict: an image file or a folder of images to segment")
+    OUTPUT: Optional[str] = opt(None, "predict: output folder (null = predict_<n>/ beside the checkpoint)")
+    GATING: bool = opt(True, "predict / whole-image eval: decode only the tiles the head says contain a boundary")
+    SAVE_PROBABILITIES: bool = opt(False, "predict: also write the class probabilities (float16 TIFF)")
     # distributed
     GPUs: Optional[list[int]] = opt(None, "GPU indices to train on, one process each (null = all visible; [] = CPU)")
     CPU_PROCESSES: int = opt(1, "processes for CPU-only training (gloo DDP when > 1)")
     MASTER_ADDR: str = opt("localhost", "rendezvous address for multi-process training")
     MASTER_PORT: Union[int, str] = opt(29500, "rendezvous port")
-    NCCL_P2P_DISABLE: bool = False
+    NCCL_P2P_DISABLE: bool = opt(False, "set NCCL_P2P_DISABLE=1 (work-around for GPUs without working peer-to-peer)")
     # logging
     LOG_WANDB: bool = opt(False, "log to Weights & Biases (mode from WANDB_MODE; offline when no API key is set)")
     LOG_LOCAL: bool = opt(True, "write log.jsonl in the run folder")
@@ -150,6 +158,16 @@ class Config:
     def stage(self) -> Stage:
         """What MODEL trains, whether it has a head, decodes, needs MODEL_WEIGHTS."""
         return STAGES[self.MODEL]
+
+    @property
+    def train_overlap(self) -> int:
+        """Pixels shared by neighbouring training / evaluation tiles."""
+        return 0 if self.TILE_OVERLAP is None else self.TILE_OVERLAP
+
+    @property
+    def predict_overlap(self) -> int:
+        """Pixels shared by neighbouring prediction windows (half a tile unless TILE_OVERLAP is set)."""
+        return self.INPUT_SIZE // 2 if self.TILE_OVERLAP is None else self.TILE_OVERLAP
 
     @property
     def loss_terms(self) -> list[str]:

@@ -44,7 +44,7 @@ def _data_rules(cfg: Config) -> list[str]:
             p.append(f"DEFAULT_FOLD={cfg.DEFAULT_FOLD} does not exist: TEST_SPLIT={cfg.TEST_SPLIT} gives folds 0..{folds - 1}")
     _in_range(p, "NUM_WORKERS", cfg.NUM_WORKERS, 0)
     _in_range(p, "SEED", cfg.SEED, 0, 2**32 - 1)
-    if not 0 <= cfg.TILE_OVERLAP < cfg.INPUT_SIZE:
+    if cfg.TILE_OVERLAP is not None and not 0 <= cfg.TILE_OVERLAP < cfg.INPUT_SIZE:
         p.append(f"TILE_OVERLAP={cfg.TILE_OVERLAP} must be in [0, INPUT_SIZE={cfg.INPUT_SIZE})")
     if cfg.DATASET_DIR == "synthetic":
         _in_range(p, "SYNTHETIC_IMAGES", cfg.SYNTHETIC_IMAGES, 2)
@@ -107,7 +107,7 @@ def _optim_rules(cfg: Config) -> list[str]:
     _in_range(p, "WARMUP_EPOCHS", cfg.WARMUP_EPOCHS, 0)
     _in_range(p, "TRAIN_EPOCHS", cfg.TRAIN_EPOCHS, 1)
     if cfg.MIXED_PRECISION == "fp16" and not torch.cuda.is_available():
-        p.append("MIXED_PRECISION=fp16 needs a CUDA GPU: use bf16 (CPU and recent GPUs) or none")
+        p.append("MIXED_PRECISION=fp16 needs a CUDA GPU: use auto, bf16 (CPU and recent GPUs) or none")
     return p
 
 

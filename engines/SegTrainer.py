@@ -32,10 +32,11 @@ class TrainStep(nn.Module):
         super().__init__()
         self.net, self.loss, self.decode, self.use_cls = net, loss, decode, use_cls
 
-    def forward(self, image: torch.Tensor, mask: torch.Tensor, label: torch.Tensor):
+    def forward(self, image: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, fill: torch.Tensor):
         out: AuxNetOutput = self.net(image, decode=self.decode)
-        cls = out.cls if self.use_cls else None
-        return out, self.loss(out.seg, mask, cls, label if cls is not None else None)
+        if not self.use_cls:
+            return out, self.loss(out.seg, mask)
+        return out, self.loss(out.seg, mask, out.cls, label, out.fill, fill)
 
 
 @dataclass
@@ -124,9 +125,8 @@ class SegTrainer:
 
     def optimise(self, batch: dict[str, Any]):
         """Forward, backward and one optimiser step on a batch; returns the loss output."""
-        image, mask, label = self.to_device(batch)
         with self.autocast():
-            _, loss_out = self.ddp(image, mask, label)
+            _, loss_out = self.ddp(*self.to_device(batch))
         if not torch.isfinite(loss_out.total):
             raise FloatingPointError(
                 f"the loss became {float(loss_out.total)} (terms: "
@@ -200,7 +200,7 @@ class SegTrainer:
     def to_device(self, batch: dict[str, Any]):
         dev = self.ctx.device
         image = image_to(batch["image"], dev, self.s.channels_last)
-        return image, batch["mask"].to(dev, non_blocking=True), batch["label"].to(dev, non_blocking=True)
+        return (image, *(batch[k].to(dev, non_blocking=True) for k in ("mask", "label", "fill")))
 
     def autocast(self):
         return autocast_for(self.ctx.device, self.s.amp_dtype)

@@ -22,16 +22,17 @@ from model.loss import build_loss as make_loss
 from model.metrics import SegmentationMetrics
 from utils.augment import DEFAULT_AUGMENTATIONS
 from utils.dataset import Splits, build_datasets, make_loader
+from utils.hardware import AMP_DTYPES, resolve_precision
 from utils.image_io import DatasetError
 from utils.loggers import build_loggers
 from utils.util import DistContext, RunError
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
-def precision_of(cfg: Config) -> Optional[torch.dtype]:
-    """The autocast dtype MIXED_PRECISION names (None = fp32)."""
-    return AMP_DTYPES[cfg.MIXED_PRECISION]
+def precision_of(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype MIXED_PRECISION resolves to on ``device`` (None = fp32); see
+    :func:`utils.hardware.resolve_precision` (``auto``: bf16 only where the hardware has it natively)."""
+    return AMP_DTYPES[resolve_precision(cfg.MIXED_PRECISION, device)[0]]
 
 
 def build_model(cfg: Config) -> AuxNet:
@@ -46,8 +47,9 @@ def build_model(cfg: Config) -> AuxNet:
         cls_dropout=cfg.CLS_DROPOUT,
     )
     if cfg.MODEL_WEIGHTS:
-        # A head that is about to be trained may be missing from the file (it starts fresh).
-        allow = ("head.",) if cfg.trains_classifier else ()
+        # A head that is about to be trained may be missing from the file (it starts fresh), and so
+        # may the fill head of a checkpoint made before it existed (then it only cannot gate).
+        allow = ("fill_head.", "head.") if cfg.trains_classifier else ("fill_head.",)
         load_weights(net, resolve_weights_path(cfg.MODEL_WEIGHTS), allow_missing=allow)
     net.set_trainable(cfg.stage.trains)
     return net
@@ -103,7 +105,7 @@ def build_data(cfg: Config, split_file: Path, fold: int) -> Splits:
             cross_validation=cfg.CROSS_VALIDATION,
             train_composition=cfg.TRAIN_SET_COMPOSITION,
             test_composition=cfg.TEST_SET_COMPOSITION,
-            tile_overlap=cfg.TILE_OVERLAP,
+            tile_overlap=cfg.train_overlap,
             augmentations=augmentations,
             synthetic_images=cfg.SYNTHETIC_IMAGES,
             synthetic_size=cfg.SYNTHETIC_SIZE,
@@ -182,7 +184,7 @@ def build_trainer(cfg: Config, ctx: DistContext, run: RunDir, splits: Splits, fo
         epochs=cfg.WARMUP_EPOCHS + cfg.TRAIN_EPOCHS,
         eval_metric=cfg.EVAL_METRIC,
         save_best=cfg.SAVE_MODEL,
-        amp_dtype=precision_of(cfg),
+        amp_dtype=precision_of(cfg, ctx.device),
         channels_last=cfg.CHANNELS_LAST,
         config=cfg.to_dict(),
         fold=fold,

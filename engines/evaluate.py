@@ -8,29 +8,36 @@ line may set the evaluation options (:data:`configs.config_parser.EVAL_KEYS`).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from configs import Config, ConfigError
-from configs.config_parser import config_for_checkpoint, parse_overrides
+from configs.config_parser import EVAL_KEYS, PREDICT_KEYS, config_for_checkpoint, parse_overrides
 from configs.validator import validate
 from engines.builders import build_data, build_loaders, build_metrics, build_model, precision_of
 from engines.checkpoint import CheckpointError, resolve_weights_path, saved_run
 from engines.forward import autocast_for, evaluate_model
 from engines.launch import main_first
+from engines.predict import build_predictor
+from engines.predictor import ArrayImage, Predictor
 from engines.run_dir import RunDir, eval_outputs, run_dir_for
+from utils.image_io import ImageSet
 from utils.util import DistContext, atomic_write_json, atomic_write_text
 
 
-def eval_config(cfg: Config, overrides: list[str]) -> Config:
+def eval_config(cfg: Config, overrides: list[str], command: str = "eval") -> Config:
     """The configuration to evaluate MODEL_WEIGHTS with: its run's, plus the evaluation options given.
 
     Raises:
         ConfigError: no MODEL_WEIGHTS, an unreadable checkpoint, or options it fixes set otherwise.
     """
     if not cfg.MODEL_WEIGHTS:
-        raise ConfigError(["`main.py eval` evaluates a checkpoint: set MODEL_WEIGHTS=path/to/best.pth"])
+        raise ConfigError([f"`main.py {command}` needs a checkpoint: set MODEL_WEIGHTS=path/to/best.pth"])
     path = resolve_weights_path(cfg.MODEL_WEIGHTS)
     try:
         saved, fold = saved_run(path)
@@ -39,7 +46,8 @@ def eval_config(cfg: Config, overrides: list[str]) -> Config:
     if saved is None:
         return cfg  # bare weights: the command line describes the network
     given, _ = parse_overrides(overrides)
-    cfg = config_for_checkpoint(saved, cfg, given, fold=fold)
+    cfg = config_for_checkpoint(saved, cfg, given, fold=fold,
+                                allowed=PREDICT_KEYS if command == "predict" else EVAL_KEYS)
     problems = validate(cfg)
     if problems:
         raise ConfigError(problems, source=f"the configuration saved in {path}")
@@ -64,7 +72,7 @@ def evaluate(cfg: Config, ctx: DistContext, run: RunDir) -> None:
     net = build_model(cfg).to(ctx.device)
     if cfg.CHANNELS_LAST:
         net = net.to(memory_format=torch.channels_last)
-    dtype = precision_of(cfg)
+    dtype = precision_of(cfg, ctx.device)
 
     def autocast():
         return autocast_for(ctx.device, dtype)
@@ -73,14 +81,75 @@ def evaluate(cfg: Config, ctx: DistContext, run: RunDir) -> None:
                              cfg.CHANNELS_LAST)
     summary = metrics.compute()
     rows = metrics.gather_per_image()
+    ckpt = resolve_weights_path(cfg.MODEL_WEIGHTS)
+    whole = whole_image_evaluation(cfg, ctx, splits, ckpt)
     if ctx.is_main:
-        ckpt = resolve_weights_path(cfg.MODEL_WEIGHTS)
         csv_path, json_path = eval_outputs(ckpt)
         atomic_write_text(csv_path, to_csv(rows))
+        images_csv = csv_path.with_name(csv_path.stem + "_images.csv")
+        atomic_write_text(images_csv, to_csv([{"mode": m, **row} for m, r in whole.items() for row in r["images"]]))
         atomic_write_json(json_path, {"checkpoint": str(ckpt), "fold": cfg.DEFAULT_FOLD, "tiles": len(rows),
-                                      "metrics": summary})
+                                      "metrics": summary,
+                                      "whole_image": {m: r["summary"] for m, r in whole.items()}})
         print(f"evaluated {ckpt} (fold {cfg.DEFAULT_FOLD}) on {len(rows)} test tiles -> {json_path}")
-        print(" | ".join(f"{k} {v:.4f}" for k, v in summary.items() if "/" not in k))
+        print("tiles: " + " | ".join(f"{k} {v:.4f}" for k, v in summary.items() if "/" not in k))
+        print(whole_image_line(whole))
+
+
+def whole_image_evaluation(cfg: Config, ctx: DistContext, splits, weights: Path) -> dict[str, dict]:
+    """The test split's whole images predicted from ``weights`` without gating and, where the head
+    was trained, with gating: ``{"ungated": {"summary", "images"}, "gated": ...}``."""
+    cfg = dataclasses.replace(cfg, MODEL_WEIGHTS=str(weights))
+    report = {}
+    for mode in ("ungated", "gated") if cfg.trains_classifier else ("ungated",):
+        predictor = build_predictor(cfg, ctx.device, gating=mode == "gated")
+        summary, rows = evaluate_whole_images(predictor, splits.test.images, splits.test_ids,
+                                              build_metrics(cfg, ctx.device)(), ctx, cfg.SEG_THRESHOLD)
+        report[mode] = {"summary": summary, "images": rows}
+    return report
+
+
+def whole_image_line(report: dict[str, dict]) -> str:
+    """One line per mode: the headline whole-image metrics."""
+    keys = ("ACC", "DSC", "IoU", "ASD", "HD95", "gated_off_fraction", "seconds")
+    return "\n".join(f"whole images, {mode}: " + " | ".join(f"{k} {r['summary'][k]:.4f}" for k in keys
+                                                             if k in r["summary"]) for mode, r in report.items())
+
+
+def evaluate_whole_images(predictor: Predictor, images: ImageSet, ids: list[str], metrics, ctx: DistContext,
+                          seg_threshold: float) -> tuple[dict, list[dict]]:
+    """Predict whole images with ``predictor`` and score them: Dice, IoU and the surface distances on
+    the whole image (a tile's HD95 is capped by the tile), plus pixel accuracy and the tiles decoded.
+    Each rank takes its share of ``ids``; the summary is all-reduced (a collective call under DDP).
+
+    Returns:
+        (summary, per-image rows).
+    """
+    index = {image_id: i for i, image_id in enumerate(images.ids)}
+    totals = torch.zeros(5, dtype=torch.float64)  # correct pixels, pixels, tiles, decoded, seconds
+    extra = {}
+    for image_id in ids[ctx.rank::ctx.world_size]:
+        raw, mask = images.get(index[image_id])
+        entry = images.entries[index[image_id]]
+        probs, stats = predictor.predict_array(ArrayImage(raw, entry.offset, entry.scale))
+        pred = predictor.labels(probs, seg_threshold)
+        metrics.update_labels(torch.from_numpy(pred)[None].to(ctx.device),
+                              torch.from_numpy(mask.astype(np.int64))[None].to(ctx.device), ids=[image_id])
+        correct = int((pred == mask).sum())
+        totals += torch.tensor([correct, mask.size, stats.tiles, stats.decoded, stats.seconds], dtype=torch.float64)
+        extra[image_id] = {"ACC": correct / mask.size, **stats.as_dict()}
+    summary = metrics.compute()
+    rows = metrics.gather_per_image()
+    if ctx.distributed:
+        totals = totals.to(ctx.device)
+        dist.all_reduce(totals)
+        gathered = [None] * ctx.world_size
+        dist.all_gather_object(gathered, extra)
+        extra = {k: v for part in gathered for k, v in part.items()}
+    correct, pixels, tiles, decoded, seconds = totals.tolist()
+    summary = {"ACC": correct / max(pixels, 1), **summary, "tiles": int(tiles), "decoded": int(decoded),
+               "gated_off_fraction": 1 - decoded / max(tiles, 1), "seconds": seconds}
+    return summary, [{**row, **extra.get(row["id"], {})} for row in rows]
 
 
 def to_csv(rows: list[dict]) -> str:

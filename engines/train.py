@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import statistics
 
+import torch.distributed as dist
+
 from configs import Config, ConfigError, save_config
 from configs.config_parser import read_yaml, resume_problems
 from engines.builders import build_data, build_trainer
+from engines.evaluate import whole_image_evaluation, whole_image_line
 from engines.launch import main_first
 from engines.run_dir import RunDir, run_dir_for
+from utils.hardware import resolve_precision
 from utils.splits import num_folds
 from utils.util import DistContext, atomic_write_json, seed_everything
 
@@ -33,7 +37,7 @@ def choose_run(cfg: Config) -> RunDir:
 def train(cfg: Config, ctx: DistContext, run: RunDir) -> None:
     """Train every fold of the configuration (one unless CROSS_VALIDATION) in ``run``."""
     if ctx.is_main:
-        save_config(cfg, run.config)
+        save_config(cfg, run.config, resolved={"MIXED_PRECISION": resolve_precision(cfg.MIXED_PRECISION, ctx.device)[1]})
     folds = list(range(num_folds(cfg.TEST_SPLIT))) if cfg.CROSS_VALIDATION else [cfg.DEFAULT_FOLD]
     summaries = {fold: train_fold(cfg, ctx, run, fold) for fold in folds}
     if ctx.is_main and cfg.CROSS_VALIDATION:
@@ -48,13 +52,21 @@ def train_fold(cfg: Config, ctx: DistContext, run: RunDir, fold: int) -> dict:
     trainer = build_trainer(cfg, ctx, fold_dir, splits, fold)
     if ctx.is_main:
         print(f"run {fold_dir.root}  fold {fold}: {len(splits.train)} train / {len(splits.test)} test tiles, "
-              f"device {ctx.device}, {ctx.world_size} process(es)")
+              f"device {ctx.device}, {ctx.world_size} process(es), precision "
+              f"{resolve_precision(cfg.MIXED_PRECISION, ctx.device)[1]}")
     try:
         summary = trainer.fit()
     finally:
         trainer.logger.close()
+    if ctx.distributed:
+        dist.barrier()  # the main rank has written the last checkpoints
+    weights = fold_dir.best if fold_dir.best.is_file() else fold_dir.last
+    whole = whole_image_evaluation(cfg, ctx, splits, weights)
+    summary["whole_image"] = {"checkpoint": weights.name, **{m: r["summary"] for m, r in whole.items()}}
     if ctx.is_main:
+        atomic_write_json(fold_dir.summary, summary)
         print(results_table(summary))
+        print(whole_image_line(whole))
     return summary
 
 

@@ -5,11 +5,13 @@
     x ─ Enc1 ───────────────────────────── Dec1 ─ OutConv ─▶ seg (B, SEG_CLASSES, H, W)
           └ Down ─ Enc2 ───────────── Dec2 ┘
                     └ Down ─ Bottleneck ┘
-                                 └ ClassifierHead ─▶ cls (B, CLS_CLASSES)
+                                 ├ ClassifierHead ─▶ cls  (B, CLS_CLASSES)        "contains a boundary?"
+                                 └ FillHead ───────▶ fill (B, max(SEG_CLASSES, 2)) "if not, which class?"
 
 Width doubles per level from ``base_width``; ``depth`` counts levels including the bottleneck, so
 the input side must be divisible by 2^(depth-1). The head answers "does this tile contain an object
-boundary?"; in AuxNet's staged training (``STAGES``) it can be trained jointly with the U-Net, or
+boundary?"; the fill head answers "if not, which class is the whole tile?", so that prediction can
+skip the decoder on tiles without a boundary and fill them with that class. In AuxNet's staged training (``STAGES``) it can be trained jointly with the U-Net, or
 alone on a frozen encoder.
 """
 
@@ -50,10 +52,12 @@ STAGES: dict[str, Stage] = {
 
 
 class AuxNetOutput(NamedTuple):
-    """Raw logits: ``seg`` (B, K, H, W) or None when decoding is skipped; ``cls`` (B, J) or None."""
+    """Raw logits: ``seg`` (B, K, H, W) or None when decoding is skipped; ``cls`` (B, J) and
+    ``fill`` (B, max(K, 2)) or None without a head."""
 
     seg: Optional[torch.Tensor]
     cls: Optional[torch.Tensor]
+    fill: Optional[torch.Tensor] = None
 
 
 class ConvBlock(nn.Sequential):
@@ -99,6 +103,11 @@ class ClassifierHead(nn.Sequential):
         )
 
 
+class FillHead(ClassifierHead):
+    """The class of a tile without a boundary (global average pool → dropout → linear, beside the
+    classifier head): what gated prediction fills such a tile with."""
+
+
 class AuxNet(nn.Module):
     """U-Net of configurable depth and width with an optional classifier head.
 
@@ -106,6 +115,7 @@ class AuxNet(nn.Module):
         in_channels: image channels.
         seg_classes: segmentation output channels (1 = binary/sigmoid, >= 2 = softmax).
         cls_classes: classifier outputs (1 = sigmoid, 2 = softmax); 0 builds no head (plain U-Net).
+            With a head comes the fill head (``max(seg_classes, 2)`` outputs).
         depth: levels including the bottleneck (>= 2).
         base_width: feature maps of the first level; doubles per level.
         seg_dropout: spatial dropout after each encoder and decoder block.
@@ -113,7 +123,8 @@ class AuxNet(nn.Module):
 
     Shape:
         x: (B, in_channels, H, W) with H, W divisible by 2^(depth-1).
-        Returns :class:`AuxNetOutput` with seg (B, seg_classes, H, W) and cls (B, cls_classes).
+        Returns :class:`AuxNetOutput` with seg (B, seg_classes, H, W), cls (B, cls_classes) and
+        fill (B, max(seg_classes, 2)).
     """
 
     def __init__(
@@ -136,6 +147,7 @@ class AuxNet(nn.Module):
         self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], seg_dropout) for i in reversed(range(depth - 1)))
         self.outc = nn.Conv2d(widths[0], seg_classes, 1)
         self.head = ClassifierHead(widths[-1], cls_classes, cls_dropout) if cls_classes > 0 else None
+        self.fill_head = FillHead(widths[-1], max(seg_classes, 2), cls_dropout) if cls_classes > 0 else None
 
     def encoder_modules(self) -> list[nn.Module]:
         return [self.inc, self.downs]
@@ -143,7 +155,16 @@ class AuxNet(nn.Module):
     def decoder_modules(self) -> list[nn.Module]:
         return [self.ups, self.outc]
 
+    def head_modules(self) -> list[nn.Module]:
+        return [m for m in (self.head, self.fill_head) if m is not None]
+
     def forward(self, x: torch.Tensor, decode: bool = True) -> AuxNetOutput:
+        skips, bottleneck = self.encode(x)
+        cls, fill = self.classify(bottleneck)
+        return AuxNetOutput(self.decode(skips, bottleneck) if decode else None, cls, fill)
+
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The encoder: (skip connections, shallow to deep; the bottleneck)."""
         if x.shape[-1] % 2 ** (self.depth - 1) or x.shape[-2] % 2 ** (self.depth - 1):
             raise ValueError(
                 f"input of size {tuple(x.shape[-2:])} is not divisible by 2^(depth-1)={2 ** (self.depth - 1)}"
@@ -152,13 +173,20 @@ class AuxNet(nn.Module):
         for down in self.downs:
             skips.append(down(skips[-1]))
         bottleneck = skips.pop()
-        cls = self.head(bottleneck) if self.head is not None else None
-        if not decode:
-            return AuxNetOutput(None, cls)
+        return skips, bottleneck
+
+    def classify(self, bottleneck: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(boundary logits, fill-class logits) of the heads, or (None, None) without a head."""
+        if self.head is None:
+            return None, None
+        return self.head(bottleneck), self.fill_head(bottleneck)
+
+    def decode(self, skips: list[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
+        """The decoder: segmentation logits from the encoder's output (``skips`` is not modified)."""
         y = bottleneck
-        for up in self.ups:
-            y = up(y, skips.pop())
-        return AuxNetOutput(self.outc(y), cls)
+        for up, skip in zip(self.ups, reversed(skips)):
+            y = up(y, skip)
+        return self.outc(y)
 
     def set_trainable(self, parts: str) -> None:
         """Freeze everything but ``parts`` (a subset of "EDC": encoder, decoder, classifier head).
@@ -166,7 +194,7 @@ class AuxNet(nn.Module):
         Frozen parts also stay in eval mode (see :meth:`train`) so their BatchNorm statistics and
         dropout do not change while the other parts learn.
         """
-        groups = {"E": self.encoder_modules(), "D": self.decoder_modules(), "C": [self.head] if self.head else []}
+        groups = {"E": self.encoder_modules(), "D": self.decoder_modules(), "C": self.head_modules()}
         self._frozen = [m for key, mods in groups.items() if key not in parts for m in mods]
         for key, mods in groups.items():
             for module in mods:

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from utils.sdf import check_kernel_size, distance_transform, label_masks, signed_distance_map
+from utils.tiling import NO_FILL
 from utils.util import check_choice
 
 SMOOTH = 1e-5
@@ -813,14 +814,16 @@ def loss_problems(
 
 
 class ClassificationLoss(nn.Module):
-    """The tile classifier's loss: BCE for one output (sigmoid), CE for two or more (softmax).
+    """The tile heads' loss: the boundary classifier's BCE for one output (sigmoid) or CE for two or
+    more (softmax), plus, when fill logits are given, the fill head's CE over the tiles without a
+    boundary (their one class; tiles with a boundary carry :data:`NO_FILL` and are ignored).
 
     Args:
         num_classes: CLS_CLASSES >= 1.
 
     Shape:
-        cls_logits: (B, J), or (B,) for J = 1; cls_target: (B,) class indices (or (B, 1) for J = 1).
-        Returns a scalar, fp32.
+        cls_logits: (B, J), or (B,) for J = 1; cls_target: (B,) class indices (or (B, 1) for J = 1);
+        fill_logits: (B, F); fill_target: (B,) class indices or NO_FILL. Returns a scalar, fp32.
 
     Raises:
         ValueError: on shapes or class indices that do not fit.
@@ -834,7 +837,22 @@ class ClassificationLoss(nn.Module):
             raise ValueError(f"cls_classes={num_classes!r} must be an int >= 1")
         self.num_classes = num_classes
 
-    def forward(self, cls_logits: Tensor, cls_target: Tensor) -> Tensor:
+    def forward(self, cls_logits: Tensor, cls_target: Tensor, fill_logits: Optional[Tensor] = None,
+                fill_target: Optional[Tensor] = None) -> Tensor:
+        boundary = self.boundary_loss(cls_logits, cls_target)
+        if fill_logits is None:
+            return boundary
+        if fill_target is None or fill_target.shape != fill_logits.shape[:1]:
+            raise ValueError(f"CLS: fill_logits {tuple(fill_logits.shape)} need a fill_target of shape "
+                             f"({fill_logits.shape[0]},), got {None if fill_target is None else tuple(fill_target.shape)}")
+        with torch.autocast(fill_logits.device.type, enabled=False):
+            x, t = fill_logits.float(), fill_target.long()
+            # sum / count rather than mean: a batch whose tiles all have a boundary adds 0 (with a graph).
+            fill = F.cross_entropy(x, t, ignore_index=NO_FILL, reduction="sum") / (t != NO_FILL).sum().clamp_min(1)
+        return boundary + fill
+
+    def boundary_loss(self, cls_logits: Tensor, cls_target: Tensor) -> Tensor:
+        """The boundary classifier's BCE / CE alone."""
         if not isinstance(cls_logits, Tensor) or not isinstance(cls_target, Tensor):
             raise ValueError("CLS: cls_logits and cls_target must both be tensors")
         x = cls_logits.float()
@@ -988,6 +1006,8 @@ class CombinedLoss(nn.Module):
         target: Optional[Tensor],
         cls_logits: Optional[Tensor] = None,
         cls_target: Optional[Tensor] = None,
+        fill_logits: Optional[Tensor] = None,
+        fill_target: Optional[Tensor] = None,
     ) -> LossOutput:
         """Compute every applicable term and their weighted total.
 
@@ -996,6 +1016,8 @@ class CombinedLoss(nn.Module):
             target: segmentation class indices (ignored when ``seg_logits`` is None).
             cls_logits: raw classifier logits, or None (no CLS term this call).
             cls_target: classifier class indices (needed with ``cls_logits``).
+            fill_logits, fill_target: the fill head's logits and each tile's class (or NO_FILL),
+                added to the CLS term (see :class:`ClassificationLoss`).
 
         Shape:
             seg_logits: (B, K, H, W); target: (B, H, W); cls_logits: (B, J); cls_target: (B,).
@@ -1022,7 +1044,7 @@ class CombinedLoss(nn.Module):
                 )
             if cls_target is None:
                 raise ValueError("cls_logits given without cls_target")
-            losses["CLS"] = self.cls_term(cls_logits, cls_target)
+            losses["CLS"] = self.cls_term(cls_logits, cls_target, fill_logits, fill_target)
         if not losses:
             raise ValueError(
                 f"no loss term to compute: pass seg_logits (terms {list(self.seg_terms)}) and/or cls_logits"

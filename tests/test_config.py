@@ -8,6 +8,7 @@ import yaml
 
 from configs import Config, ConfigError, load_config
 from configs.config_parser import DEFAULT_CONFIG, FIELDS
+from configs.schema import doc_of
 
 
 def problems_of(*overrides, path=None):
@@ -59,7 +60,7 @@ def test_wrong_types_and_unknown_keys_are_all_reported():
 
 def test_a_bad_choice_lists_the_choices_and_the_closest():
     (problem,) = problems_of("MIXED_PRECISION=bf61")
-    assert "MIXED_PRECISION='bf61' is not valid: expected one of 'bf16' | 'fp16' | 'none'" in problem
+    assert "MIXED_PRECISION='bf61' is not valid: expected one of 'auto' | 'bf16' | 'fp16' | 'none'" in problem
     assert "(did you mean 'bf16'?)" in problem
 
 
@@ -161,3 +162,40 @@ def test_weights_path_suffix_is_optional(tmp_path):
 
 def test_config_is_a_dataclass_with_docs_for_each_field():
     assert dataclasses.is_dataclass(Config)
+
+
+def _yaml_comments() -> dict[str, str]:
+    """The one-line comment of each top-level option in config.yaml."""
+    comments = {}
+    for line in DEFAULT_CONFIG.read_text().splitlines():
+        m = re.match(r"([A-Za-z_]\w*):[^#]*#(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def _readme_meanings() -> dict[str, str]:
+    """The meaning column of each `| `KEY` | `default` | meaning |` row of README.md, unescaped."""
+    readme = (DEFAULT_CONFIG.parents[1] / "README.md").read_text()
+    meanings = {}
+    for line in readme.splitlines():
+        m = re.fullmatch(r"\| `(\w+)` \| `[^`]*` \| (.*) \|", line.strip())
+        if m and m.group(1) in FIELDS:
+            meanings[m.group(1)] = m.group(2).replace(r"\|", "|").replace("&lt;", "<").replace("&gt;", ">")
+    return meanings
+
+
+def test_schema_doc_is_the_yaml_comment_and_the_readme_meaning():
+    comments, meanings = _yaml_comments(), _readme_meanings()
+    problems = []
+    for key, field in FIELDS.items():
+        doc = field.metadata.get("doc")
+        if not doc:
+            problems.append(f"{key}: no one-line doc in configs/schema.py")
+            continue
+        assert doc == doc_of(key)
+        if comments.get(key) != doc:
+            problems.append(f"{key}: config.yaml comment {comments.get(key)!r} != schema doc {doc!r}")
+        if meanings.get(key) != doc:
+            problems.append(f"{key}: README meaning {meanings.get(key)!r} != schema doc {doc!r}")
+    assert not problems, "\n".join(problems)

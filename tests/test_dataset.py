@@ -15,6 +15,7 @@ from scipy import ndimage
 
 import utils.image_io as image_io
 import utils.synthetic as synthetic
+from conftest import random_box
 from utils.augment import DEFAULT_AUGMENTATIONS, UNetElasticTransform, augmentation_problems, build_augmentation
 from utils.dataset import TileDataset, build_datasets, make_loader
 from utils.image_io import DatasetError, ImageEntry, ImageSet, load_folder
@@ -48,14 +49,6 @@ def _write(path: Path, arr: np.ndarray, **kw) -> Path:
 def _pair(root: Path, stem: str, image: np.ndarray, mask: np.ndarray, ext=".png", mask_ext=".png", **kw):
     _write(root / "images" / f"{stem}{ext}", image, **kw)
     _write(root / "masks" / f"{stem}{mask_ext}", mask)
-
-
-def _blobs(rng, h=48, w=48):
-    """A binary mask with a rectangle, so tiles have both labels."""
-    m = np.zeros((h, w), np.uint8)
-    y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
-    m[y:y + h // 3, x:x + w // 3] = 1
-    return m
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -109,7 +102,7 @@ def test_png_8_and_16_bit_gray_scale_by_dtype_range(tmp_path):
     rng = np.random.default_rng(1)
     img8 = rng.integers(0, 256, (48, 40), dtype=np.uint8)
     img16 = rng.integers(0, 65536, (48, 40), dtype=np.uint16)
-    mask = _blobs(rng, 48, 40)
+    mask = random_box(rng, 48, 40)
     _pair(tmp_path, "a", img8, mask)
     _pair(tmp_path, "b", img16, mask * 255)
     # Mixed 0/1 and 0/255 masks: values are then class indices, and 255 is out of range.
@@ -132,7 +125,7 @@ def test_rgb_png_and_multichannel_tiffs(tmp_path):
     rng = np.random.default_rng(2)
     rgb = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
     chw5 = rng.integers(0, 65536, (5, 40, 40), dtype=np.uint16)
-    mask = _blobs(rng, 40, 40)
+    mask = random_box(rng, 40, 40)
     root3, root5 = tmp_path / "rgb", tmp_path / "five"
     _pair(root3, "png", rgb, mask)
     _pair(root3, "tif", rgb, mask, ext=".tif", mask_ext=".tif")  # contiguous (H, W, 3), axes YXS
@@ -149,7 +142,7 @@ def test_rgb_png_and_multichannel_tiffs(tmp_path):
 def test_tiff_16_bit_gray_with_tiff_mask_and_float_tiff(tmp_path):
     rng = np.random.default_rng(3)
     img = rng.integers(0, 65536, (33, 35), dtype=np.uint16)
-    mask = _blobs(rng, 33, 35)
+    mask = random_box(rng, 33, 35)
     _pair(tmp_path, "g", img, mask, ext=".tif", mask_ext=".tiff")
     _pair(tmp_path, "f", (img / 65535.0).astype(np.float32), mask, ext=".tif")
     images = load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32)
@@ -186,7 +179,7 @@ def test_jpeg_image_and_class_index_masks(tmp_path):
 def test_lazy_decoding_matches_the_in_memory_cache(tmp_path, monkeypatch):
     rng = np.random.default_rng(5)
     for stem in ("p", "q"):
-        _pair(tmp_path, stem, rng.integers(0, 256, (64, 48), dtype=np.uint8), _blobs(rng, 64, 48) * 255)
+        _pair(tmp_path, stem, rng.integers(0, 256, (64, 48), dtype=np.uint8), random_box(rng, 64, 48) * 255)
     cached = load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32)
     monkeypatch.setattr(image_io, "MEMORY_CACHE_FRACTION", 0.0)
     lazy = load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32)
@@ -200,7 +193,7 @@ def test_lazy_decoding_matches_the_in_memory_cache(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------- errors
 def _good(root, stem="ok", size=(40, 40)):
     rng = np.random.default_rng(list(stem.encode()))
-    _pair(root, stem, rng.integers(0, 256, size, dtype=np.uint8), _blobs(rng, *size))
+    _pair(root, stem, rng.integers(0, 256, size, dtype=np.uint8), random_box(rng, *size))
 
 
 def _truncated_png(root, stem):

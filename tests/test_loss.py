@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import labels_with_every_class, ref_sdm
 from model.loss import (
     LOSS_HEADS,
     LOSSES,
@@ -47,24 +48,6 @@ def multi_logits(pred, k: int) -> torch.Tensor:
 def t(rows) -> torch.Tensor:
     """A (1, H, W) int64 target from nested lists."""
     return torch.tensor([rows], dtype=torch.long)
-
-
-def scipy_sdm(mask: np.ndarray) -> np.ndarray:
-    """Kervadec et al.'s signed distance map of one binary 2-D mask, with SciPy's exact EDT."""
-    pos = mask.astype(bool)
-    neg = ~pos
-    return neg * ndi.distance_transform_edt(neg) - (ndi.distance_transform_edt(pos) - 1) * pos
-
-
-def random_labels(b: int, h: int, w: int, k: int, seed: int) -> torch.Tensor:
-    """Blobby random (B, H, W) label maps with classes 0..max(k, 2)-1, every class in every map."""
-    rng = np.random.default_rng(seed)
-    n = max(k, 2)
-    out = np.zeros((b, h, w), dtype=np.int64)
-    for i in range(b):
-        while len(np.unique(out[i])) < n:
-            out[i] = ndi.gaussian_filter(rng.random((n, h, w)), (0, 2, 2)).argmax(0)
-    return torch.from_numpy(out)
 
 
 # --------------------------------------------------------------------------------------- names
@@ -292,7 +275,7 @@ def test_wbce_hand_values():
 
 def test_wbce_matches_scipy_weight_map_multiclass():
     rng = np.random.default_rng(3)
-    y = random_labels(2, 12, 12, 3, seed=3)
+    y = labels_with_every_class(3, 2, 3, 12, 12)
     x = torch.from_numpy(rng.normal(size=(2, 3, 12, 12))).float()
     w = np.ones((2, 12, 12))
     for b in range(2):
@@ -300,7 +283,7 @@ def test_wbce_matches_scipy_weight_map_multiclass():
         for c in (1, 2):
             m = y[b].numpy() == c
             if m.any() and not m.all():
-                d = np.minimum(d, np.abs(scipy_sdm(m)))
+                d = np.minimum(d, np.abs(ref_sdm(m)))
         w[b] = 1 + 10 * np.exp(-(d**2) / 50)
     ce = F.cross_entropy(x, y, reduction="none").numpy()
     assert WeightedBCELoss()(x, y).item() == pytest.approx(float((w * ce).mean()), rel=1e-5)
@@ -367,14 +350,14 @@ def test_boundary_hand_values():
 def test_boundary_equals_scipy_reference_on_random_masks(k, normalization):
     b, h, w = 3, 20, 17
     g = torch.Generator().manual_seed(7)
-    y = random_labels(b, h, w, k, seed=8)
+    y = labels_with_every_class(8, b, k, h, w)
     x = 3 * torch.randn(b, k, h, w, generator=g)
     p = torch.sigmoid(x) if k == 1 else torch.softmax(x, 1)
     ref = 0.0
     classes = [1] if k == 1 else [1, 2]  # foreground classes
     for i in range(b):
         for c in classes:
-            sdm = scipy_sdm(y[i].numpy() == c)
+            sdm = ref_sdm(y[i].numpy() == c)
             ref += float((p[i, 0 if k == 1 else c].double().numpy() * sdm).sum())
     ref /= b * len(classes) * h * w
     if normalization == "static_max":  # the tile's largest distance, corner to corner
@@ -443,7 +426,7 @@ def test_sdm_losses_match_scipy_on_hard_predictions(name, k):
     # predictions the loss must equal the L1 between SciPy SDMs (taxicab chamfer), normalised
     # by the tile's largest manhattan distance (H-1) + (W-1)
     b, h, w = 2, 14, 15
-    y, pred = random_labels(b, h, w, k, seed=21), random_labels(b, h, w, k, seed=22)
+    y, pred = labels_with_every_class(21, b, k, h, w), labels_with_every_class(22, b, k, h, w)
     logits = binary_logits(pred) * 3 if k == 1 else 3 * multi_logits(pred, k)  # σ(-60): cost 21 px
 
     def sdm(mask):
@@ -476,7 +459,7 @@ def _cases():
 def test_gradients_are_finite_and_nonzero(name, k):
     g = torch.Generator().manual_seed(11)
     x = torch.randn(2, k, 12, 12, generator=g, requires_grad=True)
-    y = random_labels(2, 12, 12, k, seed=11)
+    y = labels_with_every_class(11, 2, k, 12, 12)
     loss = build_loss(name, seg_classes=k).seg_terms[name]
     value = loss(x, y)
     value.backward()
@@ -512,7 +495,7 @@ def test_autocast_bf16_computes_in_fp32(name, k):
     g = torch.Generator().manual_seed(13)
     net = nn.Conv2d(2, k, 3, padding=1)
     image = torch.randn(2, 2, 12, 12, generator=g)
-    y = random_labels(2, 12, 12, k, seed=13)
+    y = labels_with_every_class(13, 2, k, 12, 12)
     loss = build_loss(name, seg_classes=k).seg_terms[name]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = net(image)
@@ -530,7 +513,7 @@ def test_autocast_bf16_computes_in_fp32(name, k):
 
 def _batch(k: int = 1, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, k, 10, 10, generator=g, requires_grad=True), random_labels(2, 10, 10, k, seed=seed)
+    return torch.randn(2, k, 10, 10, generator=g, requires_grad=True), labels_with_every_class(seed, 2, k, 10, 10)
 
 
 def test_static_weights():
@@ -568,7 +551,7 @@ def test_adaptive_weights_start_at_one_and_shift_boundary():
     assert out.weights == {"SoftDICE": 1.0, "Boundary": 1.0}
     raw = BoundaryLoss(normalization=None)(x, y)
     # the shift is minus the perfect prediction's value, mean min(φ, 0)
-    shift = -np.mean([np.minimum(scipy_sdm(m.numpy() == 1), 0) for m in y])
+    shift = -np.mean([np.minimum(ref_sdm(m.numpy() == 1), 0) for m in y])
     assert shift > 0 and out.terms["Boundary"].item() >= 0
     assert out.terms["Boundary"].item() == pytest.approx(raw.item() + shift, abs=1e-6)
     assert out.total.item() == pytest.approx(sum(out.terms.values()).item(), rel=1e-6)  # s_i = 0
@@ -610,15 +593,6 @@ def test_adaptive_classifier_only_step_still_touches_every_log_variance():
     grad = combined.log_vars.grad
     assert grad is not None and grad[0] == 0 and grad[1] == 0 and grad[2] != 0
     assert out.weights.keys() == {"SoftDICE", "Boundary", "CLS"}
-
-
-@pytest.fixture
-def one_thread():
-    # tiny tensors: thread hand-offs cost more than the work, and on a busy machine far more
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_learnable_weights_move_and_stay_finite_for_200_steps(one_thread):

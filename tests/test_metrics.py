@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from scipy import ndimage
 
+from conftest import brute_force_surface_distances, random_labels
 from model.metrics import (
     DISTANCE_METRICS,
     HIGHER_IS_BETTER,
@@ -33,18 +33,6 @@ FIELDS = {"ASD": "asd", "AD": "ad", "HD95": "hd95", "D95": "d95"}
 # ------------------------------------------------------------------------------ helpers
 
 
-def random_labels(rng: np.random.Generator, b: int, k: int, h: int, w: int, sigma: float = 3.0) -> torch.Tensor:
-    """Blobby random label maps (B, H, W): smoothed noise, argmax (K >= 2) or thresholded (K = 1).
-
-    Blobs touch the image border, so the edge handling at the border is exercised too.
-    """
-    x = ndimage.gaussian_filter(rng.standard_normal((b, max(k, 1), h, w)), (0, 0, sigma, sigma))
-    x /= x.std()
-    if k == 1:
-        return torch.from_numpy((x[:, 0] > 0.4).astype(np.int64))
-    return torch.from_numpy(x.argmax(1).astype(np.int64))
-
-
 def monai_reference(pred, target, num_classes, spacing, include_background):
     """MONAI's four numbers for our four metrics, on one-hot masks (B, C)."""
     from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
@@ -61,20 +49,6 @@ def monai_reference(pred, target, num_classes, spacing, include_background):
             "ASD": compute_average_surface_distance(p, t, symmetric=True, **kw),
             "AD": compute_average_surface_distance(p, t, symmetric=False, **kw),
         }
-
-
-def brute_force(pred_mask: np.ndarray, target_mask: np.ndarray, spacing=(1.0, 1.0)) -> dict[str, float]:
-    """All-pairs distances between SciPy-eroded edges of two non-empty 2-D masks."""
-    ep = np.argwhere(pred_mask ^ ndimage.binary_erosion(pred_mask)) * np.asarray(spacing)
-    eg = np.argwhere(target_mask ^ ndimage.binary_erosion(target_mask)) * np.asarray(spacing)
-    d = np.sqrt(((ep[:, None, :] - eg[None, :, :]) ** 2).sum(-1))
-    pg, gp = d.min(1), d.min(0)
-    return {
-        "ASD": np.concatenate([pg, gp]).mean(),
-        "AD": pg.mean(),
-        "HD95": max(np.percentile(pg, 95), np.percentile(gp, 95)),
-        "D95": np.percentile(pg, 95),
-    }
 
 
 def logits_from_labels(labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -147,7 +121,7 @@ def test_surface_distances_match_brute_force(backend, spacing):
     target = random_labels(rng, 3, 1, 24, 31, sigma=2)
     ours = surface_distances(pred, target, 1, spacing=spacing, backend=backend)
     for b in range(3):
-        ref = brute_force(pred[b].numpy() == 1, target[b].numpy() == 1, spacing)
+        ref = brute_force_surface_distances(pred[b].numpy() == 1, target[b].numpy() == 1, spacing)
         for name, field in FIELDS.items():
             assert getattr(ours, field)[b, 0].item() == pytest.approx(ref[name], abs=1e-4)
 

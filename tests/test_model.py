@@ -61,5 +61,19 @@ def test_frozen_encoder_keeps_batchnorm_statistics():
 def test_gradients_reach_every_trainable_parameter():
     net = AuxNet(2, 3, 2, depth=3, base_width=4, seg_dropout=0.1, cls_dropout=0.2)
     out = net(torch.randn(2, 2, 16, 16))
-    (out.seg.square().mean() + out.cls.square().mean()).backward()
+    (out.seg.square().mean() + out.cls.square().mean() + out.fill.square().mean()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_encode_classify_decode_equal_the_forward_pass():
+    torch.manual_seed(0)
+    net = AuxNet(1, 3, 1, depth=3, base_width=4).eval()
+    x = torch.randn(3, 1, 32, 32)
+    out = net(x)
+    skips, bottleneck = net.encode(x)
+    cls, fill = net.classify(bottleneck)
+    assert torch.equal(net.decode(skips, bottleneck), out.seg)
+    assert torch.equal(cls, out.cls) and torch.equal(fill, out.fill) and fill.shape == (3, 3)
+    # decoding a subset of the tiles from the shared encoder output gives those tiles' segmentation
+    part = net.decode([s[[0, 2]] for s in skips], bottleneck[[0, 2]])
+    assert torch.allclose(part, out.seg[[0, 2]], atol=1e-6)

@@ -11,6 +11,7 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
+from conftest import blobs, brute_force_distance, ref_distance, ref_sdm
 from utils.sdf import (
     DISTANCES,
     boundary,
@@ -23,54 +24,6 @@ ATOL = 1e-4  # px: the issue's exactness bound
 
 
 # ----------------------------------------------------------------------------- references
-
-
-def ref_distance(fg: np.ndarray, distance: str, spacing=(1.0, 1.0)) -> np.ndarray:
-    """Distance of every pixel of a 2-D map to its nearest foreground pixel (inf if none)."""
-    fg = fg.astype(bool)
-    if not fg.any():
-        return np.full(fg.shape, np.inf)
-    sy, sx = spacing
-    if distance == "euclidean":
-        return ndi.distance_transform_edt(~fg, sampling=spacing)
-    if sy == sx:
-        metric = "taxicab" if distance == "manhattan" else "chessboard"
-        return ndi.distance_transform_cdt(~fg, metric=metric).astype(float) * sy
-    return brute_force(fg, distance, spacing)
-
-
-def brute_force(fg: np.ndarray, distance: str, spacing) -> np.ndarray:
-    """min over foreground pixels q of the metric of the physical offset p − q (small maps only)."""
-    sy, sx = spacing
-    ii, jj = np.indices(fg.shape)
-    qi, qj = np.nonzero(fg)
-    dy = sy * np.abs(ii[..., None] - qi)
-    dx = sx * np.abs(jj[..., None] - qj)
-    if distance == "euclidean":
-        d = np.hypot(dy, dx)
-    elif distance == "manhattan":
-        d = dy + dx
-    else:
-        d = np.maximum(dy, dx)
-    return d.min(-1)
-
-
-def ref_sdm(pos: np.ndarray, distance: str, spacing=(1.0, 1.0)) -> np.ndarray:
-    """Boundary-loss reference: neg·edt(neg) − (edt(pos) − 1)·pos (SciPy convention), 0 if no edge."""
-    pos = pos.astype(bool)
-    if not pos.any() or pos.all():
-        return np.zeros(pos.shape)
-    neg = ~pos
-    # SciPy's edt(x): distance of nonzero pixels of x to the nearest zero = ref_distance(~x).
-    return neg * ref_distance(pos, distance, spacing) - (ref_distance(neg, distance, spacing) - 1) * pos
-
-
-def blobs(shape, seed=0, sigma=3.0, level=0.55) -> np.ndarray:
-    """Random smooth blobs: thresholded Gaussian-filtered noise, per 2-D map."""
-    rng = np.random.default_rng(seed)
-    noise = rng.random(shape)
-    sig = (0,) * (len(shape) - 2) + (sigma, sigma)
-    return ndi.gaussian_filter(noise, sig) > np.quantile(ndi.gaussian_filter(noise, sig), level)
 
 
 def special_maps(h: int, w: int) -> np.ndarray:
@@ -173,9 +126,10 @@ def test_brute_force_reference_agrees_with_scipy():
     # The anisotropic reference itself, checked where SciPy applies.
     m = blobs((1, 15, 18), seed=3)[0]
     edt = ndi.distance_transform_edt(~m, sampling=(2.0, 0.5))
-    np.testing.assert_allclose(brute_force(m, "euclidean", (2.0, 0.5)), edt)
-    np.testing.assert_allclose(brute_force(m, "chebyshev", (1, 1)), ndi.distance_transform_cdt(~m, metric="chessboard"))
-    np.testing.assert_allclose(brute_force(m, "manhattan", (1, 1)), ndi.distance_transform_cdt(~m, metric="taxicab"))
+    np.testing.assert_allclose(brute_force_distance(m, "euclidean", (2.0, 0.5)), edt)
+    for distance, metric in (("chebyshev", "chessboard"), ("manhattan", "taxicab")):
+        ref = ndi.distance_transform_cdt(~m, metric=metric)
+        np.testing.assert_allclose(brute_force_distance(m, distance, (1, 1)), ref)
 
 
 @pytest.mark.parametrize("distance", DISTANCES)

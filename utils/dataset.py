@@ -17,6 +17,7 @@ Items are dicts (default collate works)::
     image  float32 (C, H, W), scaled to [0, 1] by the file's dtype range (uint8 / 255, uint16 / 65535)
     mask   int64 (H, W), class indices (binary: {0, 1}; SEG_CLASSES = K >= 2: 0 ... K-1)
     label  int64 (), 1 = the tile's mask contains a class boundary (after augmentation)
+    fill   int64 (), the tile's one class when it has no boundary, else -100 (ignored by the loss)
     id     str, "<image id>_y<row>_x<col>", e.g. "07_y0256_x0128"
     index  int64 (), position in the dataset
 
@@ -47,7 +48,7 @@ from utils.augment import build_augmentation
 from utils.image_io import DatasetError, ImageSet, load_folder
 from utils.splits import num_folds, resolve_split
 from utils.synthetic import load_synthetic
-from utils.tiling import boundary_label, tile_id, tiles_of
+from utils.tiling import boundary_label, fill_label, tile_id, tiles_of
 
 if TYPE_CHECKING:
     import albumentations as A
@@ -116,6 +117,7 @@ class TileDataset(Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "mask": torch.from_numpy(mask.astype(np.int64)),
             "label": torch.tensor(boundary_label(mask), dtype=torch.int64),
+            "fill": torch.tensor(fill_label(mask), dtype=torch.int64),
             "id": self.ids[k],
             "index": torch.tensor(k, dtype=torch.int64),
         }

@@ -112,8 +112,22 @@ def _read_image_file(path: Path) -> np.ndarray:
     declares (normalised by :func:`_to_hwc`). Errors from the decoders propagate."""
     if path.suffix.lower() in (".tif", ".tiff"):
         return _read_tiff(path)
+    return read_pillow_image(path)
+
+
+def read_pillow_image(path: Path) -> np.ndarray:
+    """Decode a PNG / JPEG whole as the picture it shows: (H, W) or (H, W, C) in the file's dtype.
+
+    Palette images give their colours (RGB, or RGBA with transparency), 1-bit images become 8-bit
+    gray, and CMYK / YCbCr / LAB / HSV become RGB. Shared by the dataset loader and
+    :mod:`utils.raster`, so training and prediction see the same pixels.
+
+    Raises:
+        Whatever Pillow raises for a missing, truncated or undecodable file (decoded on the spot,
+        so a bad file fails here and not later in a worker).
+    """
     with Image.open(path) as im:
-        im.load()  # decodes now, so a truncated file fails here and not later in a worker
+        im.load()
         if im.mode == "P":  # palette colours, not indices, are the picture
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         elif im.mode == "1":
@@ -169,6 +183,27 @@ def _to_hwc(arr: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def dtype_intensity_range(dtype: np.dtype) -> tuple[float, float]:
+    """``(offset, scale)`` such that ``(raw - offset) / scale`` maps a dtype's range onto [0, 1].
+
+    Integers use their dtype's full range (uint8 / 255, uint16 / 65535, int16 from -32768); bool
+    and float are taken as they are ``(0, 1)`` (a float image must already lie in [0, 1]; checking
+    that is the caller's job). Shared by the dataset loader and :mod:`utils.raster`.
+
+    Raises:
+        ValueError: an unsupported dtype (complex, object, ...).
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind == "b":
+        return 0.0, 1.0
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        return float(info.min), float(info.max) - float(info.min)
+    if dtype.kind == "f":
+        return 0.0, 1.0
+    raise ValueError(f"unsupported pixel type {dtype}")
+
+
 def _intensity_range(arr: np.ndarray) -> tuple[float, float]:
     """``(offset, scale)`` mapping the file's dtype range onto [0, 1].
 
@@ -176,11 +211,7 @@ def _intensity_range(arr: np.ndarray) -> tuple[float, float]:
         ValueError: a float image outside [0, 1] (floats have no dtype range to scale by), or an
             unsupported dtype.
     """
-    if arr.dtype.kind == "b":
-        return 0.0, 1.0
-    if arr.dtype.kind in "ui":
-        info = np.iinfo(arr.dtype)
-        return float(info.min), float(info.max) - float(info.min)
+    offset, scale = dtype_intensity_range(arr.dtype)
     if arr.dtype.kind == "f":
         lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
         if not (0.0 <= lo and hi <= 1.0) or np.isnan(arr).any():
@@ -188,8 +219,7 @@ def _intensity_range(arr: np.ndarray) -> tuple[float, float]:
                 f"float image with values in [{lo:g}, {hi:g}]: float images must already lie in [0, 1] "
                 "(integer images are scaled by their dtype's range)"
             )
-        return 0.0, 1.0
-    raise ValueError(f"unsupported pixel type {arr.dtype}")
+    return offset, scale
 
 
 def _decode_mask(raw: np.ndarray, map_255: bool, dtype: np.dtype) -> np.ndarray:

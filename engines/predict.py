@@ -1,0 +1,139 @@
+"""The ``predict`` command: segment whole images of any size with a trained checkpoint.
+
+    python main.py predict MODEL_WEIGHTS=<run>/best INPUT=<image or folder> [OUTPUT=<folder>]
+                           [GATING=true|false] [TILE_OVERLAP=…] [BATCH_SIZE=…] [SAVE_PROBABILITIES=true]
+
+The network, classes and input scaling come from the checkpoint's configuration. Per image it
+writes ``<stem>_mask.png`` (or a tiled ``.tif`` for large scenes and georeferenced inputs, keeping
+the georeferencing), ``<stem>_overlay.png`` (downsampled for large scenes), optionally
+``<stem>_prob.tif`` (float16 probabilities), and one JSON line in ``predictions.jsonl``. A folder
+goes on past a bad file and lists every failure at the end (exit status 2).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from configs import Config, ConfigError
+from engines.builders import build_model, precision_of
+from engines.checkpoint import CheckpointError, read_checkpoint, resolve_weights_path
+from engines.predictor import Predictor
+from utils.raster import SUPPORTED_SUFFIXES, RasterError, open_image
+from utils.raster_write import MaskWriter, overlay_png
+from utils.util import RunError
+
+
+def check_inputs(cfg: Config) -> list[Path]:
+    """The image files INPUT names (a file, or every supported file of a folder, sorted).
+
+    Raises:
+        ConfigError: no INPUT, a missing path, or a folder without images.
+    """
+    if not cfg.INPUT:
+        raise ConfigError(["`main.py predict` needs INPUT=<image file or folder>"])
+    path = Path(cfg.INPUT)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ConfigError([f"INPUT={cfg.INPUT!r}: no such file or folder"])
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+    if not files:
+        raise ConfigError([f"INPUT={cfg.INPUT!r} holds no image ({', '.join(SUPPORTED_SUFFIXES)})"])
+    skipped = [p.name for p in path.iterdir() if p.is_file() and p not in files and not p.name.startswith(".")]
+    if skipped:
+        print(f"note: skipping {len(skipped)} file(s) that are not images: {', '.join(skipped[:5])}")
+    return files
+
+
+def output_dir(cfg: Config) -> Path:
+    """OUTPUT, or the next free ``predict_<n>/`` beside the checkpoint."""
+    if cfg.OUTPUT:
+        return Path(cfg.OUTPUT)
+    parent = resolve_weights_path(cfg.MODEL_WEIGHTS).resolve().parent
+    taken = [int(m.group(1)) for p in parent.glob("predict_*") if (m := re.fullmatch(r"predict_(\d+)", p.name))]
+    return parent / f"predict_{max(taken, default=0) + 1}"
+
+
+def build_predictor(cfg: Config, device: torch.device, gating: bool, progress: bool = False) -> Predictor:
+    """The network of MODEL_WEIGHTS, ready to predict.
+
+    Raises:
+        RunError: a checkpoint that does not fit the configuration, or gating asked of a checkpoint
+            without the fill head (trained before it existed) or without any head.
+    """
+    net = build_model(cfg)
+    if gating:
+        saved = read_checkpoint(resolve_weights_path(cfg.MODEL_WEIGHTS))["model"]
+        if net.head is None or not any(k.startswith("fill_head.") for k in saved):
+            raise CheckpointError(
+                f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r} has no fill head (a UNet, or a checkpoint made before "
+                "gated prediction existed), so tiles cannot be gated: use GATING=false, or retrain"
+            )
+    net = net.to(device)
+    if cfg.CHANNELS_LAST:
+        net = net.to(memory_format=torch.channels_last)
+    return Predictor(net, tile=cfg.INPUT_SIZE, overlap=cfg.predict_overlap, batch_size=cfg.BATCH_SIZE,
+                     device=device, amp_dtype=precision_of(cfg, device), channels_last=cfg.CHANNELS_LAST, gating=gating,
+                     cls_threshold=cfg.CLS_THRESHOLD, progress=progress)
+
+
+def predict(cfg: Config) -> int:
+    """Segment every image of INPUT into OUTPUT; returns the exit status (2 when any image failed)."""
+    try:
+        files = check_inputs(cfg)
+        device = torch.device("cuda", (cfg.GPUs or [0])[0]) if torch.cuda.is_available() and cfg.GPUs != [] \
+            else torch.device("cpu")
+        predictor = build_predictor(cfg, device, cfg.GATING, progress=True)
+    except (ConfigError, RunError) as err:
+        print(f"error: {err}", flush=True)
+        return 2
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for path in files:
+        try:
+            record = predict_file(cfg, predictor, path, out)
+        except (RasterError, RunError) as err:
+            message = str(err) if str(err).startswith(str(path)) else f"{path}: {err}"
+            failures.append(message)
+            tqdm.write(f"failed: {message}")
+            continue
+        with (out / "predictions.jsonl").open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        tqdm.write(f"{path.name}: {record['height']}x{record['width']} px, {record['tiles']} tiles, "
+                   f"{record['decoded']} decoded, {record['gated_off']} gated off, {record['seconds']:.2f} s "
+                   f"({record['tiles_per_s']} tiles/s) -> {record['mask']}")
+    print(f"predicted {len(files) - len(failures)} of {len(files)} image(s) into {out}")
+    if failures:
+        print(f"error: {len(failures)} image(s) failed:\n" + "\n".join(f"  - {f}" for f in failures))
+        return 2
+    return 0
+
+
+def predict_file(cfg: Config, predictor: Predictor, path: Path, out: Path) -> dict:
+    """Predict one image file into ``out``; returns its JSON record.
+
+    Raises:
+        RasterError: the file cannot be read; RunError: it does not fit the network (channels).
+    """
+    with open_image(path) as image:
+        if image.channels != cfg.INPUT_CHANNELS:
+            raise RunError(f"{image.channels} channel(s), but the network takes INPUT_CHANNELS={cfg.INPUT_CHANNELS}")
+        classes = max(cfg.SEG_CLASSES, 2)
+        mask = MaskWriter(out / f"{path.stem}_mask", image.height, image.width, np.uint8, like=image)
+        prob = (MaskWriter(out / f"{path.stem}_prob.tif", image.height, image.width, np.float16, like=image,
+                           channels=predictor.channels) if cfg.SAVE_PROBABILITIES else None)
+        with mask, (prob if prob is not None else nullcontext()):
+            stats = predictor.run(image, mask, prob, cfg.SEG_THRESHOLD)
+        overlay = out / f"{path.stem}_overlay.png"
+        with open_image(mask.path) as written:
+            overlay_png(overlay, image, written, classes)
+        return {"image": str(path), "height": image.height, "width": image.width, "mask": str(mask.path),
+                "overlay": str(overlay), "probabilities": str(prob.path) if prob else None, **stats.as_dict()}

@@ -1,0 +1,203 @@
+"""Whole-image prediction: sliding windows against MONAI, odd sizes, gating with the fill head, the
+``predict`` command on a folder with a bad file, and large-file formats."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from configs import load_config
+from engines.predict import predict
+from engines.predictor import ArrayImage, Predictor
+from model.AuxNet import AuxNet
+from model.loss import build_loss
+from utils.tiling import NO_FILL, fill_label, gaussian_importance_map, window_starts
+
+CPU = torch.device("cpu")
+
+
+def tiny_net(seed=0, seg_classes=1):
+    torch.manual_seed(seed)
+    net = AuxNet(1, seg_classes, 1, depth=3, base_width=4).eval()
+    for m in net.modules():  # give BatchNorm non-trivial statistics so outputs vary over the image
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+def test_window_starts_are_even_and_never_step_further_than_asked():
+    assert window_starts(320, 64, 32) == list(range(0, 257, 32))
+    starts = window_starts(300, 64, 48)
+    assert starts[0] == 0 and starts[-1] == 300 - 64
+    steps = np.diff(starts)
+    assert steps.max() <= 48 and steps.max() - steps.min() <= 1
+    assert window_starts(50, 64, 32) == [0] and window_starts(64, 64, 64) == [0]
+
+
+def test_importance_map_is_monais():
+    from monai.data.utils import compute_importance_map
+
+    ref = compute_importance_map((64, 64), mode="gaussian", sigma_scale=0.125).numpy()
+    np.testing.assert_allclose(gaussian_importance_map(64), ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape, overlap, classes", [((320, 224), 32, 1), ((256, 208), 16, 3), ((64, 128), 32, 1)])
+def test_ungated_prediction_equals_monai_sliding_window(shape, overlap, classes):
+    from monai.inferers import sliding_window_inference
+
+    net = tiny_net(seed=1, seg_classes=classes)
+    image = np.random.default_rng(0).random((*shape, 1)).astype(np.float32)
+    predictor = Predictor(net, tile=64, overlap=overlap, batch_size=5, device=CPU)
+    probs, stats = predictor.predict_array(ArrayImage(image))
+
+    def activation(x):
+        seg = net(x).seg
+        return torch.sigmoid(seg) if classes == 1 else torch.softmax(seg, 1)
+
+    with torch.no_grad():
+        ref = sliding_window_inference(torch.from_numpy(image.transpose(2, 0, 1))[None], (64, 64), 5, activation,
+                                       overlap=overlap / 64, mode="gaussian", sigma_scale=0.125)[0].numpy()
+    assert probs.shape == ref.shape == (classes, *shape)
+    assert np.abs(probs - ref).max() <= 1e-5
+    assert stats.tiles == stats.decoded == len(window_starts(shape[0], 64, 64 - overlap)) * len(
+        window_starts(shape[1], 64, 64 - overlap))
+
+
+@pytest.mark.parametrize("shape", [(40, 50), (30, 200), (97, 131)])
+def test_images_smaller_than_a_tile_or_not_a_multiple_are_predicted_whole(shape):
+    net = tiny_net(seed=2)
+    image = np.random.default_rng(1).random((*shape, 1)).astype(np.float32)
+    probs, _ = Predictor(net, tile=64, overlap=16, batch_size=4, device=CPU).predict_array(ArrayImage(image))
+    assert probs.shape == (1, *shape) and np.isfinite(probs).all() and 0 <= probs.min() <= probs.max() <= 1
+    if shape[0] < 64 and shape[1] < 64:  # one window on the reflect-padded image, cropped
+        padded = np.pad(image, ((0, 64 - shape[0]), (0, 64 - shape[1]), (0, 0)), mode="reflect")
+        with torch.no_grad():
+            ref = torch.sigmoid(net(torch.from_numpy(padded.transpose(2, 0, 1))[None]).seg)[0, :, :shape[0], :shape[1]]
+        np.testing.assert_allclose(probs, ref.numpy(), atol=1e-6)
+
+
+def test_a_constant_prediction_stays_constant_across_window_borders():
+    net = tiny_net(seed=3)
+    with torch.no_grad():
+        net.outc.weight.zero_()
+        net.outc.bias.fill_(0.7)
+    image = np.random.default_rng(2).random((300, 260, 1)).astype(np.float32)
+    probs, _ = Predictor(net, tile=64, overlap=24, batch_size=8, device=CPU).predict_array(ArrayImage(image))
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-0.7)), rtol=0, atol=1e-6)
+
+
+def _constant_tiles(rng, n, classes, size=32):
+    """Images whose class decides their gray level, as (image, label map) tiles without a boundary."""
+    labels = rng.integers(0, classes, n)
+    images = np.stack([np.full((1, size, size), 0.2 + 0.6 * c / max(classes - 1, 1), np.float32) for c in labels])
+    images += rng.normal(0, 0.02, images.shape).astype(np.float32)
+    masks = np.stack([np.full((size, size), c) for c in labels])
+    return torch.from_numpy(images), torch.from_numpy(masks)
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_the_fill_class_is_learned_and_gated_tiles_are_filled_with_it(classes):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(3)
+    net = AuxNet(1, classes, 1, depth=3, base_width=4)
+    loss = build_loss("SoftDICE", seg_classes=classes, cls_classes=1)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(60):
+        images, masks = _constant_tiles(rng, 8, max(classes, 2))
+        fill = torch.tensor([fill_label(m.numpy()) for m in masks])
+        out = net(images)
+        total = loss(out.seg, masks, out.cls, torch.zeros(8, dtype=torch.long), out.fill, fill).total
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    net.eval()
+    # a whole image of two regions, one per class, each many tiles wide: every window is single-class
+    k = max(classes, 2)
+    image = np.concatenate([np.full((64, 128, 1), 0.2, np.float32), np.full((64, 128, 1), 0.2 + 0.6 / (k - 1) * (k - 1),
+                                                                          np.float32)], axis=1)
+    predictor = Predictor(net, tile=32, overlap=0, batch_size=8, device=CPU, gating=True)
+    probs, stats = predictor.predict_array(ArrayImage(image))
+    assert stats.decoded == 0 and stats.gated_off == stats.tiles == 16
+    labels = predictor.labels(probs)
+    assert (labels[:, :128] == 0).all() and (labels[:, 128:] == k - 1).all()
+
+
+def test_fill_label_and_the_ignored_tiles():
+    assert fill_label(np.full((4, 4), 2)) == 2
+    mixed = np.zeros((4, 4), int)
+    mixed[0, 0] = 1
+    assert fill_label(mixed) == NO_FILL
+    loss = build_loss("SoftDICE", seg_classes=1, cls_classes=1)
+    seg, cls, fill_logits = torch.zeros(2, 1, 8, 8), torch.zeros(2, 1), torch.tensor([[4.0, -4.0], [0.0, 0.0]])
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    only_first = loss(seg, target, cls, torch.zeros(2, dtype=torch.long), fill_logits, torch.tensor([0, NO_FILL]))
+    boundary_only = loss(seg, target, cls, torch.zeros(2, dtype=torch.long))
+    expected = torch.nn.functional.cross_entropy(fill_logits[:1], torch.tensor([0]))
+    assert float(only_first.terms["CLS"] - boundary_only.terms["CLS"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_gating_a_network_without_heads_is_refused():
+    net = AuxNet(1, 1, 0, depth=3, base_width=4)
+    with pytest.raises(ValueError, match="GATING=false"):
+        Predictor(net, tile=32, overlap=0, batch_size=2, device=CPU, gating=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint of a tiny untrained network, with its configuration, as training saves it."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    cfg = load_config(None, ["INPUT_SIZE=64", "UNET_DEPTH=3", "CONV_DEPTH=4", "MIXED_PRECISION=none",
+                             "CHANNELS_LAST=false"])
+    net = tiny_net(seed=4)
+    net = AuxNet(1, 1, 1, depth=3, base_width=4)
+    torch.save({"model": net.state_dict(), "config": cfg.to_dict(), "fold": 0}, folder / "best.pth")
+    return folder / "best.pth"
+
+
+def _predict_cfg(checkpoint, *overrides):
+    from engines.evaluate import eval_config
+
+    args = [f"MODEL_WEIGHTS={checkpoint}", *overrides]
+    return eval_config(load_config(None, args), args, "predict")
+
+
+def test_predict_a_folder_goes_on_past_a_bad_file_and_lists_it(checkpoint, tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 256, (90, 150), dtype=np.uint8)).save(folder / "a.png")
+    tifffile.imwrite(folder / "b16.tif", rng.integers(0, 65536, (130, 70), dtype=np.uint16), compression="zlib",
+                     tile=(32, 32))
+    (folder / "c.png").write_bytes(b"not a png at all")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "d_rgb.png")
+    (folder / "notes.txt").write_text("ignored")
+    out = tmp_path / "out"
+    status = predict(_predict_cfg(checkpoint, f"INPUT={folder}", f"OUTPUT={out}", "GATING=false",
+                                  "SAVE_PROBABILITIES=true"))
+    printed = capsys.readouterr().out
+    assert status == 2
+    assert "2 image(s) failed" in printed and "c.png" in printed and "d_rgb.png" in printed and "INPUT_CHANNELS" in printed
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["image"].split("/")[-1] for r in records] == ["a.png", "b16.tif"]
+    mask = np.asarray(Image.open(out / "a_mask.png"))
+    assert mask.shape == (90, 150) and set(np.unique(mask)) <= {0, 1}
+    assert np.asarray(Image.open(out / "b16_mask.png")).shape == (130, 70)
+    prob = tifffile.imread(out / "b16_prob.tif")
+    assert prob.dtype == np.float16 and prob.shape[:2] == (130, 70)
+    assert ((prob.reshape(130, 70) > 0.5) == np.asarray(Image.open(out / "b16_mask.png"))).mean() > 0.99
+    assert (out / "a_overlay.png").is_file() and records[1]["tiles"] == records[1]["decoded"]
+
+
+def test_gated_predict_of_a_checkpoint_without_a_fill_head_is_refused(checkpoint, tmp_path, capsys):
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("fill_head.")}
+    old = tmp_path / "old.pth"
+    torch.save(state, old)
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "x.png")
+    status = predict(_predict_cfg(old, f"INPUT={tmp_path / 'x.png'}", f"OUTPUT={tmp_path / 'o'}"))
+    assert status == 2 and "GATING=false" in capsys.readouterr().out
+    assert predict(_predict_cfg(old, f"INPUT={tmp_path / 'x.png'}", f"OUTPUT={tmp_path / 'o'}", "GATING=false")) == 0

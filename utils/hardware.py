@@ -1,0 +1,306 @@
+"""Precision and memory format chosen from the hardware a run lands on, measured rather than assumed.
+
+Why: bf16 autocast is ~2x faster than fp32 on a CPU with AVX512-BF16 or AMX-BF16, but on an
+AVX2-only CPU (many AMD EPYC hosts) oneDNN emulates it and a training step is 10-30x *slower* than
+in fp32. channels_last helps convolutions on oneDNN and on tensor cores, by an amount that depends
+on the model, the input and the precision. So ``auto`` asks what torch itself reports (and what the
+user limited it to with ``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA``) for precision, and times
+the actual model for the memory format.
+
+Each resolver returns ``(choice, reason)``; the reason is one short sentence for the run's first
+log line, e.g. ``"auto: fp32 (CPU without native bf16: AVX2)"``.
+
+This module imports nothing from the trainer or the config::
+
+    from utils.hardware import resolve_precision, resolve_channels_last
+    precision, why = resolve_precision("auto", torch.device("cpu"))
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+PRECISIONS = ("auto", "bf16", "fp16", "none")
+AMP_DTYPES: dict[str, Optional[torch.dtype]] = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+# oneDNN's dispatcher limits (ONEDNN_MAX_CPU_ISA), lowest first; aliases share a rank. Native bf16
+# needs AVX512_CORE_BF16 or above (AVX512-BF16 dot products; AMX on the ranks above it).
+_ONEDNN_ISAS: dict[str, int] = {
+    "SSE41": 0, "AVX": 1, "AVX2": 2, "AVX2_VNNI": 3, "AVX2_VNNI_2": 4,
+    "AVX512_CORE": 5, "AVX512_CORE_VNNI": 6, "AVX512_CORE_BF16": 7,
+    "AVX512_CORE_FP16": 8, "AVX10_1_512": 8,
+    "AVX512_CORE_AMX": 9, "AVX10_1_512_AMX": 9,
+    "AVX512_CORE_AMX_FP16": 10, "AVX10_1_512_AMX_FP16": 10,
+    "AVX10_2_512": 11, "AVX10_2_512_AMX_2": 12,
+    "DEFAULT": 99, "ALL": 99,
+}
+_ONEDNN_BF16_RANK = _ONEDNN_ISAS["AVX512_CORE_BF16"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Probes: small functions so tests can replace each one (monkeypatch) to simulate other hardware.
+
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's bf16-relevant hardware features, as torch's cpuinfo sees them.
+
+    ``torch.cpu.get_capabilities()`` (public since torch 2.10) reports the hardware, not what torch
+    was limited to; older torch falls back to the flags line of /proc/cpuinfo (Linux only).
+    """
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        return frozenset(name for name, value in get().items() if value is True)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def _aten_capability() -> str:
+    """The vector ISA torch's own kernels dispatch to ("AVX512", "AVX2", ...); honours ATEN_CPU_CAPABILITY."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _onednn_limit() -> Optional[str]:
+    """The user's ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA), upper-cased; None if unset."""
+    value = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return value.strip().upper() if value else None
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available()
+
+
+def _cuda_bf16(device: torch.device) -> tuple[bool, str]:
+    """(native bf16, "NAME, compute capability X.Y") of a CUDA (or ROCm) device."""
+    props = torch.cuda.get_device_properties(device)
+    if torch.version.hip:
+        return True, f"ROCm {props.name}"
+    return props.major >= 8, f"{props.name}, compute capability {props.major}.{props.minor}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision
+
+def cpu_bf16_support() -> tuple[bool, str]:
+    """Whether bf16 autocast runs natively on this CPU, and a few words why.
+
+    True only where the hardware has AVX512-BF16 or AMX-BF16 *and* torch may use it: its own kernels
+    at AVX512 (``ATEN_CPU_CAPABILITY``) and oneDNN at AVX512_CORE_BF16 or above
+    (``ONEDNN_MAX_CPU_ISA``). Anything below that emulates bf16, which is far slower than fp32.
+
+    Returns:
+        ``(native, detail)``; detail names the feature used ("AMX-BF16", "AVX512-BF16") or what is
+        missing ("AVX2", "ONEDNN_MAX_CPU_ISA=AVX2", ...).
+    """
+    flags = _cpu_flags()
+    hardware = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+    aten = _aten_capability()
+    if hardware is None:
+        return False, aten
+    if aten != "AVX512":
+        return False, f"{aten}, limited by ATEN_CPU_CAPABILITY"
+    if not _onednn_available():
+        return False, "torch built without oneDNN"
+    limit = _onednn_limit()
+    if limit is not None:
+        rank = _ONEDNN_ISAS.get(limit)
+        if rank is None:
+            return False, f"ONEDNN_MAX_CPU_ISA={limit} not recognised"
+        if rank < _ONEDNN_BF16_RANK:
+            return False, f"limited by ONEDNN_MAX_CPU_ISA={limit}"
+        if hardware == "AMX-BF16" and rank < _ONEDNN_ISAS["AVX512_CORE_AMX"]:
+            hardware = "AVX512-BF16"  # the limit stops oneDNN short of AMX; AVX512-BF16 remains
+    return True, hardware
+
+
+def cpu_has_native_bf16() -> bool:
+    """True only where the CPU has AVX512-BF16 or AMX-BF16 and torch is not limited below it.
+
+    See :func:`cpu_bf16_support` for the reason when False.
+    """
+    return cpu_bf16_support()[0]
+
+
+def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """The autocast precision to train with on ``device``.
+
+    ``auto``: CUDA with native bf16 (compute capability >= 8.0, or ROCm) → bf16; older CUDA → fp16
+    (the trainer then uses a GradScaler); a CPU with native bf16 (:func:`cpu_has_native_bf16`) →
+    bf16; anything else → "none" (fp32). An explicit choice is kept, with a warning in the reason
+    when the hardware only emulates it.
+
+    Args:
+        requested: one of :data:`PRECISIONS`.
+        device: where the model trains.
+
+    Returns:
+        ``(chosen, reason)``: chosen in {"bf16", "fp16", "none"} (a key of :data:`AMP_DTYPES`);
+        reason a short sentence for the run's first log line.
+
+    Raises:
+        ValueError: ``requested`` is not a known precision, or fp16 on a device without CUDA.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision {requested!r} is not valid: expected one of {' | '.join(PRECISIONS)}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        native, what = _cuda_bf16(device)
+        if requested == "auto":
+            if native:
+                return "bf16", f"auto: bf16 (CUDA {what})"
+            return "fp16", f"auto: fp16 with GradScaler (CUDA {what}, no native bf16)"
+        if requested == "bf16" and not native:
+            return "bf16", f"bf16 (requested; CUDA {what} has no native bf16: auto would pick fp16)"
+        return requested, f"{_label(requested)} (requested)"
+    if requested == "fp16":
+        raise ValueError(f"precision fp16 needs a CUDA GPU (device is {device.type}): use auto, bf16 or none")
+    if device.type != "cpu":
+        if requested == "auto":
+            return "none", f"auto: fp32 (no precision rule for device type {device.type!r})"
+        return requested, f"{_label(requested)} (requested)"
+    native, what = cpu_bf16_support()
+    if requested == "auto":
+        if native:
+            return "bf16", f"auto: bf16 (CPU with native bf16: {what})"
+        return "none", f"auto: fp32 (CPU without native bf16: {what})"
+    if requested == "bf16" and not native:
+        return "bf16", f"bf16 (requested; emulated on this CPU: {what}, often 10x slower than fp32)"
+    return requested, f"{_label(requested)} (requested)"
+
+
+def _label(precision: str) -> str:
+    return "fp32" if precision == "none" else precision
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory format
+
+# (device type, model signature, input shape, precision) -> (channels_last, reason); see the cache
+# note in resolve_channels_last.
+_CHANNELS_LAST_CACHE: dict[tuple, tuple[bool, str]] = {}
+
+
+def resolve_channels_last(
+    requested: Union[bool, str],
+    device: torch.device,
+    make_model: Callable[[], nn.Module],
+    input_shape: Sequence[int],
+    precision: str,
+    warmup: int = 1,
+    steps: int = 2,
+) -> tuple[bool, str]:
+    """Whether to train in the channels_last memory format.
+
+    ``True`` / ``False`` are kept. ``"auto"`` times ``warmup`` + ``steps`` forward+backward passes
+    of a fresh ``make_model()`` on random input in each format, interleaved so that a slow moment
+    of the machine hits both, and picks the faster by each format's best step (contention only ever
+    adds time). The decision is cached in-process per (device type, model signature, input shape,
+    precision), so every fold of a run measures once. Global RNG state (CPU and CUDA) is left as it
+    was, so seeding before or after this call gives the same run.
+
+    Args:
+        requested: True, False or "auto".
+        device: where the model trains.
+        make_model: builds the model to time (called once per measurement, on the CPU).
+        input_shape: one training batch, (B, C, H, W).
+        precision: "bf16", "fp16" or "none", as returned by :func:`resolve_precision`.
+        warmup, steps: untimed and timed passes per format.
+
+    Returns:
+        ``(channels_last, reason)``, e.g. ``(True, "auto: channels_last (0.29 s vs 0.37 s/step)")``.
+
+    Raises:
+        ValueError: ``requested`` is none of True, False, "auto"; or ``precision`` is unknown.
+    """
+    if requested is True or requested is False:
+        return requested, "channels_last (requested)" if requested else "contiguous (requested)"
+    if requested != "auto":
+        raise ValueError(f"channels_last {requested!r} is not valid: expected true, false or 'auto'")
+    if precision not in AMP_DTYPES:
+        raise ValueError(f"precision {precision!r} is not valid: expected one of {' | '.join(AMP_DTYPES)}")
+    device = torch.device(device)
+    # fork_rng restores the CPU generator, and the CUDA one of ``device`` when it is a GPU
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = make_model()
+        key = (device.type, model_signature(model), tuple(input_shape), precision)
+        if key not in _CHANNELS_LAST_CACHE:
+            seconds = time_memory_formats(model, device, input_shape, precision, warmup, steps)
+            faster = seconds[True] < seconds[False]
+            reason = (f"auto: {'channels_last' if faster else 'contiguous'} "
+                      f"({seconds[faster]:.3g} s vs {seconds[not faster]:.3g} s/step)")
+            _CHANNELS_LAST_CACHE[key] = (faster, reason)
+    return _CHANNELS_LAST_CACHE[key]
+
+
+def model_signature(model: nn.Module) -> tuple:
+    """Class name and every parameter's name, shape and dtype: equal for models built alike."""
+    params = tuple((name, tuple(p.shape), str(p.dtype)) for name, p in model.named_parameters())
+    return (type(model).__qualname__, params)
+
+
+def time_memory_formats(
+    model: nn.Module,
+    device: torch.device,
+    input_shape: Sequence[int],
+    precision: str,
+    warmup: int = 1,
+    steps: int = 2,
+) -> dict[bool, float]:
+    """Best seconds per forward+backward pass of ``model`` in each memory format.
+
+    The model is moved to ``device`` and converted in place between formats; the caller should pass
+    a throwaway copy. The loss is the mean of the first output tensor, in fp32.
+
+    Returns:
+        ``{False: contiguous seconds, True: channels_last seconds}``.
+    """
+    device = torch.device(device)
+    model = model.to(device).train()
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    image = torch.randn(*input_shape, generator=generator).to(device)
+    dtype = AMP_DTYPES[precision]
+    formats = {False: torch.contiguous_format, True: torch.channels_last}
+
+    def step(channels_last: bool) -> float:
+        model.to(memory_format=formats[channels_last])
+        x = image.contiguous(memory_format=formats[channels_last])
+        _synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = _first_tensor(model(x))
+        out.float().mean().backward()
+        _synchronize(device)
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        for channels_last in formats:
+            step(channels_last)
+    best = {False: float("inf"), True: float("inf")}
+    for _ in range(steps):
+        for channels_last in formats:
+            best[channels_last] = min(best[channels_last], step(channels_last))
+    return best
+
+
+def _first_tensor(out) -> torch.Tensor:
+    """The first tensor of a model's output (a tensor, or a tuple such as AuxNetOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for item in out:
+        if isinstance(item, torch.Tensor):
+            return item
+    raise TypeError(f"model output {type(out).__name__} holds no tensor")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

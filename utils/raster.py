@@ -1,0 +1,553 @@
+"""Large-scene image reading for whole-image prediction (writing is :mod:`utils.raster_write`).
+
+Scenes may be tens of thousands of pixels a side (orbiter scenes, EM sections, microscopy
+mosaics), so nothing here needs a whole large image in memory. :func:`open_image` returns an
+:class:`ImageReader`; windows come back ``(h, w, C)`` in the file's dtype:
+
+* TIFF / BigTIFF (tifffile), never loaded whole:
+
+  - uncompressed contiguous data is memory-mapped (``numpy.memmap`` at the data offset); a window
+    touches only the file pages it covers, and those are page cache, not process memory;
+  - tiled or strip-compressed data is decoded segment by segment: a window decodes only the tiles
+    or strips it intersects. Decoded segments are kept in a small LRU cache (``cache_bytes``,
+    default :data:`DEFAULT_CACHE_BYTES`) because overlapping windows, and every window along a row
+    of a striped file, need the same segments again. The most recent segment is always kept, so a
+    file stored as a single compressed strip is decoded once (that strip is then the memory cost).
+  - grayscale, RGB and multi-channel, planar or contiguous samples; 8/16/32-bit integer and float.
+    A series of several pages (a stack written page by page) gives one channel per page sample,
+    as the training data loader reads it. Compressions tifffile decodes without extra packages
+    include deflate/zlib and lzma; LZW and JPEG need ``pip install imagecodecs``.
+
+* GeoTIFF and JPEG 2000 (``.jp2``/``.j2k``) go through rasterio (GDAL) when it is installed; GDAL
+  reads windows block by block (its block cache is bounded by ``GDAL_CACHEMAX``). rasterio is an
+  optional dependency: without it a GeoTIFF is read by tifffile (its GeoTIFF tags are still kept,
+  so the output mask is georeferenced all the same) and a ``.jp2`` is an error that says to
+  ``pip install rasterio``.
+
+* PNG / JPEG (Pillow) are decoded whole on open: neither format can be read by window (PNG rows
+  are one deflate stream, baseline JPEG one entropy-coded stream), and images in these formats are
+  small in practice. Pillow's decompression-bomb limit applies; a larger scene should be a tiled
+  TIFF. 16-bit colour PNGs are refused because Pillow would silently reduce them to 8 bits.
+
+Intensity: ``(raw - reader.offset) / reader.scale`` maps onto [0, 1] (:meth:`ImageReader.normalize`).
+Integer images use their dtype's range (uint8 / 255, uint16 / 65535), as the training data does;
+float images must already lie in [0, 1]. A float image of at most :data:`FLOAT_SCAN_PIXELS` pixels
+is scanned whole on open (window by window); a larger one is checked on a 3x3 grid of 256x256
+windows only (:data:`FLOAT_SAMPLE_SIDE`), and :meth:`ImageReader.normalize` checks every window
+it converts, so a bad value anywhere is still reported when prediction reaches it.
+
+Every problem with a file raises :class:`RasterError` naming the file and the cause.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from utils.image_io import dtype_intensity_range, read_pillow_image
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+JP2_SUFFIXES = (".jp2", ".j2k")
+PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
+SUPPORTED_SUFFIXES = PILLOW_SUFFIXES + TIFF_SUFFIXES + JP2_SUFFIXES
+
+# Decoded TIFF segments kept per reader, in bytes.
+DEFAULT_CACHE_BYTES = 128 * 2**20
+# Float images up to this many pixels are range-checked whole on open; larger ones are sampled on
+# a 3x3 grid of windows of this side.
+FLOAT_SCAN_PIXELS = 4096 * 4096
+FLOAT_SAMPLE_SIDE = 256
+# Rows read at a time when scanning a whole image (float check, overlay) stay under this many bytes.
+SCAN_BAND_BYTES = 64 * 2**20
+
+# GeoTIFF tags copied verbatim from a georeferenced input to the output mask: ModelPixelScale,
+# ModelTiepoint, ModelTransformation, GeoKeyDirectory, GeoDoubleParams, GeoAsciiParams.
+GEOTIFF_TAGS = (33550, 33922, 34264, 34735, 34736, 34737)
+
+
+class RasterError(ValueError):
+    """An image file cannot be read, or an output cannot be written; the message names the file."""
+
+
+@dataclass(frozen=True)
+class GeoRef:
+    """Georeferencing of an image, kept so an output mask can carry the same.
+
+    Attributes:
+        crs: coordinate reference system as WKT or ``"EPSG:<code>"``, or None when unknown.
+        transform: affine pixel-to-map transform ``(a, b, c, d, e, f)``:
+            ``x = a * col + b * row + c``, ``y = d * col + e * row + f`` (rasterio / GDAL order).
+        tiff_tags: the input's GeoTIFF tags as ``(code, tiff type, value)``, copied verbatim into a
+            TIFF output (empty when the input was not a GeoTIFF, e.g. a JPEG 2000).
+    """
+
+    crs: Optional[str]
+    transform: tuple[float, float, float, float, float, float]
+    tiff_tags: tuple[tuple[int, int, Any], ...] = ()
+
+
+class ImageReader:
+    """A 2-D image read by window; open one with :func:`open_image`.
+
+    Attributes:
+        path: the file.
+        height, width, channels: image size; windows are ``(h, w, channels)``.
+        dtype: pixel dtype of the windows (native byte order).
+        offset, scale: ``(raw - offset) / scale`` maps pixel values onto [0, 1].
+        georef: :class:`GeoRef` of a georeferenced image, else None.
+        layout: how pixels are read: ``"memmap"``, ``"segments"`` (decoded per tile/strip),
+            ``"decoded"`` (whole image in memory: PNG/JPEG) or ``"rasterio"``.
+
+    A reader is not thread-safe: open one per thread or worker process. Use it as a context
+    manager, or call :meth:`close`.
+    """
+
+    def __init__(self, path: Path, height: int, width: int, channels: int, dtype: np.dtype,
+                 georef: Optional[GeoRef], layout: str):
+        self.path, self.height, self.width, self.channels = path, int(height), int(width), int(channels)
+        self.georef, self.layout = georef, layout
+        self.dtype = np.dtype(dtype).newbyteorder("=")
+        try:  # the training data's scaling (utils.image_io), so prediction sees the same values
+            self.offset, self.scale = dtype_intensity_range(self.dtype)
+        except ValueError as exc:
+            raise RasterError(f"{path}: {exc}") from None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.height, self.width, self.channels
+
+    def read_window(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels of rows ``[y0, y1)`` and columns ``[x0, x1)``.
+
+        Returns:
+            ``(y1 - y0, x1 - x0, channels)`` array of :attr:`dtype`, owned by the caller.
+
+        Raises:
+            ValueError: the window is empty or leaves the image.
+            RasterError: the file's data cannot be read or decoded.
+        """
+        if not (0 <= y0 < y1 <= self.height and 0 <= x0 < x1 <= self.width):
+            raise ValueError(f"window rows [{y0}, {y1}) x cols [{x0}, {x1}) is empty or outside the "
+                             f"{self.height} x {self.width} image {self.path}")
+        return self._read(int(y0), int(y1), int(x0), int(x1))
+
+    def normalize(self, window: np.ndarray) -> np.ndarray:
+        """``(window - offset) / scale`` as float32 in [0, 1].
+
+        Raises:
+            RasterError: a float window holds values outside [0, 1] or NaN (the open-time check
+                of a large float image only samples it).
+        """
+        if self.dtype.kind == "f":
+            _check_unit_range(window, self.path, "a window")
+        return (window.astype(np.float32) - np.float32(self.offset)) / np.float32(self.scale)
+
+    def close(self) -> None:
+        """Release the file; idempotent."""
+
+    def __enter__(self) -> "ImageReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({str(self.path)!r}, {self.height}x{self.width}x{self.channels}, "
+                f"{self.dtype}, {self.layout})")
+
+    def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _check_unit_range(arr: np.ndarray, path: Path, where: str) -> None:
+    if arr.size == 0:
+        return
+    lo, hi = float(np.min(arr)), float(np.max(arr))  # NaN propagates into both
+    if not (0.0 <= lo and hi <= 1.0):
+        found = "NaN values" if np.isnan(lo) else f"values in [{lo:g}, {hi:g}]"
+        raise RasterError(f"{path}: float image with {found} in {where}: float images must already lie in [0, 1] "
+                          "without NaN (integer images are scaled by their dtype's range)")
+
+
+def _check_float_image(reader: ImageReader) -> None:
+    """Range check of a float image on open: whole when small, else a 3x3 grid of windows."""
+    h, w = reader.height, reader.width
+    if h * w <= FLOAT_SCAN_PIXELS:
+        rows = max(1, SCAN_BAND_BYTES // (w * reader.channels * reader.dtype.itemsize))
+        for y0 in range(0, h, rows):
+            y1 = min(h, y0 + rows)
+            _check_unit_range(reader.read_window(y0, y1, 0, w), reader.path, f"rows {y0}:{y1}")
+        return
+    side = FLOAT_SAMPLE_SIDE
+    for yc in (0, (h - side) // 2, h - side):
+        for xc in (0, (w - side) // 2, w - side):
+            y0, x0 = max(0, yc), max(0, xc)
+            y1, x1 = min(h, y0 + side), min(w, x0 + side)
+            _check_unit_range(reader.read_window(y0, y1, x0, x1), reader.path,
+                              f"rows {y0}:{y1}, cols {x0}:{x1}")
+
+
+def open_image(path: Union[str, Path], *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> ImageReader:
+    """Open an image for windowed reading (see the module docstring for formats and memory).
+
+    Args:
+        path: a ``.tif``/``.tiff`` (incl. BigTIFF, GeoTIFF), ``.png``, ``.jpg``/``.jpeg`` or
+            ``.jp2``/``.j2k`` file.
+        cache_bytes: budget for decoded tiles/strips of a compressed TIFF.
+
+    Returns:
+        An :class:`ImageReader`; close it when done.
+
+    Raises:
+        RasterError: missing, unsupported, truncated or undecodable file; a float image outside
+            [0, 1] (on the part checked, see the module docstring); ``.jp2`` without rasterio.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RasterError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        reader = _open_tiff(path, cache_bytes)
+    elif suffix in JP2_SUFFIXES:
+        if _import_rasterio() is None:
+            raise RasterError(f"{path}: reading JPEG 2000 needs rasterio (pip install rasterio)")
+        reader = _RasterioReader(path, ())
+    elif suffix in PILLOW_SUFFIXES:
+        reader = _PillowReader(path)
+    else:
+        raise RasterError(f"{path}: unsupported image type {suffix!r}; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
+    if reader.dtype.kind == "f":
+        try:
+            _check_float_image(reader)
+        except BaseException:
+            reader.close()
+            raise
+    return reader
+
+
+def _import_rasterio():
+    """The rasterio module, or None when it is not installed (it is an optional dependency)."""
+    try:
+        import rasterio
+    except ImportError:
+        return None
+    return rasterio
+
+
+# --- PNG / JPEG -------------------------------------------------------------------------------
+class _PillowReader(ImageReader):
+    """PNG / JPEG decoded whole on open (neither format can be read by window)."""
+
+    def __init__(self, path: Path):
+        _refuse_16bit_colour_png(path)
+        try:  # decoded as the training data loader decodes it (palette -> colours, etc.)
+            arr = read_pillow_image(path)
+        except Image.DecompressionBombError as exc:
+            raise RasterError(f"{path}: {exc}; store a scene this large as a tiled TIFF, "
+                              "which is read by window") from exc
+        except Exception as exc:  # Pillow raises many types for bad data; report them as one
+            raise RasterError(f"{path}: cannot decode image: {exc}") from exc
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        self._array = np.ascontiguousarray(arr)
+        super().__init__(path, arr.shape[0], arr.shape[1], arr.shape[2], arr.dtype, None, "decoded")
+
+    def _read(self, y0, y1, x0, x1):
+        return self._array[y0:y1, x0:x1].copy()
+
+    def close(self) -> None:
+        self._array = np.empty((0, 0, self.channels), self.dtype)
+
+
+def _refuse_16bit_colour_png(path: Path) -> None:
+    """Pillow opens 16-bit RGB(A) / gray+alpha PNGs as 8-bit without a word; refuse them."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(26)
+    except OSError as exc:
+        raise RasterError(f"{path}: cannot read: {exc}") from exc
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) == 26:
+        bit_depth, colour_type = head[24], head[25]
+        if bit_depth == 16 and colour_type in (2, 4, 6):
+            raise RasterError(f"{path}: 16-bit colour PNG: Pillow would reduce it to 8 bits; convert it to a TIFF")
+
+
+# --- TIFF -------------------------------------------------------------------------------------
+def _open_tiff(path: Path, cache_bytes: int) -> ImageReader:
+    tif = None
+    try:
+        tif = tifffile.TiffFile(path)
+        first = tif.pages[0]
+        geotags = _geotiff_tags(first) if first.is_geotiff else ()
+        if geotags and _import_rasterio() is not None:
+            tif.close()
+            return _RasterioReader(path, geotags)
+        return _TiffReader(path, tif, _georef_from_tags(geotags) if geotags else None, cache_bytes)
+    except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
+        if tif is not None:
+            tif.close()
+        if isinstance(exc, RasterError):
+            raise
+        raise RasterError(f"{path}: cannot read TIFF: {exc}") from exc
+
+
+def _geotiff_tags(page) -> tuple[tuple[int, int, Any], ...]:
+    return tuple(
+        (code, int(page.tags[code].dtype), page.tags[code].value) for code in GEOTIFF_TAGS if code in page.tags
+    )
+
+
+def _georef_from_tags(tags: tuple[tuple[int, int, Any], ...]) -> GeoRef:
+    """crs and affine transform from raw GeoTIFF tags (the tags themselves are what gets copied)."""
+    values = {code: value for code, _, value in tags}
+    transform = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    if 34264 in values:  # ModelTransformation: 4x4 row-major matrix
+        m = [float(v) for v in values[34264]]
+        transform = (m[0], m[1], m[3], m[4], m[5], m[7])
+    elif 33550 in values and 33922 in values:  # pixel scale + the first tie point
+        sx, sy = float(values[33550][0]), float(values[33550][1])
+        i, j, _, x, y, _ = (float(v) for v in values[33922][:6])
+        transform = (sx, 0.0, x - i * sx, 0.0, -sy, y + j * sy)
+    crs = None
+    keys = [int(v) for v in values.get(34735, ())]
+    for k in range(4, len(keys) - 3, 4):
+        key_id, location, _, value = keys[k:k + 4]
+        # ProjectedCSTypeGeoKey, else GeographicTypeGeoKey; 32767 means "user-defined"
+        if key_id in (3072, 2048) and location == 0 and value not in (0, 32767):
+            if crs is None or key_id == 3072:
+                crs = f"EPSG:{value}"
+    return GeoRef(crs=crs, transform=transform, tiff_tags=tags)
+
+
+class _SegmentCache:
+    """LRU of decoded segments bounded by bytes; the newest entry is always kept."""
+
+    def __init__(self, budget: int):
+        self.budget, self.nbytes = int(budget), 0
+        self._items: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple[int, int]) -> Optional[np.ndarray]:
+        arr = self._items.get(key)
+        if arr is not None:
+            self._items.move_to_end(key)
+        return arr
+
+    def put(self, key: tuple[int, int], arr: np.ndarray) -> None:
+        self._items[key] = arr
+        self.nbytes += arr.nbytes
+        while self.nbytes > self.budget and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = 0
+
+
+class _MemmapPart:
+    """One uncompressed contiguous page, memory-mapped as (planes, 1, H, W, samples)."""
+
+    def __init__(self, path: Path, page, channel0: int):
+        file_dtype = np.dtype(page.parent.byteorder + page.dtype.char)
+        self.channel0 = channel0
+        self.array = np.memmap(path, dtype=file_dtype, mode="r", offset=page.dataoffsets[0], shape=page.shaped)
+
+    def read_into(self, out: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> None:
+        planes, samples = self.array.shape[0], self.array.shape[4]
+        block = self.array[:, 0, y0:y1, x0:x1, :]  # (planes, h, w, samples)
+        block = np.moveaxis(block, 0, 2).reshape(y1 - y0, x1 - x0, planes * samples)
+        out[..., self.channel0:self.channel0 + planes * samples] = block
+
+    def close(self) -> None:
+        self.array = None
+
+
+class _SegmentPart:
+    """One tiled or striped page, decoded per segment (tile or strip) through tifffile."""
+
+    def __init__(self, reader: "_TiffReader", page, index: int, channel0: int):
+        planes, _, height, width, samples = page.shaped
+        self.reader, self.index, self.channel0 = reader, index, channel0
+        self.planes, self.samples, self.height, self.width = planes, samples, height, width
+        if page.is_tiled:
+            self.seg_h, self.seg_w = page.tilelength, page.tilewidth
+        else:
+            self.seg_h, self.seg_w = min(page.rowsperstrip or height, height), width
+        self.down, self.across = math.ceil(height / self.seg_h), math.ceil(width / self.seg_w)
+        self.offsets, self.counts = page.dataoffsets, page.databytecounts
+        expected = planes * self.down * self.across
+        if len(self.offsets) != expected or len(self.counts) != expected:
+            raise RasterError(f"{reader.path}: page {index} has {len(self.offsets)} data segments, expected {expected}")
+        self.kind = "tile" if page.is_tiled else "strip"
+        self.nodata, self.jpegtables, self.dtype = page.nodata, page.jpegtables, page.dtype
+        self.decode = page.decode  # a closure; raises on first use when a codec is missing
+
+    def probe(self) -> None:
+        """Decode the first stored segment, so a missing codec or bad data fails on open."""
+        for i, count in enumerate(self.counts):
+            if count:
+                plane, rest = divmod(i, self.down * self.across)
+                r, c = divmod(rest, self.across)
+                self._segment(i, plane, r, c)
+                return
+
+    def read_into(self, out: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> None:
+        for r in range(y0 // self.seg_h, (y1 - 1) // self.seg_h + 1):
+            ys = r * self.seg_h
+            a0, a1 = max(y0, ys), min(y1, ys + self.seg_h)
+            for c in range(x0 // self.seg_w, (x1 - 1) // self.seg_w + 1):
+                xs = c * self.seg_w
+                b0, b1 = max(x0, xs), min(x1, xs + self.seg_w)
+                for p in range(self.planes):
+                    seg = self._segment(p * self.down * self.across + r * self.across + c, p, r, c)
+                    ch = self.channel0 + p * self.samples
+                    out[a0 - y0:a1 - y0, b0 - x0:b1 - x0, ch:ch + self.samples] = seg[a0 - ys:a1 - ys, b0 - xs:b1 - xs]
+
+    def _segment(self, i: int, plane: int, r: int, c: int) -> np.ndarray:
+        """Decoded segment ``i`` cropped to the image: ``(rows, cols, samples)``."""
+        key = (self.index, i)
+        seg = self.reader.cache.get(key)
+        if seg is not None:
+            return seg
+        ys, xs = r * self.seg_h, c * self.seg_w
+        rows, cols = min(self.seg_h, self.height - ys), min(self.seg_w, self.width - xs)
+        where = f"{self.kind} {i} of page {self.index}"
+        if self.counts[i] == 0:  # a segment never written (sparse file) holds the fill value
+            seg = np.full((rows, cols, self.samples), self.nodata, self.dtype)
+        else:
+            data = self.reader.read_bytes(self.offsets[i], self.counts[i], where)
+            try:
+                decoded, position, _ = self.decode(data, i, jpegtables=self.jpegtables)
+            except Exception as exc:  # codecs raise many types (zlib.error, ValueError, KeyError...)
+                hint = " (pip install imagecodecs)" if "imagecodecs" in str(exc) else ""
+                raise RasterError(f"{self.reader.path}: cannot decode {where}: {exc}{hint}") from exc
+            misplaced = decoded is None or tuple(position[:4]) != (plane, 0, ys, xs)
+            if misplaced or decoded.shape[1] < rows or decoded.shape[2] < cols:
+                got = None if decoded is None else decoded.shape
+                raise RasterError(f"{self.reader.path}: {where} is corrupt (decoded shape {got})")
+            # copy: the cache must not keep the padded tile or the decoder's buffer alive
+            seg = np.array(decoded[0, :rows, :cols], dtype=self.reader.dtype)
+        self.reader.cache.put(key, seg)
+        return seg
+
+    def close(self) -> None:
+        self.decode = None
+
+
+class _TiffReader(ImageReader):
+    """TIFF / BigTIFF read by tifffile: memory-mapped when uncompressed and contiguous, else
+    decoded per segment. The first series' pages are stacked as channels."""
+
+    def __init__(self, path: Path, tif: tifffile.TiffFile, georef: Optional[GeoRef], cache_bytes: int):
+        self._tif, self._fh = tif, None
+        self.cache = _SegmentCache(cache_bytes)
+        series = tif.series[0]
+        pages = [p.aspage() if p is not None else None for p in series.pages]
+        if not pages or any(p is None for p in pages):
+            raise RasterError(f"{path}: the TIFF's first image has missing pages")
+        first = pages[0]
+        if first.dtype is None:
+            raise RasterError(f"{path}: unsupported TIFF pixel type "
+                              f"(SampleFormat {first.sampleformat}, {first.bitspersample}-bit)")
+        height, width = first.shaped[2], first.shaped[3]
+        size = path.stat().st_size
+        self._parts: list[Union[_MemmapPart, _SegmentPart]] = []
+        channels = 0
+        for index, page in enumerate(pages):
+            planes, depth, h, w, samples = page.shaped
+            if depth != 1:
+                raise RasterError(f"{path}: volumetric TIFF pages (depth {depth}) are not supported")
+            if (h, w) != (height, width) or page.dtype != first.dtype:
+                raise RasterError(f"{path}: page {index} is {h}x{w} {page.dtype}, "
+                                  f"page 0 is {height}x{width} {first.dtype}")
+            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True) if n]
+            if page.is_final:
+                ends.append(page.dataoffsets[0] + page.nbytes)
+            if ends and max(ends) > size:
+                raise RasterError(f"{path}: file is truncated (page {index} data ends at byte {max(ends)}, "
+                                  f"the file has {size})")
+            part = _MemmapPart(path, page, channels) if page.is_final else _SegmentPart(self, page, index, channels)
+            self._parts.append(part)
+            channels += planes * samples
+        layout = "memmap" if all(isinstance(p, _MemmapPart) for p in self._parts) else "segments"
+        super().__init__(path, height, width, channels, first.dtype, georef, layout)
+        for part in self._parts:
+            if isinstance(part, _SegmentPart):
+                part.probe()
+
+    def read_bytes(self, offset: int, count: int, where: str) -> bytes:
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        self._fh.seek(offset)
+        data = self._fh.read(count)
+        if len(data) != count:
+            raise RasterError(f"{self.path}: file is truncated ({where} needs {count} bytes at {offset})")
+        return data
+
+    def _read(self, y0, y1, x0, x1):
+        out = np.empty((y1 - y0, x1 - x0, self.channels), self.dtype)
+        for part in self._parts:
+            part.read_into(out, y0, y1, x0, x1)
+        return out
+
+    def close(self) -> None:
+        for part in self._parts:
+            part.close()
+        self.cache.clear()
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self._tif.close()
+
+
+# --- rasterio (GeoTIFF, JPEG 2000) ------------------------------------------------------------
+class _RasterioReader(ImageReader):
+    """Any GDAL-readable raster via rasterio; GDAL reads windows block by block."""
+
+    def __init__(self, path: Path, geotags: tuple[tuple[int, int, Any], ...]):
+        import rasterio
+        from rasterio.errors import NotGeoreferencedWarning
+
+        try:
+            with warnings.catch_warnings():
+                # a plain (not georeferenced) JPEG 2000 is fine; georef is None then
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self._ds = rasterio.open(path)
+        except Exception as exc:  # RasterioIOError, CPLE_* errors
+            raise RasterError(f"{path}: cannot read image: {exc}") from exc
+        ds = self._ds
+        if len(set(ds.dtypes)) != 1:
+            ds.close()
+            raise RasterError(f"{path}: bands have different pixel types {ds.dtypes}")
+        transform = tuple(float(v) for v in tuple(ds.transform)[:6])
+        crs = ds.crs.to_wkt() if ds.crs else None
+        georef = None
+        if geotags:
+            georef = GeoRef(crs=crs or _georef_from_tags(geotags).crs, transform=transform, tiff_tags=geotags)
+        elif crs is not None or transform != (1.0, 0.0, 0.0, 0.0, 1.0, 0.0):
+            georef = GeoRef(crs=crs, transform=transform)
+        try:
+            super().__init__(path, ds.height, ds.width, ds.count, np.dtype(ds.dtypes[0]), georef, "rasterio")
+        except RasterError:  # an unsupported pixel type
+            ds.close()
+            raise
+
+    def _read(self, y0, y1, x0, x1):
+        from rasterio.windows import Window
+
+        try:
+            bands = self._ds.read(window=Window(x0, y0, x1 - x0, y1 - y0))
+        except Exception as exc:
+            raise RasterError(f"{self.path}: cannot read rows {y0}:{y1}, cols {x0}:{x1}: {exc}") from exc
+        return np.ascontiguousarray(np.moveaxis(bands, 0, -1))
+
+    def close(self) -> None:
+        self._ds.close()
