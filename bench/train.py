@@ -19,16 +19,19 @@ Precisions: fp32 always; bf16 autocast where it is native (a CPU with AVX512-BF1
 :mod:`utils.hardware`, or CUDA compute capability >= 8); fp16 autocast with a GradScaler on CUDA.
 ``--precisions`` forces a list (e.g. to see emulated bf16 on an AVX2 CPU).
 
-Columns: median seconds per step over ``--steps`` timed steps after ``--warmup`` untimed ones;
-images/s; peak memory in MB -- CUDA ``max_memory_allocated`` on a GPU, and on the CPU the growth of
-the process's resident set from before the model is built to its peak (``VmHWM`` after a reset
-through /proc/self/clear_refs; Linux) -- model, optimiser state and activations together; and the
-speed (images/s) and memory ratios to BasicUNet in the same input, precision, memory format and
-compile mode (speed > 1: faster than BasicUNet; memory < 1: smaller).
+Columns: median seconds per step over ``--steps`` timed steps after ``--warmup`` untimed ones, and
+their range (a wide one means other processes shared the CPU); images/s; peak memory in MB -- CUDA
+``max_memory_allocated`` on a GPU, and on the CPU the growth of the process's resident set from
+before the model is built to its peak (``VmHWM`` after a reset through /proc/self/clear_refs;
+Linux) -- model, optimiser state and activations together; and the speed (images/s) and memory
+ratios to BasicUNet in the same input, precision, memory format and compile mode (speed > 1:
+faster than BasicUNet; memory < 1: smaller).
 
 Usage:
     python bench/train.py                       # both inputs, every supported precision and format
     python bench/train.py --isa avx2            # the same under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+    python bench/train.py --threads 1           # steadier on a shared machine (OpenMP threads stall
+                                                # when another process holds a core)
     python bench/train.py --compile --steps 8   # adds torch.compile rows
     python bench/train.py --models auxnet4,auxnet5 --inputs 8x1x128x128,8x1x256x256 --precisions fp32,bf16
 """
@@ -69,11 +72,13 @@ def model_factory(name: str):
         from model.AuxNet import AuxNet
 
         depth = 4 if name == "auxnet4" else 5
-        return lambda: AuxNet(in_channels=1, seg_classes=1, cls_classes=1, depth=depth, base_width=16), lambda out: out.seg
+        return (lambda: AuxNet(in_channels=1, seg_classes=1, cls_classes=1, depth=depth, base_width=16),
+                lambda out: out.seg)
     if name == "basicunet":
         from monai.networks.nets import BasicUNet
 
-        return lambda: BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=(16, 32, 64, 128, 256, 16)), None
+        features = (16, 32, 64, 128, 256, 16)
+        return lambda: BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=features), None
     if name == "smp":
         import segmentation_models_pytorch as smp
 
@@ -156,7 +161,9 @@ def probe(device: str) -> dict:
 
     from utils.hardware import cpu_bf16_support
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     info = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "capability": torch.backends.cpu.get_cpu_capability(), "smp": smp_problem()}
     if dev.type == "cuda":
@@ -193,7 +200,9 @@ def spawn(cfg: dict, env: dict, timeout: float) -> dict:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        stderr = done.stderr.strip().splitlines() or ["no output"]
+        errors = [line.strip() for line in stderr if "Error" in line or "Exception" in line]
+        tail = (errors or stderr)[-1].replace("|", "/")[:160]
         return {"error": f"exit {done.returncode}: {tail}"}
     return json.loads(lines[-1][len("RESULT "):])
 
@@ -206,19 +215,20 @@ def parse_input(text: str) -> tuple[int, int, int, int]:
 
 
 def table(rows: list[dict]) -> str:
-    header = ["model", "params", "input", "precision", "memory format", "s/step", "images/s", "peak MB",
+    header = ["model", "params", "input", "precision", "memory format", "s/step", "min–max s", "images/s", "peak MB",
               f"speed vs {LABELS[REFERENCE]}", f"memory vs {LABELS[REFERENCE]}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     ref = {r["mode"]: r for r in rows if r["model"] == REFERENCE and "error" not in r}
     for r in rows:
         head = [LABELS[r["model"]], r.get("params_text", ""), r["input_text"], r["precision_text"], r["format_text"]]
         if "error" in r:
-            lines.append("| " + " | ".join(head + [r["error"]] + [""] * 4) + " |")
+            lines.append("| " + " | ".join(head + [r["error"]] + [""] * 5) + " |")
             continue
         base = ref.get(r["mode"])
         speed = f"{base['seconds'] / r['seconds']:.2f}" if base else "–"
         memory = f"{r['peak_mb'] / base['peak_mb']:.2f}" if base and base["peak_mb"] > 0 else "–"
-        lines.append("| " + " | ".join(head + [f"{r['seconds']:.3f}", f"{r['images'] / r['seconds']:.1f}",
+        spread = f"{min(r['times']):.3f}–{max(r['times']):.3f}"
+        lines.append("| " + " | ".join(head + [f"{r['seconds']:.3f}", spread, f"{r['images'] / r['seconds']:.1f}",
                                                f"{r['peak_mb']:.0f}", speed, memory]) + " |")
     return "\n".join(lines)
 
@@ -264,7 +274,9 @@ def main() -> None:
         if precision not in precisions:
             print(f"skipped {precision}: {why}")
     if "smp" in models and info["smp"]:
-        print(f"skipped SMP Unet: segmentation_models_pytorch does not import here ({info['smp']})")
+        print(f"skipped SMP Unet: segmentation_models_pytorch does not import here ({info['smp']}); "
+              "SMP and its timm import torchvision, and PyPI's torchvision is a CUDA build that fails beside "
+              "torch's CPU wheel")
         models.remove("smp")
 
     rows = []

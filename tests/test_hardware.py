@@ -52,7 +52,7 @@ def test_cpu_bf16_support(monkeypatch, flags, aten, onednn, native, detail):
 
 def test_no_native_bf16_without_onednn(monkeypatch):
     fake_cpu(monkeypatch, {"avx512_bf16", "amx_bf16"}, mkldnn=False)
-    assert cpu_bf16_support() == (False, "torch built without oneDNN")
+    assert cpu_bf16_support() == (False, "oneDNN unavailable or disabled in torch")
 
 
 def test_onednn_limit_reads_both_names(monkeypatch):
@@ -140,7 +140,29 @@ def test_explicit_memory_format_is_kept(requested, reason):
     assert resolve_channels_last(requested, CPU, tiny_model, (2, 1, 16, 16), "none") == (requested, reason)
 
 
-def test_auto_memory_format_picks_the_faster_and_caches(monkeypatch):
+def test_auto_memory_format_on_cpu_follows_the_measured_rule(monkeypatch):
+    monkeypatch.setattr(hardware, "time_memory_formats", lambda *args: pytest.fail("the CPU rule times nothing"))
+    monkeypatch.setattr(hardware, "_onednn_available", lambda: True)
+    channels_last, reason = resolve_channels_last("auto", CPU, tiny_model, (2, 1, 16, 16), "none")
+    assert channels_last is True and reason.startswith("auto: channels_last (CPU with oneDNN")
+
+
+def test_auto_memory_format_times_on_cpu_without_onednn(monkeypatch):
+    monkeypatch.setattr(hardware, "_CHANNELS_LAST_CACHE", {})
+    monkeypatch.setattr(hardware, "_onednn_available", lambda: False)
+    monkeypatch.setattr(hardware, "time_memory_formats", lambda *args: {False: 0.2, True: 0.3})
+    assert resolve_channels_last("auto", CPU, tiny_model, (2, 1, 16, 16), "none") == (
+        False, "auto: contiguous (0.2 s vs 0.3 s/step)")
+
+
+def test_auto_memory_format_times_off_the_cpu(monkeypatch):
+    monkeypatch.setattr(hardware, "_CHANNELS_LAST_CACHE", {})
+    monkeypatch.setattr(hardware, "time_memory_formats", lambda *args: {False: 0.3, True: 0.2})
+    assert resolve_channels_last("auto", torch.device("meta"), tiny_model, (2, 1, 16, 16), "bf16") == (
+        True, "auto: channels_last (0.2 s vs 0.3 s/step)")
+
+
+def test_measured_memory_format_picks_the_faster_and_caches(monkeypatch):
     calls = []
 
     def fake_timing(model, device, shape, precision, warmup, steps):
@@ -149,21 +171,21 @@ def test_auto_memory_format_picks_the_faster_and_caches(monkeypatch):
 
     monkeypatch.setattr(hardware, "_CHANNELS_LAST_CACHE", {})
     monkeypatch.setattr(hardware, "time_memory_formats", fake_timing)
-    assert resolve_channels_last("auto", CPU, tiny_model, (2, 1, 16, 16), "none") == (
-        True, "auto: channels_last (0.2 s vs 0.3 s/step)")
-    assert resolve_channels_last("auto", CPU, tiny_model, (2, 1, 16, 16), "none")[0] is True
-    assert resolve_channels_last("auto", CPU, tiny_model, (4, 1, 16, 16), "none") == (
-        False, "auto: contiguous (0.2 s vs 0.3 s/step)")
+    assert resolve_channels_last("measure", CPU, tiny_model, (2, 1, 16, 16), "none") == (
+        True, "measure: channels_last (0.2 s vs 0.3 s/step)")
+    assert resolve_channels_last("measure", CPU, tiny_model, (2, 1, 16, 16), "none")[0] is True
+    assert resolve_channels_last("measure", CPU, tiny_model, (4, 1, 16, 16), "none") == (
+        False, "measure: contiguous (0.2 s vs 0.3 s/step)")
     assert calls == [(2, 1, 16, 16), (4, 1, 16, 16)]  # the repeat was answered from the cache
 
 
-def test_auto_memory_format_really_times_and_keeps_the_rng(monkeypatch):
+def test_measured_memory_format_really_times_and_keeps_the_rng(monkeypatch):
     monkeypatch.setattr(hardware, "_CHANNELS_LAST_CACHE", {})
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    channels_last, reason = resolve_channels_last("auto", CPU, tiny_model, (2, 1, 16, 16), "bf16")
-    assert isinstance(channels_last, bool) and reason.startswith("auto: ") and "s/step" in reason
+    channels_last, reason = resolve_channels_last("measure", CPU, tiny_model, (2, 1, 16, 16), "bf16")
+    assert isinstance(channels_last, bool) and reason.startswith("measure: ") and "s/step" in reason
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -173,10 +195,10 @@ def test_time_memory_formats_times_both_formats():
 
 
 def test_memory_format_errors():
-    with pytest.raises(ValueError, match="channels_last 'yes' is not valid: expected true, false or 'auto'"):
+    with pytest.raises(ValueError, match="channels_last 'yes' is not valid: expected true, false, 'auto' or 'measure'"):
         resolve_channels_last("yes", CPU, tiny_model, (2, 1, 16, 16), "none")
     with pytest.raises(ValueError, match="precision 'fp32' is not valid"):
-        resolve_channels_last("auto", CPU, tiny_model, (2, 1, 16, 16), "fp32")
+        resolve_channels_last("measure", CPU, tiny_model, (2, 1, 16, 16), "fp32")
 
 
 def test_first_tensor_of_outputs():

@@ -2,10 +2,12 @@
 
 Why: bf16 autocast is ~2x faster than fp32 on a CPU with AVX512-BF16 or AMX-BF16, but on an
 AVX2-only CPU (many AMD EPYC hosts) oneDNN emulates it and a training step is 10-30x *slower* than
-in fp32. channels_last helps convolutions on oneDNN and on tensor cores, by an amount that depends
-on the model, the input and the precision. So ``auto`` asks what torch itself reports (and what the
-user limited it to with ``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA``) for precision, and times
-the actual model for the memory format.
+in fp32 (AuxNet under ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``). channels_last helps
+convolutions on oneDNN and on tensor cores, by an amount that depends on the model, the input and
+the precision. So for precision ``auto`` asks what torch itself reports (and what the user limited
+it to with ``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA``); for the memory format it follows a
+rule measured on CPUs (channels_last was never slower for AuxNet, see the note at ``_CPU_RULE``)
+and times the actual model elsewhere, or anywhere with ``"measure"``.
 
 Each resolver returns ``(choice, reason)``; the reason is one short sentence for the run's first
 log line, e.g. ``"auto: fp32 (CPU without native bf16: AVX2)"``.
@@ -49,8 +51,8 @@ _ONEDNN_BF16_RANK = _ONEDNN_ISAS["AVX512_CORE_BF16"]
 def _cpu_flags() -> frozenset[str]:
     """The CPU's bf16-relevant hardware features, as torch's cpuinfo sees them.
 
-    ``torch.cpu.get_capabilities()`` (public since torch 2.10) reports the hardware, not what torch
-    was limited to; older torch falls back to the flags line of /proc/cpuinfo (Linux only).
+    ``torch.cpu.get_capabilities()`` (public in torch 2.13) reports the hardware, not what torch was
+    limited to; a torch without it falls back to the flags line of /proc/cpuinfo (Linux only).
     """
     get = getattr(torch.cpu, "get_capabilities", None)
     if get is not None:
@@ -75,7 +77,8 @@ def _onednn_limit() -> Optional[str]:
 
 
 def _onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available()
+    """oneDNN is built into torch and not switched off (``torch.backends.mkldnn.enabled``)."""
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
 def _cuda_bf16(device: torch.device) -> tuple[bool, str]:
@@ -97,8 +100,8 @@ def cpu_bf16_support() -> tuple[bool, str]:
     (``ONEDNN_MAX_CPU_ISA``). Anything below that emulates bf16, which is far slower than fp32.
 
     Returns:
-        ``(native, detail)``; detail names the feature used ("AMX-BF16", "AVX512-BF16") or what is
-        missing ("AVX2", "ONEDNN_MAX_CPU_ISA=AVX2", ...).
+        ``(native, detail)``; detail names the feature used ("AMX-BF16", "AVX512-BF16") or what stands
+        in the way ("AVX2", "AVX2, limited by ATEN_CPU_CAPABILITY", "limited by ONEDNN_MAX_CPU_ISA=AVX2").
     """
     flags = _cpu_flags()
     hardware = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
@@ -108,7 +111,7 @@ def cpu_bf16_support() -> tuple[bool, str]:
     if aten != "AVX512":
         return False, f"{aten}, limited by ATEN_CPU_CAPABILITY"
     if not _onednn_available():
-        return False, "torch built without oneDNN"
+        return False, "oneDNN unavailable or disabled in torch"
     limit = _onednn_limit()
     if limit is not None:
         rank = _ONEDNN_ISAS.get(limit)
@@ -172,7 +175,7 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
             return "bf16", f"auto: bf16 (CPU with native bf16: {what})"
         return "none", f"auto: fp32 (CPU without native bf16: {what})"
     if requested == "bf16" and not native:
-        return "bf16", f"bf16 (requested; emulated on this CPU: {what}, often 10x slower than fp32)"
+        return "bf16", f"bf16 (requested; emulated on this CPU: {what}, 10-30x slower than fp32 where measured)"
     return requested, f"{_label(requested)} (requested)"
 
 
@@ -183,8 +186,25 @@ def _label(precision: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Memory format
 
-# (device type, model signature, input shape, precision) -> (channels_last, reason); see the cache
-# note in resolve_channels_last.
+CHANNELS_LAST_CHOICES = (True, False, "auto", "measure")
+
+# Why "auto" does not time on the CPU. A training step (AdamW, BCE) of AuxNet width 16, depth 4
+# and 5, on 8x1x128^2, 8x1x256^2 and 16x1x128^2, in fp32 and bf16, on a 2-core Sapphire Rapids
+# (AMX) and under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2, took 0.48-1.03x as long in
+# channels_last as contiguous (~0.5-0.8 with AMX, 0.83-1.00 for AVX2 fp32; the 1.03 within
+# step-to-step noise), and its peak memory was 10-25% lower. Runs in separate processes vary by up
+# to 30%: one showed 1.16 for depth 5 fp32 on 16x1x128^2, where two repeats gave 0.74 and an
+# interleaved in-process comparison 0.76. Timing instead (1 warm-up + 2 timed steps per format)
+# cost 1.0-1.8 s at start-up for depth 4 on 8x1x128^2 on a quiet machine (3 s under the AVX2
+# limits) but 6-20 s on a shared one, and with two threads on loaded cores 2-step decisions (replayed from 8 interleaved steps) picked
+# contiguous 3 times in 7 where channels_last was ~40% faster: OpenMP stalls add seconds to single
+# steps. So on the CPU "auto" follows the measurements. They hold for AuxNet, not for every
+# network (MONAI's BasicUNet was up to 1.5x *slower* in channels_last): for another model use
+# "measure". On CUDA (unmeasured here) timing is synchronised and far less noisy, so "auto" times
+# there.
+_CPU_RULE = "auto: channels_last (CPU with oneDNN: AuxNet measured 0.5-1.0x the contiguous step time)"
+
+# (device type, model signature, input shape, precision) -> (channels_last, reason)
 _CHANNELS_LAST_CACHE: dict[tuple, tuple[bool, str]] = {}
 
 
@@ -199,17 +219,21 @@ def resolve_channels_last(
 ) -> tuple[bool, str]:
     """Whether to train in the channels_last memory format.
 
-    ``True`` / ``False`` are kept. ``"auto"`` times ``warmup`` + ``steps`` forward+backward passes
-    of a fresh ``make_model()`` on random input in each format, interleaved so that a slow moment
-    of the machine hits both, and picks the faster by each format's best step (contention only ever
-    adds time). The decision is cached in-process per (device type, model signature, input shape,
-    precision), so every fold of a run measures once. Global RNG state (CPU and CUDA) is left as it
-    was, so seeding before or after this call gives the same run.
+    ``True`` / ``False`` are kept. ``"auto"``: on a CPU with oneDNN, channels_last (a rule from
+    measurements of AuxNet, see the note at ``_CPU_RULE``); elsewhere (CUDA, other devices, a CPU
+    without oneDNN) as ``"measure"``.
+    ``"measure"`` times ``warmup`` + ``steps`` forward+backward passes of a fresh ``make_model()``
+    on random input in each format, interleaved so that a slow moment of the machine hits both,
+    and picks the faster by each format's best step (contention only ever adds time). A measured
+    decision is cached in-process per (device type, model signature, input shape, precision), so
+    every fold of a run measures once; global RNG state (CPU and CUDA) is left as it was, so seeding
+    before or after this call gives the same run. Under DDP each rank measures on its own: let
+    rank 0 decide and broadcast, so that all ranks train alike.
 
     Args:
-        requested: True, False or "auto".
+        requested: True, False, "auto" or "measure".
         device: where the model trains.
-        make_model: builds the model to time (called once per measurement, on the CPU).
+        make_model: builds the model to time (called once per measured decision, on the CPU).
         input_shape: one training batch, (B, C, H, W).
         precision: "bf16", "fp16" or "none", as returned by :func:`resolve_precision`.
         warmup, steps: untimed and timed passes per format.
@@ -218,15 +242,17 @@ def resolve_channels_last(
         ``(channels_last, reason)``, e.g. ``(True, "auto: channels_last (0.29 s vs 0.37 s/step)")``.
 
     Raises:
-        ValueError: ``requested`` is none of True, False, "auto"; or ``precision`` is unknown.
+        ValueError: ``requested`` is none of :data:`CHANNELS_LAST_CHOICES`; or ``precision`` is unknown.
     """
     if requested is True or requested is False:
         return requested, "channels_last (requested)" if requested else "contiguous (requested)"
-    if requested != "auto":
-        raise ValueError(f"channels_last {requested!r} is not valid: expected true, false or 'auto'")
+    if requested not in ("auto", "measure"):
+        raise ValueError(f"channels_last {requested!r} is not valid: expected true, false, 'auto' or 'measure'")
     if precision not in AMP_DTYPES:
         raise ValueError(f"precision {precision!r} is not valid: expected one of {' | '.join(AMP_DTYPES)}")
     device = torch.device(device)
+    if requested == "auto" and device.type == "cpu" and _onednn_available():
+        return True, _CPU_RULE
     # fork_rng restores the CPU generator, and the CUDA one of ``device`` when it is a GPU
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model = make_model()
@@ -234,7 +260,7 @@ def resolve_channels_last(
         if key not in _CHANNELS_LAST_CACHE:
             seconds = time_memory_formats(model, device, input_shape, precision, warmup, steps)
             faster = seconds[True] < seconds[False]
-            reason = (f"auto: {'channels_last' if faster else 'contiguous'} "
+            reason = (f"{requested}: {'channels_last' if faster else 'contiguous'} "
                       f"({seconds[faster]:.3g} s vs {seconds[not faster]:.3g} s/step)")
             _CHANNELS_LAST_CACHE[key] = (faster, reason)
     return _CHANNELS_LAST_CACHE[key]
