@@ -83,6 +83,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.isolated import report, spawn  # noqa: E402
+
 from utils.synthetic import SYNTHETIC_CLASSES, _draw_ellipse, _draw_line  # noqa: E402
 from utils.tiling import window_starts  # noqa: E402
 
@@ -355,20 +357,6 @@ def child_env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def spawn(job: dict, timeout: float, env: dict) -> dict:
-    """Run one configuration in a fresh interpreter; its result, or {"error": ...}."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {done.returncode}: {tail}"}
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def train_weights(workdir: Path, epochs: int, env: dict) -> Path:
     """A short `main.py` training run (default model and tiles) into ``workdir``; its best.pth."""
     cmd = [sys.executable, "main.py", f"RESULTS_DIR={workdir}", "EXP_ID=w", f"TRAIN_EPOCHS={epochs}"]
@@ -527,7 +515,7 @@ def main() -> None:
                              "other at every op's barrier make a 2-thread run several times slower than 1 thread")
     args, rest = parser.parse_known_args()
     if args.worker:
-        print("RESULT " + json.dumps(run_config(json.loads(args.worker))), flush=True)
+        report(run_config(json.loads(args.worker)))
         return
     if args.rusage:
         return rusage_wrapper([x for x in rest if x != "--"])
@@ -563,7 +551,7 @@ def main() -> None:
     for mode in MODES:
         out = args.workdir / f"probs_{mode}.npy"
         job = {"mode": mode, "weights": str(weights), "image": str(image_path), "out": str(out)}
-        rows[mode] = r = spawn(job, args.timeout, env)
+        rows[mode] = r = spawn(__file__, job, env, args.timeout)
         if "error" not in r:
             truth = classes if r["k"] == 3 else (classes > 0).astype(np.uint8)
             r.update(scores(out, truth, r["k"], r["seg_threshold"]))

@@ -42,13 +42,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.isolated import report, spawn  # noqa: E402
 
 MODELS = ("auxnet", "basicunet", "smp", "auxnet4", "auxnet5")
 LABELS = {
@@ -185,27 +186,11 @@ def probe(device: str) -> dict:
 def worker(payload: str) -> None:
     cfg = json.loads(payload)
     result = probe(cfg["device"]) if cfg.get("probe") else run_config(cfg)
-    print("RESULT " + json.dumps(result), flush=True)
+    report(result)
 
 
 # --------------------------------------------------------------------------------------------------
 # Parent side: spawn the workers, print the table.
-
-def spawn(cfg: dict, env: dict, timeout: float) -> dict:
-    """Run ``cfg`` in a fresh interpreter; its result, or {"error": ...}."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        stderr = done.stderr.strip().splitlines() or ["no output"]
-        errors = [line.strip() for line in stderr if "Error" in line or "Exception" in line]
-        tail = (errors or stderr)[-1].replace("|", "/")[:160]
-        return {"error": f"exit {done.returncode}: {tail}"}
-    return json.loads(lines[-1][len("RESULT "):])
-
 
 def parse_input(text: str) -> tuple[int, int, int, int]:
     parts = tuple(int(v) for v in text.lower().split("x"))
@@ -261,7 +246,7 @@ def main() -> None:
                      f"formats are {', '.join(FORMATS)}")
     inputs = [parse_input(text) for text in args.inputs.split(",")]
     env = {**os.environ, **ISA_ENV.get(args.isa, {})}
-    info = spawn({"probe": True, "device": args.device}, env, args.timeout)
+    info = spawn(__file__, {"probe": True, "device": args.device}, env, args.timeout)
     if "error" in info:
         sys.exit(f"probe failed: {info['error']}")
     precisions = args.precisions.split(",") if args.precisions else info["precisions"]
@@ -289,7 +274,7 @@ def main() -> None:
                         cfg = {"model": model, "device": info["device"], "input": shape, "precision": precision,
                                "format": fmt, "compile": compiled, "steps": args.steps, "warmup": args.warmup,
                                "threads": args.threads}
-                        result = spawn(cfg, env, args.timeout)
+                        result = spawn(__file__, cfg, env, args.timeout)
                         rows.append({**result, "model": model, "images": shape[0],
                                      "mode": (tuple(shape), precision, fmt, compiled),
                                      "input_text": "×".join(map(str, shape)), "precision_text": precision,

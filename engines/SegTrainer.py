@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engines.checkpoint import restore_training, save_checkpoint
-from engines.forward import autocast_for, evaluate_model, image_to
+from engines.forward import autocast_for, evaluate_model, image_to, place
 from engines.run_dir import RunDir
 from model.AuxNet import AuxNet, AuxNetOutput
 from model.metrics import HIGHER_IS_BETTER
@@ -68,9 +68,7 @@ class SegTrainer:
 
     def __init__(self, step, optimizer, scheduler, train_loader, test_loader, metrics, logger, ctx: DistContext,
                  settings: TrainerSettings):
-        self.step = step.to(ctx.device)
-        if settings.channels_last:
-            self.step = self.step.to(memory_format=torch.channels_last)
+        self.step = place(step, ctx.device, settings.channels_last)
         self.ddp = (
             DistributedDataParallel(self.step, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
             if ctx.distributed else self.step

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from configs import Config
-from engines.checkpoint import load_weights, resolve_weights_path
+from engines.checkpoint import LoadReport, load_weights, resolve_weights_path
 from engines.run_dir import RunDir
 from engines.SegTrainer import SegTrainer, TrainerSettings, TrainStep
 from model.AuxNet import AuxNet
@@ -37,6 +37,11 @@ def precision_of(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
 
 def build_model(cfg: Config) -> AuxNet:
     """The network, with MODEL_WEIGHTS loaded and only the MODEL's parts left trainable."""
+    return build_network(cfg)[0]
+
+
+def build_network(cfg: Config) -> tuple[AuxNet, Optional[LoadReport]]:
+    """:func:`build_model`, and the report of what MODEL_WEIGHTS loaded (None without weights)."""
     net = AuxNet(
         in_channels=cfg.INPUT_CHANNELS,
         seg_classes=cfg.SEG_CLASSES,
@@ -50,9 +55,11 @@ def build_model(cfg: Config) -> AuxNet:
         # A head that is about to be trained may be missing from the file (it starts fresh), and so
         # may the fill head of a checkpoint made before it existed (then it only cannot gate).
         allow = ("fill_head.", "head.") if cfg.trains_classifier else ("fill_head.",)
-        load_weights(net, resolve_weights_path(cfg.MODEL_WEIGHTS), allow_missing=allow)
+        report = load_weights(net, resolve_weights_path(cfg.MODEL_WEIGHTS), allow_missing=allow)
+    else:
+        report = None
     net.set_trainable(cfg.stage.trains)
-    return net
+    return net, report
 
 
 def loss_options(cfg: Config) -> LossOptions:

@@ -8,9 +8,7 @@ line may set the evaluation options (:data:`configs.config_parser.EVAL_KEYS`).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,13 +17,14 @@ import torch.distributed as dist
 from configs import Config, ConfigError
 from configs.config_parser import EVAL_KEYS, PREDICT_KEYS, config_for_checkpoint, parse_overrides
 from configs.validator import validate
-from engines.builders import build_data, build_loaders, build_metrics, build_model, precision_of
+from engines.builders import build_data, build_loaders, build_metrics, precision_of
 from engines.checkpoint import CheckpointError, resolve_weights_path, saved_run
 from engines.forward import autocast_for, evaluate_model
 from engines.launch import main_first
-from engines.predict import build_predictor
+from engines.predict import build_predictor, prediction_network
 from engines.predictor import ArrayImage, Predictor
 from engines.run_dir import RunDir, eval_outputs, run_dir_for
+from model.AuxNet import AuxNet
 from utils.image_io import ImageSet
 from utils.util import DistContext, atomic_write_json, atomic_write_text
 
@@ -69,9 +68,7 @@ def evaluate(cfg: Config, ctx: DistContext, run: RunDir) -> None:
     """Evaluate MODEL_WEIGHTS on its fold's test split: a per-tile CSV and a summary JSON beside it."""
     splits = main_first(ctx, lambda: build_data(cfg, run.split, cfg.DEFAULT_FOLD))
     _, test_loader = build_loaders(cfg, splits, ctx)
-    net = build_model(cfg).to(ctx.device)
-    if cfg.CHANNELS_LAST:
-        net = net.to(memory_format=torch.channels_last)
+    net, can_gate = prediction_network(cfg, ctx.device)
     dtype = precision_of(cfg, ctx.device)
 
     def autocast():
@@ -82,7 +79,7 @@ def evaluate(cfg: Config, ctx: DistContext, run: RunDir) -> None:
     summary = metrics.compute()
     rows = metrics.gather_per_image()
     ckpt = resolve_weights_path(cfg.MODEL_WEIGHTS)
-    whole = whole_image_evaluation(cfg, ctx, splits, ckpt)
+    whole = whole_image_evaluation(cfg, ctx, splits, net, can_gate)
     if ctx.is_main:
         csv_path, json_path = eval_outputs(ckpt)
         atomic_write_text(csv_path, to_csv(rows))
@@ -96,13 +93,13 @@ def evaluate(cfg: Config, ctx: DistContext, run: RunDir) -> None:
         print(whole_image_line(whole))
 
 
-def whole_image_evaluation(cfg: Config, ctx: DistContext, splits, weights: Path) -> dict[str, dict]:
-    """The test split's whole images predicted from ``weights`` without gating and, where the head
-    was trained, with gating: ``{"ungated": {"summary", "images"}, "gated": ...}``."""
-    cfg = dataclasses.replace(cfg, MODEL_WEIGHTS=str(weights))
+def whole_image_evaluation(cfg: Config, ctx: DistContext, splits, net: AuxNet, can_gate: bool) -> dict[str, dict]:
+    """The test split's whole images predicted by ``net`` (see :func:`engines.predict.prediction_network`)
+    without gating and, where its run trained the head, with gating: ``{"ungated": {"summary",
+    "images"}, "gated": ...}``."""
     report = {}
-    for mode in ("ungated", "gated") if cfg.trains_classifier else ("ungated",):
-        predictor = build_predictor(cfg, ctx.device, gating=mode == "gated")
+    for mode in ("ungated", "gated") if cfg.trains_classifier and can_gate else ("ungated",):
+        predictor = build_predictor(cfg, net, can_gate, ctx.device, gating=mode == "gated")
         summary, rows = evaluate_whole_images(predictor, splits.test.images, splits.test_ids,
                                               build_metrics(cfg, ctx.device)(), ctx, cfg.SEG_THRESHOLD)
         report[mode] = {"summary": summary, "images": rows}

@@ -7,8 +7,15 @@ from contextlib import nullcontext
 from typing import Optional
 
 import torch
+from torch import nn
 
 from model.AuxNet import AuxNet
+
+
+def place(module: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """``module`` on ``device``, its parameters in the channels_last memory format when asked."""
+    module = module.to(device)
+    return module.to(memory_format=torch.channels_last) if channels_last else module
 
 
 def image_to(image: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:

@@ -22,9 +22,12 @@ import torch
 from tqdm import tqdm
 
 from configs import Config, ConfigError
-from engines.builders import build_model, precision_of
-from engines.checkpoint import CheckpointError, read_checkpoint, resolve_weights_path
+from engines.builders import build_network, precision_of
+from engines.checkpoint import CheckpointError, resolve_weights_path
+from engines.forward import place
+from engines.launch import launch_plan
 from engines.predictor import Predictor
+from model.AuxNet import AuxNet
 from utils.raster import SUPPORTED_SUFFIXES, RasterError, open_image
 from utils.raster_write import MaskWriter, overlay_png
 from utils.util import RunError
@@ -61,36 +64,38 @@ def output_dir(cfg: Config) -> Path:
     return parent / f"predict_{max(taken, default=0) + 1}"
 
 
-def build_predictor(cfg: Config, device: torch.device, gating: bool, progress: bool = False) -> Predictor:
-    """The network of MODEL_WEIGHTS, ready to predict.
+def prediction_network(cfg: Config, device: torch.device) -> tuple[AuxNet, bool]:
+    """The network of MODEL_WEIGHTS on ``device``, and whether it can gate: it has heads, and its
+    fill head was loaded (a checkpoint made before the fill head existed has none)."""
+    net, report = build_network(cfg)
+    fill_loaded = report is not None and not any(k.startswith("fill_head.") for k in report.initialised)
+    can_gate = net.head is not None and fill_loaded
+    return place(net, device, cfg.CHANNELS_LAST), can_gate
+
+
+def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, device: torch.device, gating: bool,
+                    progress: bool = False) -> Predictor:
+    """A :class:`Predictor` of ``net`` with the configuration's tile, overlap, batch and precision.
 
     Raises:
-        RunError: a checkpoint that does not fit the configuration, or gating asked of a checkpoint
-            without the fill head (trained before it existed) or without any head.
+        CheckpointError: gating asked of a network that cannot gate (see :func:`prediction_network`).
     """
-    net = build_model(cfg)
-    if gating:
-        saved = read_checkpoint(resolve_weights_path(cfg.MODEL_WEIGHTS))["model"]
-        if net.head is None or not any(k.startswith("fill_head.") for k in saved):
-            raise CheckpointError(
-                f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r} has no fill head (a UNet, or a checkpoint made before "
-                "gated prediction existed), so tiles cannot be gated: use GATING=false, or retrain"
-            )
-    net = net.to(device)
-    if cfg.CHANNELS_LAST:
-        net = net.to(memory_format=torch.channels_last)
+    if gating and not can_gate:
+        raise CheckpointError(
+            f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r} has no fill head (a UNet, or a checkpoint made before "
+            "gated prediction existed), so tiles cannot be gated: use GATING=false, or retrain"
+        )
     return Predictor(net, tile=cfg.INPUT_SIZE, overlap=cfg.predict_overlap, batch_size=cfg.BATCH_SIZE,
-                     device=device, amp_dtype=precision_of(cfg, device), channels_last=cfg.CHANNELS_LAST, gating=gating,
-                     cls_threshold=cfg.CLS_THRESHOLD, progress=progress)
+                     device=device, amp_dtype=precision_of(cfg, device), channels_last=cfg.CHANNELS_LAST,
+                     gating=gating, cls_threshold=cfg.CLS_THRESHOLD, progress=progress)
 
 
 def predict(cfg: Config) -> int:
     """Segment every image of INPUT into OUTPUT; returns the exit status (2 when any image failed)."""
     try:
         files = check_inputs(cfg)
-        device = torch.device("cuda", (cfg.GPUs or [0])[0]) if torch.cuda.is_available() and cfg.GPUs != [] \
-            else torch.device("cpu")
-        predictor = build_predictor(cfg, device, cfg.GATING, progress=True)
+        device = launch_plan(cfg)[1][0]  # one process: the first device a training run would use
+        predictor = build_predictor(cfg, *prediction_network(cfg, device), device, cfg.GATING, progress=True)
     except (ConfigError, RunError) as err:
         print(f"error: {err}", flush=True)
         return 2

@@ -8,7 +8,8 @@ summed weights, so neighbouring windows blend without seams. With gating off thi
 ``sliding_window_inference(mode="gaussian")`` with evenly spaced windows.
 
 **Gating.** The encoder and both heads run on every window, in batches; the decoder runs only on
-the windows whose "contains a boundary" probability is ≥ the threshold, reusing the encoder's
+the windows the classifier head calls "contains a boundary" (decided as TTR scores it:
+``model.metrics.predict_classes`` with CLS_THRESHOLD), reusing the encoder's
 features. Every other window is single-class: it contributes the one-hot probability of the class
 the fill head names, blended like any other window.
 
@@ -29,6 +30,8 @@ from tqdm import tqdm
 
 from engines.forward import autocast_for, image_to
 from model.AuxNet import AuxNet
+from model.metrics import predict_classes
+from utils.image_io import to_unit_range
 from utils.tiling import gaussian_importance_map, window_starts
 from utils.util import RunError
 
@@ -77,10 +80,7 @@ class ArrayImage:
         return self.array[y0:y1, x0:x1]
 
     def normalize(self, window: np.ndarray) -> np.ndarray:
-        out = window.astype(np.float32)
-        if self.offset:
-            out -= np.float32(self.offset)
-        return out * np.float32(1.0 / self.scale)
+        return to_unit_range(window, self.offset, self.scale)
 
 
 class Predictor:
@@ -93,7 +93,8 @@ class Predictor:
         batch_size: windows per forward pass.
         device, amp_dtype, channels_last: where and how the network runs.
         gating: skip the decoder on windows the head calls boundary-free.
-        cls_threshold: boundary probability at or above which a window is decoded.
+        cls_threshold: boundary probability above which a window is decoded (one-output heads;
+            a two-output head decides by argmax, as :func:`model.metrics.predict_classes`).
         progress: show a tqdm bar over windows.
 
     Raises:
@@ -161,7 +162,8 @@ class Predictor:
         for y in ys:
             if y > lo:  # no later window reaches rows < y: hand them out
                 yield from self._finish(acc, wsum, lo, y, h, w)
-                acc, wsum = _shift(acc, y - lo), _shift(wsum, y - lo)
+                _shift(acc, y - lo)
+                _shift(wsum, y - lo)
                 lo = y
             band = self._read_band(image, y, hp, wp)
             for start in range(0, len(xs), self.batch_size):
@@ -196,8 +198,8 @@ class Predictor:
             if not self.gating:
                 return _probabilities(self.net.decode(skips, bottleneck)), len(windows)
             cls, fill = self.net.classify(bottleneck)
-            boundary = _boundary_probability(cls.float())
-            keep = (boundary >= self.cls_threshold).nonzero().flatten()
+            # the head's decision exactly as TTR scores it
+            keep = (predict_classes(cls.float(), self.cls_threshold) == 1).nonzero().flatten()
             out = _one_hot_fill(fill.float().argmax(1), self.channels, self.tile)
             if keep.numel():
                 seg = self.net.decode([s[keep] for s in skips], bottleneck[keep])
@@ -217,22 +219,16 @@ class Predictor:
         yield lo, probs
 
 
-def _shift(a: np.ndarray, k: int) -> np.ndarray:
-    """Move rows k.. of the last-but-one axis to the front, zeros after them."""
-    out = np.zeros_like(a)
-    out[..., : a.shape[-2] - k, :] = a[..., k:, :]
-    return out
+def _shift(a: np.ndarray, k: int) -> None:
+    """Move rows k.. of the last-but-one axis to the front, in place; zeros after them."""
+    a[..., : a.shape[-2] - k, :] = a[..., k:, :]  # numpy copies overlapping slices correctly
+    a[..., a.shape[-2] - k:, :] = 0
 
 
 def _probabilities(seg_logits: torch.Tensor) -> np.ndarray:
     x = seg_logits.float()
     p = torch.sigmoid(x) if x.shape[1] == 1 else torch.softmax(x, dim=1)
     return p.cpu().numpy()
-
-
-def _boundary_probability(cls_logits: torch.Tensor) -> torch.Tensor:
-    """P("contains a boundary") from the head's logits (sigmoid of one output, softmax class 1 of two)."""
-    return torch.sigmoid(cls_logits[:, 0]) if cls_logits.shape[1] == 1 else torch.softmax(cls_logits, 1)[:, 1]
 
 
 def _one_hot_fill(classes: torch.Tensor, channels: int, tile: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import torch.distributed as dist
@@ -11,6 +12,7 @@ from configs.config_parser import read_yaml, resume_problems
 from engines.builders import build_data, build_trainer
 from engines.evaluate import whole_image_evaluation, whole_image_line
 from engines.launch import main_first
+from engines.predict import prediction_network
 from engines.run_dir import RunDir, run_dir_for
 from utils.hardware import resolve_precision
 from utils.splits import num_folds
@@ -61,7 +63,8 @@ def train_fold(cfg: Config, ctx: DistContext, run: RunDir, fold: int) -> dict:
     if ctx.distributed:
         dist.barrier()  # the main rank has written the last checkpoints
     weights = fold_dir.best if fold_dir.best.is_file() else fold_dir.last
-    whole = whole_image_evaluation(cfg, ctx, splits, weights)
+    net, can_gate = prediction_network(dataclasses.replace(cfg, MODEL_WEIGHTS=str(weights)), ctx.device)
+    whole = whole_image_evaluation(cfg, ctx, splits, net, can_gate)
     summary["whole_image"] = {"checkpoint": weights.name, **{m: r["summary"] for m, r in whole.items()}}
     if ctx.is_main:
         atomic_write_json(fold_dir.summary, summary)

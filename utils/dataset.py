@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
 from utils.augment import build_augmentation
-from utils.image_io import DatasetError, ImageSet, load_folder
+from utils.image_io import DatasetError, ImageSet, load_folder, to_unit_range
 from utils.splits import num_folds, resolve_split
 from utils.synthetic import load_synthetic
 from utils.tiling import boundary_label, fill_label, tile_id, tiles_of
@@ -103,10 +103,7 @@ class TileDataset(Dataset):
     def __getitem__(self, k: int) -> dict[str, Any]:
         raw_image, mask = self._raw(k)
         entry = self.images.entries[self.tiles[k][0]]
-        image = raw_image.astype(np.float32)
-        if entry.offset:
-            image -= entry.offset
-        image *= np.float32(1.0 / entry.scale)
+        image = to_unit_range(raw_image, entry.offset, entry.scale)
         if self.augment is not None:
             out = self.augment(image=image, mask=mask)
             image = np.clip(out["image"], 0.0, 1.0, dtype=np.float32)

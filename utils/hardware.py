@@ -154,28 +154,26 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
     if requested not in PRECISIONS:
         raise ValueError(f"precision {requested!r} is not valid: expected one of {' | '.join(PRECISIONS)}")
     device = torch.device(device)
+    if requested == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision fp16 needs a CUDA GPU (device is {device.type}): use auto, bf16 or none")
     if device.type == "cuda":
         native, what = _cuda_bf16(device)
-        if requested == "auto":
-            if native:
-                return "bf16", f"auto: bf16 (CUDA {what})"
-            return "fp16", f"auto: fp16 with GradScaler (CUDA {what}, no native bf16)"
-        if requested == "bf16" and not native:
-            return "bf16", f"bf16 (requested; CUDA {what} has no native bf16: auto would pick fp16)"
+        has = f"CUDA {what}"
+        fallback = "fp16", f"auto: fp16 with GradScaler (CUDA {what}, no native bf16)"
+        emulated = f"bf16 (requested; CUDA {what} has no native bf16: auto would pick fp16)"
+    elif device.type == "cpu":
+        native, what = cpu_bf16_support()
+        has = f"CPU with native bf16: {what}"
+        fallback = "none", f"auto: fp32 (CPU without native bf16: {what})"
+        emulated = f"bf16 (requested; emulated on this CPU: {what}, 10-30x slower than fp32 where measured)"
+    elif requested == "auto":
+        return "none", f"auto: fp32 (no precision rule for device type {device.type!r})"
+    else:
         return requested, f"{_label(requested)} (requested)"
-    if requested == "fp16":
-        raise ValueError(f"precision fp16 needs a CUDA GPU (device is {device.type}): use auto, bf16 or none")
-    if device.type != "cpu":
-        if requested == "auto":
-            return "none", f"auto: fp32 (no precision rule for device type {device.type!r})"
-        return requested, f"{_label(requested)} (requested)"
-    native, what = cpu_bf16_support()
     if requested == "auto":
-        if native:
-            return "bf16", f"auto: bf16 (CPU with native bf16: {what})"
-        return "none", f"auto: fp32 (CPU without native bf16: {what})"
+        return ("bf16", f"auto: bf16 ({has})") if native else fallback
     if requested == "bf16" and not native:
-        return "bf16", f"bf16 (requested; emulated on this CPU: {what}, 10-30x slower than fp32 where measured)"
+        return "bf16", emulated
     return requested, f"{_label(requested)} (requested)"
 
 

@@ -222,6 +222,17 @@ def _intensity_range(arr: np.ndarray) -> tuple[float, float]:
     return offset, scale
 
 
+def to_unit_range(raw: np.ndarray, offset: float, scale: float) -> np.ndarray:
+    """Raw pixel values as float32 ``(raw - offset) / scale``: the one scaling that training,
+    evaluation and prediction all apply (multiplying by ``1 / scale``, so every path gives the same
+    bits)."""
+    image = raw.astype(np.float32)
+    if offset:
+        image -= np.float32(offset)
+    image *= np.float32(1.0 / scale)
+    return image
+
+
 def _decode_mask(raw: np.ndarray, map_255: bool, dtype: np.dtype) -> np.ndarray:
     if map_255:
         return (raw == 255).astype(dtype)

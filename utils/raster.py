@@ -52,7 +52,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from utils.image_io import dtype_intensity_range, read_pillow_image
+from utils.image_io import dtype_intensity_range, read_pillow_image, to_unit_range
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 JP2_SUFFIXES = (".jp2", ".j2k")
@@ -148,7 +148,7 @@ class ImageReader:
         """
         if self.dtype.kind == "f":
             _check_unit_range(window, self.path, "a window")
-        return (window.astype(np.float32) - np.float32(self.offset)) / np.float32(self.scale)
+        return to_unit_range(window, self.offset, self.scale)
 
     def close(self) -> None:
         """Release the file; idempotent."""
