@@ -11,7 +11,8 @@ summed weights, so neighbouring windows blend without seams. With gating off thi
 the windows the classifier head calls "contains a boundary" (decided as TTR scores it:
 ``model.metrics.predict_classes`` with CLS_THRESHOLD), reusing the encoder's
 features. Every other window is single-class: it contributes the one-hot probability of the class
-the fill head names, blended like any other window.
+the fill head names, blended with a far smaller weight (:data:`FILL_BLEND_WEIGHT`) so that where a
+decoded window overlaps a filled one the decoder's pixels decide.
 
 **Memory.** Windows are processed one row of windows (a band) at a time. Only the rows that later
 windows can still reach are kept (at most one tile high, the full width); finished rows are handed
@@ -34,6 +35,9 @@ from model.metrics import predict_classes
 from utils.image_io import to_unit_range
 from utils.tiling import gaussian_importance_map, window_starts
 from utils.util import RunError
+
+#: Blend weight of a gated-off (filled) window relative to a decoded one.
+FILL_BLEND_WEIGHT = 1e-3
 
 
 @dataclass
@@ -115,6 +119,10 @@ class Predictor:
         self.gating, self.cls_threshold, self.progress = gating, cls_threshold, progress
         self.channels = net.outc.out_channels  # K: 1 = binary (foreground probability)
         self.weights = gaussian_importance_map(tile)
+        # A filled window is the head's guess for the whole window; where a decoded window overlaps
+        # it, the decoder's pixels should decide, so fills blend with a far smaller weight (alone,
+        # a fill still gives its class: the weight cancels in the division).
+        self.fill_weights = self.weights * np.float32(FILL_BLEND_WEIGHT)
 
     # ------------------------------------------------------------------ results
     def predict_array(self, image) -> tuple[np.ndarray, PredictStats]:
@@ -171,10 +179,11 @@ class Predictor:
                 windows = np.stack([band[:, :, x:x + t] for x in batch])
                 probs, decoded = self._predict_windows(torch.from_numpy(windows))
                 for k, x in enumerate(batch):
-                    acc[:, :, x:x + t] += probs[k] * self.weights
-                    wsum[:, x:x + t] += self.weights
+                    weights = self.weights if decoded[k] else self.fill_weights
+                    acc[:, :, x:x + t] += probs[k] * weights
+                    wsum[:, x:x + t] += weights
                 stats.tiles += len(batch)
-                stats.decoded += decoded
+                stats.decoded += int(decoded.sum())
                 bar.update(len(batch))
         bar.close()
         yield from self._finish(acc, wsum, lo, hp, h, w)
@@ -190,13 +199,13 @@ class Predictor:
         return np.ascontiguousarray(rows.transpose(2, 0, 1))
 
     @torch.no_grad()
-    def _predict_windows(self, windows: torch.Tensor) -> tuple[np.ndarray, int]:
-        """Probabilities (n, K, t, t) of a batch of windows, and how many were decoded."""
+    def _predict_windows(self, windows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (n, K, t, t) of a batch of windows, and which were decoded (n,) bool."""
         x = image_to(windows, self.device, self.channels_last)
         with autocast_for(self.device, self.amp_dtype):
             skips, bottleneck = self.net.encode(x)
             if not self.gating:
-                return _probabilities(self.net.decode(skips, bottleneck)), len(windows)
+                return _probabilities(self.net.decode(skips, bottleneck)), np.ones(len(windows), bool)
             cls, fill = self.net.classify(bottleneck)
             # the head's decision exactly as TTR scores it
             keep = (predict_classes(cls.float(), self.cls_threshold) == 1).nonzero().flatten()
@@ -204,7 +213,9 @@ class Predictor:
             if keep.numel():
                 seg = self.net.decode([s[keep] for s in skips], bottleneck[keep])
                 out[keep.cpu().numpy()] = _probabilities(seg)
-        return out, int(keep.numel())
+        decoded = np.zeros(len(windows), bool)
+        decoded[keep.cpu().numpy()] = True
+        return out, decoded
 
     def _finish(self, acc, wsum, lo: int, hi: int, h: int, w: int) -> Iterator[tuple[int, np.ndarray]]:
         """Blended probabilities of rows [lo, hi) (only those inside the image)."""

@@ -201,3 +201,25 @@ def test_gated_predict_of_a_checkpoint_without_a_fill_head_is_refused(checkpoint
     status = predict(_predict_cfg(old, f"INPUT={tmp_path / 'x.png'}", f"OUTPUT={tmp_path / 'o'}"))
     assert status == 2 and "GATING=false" in capsys.readouterr().out
     assert predict(_predict_cfg(old, f"INPUT={tmp_path / 'x.png'}", f"OUTPUT={tmp_path / 'o'}", "GATING=false")) == 0
+
+
+def test_decoded_windows_outweigh_filled_ones_where_they_overlap():
+    from engines.predictor import FILL_BLEND_WEIGHT
+
+    net = tiny_net(seed=6)
+    image = np.random.default_rng(7).random((32, 64, 1)).astype(np.float32)
+    predictor = Predictor(net, tile=32, overlap=16, batch_size=8, device=CPU, gating=True)
+    decoded_probs = np.full((1, 1, 32, 32), 0.9, np.float32)
+
+    def fake(windows):  # window 0 decoded (0.9 everywhere), windows 1 and 2 filled with class 0
+        probs = np.concatenate([decoded_probs, np.zeros((2, 1, 32, 32), np.float32)])
+        return probs, np.array([True, False, False])
+
+    predictor._predict_windows = fake
+    probs, stats = predictor.predict_array(ArrayImage(image))
+    assert stats.tiles == 3 and stats.decoded == 1
+    w = gaussian_importance_map(32)
+    # columns 16..31: window 0 (decoded) and window 1 (filled) overlap
+    expected = 0.9 * w[:, 16:] / (w[:, 16:] + FILL_BLEND_WEIGHT * w[:, :16])
+    np.testing.assert_allclose(probs[0, :, 16:32], expected, rtol=1e-5)
+    assert probs[0, :, 16:25].min() > 0.89 and np.allclose(probs[0, :, 48:], 0.0)  # the decoder decides
