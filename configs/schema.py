@@ -89,7 +89,10 @@ class Config:
         "auto",
         "auto | bf16 | fp16 (CUDA only) | none: autocast for the forward pass (auto: bf16 where native, else fp32)",
     )
-    CHANNELS_LAST: bool = opt(True, "channels_last memory format (faster convolutions on CPU and recent GPUs)")
+    CHANNELS_LAST: Union[bool, Literal["auto", "measure"]] = opt(
+        "auto",
+        "auto | measure | true | false: channels_last memory format (auto: yes on CPUs with oneDNN, timed on GPUs)",
+    )
     # signed distance maps
     SDM_KERNEL_SIZE: int = opt(3, "kernel of the cascaded-convolution SDM used for predictions (odd, >= 3)")
     SDM_DISTANCE: Distance = opt("euclidean", "euclidean | manhattan | chebyshev")

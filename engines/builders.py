@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from configs import Config
@@ -22,7 +23,7 @@ from model.loss import build_loss as make_loss
 from model.metrics import SegmentationMetrics
 from utils.augment import DEFAULT_AUGMENTATIONS
 from utils.dataset import Splits, build_datasets, make_loader
-from utils.hardware import AMP_DTYPES, resolve_precision
+from utils.hardware import AMP_DTYPES, resolve_channels_last, resolve_precision
 from utils.image_io import DatasetError
 from utils.loggers import build_loggers
 from utils.util import DistContext, RunError
@@ -35,14 +36,21 @@ def precision_of(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
     return AMP_DTYPES[resolve_precision(cfg.MIXED_PRECISION, device)[0]]
 
 
-def build_model(cfg: Config) -> AuxNet:
-    """The network, with MODEL_WEIGHTS loaded and only the MODEL's parts left trainable."""
-    return build_network(cfg)[0]
+def memory_format_of(cfg: Config, device: torch.device) -> tuple[bool, str]:
+    """Whether CHANNELS_LAST resolves to channels_last on ``device``, and why (see
+    :func:`utils.hardware.resolve_channels_last`). A timed decision is rank 0's under DDP, so that
+    every rank trains alike."""
+    precision = resolve_precision(cfg.MIXED_PRECISION, device)[0]
+    shape = (cfg.BATCH_SIZE, cfg.INPUT_CHANNELS, cfg.INPUT_SIZE, cfg.INPUT_SIZE)
+    decision = [resolve_channels_last(cfg.CHANNELS_LAST, device, lambda: _bare_model(cfg), shape, precision)]
+    if cfg.CHANNELS_LAST == "measure" and dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(decision, src=0)
+    return decision[0]
 
 
-def build_network(cfg: Config) -> tuple[AuxNet, Optional[LoadReport]]:
-    """:func:`build_model`, and the report of what MODEL_WEIGHTS loaded (None without weights)."""
-    net = AuxNet(
+def _bare_model(cfg: Config) -> AuxNet:
+    """The configuration's network, freshly initialised."""
+    return AuxNet(
         in_channels=cfg.INPUT_CHANNELS,
         seg_classes=cfg.SEG_CLASSES,
         cls_classes=cfg.CLS_CLASSES if cfg.has_head else 0,
@@ -51,6 +59,16 @@ def build_network(cfg: Config) -> tuple[AuxNet, Optional[LoadReport]]:
         seg_dropout=cfg.SEG_DROPOUT,
         cls_dropout=cfg.CLS_DROPOUT,
     )
+
+
+def build_model(cfg: Config) -> AuxNet:
+    """The network, with MODEL_WEIGHTS loaded and only the MODEL's parts left trainable."""
+    return build_network(cfg)[0]
+
+
+def build_network(cfg: Config) -> tuple[AuxNet, Optional[LoadReport]]:
+    """:func:`build_model`, and the report of what MODEL_WEIGHTS loaded (None without weights)."""
+    net = _bare_model(cfg)
     if cfg.MODEL_WEIGHTS:
         # A head that is about to be trained may be missing from the file (it starts fresh), and so
         # may the fill head of a checkpoint made before it existed (then it only cannot gate).
@@ -192,7 +210,7 @@ def build_trainer(cfg: Config, ctx: DistContext, run: RunDir, splits: Splits, fo
         eval_metric=cfg.EVAL_METRIC,
         save_best=cfg.SAVE_MODEL,
         amp_dtype=precision_of(cfg, ctx.device),
-        channels_last=cfg.CHANNELS_LAST,
+        channels_last=memory_format_of(cfg, ctx.device)[0],
         config=cfg.to_dict(),
         fold=fold,
     )

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from configs import Config, ConfigError
 from configs.config_parser import EVAL_KEYS, PREDICT_KEYS, config_for_checkpoint, parse_overrides
 from configs.validator import validate
-from engines.builders import build_data, build_loaders, build_metrics, precision_of
+from engines.builders import build_data, build_loaders, build_metrics, memory_format_of, precision_of
 from engines.checkpoint import CheckpointError, resolve_weights_path, saved_run
 from engines.forward import autocast_for, evaluate_model
 from engines.launch import main_first
@@ -75,7 +75,7 @@ def evaluate(cfg: Config, ctx: DistContext, run: RunDir) -> None:
         return autocast_for(ctx.device, dtype)
 
     metrics = evaluate_model(net, test_loader, build_metrics(cfg, ctx.device)(), ctx.device, autocast,
-                             cfg.CHANNELS_LAST)
+                             memory_format_of(cfg, ctx.device)[0])
     summary = metrics.compute()
     rows = metrics.gather_per_image()
     ckpt = resolve_weights_path(cfg.MODEL_WEIGHTS)

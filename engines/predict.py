@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from configs import Config, ConfigError
-from engines.builders import build_network, precision_of
+from engines.builders import build_network, memory_format_of, precision_of
 from engines.checkpoint import CheckpointError, resolve_weights_path
 from engines.forward import place
 from engines.launch import launch_plan
@@ -70,7 +70,7 @@ def prediction_network(cfg: Config, device: torch.device) -> tuple[AuxNet, bool]
     net, report = build_network(cfg)
     fill_loaded = report is not None and not any(k.startswith("fill_head.") for k in report.initialised)
     can_gate = net.head is not None and fill_loaded
-    return place(net, device, cfg.CHANNELS_LAST), can_gate
+    return place(net, device, memory_format_of(cfg, device)[0]), can_gate
 
 
 def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, device: torch.device, gating: bool,
@@ -86,8 +86,8 @@ def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, device: torch.devi
             "gated prediction existed), so tiles cannot be gated: use GATING=false, or retrain"
         )
     return Predictor(net, tile=cfg.INPUT_SIZE, overlap=cfg.predict_overlap, batch_size=cfg.BATCH_SIZE,
-                     device=device, amp_dtype=precision_of(cfg, device), channels_last=cfg.CHANNELS_LAST,
-                     gating=gating, cls_threshold=cfg.CLS_THRESHOLD, progress=progress)
+                     device=device, amp_dtype=precision_of(cfg, device),
+                     channels_last=memory_format_of(cfg, device)[0], gating=gating, cls_threshold=cfg.CLS_THRESHOLD, progress=progress)
 
 
 def predict(cfg: Config) -> int:

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from configs import Config, ConfigError, save_config
 from configs.config_parser import read_yaml, resume_problems
-from engines.builders import build_data, build_trainer
+from engines.builders import build_data, build_trainer, memory_format_of
 from engines.evaluate import whole_image_evaluation, whole_image_line
 from engines.launch import main_first
 from engines.predict import prediction_network
@@ -39,7 +39,8 @@ def choose_run(cfg: Config) -> RunDir:
 def train(cfg: Config, ctx: DistContext, run: RunDir) -> None:
     """Train every fold of the configuration (one unless CROSS_VALIDATION) in ``run``."""
     if ctx.is_main:
-        save_config(cfg, run.config, resolved={"MIXED_PRECISION": resolve_precision(cfg.MIXED_PRECISION, ctx.device)[1]})
+        save_config(cfg, run.config, resolved={"MIXED_PRECISION": resolve_precision(cfg.MIXED_PRECISION, ctx.device)[1],
+                                               "CHANNELS_LAST": memory_format_of(cfg, ctx.device)[1]})
     folds = list(range(num_folds(cfg.TEST_SPLIT))) if cfg.CROSS_VALIDATION else [cfg.DEFAULT_FOLD]
     summaries = {fold: train_fold(cfg, ctx, run, fold) for fold in folds}
     if ctx.is_main and cfg.CROSS_VALIDATION:
@@ -55,7 +56,8 @@ def train_fold(cfg: Config, ctx: DistContext, run: RunDir, fold: int) -> dict:
     if ctx.is_main:
         print(f"run {fold_dir.root}  fold {fold}: {len(splits.train)} train / {len(splits.test)} test tiles, "
               f"device {ctx.device}, {ctx.world_size} process(es), precision "
-              f"{resolve_precision(cfg.MIXED_PRECISION, ctx.device)[1]}")
+              f"{resolve_precision(cfg.MIXED_PRECISION, ctx.device)[1]}, memory format "
+              f"{memory_format_of(cfg, ctx.device)[1]}")
     try:
         summary = trainer.fit()
     finally:
