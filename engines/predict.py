@@ -87,7 +87,8 @@ def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, device: torch.devi
         )
     return Predictor(net, tile=cfg.INPUT_SIZE, overlap=cfg.predict_overlap, batch_size=cfg.BATCH_SIZE,
                      device=device, amp_dtype=precision_of(cfg, device),
-                     channels_last=memory_format_of(cfg, device)[0], gating=gating, cls_threshold=cfg.CLS_THRESHOLD, progress=progress)
+                     channels_last=memory_format_of(cfg, device)[0], gating=gating,
+                     cls_threshold=cfg.CLS_THRESHOLD, progress=progress)
 
 
 def predict(cfg: Config) -> int:

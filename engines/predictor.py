@@ -7,16 +7,19 @@ reflection. Each window's probabilities are weighted by a Gaussian importance ma
 summed weights, so neighbouring windows blend without seams. With gating off this is MONAI's
 ``sliding_window_inference(mode="gaussian")`` with evenly spaced windows.
 
-**Gating.** The encoder and both heads run on every window, in batches; the decoder runs only on
-the windows the classifier head calls "contains a boundary" (decided as TTR scores it:
-``model.metrics.predict_classes`` with CLS_THRESHOLD), reusing the encoder's
-features. Every other window is single-class: it contributes the one-hot probability of the class
+**Gating.** The heads decide which windows need the decoder (:class:`GatePlan`). The encoder and
+both heads run on *cells*, a subset of the windows that still covers the image (every other window
+at 50 % overlap); the classifier's call on a cell is made exactly as TTR scores it
+(``model.metrics.predict_classes`` with CLS_THRESHOLD). A boundary cell is decoded from its own
+encoder features; the other windows that overlap it, and the filled cells next to it, are encoded
+and decoded. Every other cell is single-class: it contributes the one-hot probability of the class
 the fill head names, blended with a far smaller weight (:data:`FILL_BLEND_WEIGHT`) so that where a
 decoded window overlaps a filled one the decoder's pixels decide.
 
 **Memory.** Windows are processed one row of windows (a band) at a time. Only the rows that later
 windows can still reach are kept (at most one tile high, the full width); finished rows are handed
-to the caller at once, so a scene of any height needs memory for one band, not for the image.
+to the caller at once, so a scene of any height needs memory for one band, not for the image (with
+gating, plus the input bands of the few rows of cells that the heads see ahead).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from utils.util import RunError
 
 #: Blend weight of a gated-off (filled) window relative to a decoded one.
 FILL_BLEND_WEIGHT = 1e-3
+#: Windows within this many cells of a boundary cell are decoded too (see :class:`GatePlan`).
+GATE_REACH = 1
 
 
 @dataclass
@@ -46,6 +51,8 @@ class PredictStats:
 
     tiles: int = 0
     decoded: int = 0
+    classified: int = 0  # windows the heads ran on (gating)
+    encoded: int = 0  # encoder passes, one per window without gating
     seconds: float = 0.0
 
     @property
@@ -54,6 +61,7 @@ class PredictStats:
 
     def as_dict(self) -> dict:
         return {"tiles": self.tiles, "decoded": self.decoded, "gated_off": self.gated_off,
+                "classified": self.classified, "encoded": self.encoded,
                 "seconds": round(self.seconds, 3),
                 "tiles_per_s": round(self.tiles / self.seconds, 1) if self.seconds > 0 else None}
 
@@ -99,6 +107,8 @@ class Predictor:
         gating: skip the decoder on windows the head calls boundary-free.
         cls_threshold: boundary probability above which a window is decoded (one-output heads;
             a two-output head decides by argmax, as :func:`model.metrics.predict_classes`).
+        gate_reach: filled cells within this many cells of a boundary cell are decoded too
+            (see :class:`GatePlan`).
         progress: show a tqdm bar over windows.
 
     Raises:
@@ -107,7 +117,7 @@ class Predictor:
 
     def __init__(self, net: AuxNet, *, tile: int, overlap: int, batch_size: int, device: torch.device,
                  amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False, gating: bool = False,
-                 cls_threshold: float = 0.5, progress: bool = False):
+                 cls_threshold: float = 0.5, gate_reach: int = GATE_REACH, progress: bool = False):
         if gating and (net.head is None or net.fill_head is None):
             raise ValueError("gated prediction needs the classifier and fill heads; this network has none "
                              "(MODEL=UNet): use GATING=false")
@@ -116,7 +126,7 @@ class Predictor:
         self.net = net.eval()
         self.tile, self.step, self.batch_size = tile, tile - overlap, batch_size
         self.device, self.amp_dtype, self.channels_last = device, amp_dtype, channels_last
-        self.gating, self.cls_threshold, self.progress = gating, cls_threshold, progress
+        self.gating, self.cls_threshold, self.gate_reach, self.progress = gating, cls_threshold, gate_reach, progress
         self.channels = net.outc.out_channels  # K: 1 = binary (foreground probability)
         self.weights = gaussian_importance_map(tile)
         # A filled window is the head's guess for the whole window; where a decoded window overlaps
@@ -163,31 +173,67 @@ class Predictor:
         h, w, t = image.height, image.width, self.tile
         hp, wp = max(h, t), max(w, t)  # an image smaller than a tile is padded to one
         ys, xs = window_starts(hp, t, self.step), window_starts(wp, t, self.step)
+        plan = GatePlan(ys, xs, t, self.gate_reach) if self.gating else None
         acc = np.zeros((self.channels, t, wp), np.float32)  # rows [lo, lo + t) of the weighted sums
         wsum = np.zeros((t, wp), np.float32)
         lo = 0
         bar = tqdm(total=len(ys) * len(xs), desc="tiles", unit="tile", leave=False, disable=not self.progress)
-        for y in ys:
+        rows = _BandCache(lambda y: self._read_band(image, y, hp, wp))
+        for i, y in enumerate(ys):
             if y > lo:  # no later window reaches rows < y: hand them out
                 yield from self._finish(acc, wsum, lo, y, h, w)
                 _shift(acc, y - lo)
                 _shift(wsum, y - lo)
                 lo = y
-            band = self._read_band(image, y, hp, wp)
-            for start in range(0, len(xs), self.batch_size):
-                batch = xs[start:start + self.batch_size]
-                windows = np.stack([band[:, :, x:x + t] for x in batch])
-                probs, decoded = self._predict_windows(torch.from_numpy(windows))
-                for k, x in enumerate(batch):
-                    weights = self.weights if decoded[k] else self.fill_weights
-                    acc[:, :, x:x + t] += probs[k] * weights
-                    wsum[:, x:x + t] += weights
-                stats.tiles += len(batch)
-                stats.decoded += int(decoded.sum())
-                bar.update(len(batch))
+            if plan is None:
+                placed = [(x, probs, True) for x, probs in self._decode_row(rows.get(i, y), xs, range(len(xs)))]
+                stats.encoded += len(xs)
+            else:
+                placed = self._gated_row(plan, rows, i, stats)
+            for x, probs, decoded in placed:
+                weights = self.weights if decoded else self.fill_weights
+                acc[:, :, x:x + t] += probs * weights
+                wsum[:, x:x + t] += weights
+                stats.decoded += int(decoded)
+            stats.tiles += len(xs)
+            rows.drop(i)
+            bar.update(len(xs))
         bar.close()
         yield from self._finish(acc, wsum, lo, hp, h, w)
         stats.seconds += time.perf_counter() - started
+
+    def _gated_row(self, plan: "GatePlan", rows: "_BandCache", i: int, stats: PredictStats) -> list:
+        """The windows of row ``i`` that contribute, as ``(x, probabilities (K, t, t), decoded)``.
+
+        Heads run on the plan's cell rows that decide about row ``i`` (a few rows ahead at most):
+        a cell is decoded from its own features where its head says boundary, else filled. Then
+        the windows that :meth:`GatePlan.needs_decoding` names are encoded and decoded."""
+        for r in plan.cell_rows_reaching(i):
+            if r not in plan.heads:
+                band, cells = rows.get(r, plan.ys[r]), [plan.xs[c] for c in plan.cell_cols]
+                probs, decoded = [], []
+                for start in range(0, len(cells), self.batch_size):
+                    p, d = self._predict_windows(_windows(band, cells[start:start + self.batch_size], self.tile))
+                    probs.extend(p)
+                    decoded.extend(d)
+                plan.record(r, probs, np.array(decoded, bool))
+                stats.classified += len(cells)
+                stats.encoded += len(cells)
+        extra = [j for j in range(len(plan.xs)) if plan.needs_decoding(i, j)]
+        stats.encoded += len(extra)
+        placed = []
+        if i in plan.heads:  # a row of cells: those not decoded again below
+            cells = zip(plan.cell_cols, plan.probs.pop(i), plan.heads[i])
+            placed = [(plan.xs[c], p, bool(d)) for c, p, d in cells if c not in extra]
+        placed += [(x, p, True) for x, p in self._decode_row(rows.get(i, plan.ys[i]), plan.xs, extra)]
+        return placed
+
+    def _decode_row(self, band: np.ndarray, xs: list[int], columns) -> Iterator[tuple[int, np.ndarray]]:
+        """``(x, probabilities (K, t, t))`` of the windows of ``band`` in ``columns``, decoded."""
+        columns = list(columns)
+        for start in range(0, len(columns), self.batch_size):
+            batch = [xs[j] for j in columns[start:start + self.batch_size]]
+            yield from zip(batch, self._decode_windows(_windows(band, batch, self.tile)))
 
     def _read_band(self, image, y: int, hp: int, wp: int) -> np.ndarray:
         """Rows [y, y + tile) of the (reflect-padded) image, normalised: (C, tile, wp) float32."""
@@ -199,13 +245,20 @@ class Predictor:
         return np.ascontiguousarray(rows.transpose(2, 0, 1))
 
     @torch.no_grad()
+    def _decode_windows(self, windows: torch.Tensor) -> np.ndarray:
+        """Probabilities (n, K, t, t) of a batch of windows, encoded and decoded."""
+        x = image_to(windows, self.device, self.channels_last)
+        with autocast_for(self.device, self.amp_dtype):
+            return _probabilities(self.net.decode(*self.net.encode(x)))
+
+    @torch.no_grad()
     def _predict_windows(self, windows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities (n, K, t, t) of a batch of windows, and which were decoded (n,) bool."""
+        """Heads on a batch of windows: probabilities (n, K, t, t), decoded (n,) bool. A window the
+        classifier calls boundary is decoded from its encoder features; any other is filled with
+        the fill head's class."""
         x = image_to(windows, self.device, self.channels_last)
         with autocast_for(self.device, self.amp_dtype):
             skips, bottleneck = self.net.encode(x)
-            if not self.gating:
-                return _probabilities(self.net.decode(skips, bottleneck)), np.ones(len(windows), bool)
             cls, fill = self.net.classify(bottleneck)
             # the head's decision exactly as TTR scores it
             keep = (predict_classes(cls.float(), self.cls_threshold) == 1).nonzero().flatten()
@@ -228,6 +281,99 @@ class Predictor:
             raise RunError(f"the network produced non-finite probabilities in rows {lo}..{end - 1}: "
                            "the checkpoint's weights are not usable (retrain or check MODEL_WEIGHTS)")
         yield lo, probs
+
+
+class GatePlan:
+    """Which windows of an evenly spaced grid the heads see, and which are decoded.
+
+    The heads run on *cells*: the fewest windows of the grid, per axis, whose neighbours are at
+    most a tile apart (every other window at 50 % overlap; see :func:`cover_indices`), so the cells
+    cover the image. A cell the classifier calls boundary is decoded from its own features; the
+    others are filled with the fill head's class. Then these windows are encoded and decoded:
+
+    * a window that is not a cell and overlaps a boundary cell (every window that sees a part of
+      it, as a plain sliding window would);
+    * a filled cell next to a boundary cell (within ``reach`` cells): a boundary the head missed in
+      a cell lies most often beside one it found, where an object crosses the cells' edge.
+
+    A scene without boundaries costs one encoder pass per cell, about a quarter of the windows at
+    50 % overlap. Measured on the 4096² scene of ``bench/inference.py`` (3,969 windows, 1,024
+    cells): reach 0 decoded 681 windows and lost 0.013 Dice against the plain sliding window;
+    reach 1 decoded 866 (185 cells encoded a second time) and lost 0.0001.
+
+    Args:
+        ys, xs: window starts of the grid (rows, columns).
+        tile: window side.
+        reach: neighbourhood of a boundary cell (in cells) whose filled cells are decoded too.
+    """
+
+    def __init__(self, ys: list[int], xs: list[int], tile: int, reach: int = GATE_REACH):
+        self.ys, self.xs = ys, xs
+        self.cell_rows, self.cell_cols = cover_indices(ys, tile), cover_indices(xs, tile)
+        self._col_index = {c: k for k, c in enumerate(self.cell_cols)}
+        self._row_index = {r: k for k, r in enumerate(self.cell_rows)}
+        # the cells each window overlaps, per axis (as positions in cell_rows / cell_cols)
+        self._rows_touch = [[k for k, r in enumerate(self.cell_rows) if abs(ys[r] - y) < tile] for y in ys]
+        self._cols_touch = [[k for k, c in enumerate(self.cell_cols) if abs(xs[c] - x) < tile] for x in xs]
+        self.reach = reach
+        self.heads: dict[int, np.ndarray] = {}  # cell row -> boundary flag per cell column
+        self.probs: dict[int, list] = {}  # cell row -> probabilities per cell, until placed
+
+    def cell_rows_reaching(self, i: int) -> list[int]:
+        """The cell rows (grid row indices) whose heads decide about window row ``i``."""
+        return [self.cell_rows[k] for k in _widen(self._rows_touch[i], self.reach, len(self.cell_rows))]
+
+    def record(self, r: int, probs: list, boundary: np.ndarray) -> None:
+        self.heads[r], self.probs[r] = boundary, probs
+
+    def needs_decoding(self, i: int, j: int) -> bool:
+        """Window (i, j) must be decoded (again): a cell whose head said no boundary but one of its
+        neighbours (within ``reach`` cells) did, or any other window that overlaps a boundary cell."""
+        if i in self._row_index and j in self._col_index:
+            r, c = self._row_index[i], self._col_index[j]
+            if self.heads[i][c]:
+                return False  # decoded from its own features already
+            rows, cols = _widen([r], self.reach, len(self.cell_rows)), _widen([c], self.reach, len(self.cell_cols))
+        else:
+            rows, cols = self._rows_touch[i], self._cols_touch[j]
+        return any(self.heads[self.cell_rows[k]][cols].any() for k in rows)
+
+
+def _widen(indices: list[int], reach: int, n: int) -> np.ndarray:
+    """``indices`` (consecutive) and ``reach`` more on each side, within [0, n)."""
+    return np.arange(max(indices[0] - reach, 0), min(indices[-1] + reach + 1, n))
+
+
+def cover_indices(starts: list[int], tile: int) -> list[int]:
+    """The fewest of ``starts`` (always the first and last) whose neighbours are at most ``tile``
+    apart, so that their windows still cover everything the windows of all ``starts`` cover."""
+    keep = [0]
+    while keep[-1] < len(starts) - 1:
+        cur = keep[-1]
+        reach = [j for j in range(cur + 1, len(starts)) if starts[j] - starts[cur] <= tile]
+        keep.append(reach[-1] if reach else cur + 1)
+    return keep
+
+
+class _BandCache:
+    """The bands of the rows of windows, read once each and kept until their row is placed (a cell
+    row is read one row early, for its heads)."""
+
+    def __init__(self, read):
+        self._read, self._bands = read, {}
+
+    def get(self, i: int, y: int) -> np.ndarray:
+        if i not in self._bands:
+            self._bands[i] = self._read(y)
+        return self._bands[i]
+
+    def drop(self, i: int) -> None:
+        self._bands.pop(i, None)
+
+
+def _windows(band: np.ndarray, xs: list[int], tile: int) -> torch.Tensor:
+    """(n, C, t, t) windows of a band at columns ``xs``."""
+    return torch.from_numpy(np.stack([band[:, :, x:x + tile] for x in xs]))
 
 
 def _shift(a: np.ndarray, k: int) -> None:

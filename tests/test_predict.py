@@ -11,7 +11,7 @@ from PIL import Image
 
 from configs import load_config
 from engines.predict import predict
-from engines.predictor import ArrayImage, Predictor
+from engines.predictor import ArrayImage, Predictor, cover_indices
 from model.AuxNet import AuxNet
 from model.loss import build_loss
 from utils.tiling import NO_FILL, fill_label, gaussian_importance_map, window_starts
@@ -208,18 +208,52 @@ def test_decoded_windows_outweigh_filled_ones_where_they_overlap():
 
     net = tiny_net(seed=6)
     image = np.random.default_rng(7).random((32, 64, 1)).astype(np.float32)
-    predictor = Predictor(net, tile=32, overlap=16, batch_size=8, device=CPU, gating=True)
-    decoded_probs = np.full((1, 1, 32, 32), 0.9, np.float32)
-
-    def fake(windows):  # window 0 decoded (0.9 everywhere), windows 1 and 2 filled with class 0
-        probs = np.concatenate([decoded_probs, np.zeros((2, 1, 32, 32), np.float32)])
-        return probs, np.array([True, False, False])
-
-    predictor._predict_windows = fake
+    predictor = Predictor(net, tile=32, overlap=16, batch_size=8, device=CPU, gating=True, gate_reach=0)
+    # windows at x = 0, 16, 32; the heads see the cells x = 0 and 32 (not decoded again: reach 0)
+    predictor._predict_windows = lambda windows: (  # cell 0 decoded (0.9), cell 32 filled with class 0
+        np.concatenate([np.full((1, 1, 32, 32), 0.9, np.float32), np.zeros((1, 1, 32, 32), np.float32)]),
+        np.array([True, False]))
+    predictor._decode_windows = lambda windows: np.full((len(windows), 1, 32, 32), 0.5, np.float32)
     probs, stats = predictor.predict_array(ArrayImage(image))
-    assert stats.tiles == 3 and stats.decoded == 1
+    assert (stats.tiles, stats.classified, stats.decoded) == (3, 2, 2)  # x = 16 overlaps the boundary cell
     w = gaussian_importance_map(32)
-    # columns 16..31: window 0 (decoded) and window 1 (filled) overlap
-    expected = 0.9 * w[:, 16:] / (w[:, 16:] + FILL_BLEND_WEIGHT * w[:, :16])
-    np.testing.assert_allclose(probs[0, :, 16:32], expected, rtol=1e-5)
-    assert probs[0, :, 16:25].min() > 0.89 and np.allclose(probs[0, :, 48:], 0.0)  # the decoder decides
+    left, right = w[:, 16:], w[:, :16]  # weights of a window's right and left halves
+    np.testing.assert_allclose(probs[0, :, 16:32], (0.9 * left + 0.5 * right) / (left + right), rtol=1e-5)
+    # columns 32..47: window 16 (decoded, 0.5) and cell 32 (filled, 0) overlap: the decoder decides
+    expected = 0.5 * left / (left + FILL_BLEND_WEIGHT * right)
+    np.testing.assert_allclose(probs[0, :, 32:48], expected, rtol=1e-5)
+    assert probs[0, :, 32:41].min() > 0.49 and np.allclose(probs[0, :, 48:], 0.0)
+
+
+def test_cover_indices_keeps_the_fewest_windows_that_still_cover():
+    assert cover_indices([0], 32) == [0]
+    assert cover_indices([0, 10], 32) == [0, 1]
+    assert cover_indices([0, 16, 32, 48, 64], 32) == [0, 2, 4]  # every other window at 50 % overlap
+    assert cover_indices([0, 16, 32, 48], 32) == [0, 2, 3]  # and always the last
+    assert cover_indices([0, 8, 16, 24, 32, 40], 32) == [0, 4, 5]  # 75 % overlap: every fourth
+
+
+def test_gating_decodes_the_windows_that_overlap_a_boundary_cell_and_the_cells_next_to_it():
+    net = tiny_net(seed=6)
+    image = np.zeros((160, 160, 1), np.float32)
+    image[40:44, 40:44] = 1.0  # a mark only the cell at (32, 32) contains
+    predictor = Predictor(net, tile=32, overlap=16, batch_size=4, device=CPU, gating=True)
+    decoded_at = []
+
+    def heads(windows):
+        boundary = windows.flatten(1).amax(1).numpy() > 0
+        return np.zeros((len(windows), 1, 32, 32), np.float32) + boundary[:, None, None, None], boundary
+
+    def decode(windows):
+        decoded_at.extend(windows.flatten(1).sum(1).tolist())
+        return np.ones((len(windows), 1, 32, 32), np.float32)
+
+    predictor._predict_windows, predictor._decode_windows = heads, decode
+    probs, stats = predictor.predict_array(ArrayImage(image))
+    # a 9 x 9 grid (starts 0, 16, ..., 128); the heads see the 5 x 5 cells at 0, 32, ..., 128. Decoded:
+    # the boundary cell from its own features; the 8 other windows that start at 16, 32 or 48 on
+    # both axes (they overlap it); the 8 cells next to it (encoded a second time)
+    assert (stats.tiles, stats.classified, stats.decoded, stats.encoded) == (81, 25, 17, 25 + 16)
+    assert len(decoded_at) == 16
+    labels = predictor.labels(probs)
+    assert labels[:96, :96].all() and not labels[96:].any() and not labels[:, 96:].any()
