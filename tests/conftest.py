@@ -9,7 +9,8 @@ Two helpers with a similar purpose are kept apart where their recipes differ (so
 exact inputs): :func:`random_labels` / :func:`labels_with_every_class`, and :func:`blobs` (smooth
 random shapes) / :func:`random_box` (one rectangle).
 
-The one fixture, ``one_thread``, runs a test on one torch thread (see :func:`torch_threads`).
+The one fixture, ``one_thread``, runs a test on one torch thread (see :func:`torch_threads`); tests
+marked ``cuda`` skip without a CUDA device.
 """
 
 from __future__ import annotations
@@ -163,3 +164,16 @@ def torch_threads(n: int):
 def one_thread():
     with torch_threads(1):
         yield
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip on a machine without a CUDA device (``bench/gpu_check.sh`` runs them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (bench/gpu_check.sh runs these on a GPU)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,307 @@
+"""The GPU paths in one call: exact SDMs, distance metrics, mixed-precision training, NCCL, prediction.
+
+Run through ``bench/gpu_check.sh`` (which first runs every CUDA-marked test). Each check prints one
+row of a table; the script exits 1 when any check fails, and 3 at once when the device asked for
+does not exist (a CPU-only machine never "passes" a GPU check).
+
+Rows, on ``--device`` (default ``cuda``):
+
+* exact signed distance maps of 16×1×512² random-blob masks (:func:`utils.sdf.signed_distance_map`,
+  ``method="exact"``) against SciPy's EDT on the CPU, one map at a time: median time of each, and
+  the largest difference in pixels (goal ≤ 1e-4);
+* the four distance metrics (:func:`model.metrics.surface_distances`: ASD, AD, HD95, D95) of 16
+  random 256² three-class label maps against MONAI's ``compute_hausdorff_distance`` /
+  ``compute_average_surface_distance`` on the CPU: time, largest difference (goal ≤ 1e-3 px);
+* the default run (``python main.py``) for 2 epochs (1 warm-up + 1), once in bf16 and once in fp16
+  with the GradScaler: best Dice and seconds per epoch (goal: Dice ≥ 0.80 after 2 epochs);
+* a 1-process DDP run over NCCL: AuxNet wrapped in ``DistributedDataParallel``, 3 training steps
+  with the trainer's step and loss, an all-reduce of the metric statistics and a broadcast of a
+  Python object (what :mod:`engines.launch` and the trainer do across ranks);
+* ``main.py predict`` of one 4096² synthetic scene (the one of ``bench/inference.py``) with the
+  first training run's weights, plain and gated: seconds, windows per second, windows decoded, Dice against
+  the ground truth.
+
+``--device cpu --smoke`` runs every row small on the CPU (gloo for NCCL, one fp32 training run, a
+256² scene); ``tests/test_gpu_check.py`` runs it so that the script is known to work before a GPU
+ever runs it.
+
+Usage:
+    bash bench/gpu_check.sh                  # CUDA-marked tests, then this table (< 8 min on one GPU)
+    python bench/gpu_check.py --device cpu --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from bench.sdm import make_masks, scipy_sdm, timed  # noqa: E402
+from model.metrics import surface_distances  # noqa: E402
+from utils.sdf import signed_distance_map  # noqa: E402
+
+#: exit status when the device asked for is absent
+NO_DEVICE = 3
+
+
+class Table:
+    """Rows of ``check | result | reference | goal | ok``; ``failed`` when any row missed its goal."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, str, str, str, bool]] = []
+
+    def add(self, check: str, result: str, reference: str, goal: str, ok: bool) -> None:
+        self.rows.append((check, result, reference, goal, ok))
+        print(f"  {'ok ' if ok else 'FAIL'} {check}: {result}", flush=True)
+
+    def error(self, check: str, err: BaseException) -> None:
+        text = f"{type(err).__name__}: {err}".replace("|", "/").replace("\n", " ")[:300]
+        self.add(check, text, "", "runs", False)
+
+    @property
+    def failed(self) -> bool:
+        return any(not row[4] for row in self.rows)
+
+    def markdown(self) -> str:
+        lines = ["| check | result | reference | goal | met |", "|---|---|---|---|---|"]
+        lines += [f"| {c} | {r} | {ref} | {g} | {'yes' if ok else '**NO**'} |" for c, r, ref, g, ok in self.rows]
+        return "\n".join(lines)
+
+
+def _sync(device: torch.device):
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+# ------------------------------------------------------------------------------ the checks
+
+
+def check_sdm(table: Table, device: torch.device, smoke: bool) -> None:
+    shape = (4, 1, 64, 64) if smoke else (16, 1, 512, 512)
+    masks = make_masks(shape)
+    mask_t = torch.from_numpy(masks).to(device)
+    seconds, sdm = timed(lambda: signed_distance_map(mask_t, "euclidean", "exact"), 3, _sync(device))
+    ref_seconds, ref = timed(lambda: scipy_sdm(masks.reshape(-1, *shape[2:])), 1 if smoke else 3, lambda: None)
+    err = float(np.abs(sdm.double().cpu().numpy().reshape(ref.shape) - ref).max())
+    name = "×".join(map(str, shape))
+    table.add(f"exact SDM {name}", f"{seconds * 1e3:.1f} ms on {device.type}, max error {err:.1e} px",
+              f"SciPy EDT (CPU) {ref_seconds * 1e3:.1f} ms", "error ≤ 1e-4 px", err <= 1e-4)
+
+
+def check_metrics(table: Table, device: torch.device, smoke: bool) -> None:
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+    n, side, k = (4, 64, 3) if smoke else (16, 256, 3)
+    blobs = make_masks((n, 2, side, side), seed=1)
+    target = torch.from_numpy(blobs[:, 0].astype(np.int64) + 2 * blobs[:, 1]).clamp(max=k - 1)
+    pred = torch.from_numpy(np.roll(target.numpy(), 2, axis=2))  # a shifted prediction: distances of a few px
+    p, t = pred.to(device), target.to(device)
+    seconds, ours = timed(lambda: surface_distances(p, t, k), 3, _sync(device))
+    one_hot = [torch.nn.functional.one_hot(x, k).permute(0, 3, 1, 2).float() for x in (pred, target)]
+
+    def monai():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {
+                "hd95": compute_hausdorff_distance(*one_hot, percentile=95),
+                "d95": compute_hausdorff_distance(*one_hot, percentile=95, directed=True),
+                "asd": compute_average_surface_distance(*one_hot, symmetric=True),
+                "ad": compute_average_surface_distance(*one_hot, symmetric=False),
+            }
+
+    ref_seconds, ref = timed(monai, 1, lambda: None)
+    diff = max(float((getattr(ours, name).double().cpu() - ref[name].double()).abs().max()) for name in ref)
+    table.add(f"ASD/AD/HD95/D95, {n}×{side}², {k} classes",
+              f"{seconds * 1e3:.1f} ms on {device.type}, max difference {diff:.1e} px",
+              f"MONAI (CPU) {ref_seconds * 1e3:.0f} ms", "difference ≤ 1e-3 px", diff <= 1e-3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _main_py(args: list[str], env: dict, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "main.py", *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout)
+    return done, time.perf_counter() - start
+
+
+def _tail(done: subprocess.CompletedProcess) -> str:
+    lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
+    return f"exit {done.returncode}: {lines[-1]}"
+
+
+def check_training(table: Table, device: torch.device, smoke: bool, workdir: Path, precision: str) -> Path | None:
+    """A 2-epoch default run in ``precision``; returns its best checkpoint."""
+    args = [f"RESULTS_DIR={workdir}", f"EXP_ID={precision}", "WARMUP_EPOCHS=1", "TRAIN_EPOCHS=1",
+            f"MIXED_PRECISION={precision}", f"MASTER_PORT={_free_port()}"]
+    args += ["GPUs=[0]"] if device.type == "cuda" else ["GPUs=[]"]
+    if smoke:
+        args += ["SYNTHETIC_IMAGES=4", "SYNTHETIC_SIZE=128", "INPUT_SIZE=64", "TEST_SPLIT=0.25"]
+    done, wall = _main_py(args, dict(os.environ), 600)
+    run = re.search(r"^run (\S+)", done.stdout, re.MULTILINE)
+    check = f"default run, 2 epochs, {precision}" + (" (smoke: 4 images of 128²)" if smoke else "")
+    if done.returncode or not run:
+        table.add(check, _tail(done), "", "runs", False)
+        return None
+    folder = Path(run.group(1))
+    summary = json.loads((folder / "summary.json").read_text())
+    times = [json.loads(line)["time_s"] for line in (folder / "log.jsonl").read_text().splitlines()]
+    per_epoch = sum(times) / len(times)
+    dice = summary["best"]["DSC"]
+    chosen = re.search(r"precision ([^,]+)", done.stdout)
+    goal = 0.0 if smoke else 0.80
+    table.add(check, f"DSC {dice:.4f}, {per_epoch:.1f} s/epoch, {wall:.0f} s in all",
+              f"precision said: {chosen.group(1) if chosen else '?'}", f"DSC ≥ {goal:.2f}", dice >= goal)
+    return folder / "best.pth"
+
+
+def check_ddp(table: Table, device: torch.device) -> None:
+    """Three DDP training steps in a 1-process group (NCCL on CUDA, gloo on the CPU)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from engines.SegTrainer import TrainStep
+    from model.AuxNet import AuxNet
+    from model.loss import build_loss
+    from utils.tiling import NO_FILL
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    start = time.perf_counter()
+    dist.init_process_group(backend, rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = AuxNet(1, 1, 1, depth=4, base_width=8).to(device)
+        step = TrainStep(net, build_loss("SoftDICE_BCE", seg_classes=1, cls_classes=1), decode=True, use_cls=True)
+        ddp = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+        image = torch.rand(4, 1, 64, 64, device=device)
+        image[:2] = 0.0  # two tiles of one class, two with boundaries
+        mask = (image > 0.5).long()[:, 0]
+        boundary = (mask.flatten(1).amax(1) != mask.flatten(1).amin(1)).long()
+        fill = torch.where(boundary.bool(), torch.full_like(boundary, NO_FILL), mask.flatten(1)[:, 0])
+        losses = []
+        for _ in range(3):
+            _, loss = ddp(image, mask, boundary, fill)
+            opt.zero_grad()
+            loss.total.backward()
+            opt.step()
+            losses.append(float(loss.total.detach()))
+        stats = torch.tensor([1.0, 2.0, 3.0], device=device)
+        dist.all_reduce(stats)
+        message = [None]
+        message[0] = "broadcast"
+        dist.broadcast_object_list(message, src=0)
+        ok = all(np.isfinite(losses)) and stats.tolist() == [1.0, 2.0, 3.0] and message == ["broadcast"]
+        table.add(f"1-process DDP over {backend}",
+                  f"3 steps, losses {' → '.join(f'{v:.3f}' for v in losses)}, all_reduce + broadcast ok, "
+                  f"{time.perf_counter() - start:.1f} s", "", "finite losses, collectives exact", ok)
+    finally:
+        dist.destroy_process_group()
+
+
+def check_prediction(table: Table, device: torch.device, smoke: bool, weights: Path | None, workdir: Path) -> None:
+    from bench.inference import make_scene, render_scene
+    from PIL import Image
+
+    if weights is None or not weights.is_file():
+        table.add("predict a scene", "no weights: the bf16 training run failed", "", "runs", False)
+        return
+    size = 256 if smoke else 4096
+    image, classes = render_scene(make_scene(size, 0))
+    path = workdir / f"scene_{size}.png"
+    Image.fromarray(image).save(path)
+    truth = classes > 0
+    for gating in ("false", "true"):
+        out = workdir / f"predict_{gating}"
+        args = [f"MODEL_WEIGHTS={weights}", f"INPUT={path}", f"OUTPUT={out}", f"GATING={gating}"]
+        args += ["GPUs=[0]"] if device.type == "cuda" else ["GPUs=[]"]
+        check = f"predict {size}² scene, gating {gating}"
+        done, wall = _main_py(["predict", *args], dict(os.environ), 600)
+        log = out / "predictions.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        masks = list(out.glob("*mask*.png")) + list(out.glob("*mask*.tif"))
+        if done.returncode or not records or not masks:
+            table.add(check, _tail(done), "", "runs", False)
+            continue
+        pred = np.asarray(Image.open(masks[0])) > 0
+        dice = 2 * float((pred & truth).sum()) / max(float(pred.sum() + truth.sum()), 1.0)
+        r = records[-1]
+        table.add(check, f"{r['seconds']:.1f} s ({r['tiles_per_s']} windows/s), {r['decoded']}/{r['tiles']} decoded, "
+                  f"Dice {dice:.4f}", f"{wall:.0f} s whole command", "runs, Dice ≥ 0.5" if not smoke else "runs",
+                  smoke or dice >= 0.5)
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
+    parser.add_argument("--smoke", action="store_true", help="every check small (for the CPU self-test)")
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"gpu_check: no CUDA device is available to torch {torch.__version__} "
+              f"(CUDA build: {torch.version.cuda or 'none, a CPU-only wheel'}); nothing was checked. "
+              "Run it on a machine with an NVIDIA GPU and a CUDA build of torch.", file=sys.stderr)
+        return NO_DEVICE
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    else:
+        print(f"device: CPU, torch {torch.__version__}")
+    table = Table()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        weights = None
+        checks = [
+            ("exact SDM", lambda: check_sdm(table, device, args.smoke)),
+            ("distance metrics", lambda: check_metrics(table, device, args.smoke)),
+        ]
+        for name, run in checks:
+            try:
+                run()
+            except Exception as err:  # a failing check is a row of the table, not the end of the others
+                table.error(name, err)
+        precisions = ("bf16", "fp16") if device.type == "cuda" else ("none",) if args.smoke else ("bf16", "none")
+        for precision in precisions:
+            try:
+                best = check_training(table, device, args.smoke, workdir, precision)
+                weights = weights or best
+            except Exception as err:
+                table.error(f"default run, {precision}", err)
+        for name, run in (("DDP", lambda: check_ddp(table, device)),
+                          ("predict", lambda: check_prediction(table, device, args.smoke, weights, workdir))):
+            try:
+                run()
+            except Exception as err:
+                table.error(name, err)
+    print()
+    print(table.markdown())
+    return 1 if table.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""bench/gpu_check.sh and bench/gpu_check.py: a clear failure without a GPU, and every check working
+(small, on the CPU) before a GPU ever runs them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+
+
+@no_gpu
+@pytest.mark.parametrize("command", [["bash", "bench/gpu_check.sh"], [sys.executable, "bench/gpu_check.py"]])
+def test_without_a_gpu_the_check_fails_clearly_and_checks_nothing(command):
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3
+    assert "no CUDA device is available" in done.stderr and "nothing was checked" in done.stderr
+    assert "== CUDA-marked tests" not in done.stdout and "| check |" not in done.stdout
+
+
+def test_every_check_runs_small_on_the_cpu(tmp_path):
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--smoke",
+                           "--workdir", str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    table = done.stdout[done.stdout.index("| check |"):].splitlines()[2:]
+    checks = [row.split(" | ")[0].lstrip("| ") for row in table]
+    assert len(checks) == 6 and all(row.endswith("| yes |") for row in table), "\n".join(table)
+    assert [c.split(",")[0].split(" ")[0] for c in checks] == ["exact", "ASD/AD/HD95/D95", "default", "1-process",
+                                                               "predict", "predict"]
+    assert "over gloo" in checks[3]
