@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "predict":
         return predict.predict(cfg)
     choose, command = COMMANDS[args.command]
-    return launch(cfg, choose, command)
+    return launch(cfg, choose, command, exclusive=args.command == "train")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,8 @@ class Config:
     L2_DECAY: float = opt(1e-4, "AdamW weight decay (not applied to learnable loss weights)")
     WARMUP_EPOCHS: int = opt(1, "linear warm-up epochs (0 = none)")
     TRAIN_EPOCHS: int = opt(14, "epochs after the warm-up")
+    GRAD_CLIP: Optional[float] = opt(None, "max gradient norm per step (null = no clipping)")
+    EARLY_STOPPING: Optional[int] = opt(None, "stop after this many epochs without a better EVAL_METRIC (null = never)")
     MIXED_PRECISION: Literal["auto", "bf16", "fp16", "none"] = opt(
         "auto",
         "auto | bf16 | fp16 (CUDA only) | none: autocast for the forward pass (auto: bf16 where native, else fp32)",
@@ -139,6 +141,8 @@ class Config:
         None,
         "[row, column] pixel size for distances in physical units (null = pixels)",
     )
+    PLOT_EVERY: int = opt(0, "write curves.png and overlays.png every N epochs (0 = only at the end of the run)")
+    PLOT_TILES: int = opt(4, "test tiles shown in overlays.png (0 = no overlays)")
     # prediction
     INPUT: Optional[str] = opt(None, "predict: an image file or a folder of images to segment")
     OUTPUT: Optional[str] = opt(None, "predict: output folder (null = predict_<n>/ beside the checkpoint)")
@@ -148,7 +152,7 @@ class Config:
     GPUs: Optional[list[int]] = opt(None, "GPU indices to train on, one process each (null = all visible; [] = CPU)")
     CPU_PROCESSES: int = opt(1, "processes for CPU-only training (gloo DDP when > 1)")
     MASTER_ADDR: str = opt("localhost", "rendezvous address for multi-process training")
-    MASTER_PORT: Union[int, str] = opt(29500, "rendezvous port")
+    MASTER_PORT: Optional[Union[int, str]] = opt(None, "rendezvous port (null = a free one, chosen at launch)")
     NCCL_P2P_DISABLE: bool = opt(False, "set NCCL_P2P_DISABLE=1 (work-around for GPUs without working peer-to-peer)")
     # logging
     LOG_WANDB: bool = opt(False, "log to Weights & Biases (mode from WANDB_MODE; offline when no API key is set)")

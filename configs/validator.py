@@ -74,7 +74,8 @@ def _model_rules(cfg: Config) -> list[str]:
     _in_range(p, "CONV_DEPTH", cfg.CONV_DEPTH, 1)
     _in_range(p, "INPUT_CHANNELS", cfg.INPUT_CHANNELS, 1)
     _in_range(p, "BATCH_SIZE", cfg.BATCH_SIZE, 1)
-    if 2 <= cfg.UNET_DEPTH <= 8:
+    _in_range(p, "INPUT_SIZE", cfg.INPUT_SIZE, 1)
+    if 2 <= cfg.UNET_DEPTH <= 8 and cfg.INPUT_SIZE >= 1:
         factor = 2 ** (cfg.UNET_DEPTH - 1)
         if cfg.INPUT_SIZE < factor or cfg.INPUT_SIZE % factor:
             lower = max(factor, cfg.INPUT_SIZE // factor * factor)
@@ -88,7 +89,15 @@ def _model_rules(cfg: Config) -> list[str]:
             "checkpoint (e.g. the best.pth of an AuxNet-ED run)"
         )
     if cfg.MODEL_WEIGHTS and resolve_weights_path(cfg.MODEL_WEIGHTS) is None:
-        p.append(f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r}: no such file (nor {cfg.MODEL_WEIGHTS + '.pth'!r})")
+        folder = Path(cfg.MODEL_WEIGHTS)
+        inside = [n for n in ("best", "last") if (folder / f"{n}.pth").is_file()] if folder.is_dir() else []
+        if inside:
+            p.append(f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r} is a run folder, not a checkpoint: use "
+                     + " or ".join(repr(str(folder / n)) for n in inside))
+        elif folder.is_dir():
+            p.append(f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r} is a folder without best.pth or last.pth: point it at a .pth file")
+        else:
+            p.append(f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r}: no such file (nor {cfg.MODEL_WEIGHTS + '.pth'!r})")
     _in_range(p, "SEG_CLASSES", cfg.SEG_CLASSES, 1)
     _in_range(p, "SEG_DROPOUT", cfg.SEG_DROPOUT, 0, 1, hi_open=True)
     _in_range(p, "SEG_THRESHOLD", cfg.SEG_THRESHOLD, 0, 1, lo_open=True, hi_open=True)
@@ -106,6 +115,12 @@ def _optim_rules(cfg: Config) -> list[str]:
     _in_range(p, "L2_DECAY", cfg.L2_DECAY, 0)
     _in_range(p, "WARMUP_EPOCHS", cfg.WARMUP_EPOCHS, 0)
     _in_range(p, "TRAIN_EPOCHS", cfg.TRAIN_EPOCHS, 1)
+    if cfg.GRAD_CLIP is not None:
+        _in_range(p, "GRAD_CLIP", cfg.GRAD_CLIP, 0, lo_open=True)
+    if cfg.EARLY_STOPPING is not None:
+        _in_range(p, "EARLY_STOPPING", cfg.EARLY_STOPPING, 1)
+    _in_range(p, "PLOT_EVERY", cfg.PLOT_EVERY, 0)
+    _in_range(p, "PLOT_TILES", cfg.PLOT_TILES, 0, 64)
     if cfg.MIXED_PRECISION == "fp16" and not torch.cuda.is_available():
         p.append("MIXED_PRECISION=fp16 needs a CUDA GPU: use auto, bf16 (CPU and recent GPUs) or none")
     return p
@@ -185,7 +200,7 @@ def _runtime_rules(cfg: Config) -> list[str]:
         if len(set(cfg.GPUs)) != len(cfg.GPUs):
             p.append(f"GPUs={cfg.GPUs} lists a GPU twice")
     _in_range(p, "CPU_PROCESSES", cfg.CPU_PROCESSES, 1)
-    if not str(cfg.MASTER_PORT).isdigit() or not 0 < int(cfg.MASTER_PORT) < 65536:
+    if cfg.MASTER_PORT is not None and (not str(cfg.MASTER_PORT).isdigit() or not 0 < int(cfg.MASTER_PORT) < 65536):
         p.append(f"MASTER_PORT={cfg.MASTER_PORT!r} must be a port number in 1..65535")
     for key in ("EXP_ID", "RUN_ID"):
         value = getattr(cfg, key)

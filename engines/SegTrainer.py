@@ -4,21 +4,24 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from engines.checkpoint import restore_training, save_checkpoint
+from engines.checkpoint import CheckpointError, restore_training, save_checkpoint
 from engines.forward import autocast_for, evaluate_model, image_to, place
 from engines.run_dir import RunDir
 from model.AuxNet import AuxNet, AuxNetOutput
 from model.metrics import HIGHER_IS_BETTER
-from utils.util import DistContext, atomic_write_json
+from utils.util import DistContext, RunError, atomic_write_json
 
 
 class TrainStep(nn.Module):
@@ -51,6 +54,23 @@ class TrainerSettings:
     channels_last: bool
     config: dict
     fold: int = 0
+    seed: int = 0
+    split: Optional[dict] = None
+    grad_clip: Optional[float] = None
+    early_stopping: Optional[int] = None
+    plot_every: int = 0
+    plot_tiles: int = 0
+
+
+class TrainingDiverged(RunError):
+    """A loss, weight or BatchNorm statistic became NaN or infinite; the last good checkpoint is kept."""
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of every random stream of ``epoch`` on ``rank`` (python, numpy, torch, CUDA, the
+    augmentation and the loader's workers): a function of the three alone, so a run resumed after
+    epoch k draws exactly what an uninterrupted one draws, and ranks draw different dropout masks."""
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % 2**63
 
 
 class SegTrainer:
@@ -80,6 +100,8 @@ class SegTrainer:
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_scaler)
         self.start_epoch, self.best_value, self.best_epoch = 0, None, None
         self.history: list[dict[str, Any]] = []
+        self.resumed: Optional[bool] = None  # None until resume_if_possible() ran
+        self.plotter = None  # set by the builders: plot(history, epoch, final) -> None
 
     # ------------------------------------------------------------------ table of contents
     def fit(self) -> dict[str, Any]:
@@ -87,55 +109,93 @@ class SegTrainer:
         self.resume_if_possible()
         for epoch in range(self.start_epoch, self.s.epochs):
             started = time.perf_counter()
+            self.seed_epoch(epoch)
             train_stats = self.train_epoch(epoch)
             eval_stats = self.evaluate().compute()
             record = {**train_stats, **eval_stats, "time_s": time.perf_counter() - started}
             improved = self.track_best(epoch, eval_stats)
-            self.logger.log(record, step=epoch)
             self.history.append({"epoch": epoch, **record})
-            self.save_checkpoint(epoch, improved)
+            self.save_checkpoint(epoch, improved)  # before the log line: a kill between them is rewound
+            self.start_epoch = epoch + 1
+            self.logger.log(record, step=epoch)
+            stop = self.should_stop(epoch)
+            self.plot(epoch, final=stop or epoch == self.s.epochs - 1)
+            if stop:
+                break
         return self.summary()
 
     # ------------------------------------------------------------------ steps
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training set; returns the mean loss and each term and weight."""
-        self.ddp.train()
-        self.step.loss.set_epoch(epoch)
+    def seed_epoch(self, epoch: int) -> None:
+        """Seed every random stream of ``epoch`` (see :func:`epoch_seed`) and the sampler's epoch."""
+        seed = epoch_seed(self.s.seed, epoch, self.ctx.rank)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)  # CUDA too
+        dataset = getattr(self.train_loader, "dataset", None)
+        if hasattr(dataset, "reseed"):
+            dataset.reseed(seed % 2**32)  # the augmentation of this process (NUM_WORKERS=0)
+        generator = getattr(self.train_loader, "generator", None)
+        if generator is not None:
+            generator.manual_seed(seed)  # the workers' base seed (they start afresh each epoch)
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training set; returns the mean loss and each term and weight (averaged
+        over every rank's batches)."""
+        self.ddp.train()
+        self.step.loss.set_epoch(epoch)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate of the epoch's first step
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         batches = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.ctx.is_main,
                        dynamic_ncols=True)
         for n, batch in enumerate(batches, start=1):
-            loss_out = self.optimise(batch)
+            loss_out = self.optimise(batch, epoch)
             for name, value in {"loss": loss_out.total.detach(), **loss_out.terms}.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
             weights = loss_out.weights
             batches.set_postfix(loss=f"{sums['loss'] / n:.4f}")
-        n = max(len(self.train_loader), 1)
-        stats = {"lr": lr, "loss": sums.get("loss", math.nan) / n}
-        stats |= {f"loss/{k}": v / n for k, v in sums.items() if k != "loss"}
+        means = self.all_reduce_means(sums, len(self.train_loader))
+        stats = {"lr": lr, "loss": means.get("loss", math.nan)}
+        stats |= {f"loss/{k}": v for k, v in means.items() if k != "loss"}
         stats |= {f"weight/{k}": float(v) for k, v in weights.items()}
         return stats
 
-    def optimise(self, batch: dict[str, Any]):
-        """Forward, backward and one optimiser step on a batch; returns the loss output."""
+    def optimise(self, batch: dict[str, Any], epoch: int = 0):
+        """Forward, backward and one optimiser step on a batch; returns the loss output.
+
+        Raises:
+            TrainingDiverged: the loss, or after the step a weight or BatchNorm statistic, is not finite.
+        """
         with self.autocast():
             _, loss_out = self.ddp(*self.to_device(batch))
         if not torch.isfinite(loss_out.total):
-            raise FloatingPointError(
-                f"the loss became {float(loss_out.total)} (terms: "
-                f"{ {k: float(v) for k, v in loss_out.terms.items()} }): lower BASE_LR or check the data"
-            )
+            self.diverged(f"the loss became {float(loss_out.total.detach())}", batch, loss_out, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss_out.total).backward()
+        if self.s.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in self.step.parameters() if p.requires_grad], self.s.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        bad = non_finite(self.step)
+        if bad:
+            self.diverged(f"after the optimiser step {len(bad)} tensor(s) are not finite ({', '.join(bad[:4])}"
+                          f"{', …' if len(bad) > 4 else ''})", batch, loss_out, epoch)
         return loss_out
+
+    def diverged(self, what: str, batch: dict[str, Any], loss_out, epoch: int) -> None:
+        """Stop the run: name the step, the batch's tiles and the loss terms (nothing is saved)."""
+        terms = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in loss_out.terms.items()}
+        kept = f"{self.s.run.last} is left as it was" if self.s.run.last.is_file() else "no checkpoint was written"
+        raise TrainingDiverged(
+            f"training diverged at step {self.scheduler.last_epoch} (epoch {epoch}): {what}; loss "
+            f"{float(loss_out.total.detach()):.4g}, terms {terms}; tiles {list(batch.get('id', []))}. {kept}. "
+            "Lower BASE_LR, set GRAD_CLIP, or check these tiles"
+        )
 
     def evaluate(self, loader=None):
         """Run the test split (this rank's shard) through the network; returns the metrics object,
@@ -144,9 +204,12 @@ class SegTrainer:
                               self.autocast, self.s.channels_last)
 
     def track_best(self, epoch: int, eval_stats: dict[str, float]) -> bool:
-        """Remember the best epoch by the evaluation metric; True when this epoch is the new best."""
+        """Remember the best epoch by the evaluation metric; True when this epoch is the new best
+        (a NaN or infinite value is never the best)."""
         value = eval_stats.get(self.s.eval_metric, math.nan)
         if not math.isfinite(value):
+            if self.ctx.is_main:
+                tqdm.write(f"warning: epoch {epoch}: {self.s.eval_metric} is {value}; this epoch cannot be the best")
             return False
         better = self.best_value is None or (
             value > self.best_value if HIGHER_IS_BETTER[self.s.eval_metric] else value < self.best_value
@@ -154,6 +217,16 @@ class SegTrainer:
         if better:
             self.best_value, self.best_epoch = value, epoch
         return better
+
+    def should_stop(self, epoch: int) -> bool:
+        """EARLY_STOPPING: True when the best epoch is that many epochs behind ``epoch``."""
+        patience = self.s.early_stopping
+        if not patience or epoch - (self.best_epoch if self.best_epoch is not None else -1) < patience:
+            return False
+        if self.ctx.is_main:
+            tqdm.write(f"early stopping after epoch {epoch}: {self.s.eval_metric} has not improved for "
+                       f"{patience} epoch(s) (best: epoch {self.best_epoch})")
+        return True
 
     def save_checkpoint(self, epoch: int, improved: bool) -> None:
         """``last.pth`` every epoch and ``best.pth`` on improvement, written atomically (main rank)."""
@@ -163,24 +236,56 @@ class SegTrainer:
             epoch=epoch, net=self.step.net, loss=self.step.loss, optimizer=self.optimizer,
             scheduler=self.scheduler, scaler=self.scaler,
             best={"metric": self.s.eval_metric, "value": self.best_value, "epoch": self.best_epoch},
-            history=self.history, config=self.s.config, fold=self.s.fold,
+            history=self.history, config=self.s.config, fold=self.s.fold, split=self.s.split,
         )
         if improved and self.s.save_best:  # best first: last.pth never records a best.pth not yet written
             save_checkpoint(self.s.run.best, **state)
         save_checkpoint(self.s.run.last, **state)
 
-    def resume_if_possible(self) -> None:
-        """Continue from ``last.pth`` in the run folder, if one exists."""
+    def resume_if_possible(self) -> bool:
+        """Continue from ``last.pth`` in the run folder, if one exists (once; later calls do nothing).
+        Leftovers of an interrupted write are removed and the log is rewound to the checkpoint.
+
+        Returns:
+            True when training resumes from a checkpoint.
+
+        Raises:
+            CheckpointError: an unreadable checkpoint, or a TRAIN_EPOCHS below its epochs.
+        """
+        if self.resumed is not None:
+            return self.resumed
+        leftovers = clean_leftovers(self.s.run) if self.ctx.is_main else []
         path = self.s.run.last
         if not path.is_file():
-            return
+            self.resumed = False
+            if self.ctx.is_main and (leftovers or (self.s.run.log.is_file() and self.s.run.log.stat().st_size)):
+                tqdm.write(f"no finished checkpoint in {self.s.run.root} (removed {leftovers or 'nothing'}): "
+                           "starting again from epoch 0")
+            self.logger.rewind([])
+            return False
         state = restore_training(path, net=self.step.net, loss=self.step.loss, optimizer=self.optimizer,
                                  scheduler=self.scheduler, scaler=self.scaler, device=self.ctx.device)
+        if state["epoch"] + 1 > self.s.epochs:
+            raise CheckpointError(
+                f"{path} has trained {state['epoch'] + 1} epochs, more than the {self.s.epochs} "
+                "(WARMUP_EPOCHS + TRAIN_EPOCHS) asked for; resuming cannot shorten a run: raise TRAIN_EPOCHS "
+                "to extend it, or start a new run (another RUN_ID)")
         self.start_epoch = state["epoch"] + 1
         self.best_value, self.best_epoch = state["best"]["value"], state["best"]["epoch"]
         self.history = state.get("history", [])
+        self.logger.rewind(self.history)
+        self.resumed = True
         if self.ctx.is_main:
             tqdm.write(f"resuming {self.s.run.root} after epoch {state['epoch']}")
+        return True
+
+    def plot(self, epoch: int, final: bool) -> None:
+        """The training curves and prediction overlays (main rank; every ``plot_every`` epochs and at the end)."""
+        if self.plotter is None or not self.ctx.is_main:
+            return
+        every = self.s.plot_every
+        if final or (every and (epoch + 1) % every == 0):
+            self.plotter(self.history, epoch)
 
     def summary(self) -> dict[str, Any]:
         """Final and best epochs' metrics, written to ``summary.json`` (main rank)."""
@@ -195,6 +300,16 @@ class SegTrainer:
         return summary
 
     # ------------------------------------------------------------------ helpers
+    def all_reduce_means(self, sums: dict[str, float], batches: int) -> dict[str, float]:
+        """Per-batch means of ``sums`` over every rank's batches (a collective call under DDP)."""
+        if not self.ctx.distributed:
+            return {k: v / max(batches, 1) for k, v in sums.items()}
+        keys = sorted(sums)
+        totals = torch.tensor([sums[k] for k in keys] + [float(batches)], dtype=torch.float64, device=self.ctx.device)
+        dist.all_reduce(totals)
+        count = max(float(totals[-1]), 1.0)
+        return {k: float(v) / count for k, v in zip(keys, totals[:-1].tolist())}
+
     def to_device(self, batch: dict[str, Any]):
         dev = self.ctx.device
         image = image_to(batch["image"], dev, self.s.channels_last)
@@ -203,3 +318,23 @@ class SegTrainer:
     def autocast(self):
         return autocast_for(self.ctx.device, self.s.amp_dtype)
 
+
+def non_finite(module: nn.Module) -> list[str]:
+    """Names of ``module``'s floating-point parameters and buffers (BatchNorm statistics) that hold a
+    NaN or an infinity. One synchronisation: the max-norm of a finite tensor is always finite."""
+    named = [(n, t) for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_floating_point()]
+    if not named:
+        return []
+    norms = torch.stack(torch._foreach_norm([t.detach() for _, t in named], float("inf")))
+    finite = torch.isfinite(norms)
+    if bool(finite.all()):
+        return []
+    return [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+
+
+def clean_leftovers(run: RunDir) -> list[str]:
+    """Remove the temporary files of a checkpoint (or other) write that a kill interrupted; returns their names."""
+    found = sorted(p for p in run.root.glob(".*.tmp") if p.is_file())
+    for p in found:
+        p.unlink(missing_ok=True)
+    return [p.name for p in found]

@@ -16,6 +16,7 @@ from torch import nn
 from configs import Config
 from engines.checkpoint import LoadReport, load_weights, resolve_weights_path
 from engines.run_dir import RunDir
+from engines.figures import make_plotter
 from engines.SegTrainer import SegTrainer, TrainerSettings, TrainStep
 from model.AuxNet import AuxNet
 from model.loss import LossOptions
@@ -70,9 +71,9 @@ def build_network(cfg: Config) -> tuple[AuxNet, Optional[LoadReport]]:
     """:func:`build_model`, and the report of what MODEL_WEIGHTS loaded (None without weights)."""
     net = _bare_model(cfg)
     if cfg.MODEL_WEIGHTS:
-        # A head that is about to be trained may be missing from the file (it starts fresh), and so
-        # may the fill head of a checkpoint made before it existed (then it only cannot gate).
-        allow = ("fill_head.", "head.") if cfg.trains_classifier else ("fill_head.",)
+        # The heads may be missing from the file (a UNet checkpoint, or one made before the fill head
+        # existed): they start fresh, trained if the stage trains them, else frozen (the load report says which).
+        allow = ("fill_head.", "head.")
         report = load_weights(net, resolve_weights_path(cfg.MODEL_WEIGHTS), allow_missing=allow)
     else:
         report = None
@@ -109,8 +110,8 @@ def build_loss(cfg: Config) -> nn.Module:
     return make_loss(cfg.LOSS, loss_options(cfg))
 
 
-def build_data(cfg: Config, split_file: Path, fold: int) -> Splits:
-    """The train and test tile datasets of ``fold``.
+def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Optional[list[str]] = None) -> Splits:
+    """The train and test tile datasets of ``fold`` (of ``test_ids`` when given: a checkpoint's own split).
 
     Raises:
         RunError: naming DATASET_DIR, for any bad, missing or mismatched file or split.
@@ -134,6 +135,7 @@ def build_data(cfg: Config, split_file: Path, fold: int) -> Splits:
             augmentations=augmentations,
             synthetic_images=cfg.SYNTHETIC_IMAGES,
             synthetic_size=cfg.SYNTHETIC_SIZE,
+            test_ids=test_ids,
         )
 
 
@@ -196,7 +198,9 @@ def lr_factor(step: int, *, warmup: int, decay: int, start: float) -> float:
 
 
 def build_trainer(cfg: Config, ctx: DistContext, run: RunDir, splits: Splits, fold: int = 0) -> SegTrainer:
-    net = build_model(cfg)
+    net, report = build_network(cfg)
+    if ctx.is_main and report is not None:
+        print(load_report_line(cfg, report))
     step = TrainStep(net, build_loss(cfg), decode=cfg.stage.decodes, use_cls=cfg.trains_classifier)
     train_loader, test_loader = build_loaders(cfg, splits, ctx)
     optimizer, scheduler = build_optimizer(cfg, step, max(len(train_loader), 1))
@@ -213,6 +217,28 @@ def build_trainer(cfg: Config, ctx: DistContext, run: RunDir, splits: Splits, fo
         channels_last=memory_format_of(cfg, ctx.device)[0],
         config=cfg.to_dict(),
         fold=fold,
+        seed=cfg.SEED + fold,
+        split={"train": list(splits.train_ids), "test": list(splits.test_ids)},
+        grad_clip=cfg.GRAD_CLIP,
+        early_stopping=cfg.EARLY_STOPPING,
+        plot_every=cfg.PLOT_EVERY,
     )
-    return SegTrainer(step, optimizer, scheduler, train_loader, test_loader, build_metrics(cfg, ctx.device),
-                      logger, ctx, settings)
+    trainer = SegTrainer(step, optimizer, scheduler, train_loader, test_loader, build_metrics(cfg, ctx.device),
+                         logger, ctx, settings)
+    if ctx.is_main:
+        trainer.plotter = make_plotter(run.root, trainer.step.net, splits.test, ctx.device, settings.amp_dtype,
+                                       settings.channels_last, cfg.SEG_THRESHOLD, cfg.PLOT_TILES, logger.log_images)
+    return trainer
+
+
+def load_report_line(cfg: Config, report: LoadReport) -> str:
+    """What MODEL_WEIGHTS gave the network: tensors loaded, newly initialised (and whether they train), ignored."""
+    def parts(names: list[str]) -> str:
+        tops = list(dict.fromkeys(n.split(".")[0] for n in names))
+        return f"{len(names)} ({', '.join(tops[:6])}{', …' if len(tops) > 6 else ''})" if names else "0"
+
+    line = (f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS}: loaded {parts(report.loaded)} tensors, newly initialised "
+            f"{parts(report.initialised)}, ignored {parts(report.ignored)} from the file")
+    if report.initialised and "C" not in cfg.stage.trains:
+        line += f"; the new tensors are not trained by MODEL={cfg.MODEL} (frozen at their initialisation)"
+    return line

@@ -10,6 +10,12 @@ A checkpoint is a ``.pth`` dict::
     history    one record per finished epoch
     config     the run's resolved configuration (a plain dict)
     fold       the fold it was trained on
+    split      {"train": [image ids], "test": [image ids]} of that fold, so that ``eval`` scores the
+               checkpoint on its own test images wherever the file is copied to
+
+Random streams are not stored: the trainer derives every one of them from (SEED, fold, epoch, rank)
+at the start of each epoch (:func:`engines.SegTrainer.epoch_seed`), so the checkpoint of epoch k
+determines epoch k+1 exactly. A checkpoint holding a NaN or an infinity is never written.
 
 Every read uses ``torch.load(weights_only=True)``: a checkpoint from elsewhere cannot run code while
 it loads. Every write goes through a temporary file and a rename, so a crash never leaves half a
@@ -47,6 +53,9 @@ def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     Raises:
         CheckpointError: naming the file, when it is not a readable ``.pth``.
     """
+    if path.is_dir():
+        hint = next((f"; did you mean {path / n}?" for n in ("best", "last") if (path / f"{n}.pth").is_file()), "")
+        raise CheckpointError(f"{path} is a folder, not a checkpoint{hint}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
@@ -110,8 +119,18 @@ def load_weights(net: nn.Module, path: Path, allow_missing: tuple[str, ...] = ()
 
 
 def save_checkpoint(path: Path, *, epoch: int, net: nn.Module, loss: nn.Module, optimizer, scheduler, scaler,
-                    best: dict[str, Any], history: list[dict[str, Any]], config: dict[str, Any], fold: int) -> None:
-    """Write a training checkpoint atomically (see the module docstring for its content)."""
+                    best: dict[str, Any], history: list[dict[str, Any]], config: dict[str, Any], fold: int,
+                    split: Optional[dict[str, list[str]]] = None) -> None:
+    """Write a training checkpoint atomically (see the module docstring for its content).
+
+    Raises:
+        CheckpointError: a weight, BatchNorm statistic or loss weight is NaN or infinite (nothing is written).
+    """
+    bad = [f"model.{k}" for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad += [f"loss.{k}" for k, v in loss.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: {len(bad)} tensor(s) hold NaN or infinity ({bad[:4]}); "
+                              "the previous checkpoint is left as it was")
     atomic_torch_save({
         "epoch": epoch,
         "model": net.state_dict(),
@@ -123,6 +142,7 @@ def save_checkpoint(path: Path, *, epoch: int, net: nn.Module, loss: nn.Module, 
         "history": history,
         "config": config,
         "fold": fold,
+        "split": split,
     }, path)
 
 
@@ -149,5 +169,9 @@ def restore_training(path: Path, *, net: nn.Module, loss: nn.Module, optimizer, 
             "another network or loss; start a new run (another RUN_ID), or pass MODEL_WEIGHTS to start from it"
         ) from err
     scheduler.load_state_dict(state["scheduler"])
+    # LambdaLR restores the optimiser's saved rate, the old schedule's; the next step must use this
+    # run's schedule (a larger TRAIN_EPOCHS stretches the decay from here on).
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
     scaler.load_state_dict(state["scaler"])
     return state

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,15 +20,15 @@ from configs import Config, ConfigError
 from configs.config_parser import EVAL_KEYS, PREDICT_KEYS, config_for_checkpoint, parse_overrides
 from configs.validator import validate
 from engines.builders import build_data, build_loaders, build_metrics, memory_format_of, precision_of
-from engines.checkpoint import CheckpointError, resolve_weights_path, saved_run
+from engines.checkpoint import CheckpointError, read_checkpoint, resolve_weights_path, saved_run
 from engines.forward import autocast_for, evaluate_model
 from engines.launch import main_first
 from engines.predict import build_predictor, prediction_network
 from engines.predictor import ArrayImage, Predictor
-from engines.run_dir import RunDir, eval_outputs, run_dir_for
+from engines.run_dir import RunDir, eval_outputs
 from model.AuxNet import AuxNet
 from utils.image_io import ImageSet
-from utils.util import DistContext, atomic_write_json, atomic_write_text
+from utils.util import DistContext, RunError, atomic_write_json, atomic_write_text
 
 
 def eval_config(cfg: Config, overrides: list[str], command: str = "eval") -> Config:
@@ -54,19 +56,32 @@ def eval_config(cfg: Config, overrides: list[str], command: str = "eval") -> Con
 
 
 def choose_run(cfg: Config) -> RunDir:
-    """The run a checkpoint belongs to (its folder or the one above holds ``tts.json``), else the
-    run RESULTS_DIR/EXP_ID/RUN_ID names."""
-    if not cfg.RUN_ID:
-        ckpt_dir = resolve_weights_path(cfg.MODEL_WEIGHTS).resolve().parent
-        for candidate in (RunDir(ckpt_dir), RunDir(ckpt_dir.parent)):
-            if candidate.split.is_file():
-                return candidate
-    return run_dir_for(cfg.RESULTS_DIR, cfg.EXP_ID, cfg.RUN_ID)
+    """The folder of the checkpoint: ``eval`` writes beside it, wherever it was copied or moved
+    (never into RESULTS_DIR/EXP_ID/RUN_ID, which may be another run's)."""
+    return RunDir(resolve_weights_path(cfg.MODEL_WEIGHTS).resolve().parent)
+
+
+def checkpoint_test_ids(ckpt: Path) -> tuple[Optional[list[str]], Optional[Path]]:
+    """(the test image ids stored in the checkpoint, None) or, for a checkpoint made before the
+    split travelled with it, (None, the ``tts.json`` of its run folder: beside it, or one up for a fold).
+
+    Raises:
+        RunError: neither is there (evaluating on a split made now could score its training images).
+    """
+    split = read_checkpoint(ckpt).get("split")
+    if isinstance(split, dict) and split.get("test"):
+        return list(split["test"]), None
+    for folder in (ckpt.parent, ckpt.parent.parent):
+        if RunDir(folder).split.is_file():
+            return None, RunDir(folder).split
+    raise RunError(f"{ckpt} holds no train/test split (it predates storing one) and no tts.json is beside it: "
+                   "copy its run's tts.json next to it, or evaluate it in its run folder")
 
 
 def evaluate(cfg: Config, ctx: DistContext, run: RunDir) -> None:
-    """Evaluate MODEL_WEIGHTS on its fold's test split: a per-tile CSV and a summary JSON beside it."""
-    splits = main_first(ctx, lambda: build_data(cfg, run.split, cfg.DEFAULT_FOLD))
+    """Evaluate MODEL_WEIGHTS on its own test split (stored in it): a per-tile CSV and a summary JSON beside it."""
+    test_ids, split_file = checkpoint_test_ids(resolve_weights_path(cfg.MODEL_WEIGHTS))
+    splits = main_first(ctx, lambda: build_data(cfg, split_file, cfg.DEFAULT_FOLD, test_ids=test_ids))
     _, test_loader = build_loaders(cfg, splits, ctx)
     net, can_gate = prediction_network(cfg, ctx.device)
     dtype = precision_of(cfg, ctx.device)
@@ -86,6 +101,7 @@ def evaluate(cfg: Config, ctx: DistContext, run: RunDir) -> None:
         images_csv = csv_path.with_name(csv_path.stem + "_images.csv")
         atomic_write_text(images_csv, to_csv([{"mode": m, **row} for m, r in whole.items() for row in r["images"]]))
         atomic_write_json(json_path, {"checkpoint": str(ckpt), "fold": cfg.DEFAULT_FOLD, "tiles": len(rows),
+                                      "test_images": list(splits.test_ids),
                                       "metrics": summary,
                                       "whole_image": {m: r["summary"] for m, r in whole.items()}})
         print(f"evaluated {ckpt} (fold {cfg.DEFAULT_FOLD}) on {len(rows)} test tiles -> {json_path}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,18 +37,31 @@ def launch_plan(cfg: Config) -> tuple[int, list[torch.device]]:
     return cfg.CPU_PROCESSES, [torch.device("cpu")] * cfg.CPU_PROCESSES
 
 
-def launch(cfg: Config, choose: Chooser, command: Command) -> int:
-    """Choose the run folder, run ``command`` on every rank; returns the exit status (0 or 2)."""
+def launch(cfg: Config, choose: Chooser, command: Command, exclusive: bool = False) -> int:
+    """Choose the run folder, run ``command`` on every rank; returns the exit status (0 or 2).
+
+    ``exclusive``: hold the run folder's :class:`RunLock` while the command runs (training)."""
     ctx = _join_torchrun(cfg) if "WORLD_SIZE" in os.environ and "RANK" in os.environ else None
     is_main = ctx is None or ctx.is_main
     decision: list = [None, None, False]  # run folder, error, created now
+    lock = None
     if is_main:
         try:
             run = choose(cfg)
             decision = [str(run.root), None, not run.root.exists()]
-            run.root.mkdir(parents=True, exist_ok=True)
-        except ConfigError as err:
+            make_run_folder(run.root)
+            lock = RunLock(run.root) if exclusive else None
+            if ctx is None:
+                choose_port(cfg)
+        except (ConfigError, RunError) as err:
+            created = decision[2]
             decision = [None, str(err), False]
+            if lock is not None:
+                lock.release()
+            if created:  # leave no empty run (or experiment) folder behind
+                with contextlib.suppress(OSError):
+                    run.root.rmdir()
+                    run.root.parent.rmdir()
     if ctx is not None and ctx.distributed:
         dist.broadcast_object_list(decision, src=0)
     if decision[1] is not None:
@@ -69,7 +83,94 @@ def launch(cfg: Config, choose: Chooser, command: Command) -> int:
             with contextlib.suppress(OSError):
                 run.root.parent.rmdir()  # the experiment folder too, if this run was all it held
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
+
+
+def make_run_folder(root: Path) -> None:
+    """Create the run folder; a folder that cannot be written is a RunError naming it."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write_test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise RunError(f"cannot write the run folder {root} ({err.strerror or err}): set RESULTS_DIR to a "
+                       "folder you can write") from None
+
+
+class RunLock:
+    """``.lock`` in a run folder, holding the pid of the process that trains in it; made atomically,
+    removed on exit. A lock whose process is gone (killed) is stale and taken over.
+
+    Raises:
+        RunError: another live process holds the folder.
+    """
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / ".lock"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _lock_holder(self.path)
+                if holder is not None and _alive(holder):
+                    raise RunError(f"{root} is in use by another run (pid {holder}, see {self.path}): wait for it, "
+                                   "or choose another RUN_ID") from None
+                print(f"removing the stale lock {self.path} (pid {holder} is gone)", file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+            self.pid = os.getpid()
+            return
+        raise RunError(f"cannot lock {root}: {self.path} keeps reappearing; is another run starting there?")
+
+    def release(self) -> None:
+        if _lock_holder(self.path) == self.pid:
+            self.path.unlink(missing_ok=True)
+
+
+def _lock_holder(path: Path) -> Optional[int]:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def choose_port(cfg: Config) -> None:
+    """MASTER_PORT for a multi-process launch: a free port when none was set (config or environment),
+    else the one set, checked free.
+
+    Raises:
+        RunError: the MASTER_PORT set is in use.
+    """
+    if launch_plan(cfg)[0] < 2:
+        return
+    if cfg.MASTER_PORT is None and "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind((cfg.MASTER_ADDR if cfg.MASTER_ADDR != "localhost" else "127.0.0.1", 0))
+            cfg.MASTER_PORT = s.getsockname()[1]
+        return
+    port = int(cfg.MASTER_PORT if cfg.MASTER_PORT is not None else os.environ["MASTER_PORT"])
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            raise RunError(f"MASTER_PORT={port} is in use (another training run?): set another MASTER_PORT, "
+                           "or leave it unset (null) to pick a free one") from None
 
 
 def main_first(ctx: DistContext, make):
@@ -104,7 +205,8 @@ def _run_everywhere(cfg: Config, run: RunDir, command: Command, ctx: Optional[Di
         _run(ctx, cfg, run, command)
         return
     os.environ.setdefault("MASTER_ADDR", cfg.MASTER_ADDR)
-    os.environ.setdefault("MASTER_PORT", str(cfg.MASTER_PORT))
+    if cfg.MASTER_PORT is not None:
+        os.environ.setdefault("MASTER_PORT", str(cfg.MASTER_PORT))
     if cfg.NCCL_P2P_DISABLE:
         os.environ["NCCL_P2P_DISABLE"] = "1"
     world, devices = launch_plan(cfg)

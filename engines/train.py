@@ -37,10 +37,10 @@ def choose_run(cfg: Config) -> RunDir:
 
 
 def train(cfg: Config, ctx: DistContext, run: RunDir) -> None:
-    """Train every fold of the configuration (one unless CROSS_VALIDATION) in ``run``."""
-    if ctx.is_main:
-        save_config(cfg, run.config, resolved={"MIXED_PRECISION": resolve_precision(cfg.MIXED_PRECISION, ctx.device)[1],
-                                               "CHANNELS_LAST": memory_format_of(cfg, ctx.device)[1]})
+    """Train every fold of the configuration (one unless CROSS_VALIDATION) in ``run``.
+
+    ``config.yaml`` is written only once a fold really starts training (its checkpoint, if any, and
+    its data loaded), so a refused or failed resume leaves the run's configuration as it was."""
     folds = list(range(num_folds(cfg.TEST_SPLIT))) if cfg.CROSS_VALIDATION else [cfg.DEFAULT_FOLD]
     summaries = {fold: train_fold(cfg, ctx, run, fold) for fold in folds}
     if ctx.is_main and cfg.CROSS_VALIDATION:
@@ -53,6 +53,14 @@ def train_fold(cfg: Config, ctx: DistContext, run: RunDir, fold: int) -> dict:
     seed_everything(cfg.SEED + fold)
     splits = main_first(ctx, lambda: build_data(cfg, run.split, fold))
     trainer = build_trainer(cfg, ctx, fold_dir, splits, fold)
+    try:
+        trainer.resume_if_possible()
+    except BaseException:
+        trainer.logger.close()
+        raise
+    if ctx.is_main and trainer.start_epoch < trainer.s.epochs:
+        save_config(cfg, run.config, resolved={"MIXED_PRECISION": resolve_precision(cfg.MIXED_PRECISION, ctx.device)[1],
+                                               "CHANNELS_LAST": memory_format_of(cfg, ctx.device)[1]})
     if ctx.is_main:
         print(f"run {fold_dir.root}  fold {fold}: {len(splits.train)} train / {len(splits.test)} test tiles, "
               f"device {ctx.device}, {ctx.world_size} process(es), precision "

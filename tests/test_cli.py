@@ -73,8 +73,7 @@ def test_resume_continues_after_the_last_epoch(trained_run):
 
 
 def test_eval_command_writes_csv_and_summary(trained_run):
-    run_cli("eval", *TINY, "TRAIN_EPOCHS=2", f"RESULTS_DIR={trained_run.parents[1]}",
-            f"MODEL_WEIGHTS={trained_run / 'best'}")
+    run_cli("eval", *TINY, f"RESULTS_DIR={trained_run.parents[1]}", f"MODEL_WEIGHTS={trained_run / 'best'}")
     summary = json.loads((trained_run / "eval_best.json").read_text())
     rows = (trained_run / "eval_best.csv").read_text().splitlines()
     assert summary["tiles"] == len(rows) - 1 > 0
@@ -153,3 +152,87 @@ def test_one_epoch_on_the_isbi2012_em_data(tmp_path):
             "BATCH_SIZE=16", f"RESULTS_DIR={tmp_path}")
     (record,) = read_log(tmp_path / "default" / "run_001")
     assert record["DSC"] > 0.5 and json.loads((tmp_path / "default" / "run_001" / "tts.json").read_text())
+
+
+# ----------------------------------------------------------------------------- issue #11: faults
+
+
+def test_eval_of_a_copied_checkpoint_uses_its_own_split_and_writes_beside_it(trained_run, tmp_path):
+    # before: the copy was scored on RESULTS_DIR/default/run_001/tts.json (another project's split,
+    # which may hold the checkpoint's own training images) and overwrote that run's eval files
+    other = tmp_path / "other_project"
+    decoy = other / "default" / "run_001"
+    decoy.mkdir(parents=True)
+    (decoy / "tts.json").write_text("decoy")
+    (other / "ckpts").mkdir()
+    copy = other / "ckpts" / "best.pth"
+    copy.write_bytes((trained_run / "best.pth").read_bytes())
+    originals = {p.name for p in trained_run.iterdir()}
+    run_cli("eval", f"RESULTS_DIR={other}", f"MODEL_WEIGHTS={other / 'ckpts' / 'best'}")
+    result = json.loads((other / "ckpts" / "eval_best.json").read_text())
+    split = json.loads((trained_run / "tts.json").read_text())
+    assert result["test_images"] == split["folds"][0]["test"]
+    assert (decoy / "tts.json").read_text() == "decoy" and {p.name for p in decoy.iterdir()} == {"tts.json"}
+    assert {p.name for p in trained_run.iterdir()} == originals
+
+
+def test_a_huge_learning_rate_stops_cleanly_and_leaves_no_half_made_run(tmp_path):
+    proc = run_cli(*TINY, "TRAIN_EPOCHS=1", "BASE_LR=1e6", f"RESULTS_DIR={tmp_path}", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "training diverged at step" in proc.stderr and "tiles [" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("run_*"))
+
+
+def test_a_refused_resume_leaves_config_yaml_as_it_was(trained_run, tmp_path):
+    copy = tmp_path / "smoke" / "run_001"
+    copy.mkdir(parents=True)
+    for p in trained_run.iterdir():
+        if p.is_file():
+            (copy / p.name).write_bytes(p.read_bytes())
+    before = (copy / "config.yaml").read_text()
+    epochs = json.loads((copy / "summary.json").read_text())["final"]["epoch"] + 1
+    common = [*TINY, f"RESULTS_DIR={tmp_path}", "EXP_ID=smoke", "RUN_ID=run_001"]
+    # a smaller TRAIN_EPOCHS silently trained nothing (and was recorded)
+    proc = run_cli(*common, f"TRAIN_EPOCHS={epochs - 1}", check=False)
+    assert proc.returncode == 2 and "resuming cannot shorten a run" in proc.stderr, proc.stderr
+    assert (copy / "config.yaml").read_text() == before
+    # a truncated last.pth was blamed on "another network or loss", after config.yaml was rewritten
+    data = (copy / "last.pth").read_bytes()
+    (copy / "last.pth").write_bytes(data[: len(data) // 2])
+    proc = run_cli(*common, f"TRAIN_EPOCHS={epochs + 1}", check=False)
+    assert proc.returncode == 2 and "cannot be read as a checkpoint" in proc.stderr, proc.stderr
+    assert "another network" not in proc.stderr and "Traceback" not in proc.stderr
+    assert (copy / "config.yaml").read_text() == before
+
+
+def test_a_run_folder_in_use_is_refused(trained_run):
+    lock = trained_run / ".lock"
+    lock.write_text(f"{os.getpid()}\n")  # this (live) process holds it
+    try:
+        proc = run_cli(*TINY, "TRAIN_EPOCHS=9", f"RESULTS_DIR={trained_run.parents[1]}", "EXP_ID=smoke",
+                       "RUN_ID=run_001", check=False)
+    finally:
+        lock.unlink()
+    assert proc.returncode == 2 and f"in use by another run (pid {os.getpid()}" in proc.stderr
+
+
+def test_a_busy_port_and_an_unwritable_results_dir_are_clean_errors(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli(*TINY, "CPU_PROCESSES=2", f"MASTER_PORT={port}", f"RESULTS_DIR={tmp_path / 'a'}", check=False)
+    assert proc.returncode == 2 and f"MASTER_PORT={port} is in use" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "a").rglob("*"))  # no config-only run folder left
+    (tmp_path / "file").write_text("not a folder")
+    proc = run_cli(*TINY, f"RESULTS_DIR={tmp_path / 'file' / 'runs'}", check=False)
+    assert proc.returncode == 2 and "cannot write the run folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_misleading_config_messages_are_fixed(trained_run, tmp_path):
+    proc = run_cli(*TINY, f"MODEL_WEIGHTS={trained_run}", "INPUT_SIZE=0", f"RESULTS_DIR={tmp_path}", check=False)
+    assert proc.returncode == 2
+    assert f"is a run folder, not a checkpoint: use '{trained_run / 'best'}'" in proc.stderr
+    assert "INPUT_SIZE=0 is out of range" in proc.stderr and "not divisible" not in proc.stderr

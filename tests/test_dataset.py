@@ -219,7 +219,9 @@ BAD_CASES = {
                  r"images/rgb.png: 3 channel\(s\), but INPUT_CHANNELS is 1"),
     "too small": (lambda r: _pair(r, "tiny", np.zeros((20, 40), np.uint8), np.zeros((20, 40), np.uint8)),
                   r"images/tiny.png: 40x20 pixels is smaller than INPUT_SIZE=32"),
-    "unsupported file": (lambda r: (r / "images" / "notes.txt").write_text("x"), r"images/notes.txt: not a supported image file"),
+    # issue #11: a broken link was called "not a supported image file"
+    "broken link": (lambda r: (r / "images" / "gone.png").symlink_to(r / "nowhere.png"),
+                    r"images/gone.png: a broken symbolic link \(to '.*nowhere.png', which does not exist\)"),
     "duplicate stem": (lambda r: (_good(r, "dup"), _write(r / "images" / "dup.tif", np.zeros((40, 40), np.uint8))),
                        r"images/dup.tif: same stem as images/dup.png"),
 }
@@ -607,7 +609,7 @@ def test_distributed_training_uses_a_distributed_sampler_with_set_epoch():
     assert _indices(loaders[0]) != a
 
 
-def test_workers_persist_and_are_seeded_differently_but_reproducibly():
+def test_training_workers_restart_each_epoch_and_are_seeded_differently_but_reproducibly():
     spec = [{"name": "GaussNoise", "p": 1, "std_range": [0.2, 0.2]}]
     data = _tiny_dataset(4, build_augmentation(spec, seed=0))
     data.tiles = [data.tiles[0]] * 4  # the same tile four times: differences come from the RNG
@@ -616,12 +618,18 @@ def test_workers_persist_and_are_seeded_differently_but_reproducibly():
     def images():
         loader = make_loader(data, batch_size=1, train=True, num_workers=2, seed=5, distributed=False,
                              pin_memory=False)
-        assert loader.persistent_workers
+        # issue #11: workers restart each epoch, from the generator the trainer reseeds per epoch
+        assert not loader.persistent_workers
         loader.sampler.set_epoch(0)
-        return {int(b["index"]): b["image"] for b in loader}
+        return {int(b["index"]): b["image"] for b in loader}, loader
 
-    first, second = images(), images()
+    (first, loader), (second, _) = images(), images()
     assert all(torch.equal(first[k], second[k]) for k in range(4))
+    loader.generator.manual_seed(77)  # what SegTrainer.seed_epoch does
+    again = {int(b["index"]): b["image"] for b in loader}
+    loader.generator.manual_seed(77)
+    assert all(torch.equal(again[k], b["image"]) for b in loader for k in [int(b["index"])])
+    assert not all(torch.equal(again[k], first[k]) for k in range(4))
     # indices 0..3 are spread over two workers; no two items share an augmentation draw
     assert len({first[k].sum().item() for k in range(4)}) == 4
 
@@ -637,3 +645,30 @@ def test_default_collate_gives_the_documented_batch(tmp_path):
     assert batch["id"][0] == f"{s.test_ids[0]}_y0000_x0000" and batch["id"][1] == f"{s.test_ids[0]}_y0000_x0032"
     assert float(batch["image"].min()) >= 0 and float(batch["image"].max()) <= 1
     assert os.path.isfile(tmp_path / "run" / "tts.json")
+
+
+def test_non_image_files_are_ignored_with_a_one_line_notice(tmp_path, capsys):
+    # issue #11: a README or notes.txt inside images/ blocked training
+    _good(tmp_path, "a")
+    _good(tmp_path, "b")
+    (tmp_path / "images" / "README").write_text("about these images")
+    (tmp_path / "images" / "notes.txt").write_text("x")
+    images = load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=16)
+    assert images.ids == ["a", "b"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ignoring 2 non-image entries in images/: README, notes.txt" in err
+
+
+def test_one_bad_mask_in_a_0_255_dataset_is_the_only_one_named(tmp_path):
+    # issue #11: the mask value error listed every mask (all hold 255) instead of the one bad file
+    rng = np.random.default_rng(0)
+    for stem in ("a", "b", "c"):
+        _pair(tmp_path, stem, rng.integers(0, 256, (40, 40), dtype=np.uint8), random_box(rng, 40, 40) * 255)
+    odd = random_box(rng, 40, 40) * 255
+    odd[0, 0] = 128
+    _pair(tmp_path, "d", rng.integers(0, 256, (40, 40), dtype=np.uint8), odd)
+    with pytest.raises(DatasetError) as err:
+        load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=16)
+    message = str(err.value)
+    assert "1 problem(s)" in message and "masks/d.png: mask value(s) 128 are neither 0 nor 255" in message
+    assert "a.png" not in message and "b.png" not in message

@@ -194,8 +194,6 @@ def test_resume_continues_after_the_last_epoch_with_the_optimiser_state(finished
     assert read_checkpoint(copy.last)["epoch"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the optimiser's saved lr (the old schedule's) is used for the first "
-                                       "step after resuming; LambdaLR.load_state_dict does not recompute it")
 def test_resume_with_more_epochs_stretches_the_decay_from_the_next_step(finished_run, new_trainer, tmp_path):
     # README: "A larger TRAIN_EPOCHS extends a finished run (the cosine decay is stretched from the
     # next step on)". The 2-epoch run ended at lr 0; its next step, 6 of 9, should use the 3-epoch decay.
@@ -208,6 +206,9 @@ def test_resume_with_more_epochs_stretches_the_decay_from_the_next_step(finished
     expected = cfg.BASE_LR * factor
     assert expected > 0
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    # issue #11 bug 7: the first new epoch logged lr 0.0000 (the finished schedule's last rate)
+    trainer.fit()
+    assert [json.loads(line) for line in copy.log.read_text().splitlines()][-1]["lr"] == pytest.approx(expected)
 
 
 # ----------------------------------------------------------------------------------- builders

@@ -29,7 +29,8 @@ Folder datasets, in short (details in :func:`load_folder`):
   values 0 and 255 the dataset is read as binary and 255 becomes class 1 (so the ISBI 2012 EM
   labels, 255 = cell interior, load as they are). Masks must be lossless: a JPEG mask has stray
   values and is reported as such;
-* dot-files (``.DS_Store``) are ignored; anything else that is not a supported image is an error.
+* dot-files (``.DS_Store``) are ignored, and so are other non-image files (a README) with a one-line
+  notice; a broken link is an error.
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ def build_datasets(
     augmentations: Optional[list[dict[str, Any]]],
     synthetic_images: int,
     synthetic_size: int,
+    test_ids: Optional[Sequence[str]] = None,
 ) -> Splits:
     """Load a dataset, split its images into folds and build the train/test tile datasets of ``fold``.
 
@@ -167,6 +169,8 @@ def build_datasets(
         tile_overlap: pixels shared by neighbouring tiles.
         augmentations: transforms for the training set (see :func:`build_augmentation`), or None.
         synthetic_images, synthetic_size: number and side of the generated images.
+        test_ids: the test images, given (a checkpoint's own split): ``split_file`` is then neither
+            read nor written, and every other image is a training image.
 
     Returns:
         :class:`Splits`.
@@ -209,10 +213,16 @@ def build_datasets(
             )
         images = load_folder(root, input_channels=input_channels, seg_classes=seg_classes, input_size=input_size)
 
-    folds = resolve_split(split_file, images.ids, seed=seed, k=k,
-                          source=source if source == "synthetic" else str(Path(source).resolve()),
-                          cross_validation=cross_validation)
-    test_ids = folds[fold]
+    if test_ids is None:
+        folds = resolve_split(split_file, images.ids, seed=seed, k=k,
+                              source=source if source == "synthetic" else str(Path(source).resolve()),
+                              cross_validation=cross_validation)
+        test_ids = folds[fold]
+    else:
+        unknown = sorted(set(test_ids) - set(images.ids))
+        if unknown:
+            raise DatasetError(f"{len(unknown)} test image(s) of the checkpoint's split are not in the dataset "
+                               f"({unknown[:5]}): give the DATASET_DIR it was trained on")
     held_out = set(test_ids)
     index = {image_id: i for i, image_id in enumerate(images.ids)}
     train_ids = [i for i in images.ids if i not in held_out]
@@ -306,8 +316,9 @@ def make_loader(
     distributed); both samplers have ``set_epoch``, which the trainer calls each epoch. The last
     batch is dropped only when it would hold a single tile (BatchNorm statistics of one sample
     are noise). Evaluation: in order; when distributed, rank ``r`` gets indices ``r::world`` with
-    no padding, so no sample is counted twice. Workers persist across epochs and are seeded from
-    ``seed`` and the rank.
+    no padding, so no sample is counted twice. Workers are seeded from the loader's ``generator``
+    (``seed`` and the rank; the trainer reseeds it each epoch); training workers restart each epoch
+    so that they take the new seed, evaluation workers persist.
 
     Args:
         dataset: a map-style dataset (e.g. :class:`TileDataset`).
@@ -359,7 +370,9 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=drop_last,
-        persistent_workers=num_workers > 0,
+        # Training workers start afresh each epoch from the loader's generator, which the trainer
+        # reseeds per epoch: a resumed run then draws the augmentations of an uninterrupted one.
+        persistent_workers=num_workers > 0 and not train,
         worker_init_fn=_seed_worker if num_workers > 0 else None,
         generator=generator,
     )

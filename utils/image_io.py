@@ -8,12 +8,14 @@
   values 0 and 255 the dataset is read as binary and 255 becomes class 1 (so the ISBI 2012 EM
   labels, 255 = cell interior, load as they are). Masks must be lossless: a JPEG mask has stray
   values and is reported as such;
-* dot-files (``.DS_Store``) are ignored; anything else that is not a supported image is an error.
+* dot-files (``.DS_Store``) are ignored, and so are other non-image files (a README) with a one-line
+  notice; a broken link is an error.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,18 +250,28 @@ def _memory_budget() -> int:
 
 
 def _list_folder(folder: Path, problems: list[str], root: Path) -> dict[str, Path]:
-    """Supported files of ``folder`` by stem; every other entry is a problem."""
+    """Supported files of ``folder`` by stem. Files and folders that are not images (a README,
+    notes.txt) are ignored with a one-line notice; a broken link or an unreadable image name is a problem."""
     found: dict[str, Path] = {}
+    ignored: list[str] = []
     for path in sorted(folder.iterdir()):
         rel = path.relative_to(root)
         if path.name.startswith("."):
             continue
-        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-            problems.append(f"{rel}: not a supported image file (use {', '.join(IMAGE_SUFFIXES)})")
+        if path.is_symlink() and not path.exists():
+            problems.append(f"{rel}: a broken symbolic link (to {os.readlink(path)!r}, which does not exist)")
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            ignored.append(path.name + ("/" if path.is_dir() else ""))
+        elif not path.is_file():
+            problems.append(f"{rel}: not a file (an image name on a {'folder' if path.is_dir() else 'special file'})")
         elif path.stem in found:
             problems.append(f"{rel}: same stem as {found[path.stem].relative_to(root)} (stems must be unique)")
         else:
             found[path.stem] = path
+    if ignored:
+        print(f"note: ignoring {len(ignored)} non-image entr{'y' if len(ignored) == 1 else 'ies'} in "
+              f"{folder.relative_to(root)}/: {', '.join(ignored[:5])}{', …' if len(ignored) > 5 else ''}",
+              file=sys.stderr)
     return found
 
 
@@ -359,9 +371,18 @@ def load_folder(root: Path, *, input_channels: int, seg_classes: int, input_size
         and all(set(u.tolist()) <= {0, 255} for _, u in raw_masks)
         and any(255 in u for _, u in raw_masks)
     )
+    # A 0/255 dataset with a few odd masks: name those masks only, not every mask holding 255.
+    binary = [set(u.tolist()) <= {0, 255} and 255 in u for _, u in raw_masks]
+    looks_255 = not map_255 and num_classes <= 255 and sum(binary) > len(binary) / 2
     saw_255 = False
-    for mpath, uniq in raw_masks:
+    for (mpath, uniq), is_binary in zip(raw_masks, binary):
         values = uniq.tolist()
+        if looks_255:
+            if not set(values) <= {0, 255}:
+                odd = ", ".join(str(v) for v in values if v not in (0, 255))
+                problems.append(f"{mpath.relative_to(root)}: mask value(s) {odd} are neither 0 nor 255 (the other "
+                                f"masks of this dataset are binary 0/255): fix this mask")
+            continue
         bad = [v for v in values if not 0 <= v < num_classes] if not map_255 else []
         if bad:
             saw_255 |= 255 in bad

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Mapping
 
 from tqdm import tqdm
+
+from utils.util import atomic_write_text
 
 
 class ConsoleLogger:
@@ -18,6 +21,9 @@ class ConsoleLogger:
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         parts = [f"{k} {_fmt(v)}" for k, v in metrics.items() if "/" not in k or k.startswith("loss/")]
         tqdm.write(f"[epoch {step:>3}] " + " | ".join(parts))
+
+    def rewind(self, history: list[Mapping[str, Any]]) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -36,6 +42,14 @@ class JsonLinesLogger:
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
 
+    def rewind(self, history: list[Mapping[str, Any]]) -> None:
+        """Make the file hold exactly ``history`` (the records of a checkpoint's epochs): a crash between
+        the checkpoint and the log line can otherwise leave an epoch twice, or not at all."""
+        self._fh.close()
+        atomic_write_text(self.path, "".join(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n"
+                                             for r in history))
+        self._fh = self.path.open("a")
+
     def close(self) -> None:
         self._fh.close()
 
@@ -49,11 +63,19 @@ class WandbLogger:
 
         mode = os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
         self._run = wandb.init(
-            project=project, name=name, config=config, dir=str(run_dir), mode=mode, reinit="finish_previous"
+            project=project, name=name, config=config, dir=str(run_dir), mode=mode, reinit="finish_previous",
+            id=wandb_run_id(Path(run_dir)), resume="allow",
         )
+        self._wandb = wandb
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         self._run.log(dict(metrics), step=step)
+
+    def rewind(self, history: list[Mapping[str, Any]]) -> None:
+        pass  # W&B keeps its own history; a resumed run logs from the next epoch on
+
+    def log_images(self, images: Mapping[str, Path], step: int) -> None:
+        self._run.log({name: self._wandb.Image(str(path)) for name, path in images.items()}, step=step)
 
     def close(self) -> None:
         self._run.finish()
@@ -68,6 +90,16 @@ class MultiLogger:
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         for logger in self.loggers:
             logger.log(metrics, step)
+
+    def rewind(self, history: list[Mapping[str, Any]]) -> None:
+        for logger in self.loggers:
+            logger.rewind(history)
+
+    def log_images(self, images: Mapping[str, Path], step: int) -> None:
+        """Send image files (the training curves, the overlays) to the loggers that take images."""
+        for logger in self.loggers:
+            if hasattr(logger, "log_images"):
+                logger.log_images(images, step)
 
     def close(self) -> None:
         for logger in self.loggers:
@@ -86,6 +118,17 @@ def build_loggers(
     if wandb:
         loggers.append(WandbLogger(project, name, config, Path(run_dir)))
     return MultiLogger(loggers)
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of a run folder, kept in ``wandb_id.txt`` so that a resumed run continues the
+    same W&B run (made and written on first use)."""
+    path = Path(run_dir) / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(8)
+    atomic_write_text(path, run_id + "\n")
+    return run_id
 
 
 def _has_wandb_key() -> bool:

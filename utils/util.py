@@ -102,7 +102,8 @@ def init_distributed(
     """Join the process group (NCCL on CUDA, gloo on CPU) when ``world_size > 1``.
 
     MASTER_ADDR / MASTER_PORT must already be in the environment. Each CPU process gets
-    cores / world_size threads so processes do not oversubscribe the machine.
+    cores / (processes on this machine) threads so processes do not oversubscribe it (the local
+    count: ``LOCAL_WORLD_SIZE`` under torchrun, else every process is local).
     """
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -112,7 +113,8 @@ def init_distributed(
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_processes, 1)))
     return DistContext(rank, world_size, local_rank, device)
 
 
