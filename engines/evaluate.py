@@ -131,15 +131,15 @@ def whole_image_line(report: dict[str, dict]) -> str:
 
 def evaluate_whole_images(predictor: Predictor, images: ImageSet, ids: list[str], metrics, ctx: DistContext,
                           seg_threshold: float) -> tuple[dict, list[dict]]:
-    """Predict whole images with ``predictor`` and score them: Dice, IoU and the surface distances on
-    the whole image (a tile's HD95 is capped by the tile), plus pixel accuracy and the tiles decoded.
+    """Predict whole images with ``predictor`` and score them: pixel accuracy, Dice, IoU and the
+    surface distances on the whole image (a tile's HD95 is capped by the tile), and the tiles decoded.
     Each rank takes its share of ``ids``; the summary is all-reduced (a collective call under DDP).
 
     Returns:
         (summary, per-image rows).
     """
     index = {image_id: i for i, image_id in enumerate(images.ids)}
-    totals = torch.zeros(5, dtype=torch.float64)  # correct pixels, pixels, tiles, decoded, seconds
+    totals = torch.zeros(3, dtype=torch.float64)  # tiles, decoded, seconds
     extra = {}
     for image_id in ids[ctx.rank::ctx.world_size]:
         raw, mask = images.get(index[image_id])
@@ -148,9 +148,8 @@ def evaluate_whole_images(predictor: Predictor, images: ImageSet, ids: list[str]
         pred = predictor.labels(probs, seg_threshold)
         metrics.update_labels(torch.from_numpy(pred)[None].to(ctx.device),
                               torch.from_numpy(mask.astype(np.int64))[None].to(ctx.device), ids=[image_id])
-        correct = int((pred == mask).sum())
-        totals += torch.tensor([correct, mask.size, stats.tiles, stats.decoded, stats.seconds], dtype=torch.float64)
-        extra[image_id] = {"ACC": correct / mask.size, **stats.as_dict()}
+        totals += torch.tensor([stats.tiles, stats.decoded, stats.seconds], dtype=torch.float64)
+        extra[image_id] = stats.as_dict()
     summary = metrics.compute()
     rows = metrics.gather_per_image()
     if ctx.distributed:
@@ -159,8 +158,8 @@ def evaluate_whole_images(predictor: Predictor, images: ImageSet, ids: list[str]
         gathered = [None] * ctx.world_size
         dist.all_gather_object(gathered, extra)
         extra = {k: v for part in gathered for k, v in part.items()}
-    correct, pixels, tiles, decoded, seconds = totals.tolist()
-    summary = {"ACC": correct / max(pixels, 1), **summary, "tiles": int(tiles), "decoded": int(decoded),
+    tiles, decoded, seconds = totals.tolist()
+    summary = {**summary, "tiles": int(tiles), "decoded": int(decoded),
                "gated_off_fraction": 1 - decoded / max(tiles, 1), "seconds": seconds}
     return summary, [{**row, **extra.get(row["id"], {})} for row in rows]
 

@@ -19,7 +19,7 @@ from utils.splits import num_folds
 from utils.util import DistContext, atomic_write_json, seed_everything
 
 #: The metrics of the results table, in order.
-TABLE_KEYS = ("DSC", "IoU", "TTR", "ASD", "AD", "HD95", "D95", "CMA", "loss")
+TABLE_KEYS = ("ACC", "DSC", "IoU", "TTR", "ASD", "AD", "HD95", "D95", "CMA", "loss")
 
 
 def choose_run(cfg: Config) -> RunDir:

@@ -16,6 +16,15 @@ Conventions
 * Classification (the tile classifier): logits (B, J); J = 1 is sigmoid with ``cls_threshold``,
   J >= 2 is argmax. ``TTR`` is the accuracy, correct / total over the whole evaluation set.
 
+Pixel accuracy
+--------------
+``ACC = correct pixels / pixels`` over every label class (background included, whatever
+``include_background`` says), summed over the whole evaluation set and all ranks before the
+ratio is taken. A pixel is correct when its predicted label equals the target label, i.e. the
+correct pixels are the trace of the confusion matrix, ``sum_c tp_c`` over all label classes. It is
+reported (``ACC``, and per image) but is not a model-selection metric: on sparse scenes it rewards
+predicting background everywhere.
+
 Dice and IoU
 ------------
 True/false positives and false negatives are summed per class over the whole evaluation set (and
@@ -480,7 +489,7 @@ def _segment_stats(
 class SegmentationMetrics:
     """Accumulates segmentation (and tile-classification) statistics over an evaluation set.
 
-    Per batch, :meth:`update` adds per-class tp/fp/fn, per-class sums and counts of the four
+    Per batch, :meth:`update` adds per-class tp/fp/fn, correctly labelled and total pixels, per-class sums and counts of the four
     surface distances (and of distance / diagonal, for CMA), and classification correct/total;
     :meth:`compute` all-reduces these sums over ``torch.distributed`` (when initialised) and
     returns every metric once. Definitions are in the module docstring.
@@ -567,6 +576,7 @@ class SegmentationMetrics:
                 "score_sum": z(len(DISTANCE_METRICS), c),
                 "dist_count": z(c),
                 "cls": z(2),  # correct, total
+                "pixels": z(2),  # correctly labelled, total
                 "images": z(1),
             }  # fmt: skip
         return self._sums
@@ -682,7 +692,12 @@ class SegmentationMetrics:
         s["fp"] += fp.sum(0).to(dev, torch.float64)
         s["fn"] += fn.sum(0).to(dev, torch.float64)
         s["images"] += pred.shape[0]
-        row = {"ids": ids, "dsc": _ratio(2 * tp, 2 * tp + fp + fn), "iou": _ratio(tp, tp + fp + fn)}
+        # Trace of the confusion matrix over *all* label classes (not only the evaluated ones).
+        correct = (pred == target).sum(dim=(-2, -1))
+        s["pixels"] += torch.stack([correct.sum(), torch.tensor(target.numel(), device=correct.device)]).to(
+            dev, torch.float64)
+        row = {"ids": ids, "dsc": _ratio(2 * tp, 2 * tp + fp + fn), "iou": _ratio(tp, tp + fp + fn),
+               "acc": correct.double() / (pred.shape[-2] * pred.shape[-1])}
         if self.distance_metrics:
             *d, both_empty = _distances_from_masks(p, t, self.spacing, self.backend)
             d = torch.stack(d).to(dev)  # (4, B, C)
@@ -719,7 +734,7 @@ class SegmentationMetrics:
         """Every metric over all updates (and all DDP ranks): a collective call under DDP.
 
         Returns:
-            ``{name: value}`` with ``DSC``, ``IoU`` (and ``DSC/<c>``, ``IoU/<c>`` per class);
+            ``{name: value}`` with ``ACC`` (pixel accuracy), ``DSC``, ``IoU`` (and ``DSC/<c>``, ``IoU/<c>`` per class);
             ``ASD``, ``AD``, ``HD95``, ``D95`` (and per class) when ``distance_metrics``;
             ``TTR`` when classification was given in any update; ``CMA`` when
             ``cma_coefficients`` was given. Plain floats, never NaN or inf.
@@ -733,6 +748,8 @@ class SegmentationMetrics:
             raise RuntimeError("SegmentationMetrics.compute() called before any image was counted")
         res: dict[str, float] = {}
         scores: dict[str, float] = {}
+        correct_px, pixels = s["pixels"].tolist()
+        res["ACC"] = correct_px / pixels if pixels > 0 else 1.0
         dsc = _ratio(2 * s["tp"], 2 * s["tp"] + s["fp"] + s["fn"])
         iou = _ratio(s["tp"], s["tp"] + s["fp"] + s["fn"])
         for name, per_class in (("DSC", dsc), ("IoU", iou)):
@@ -762,19 +779,19 @@ class SegmentationMetrics:
         """One row per counted image on this process, for a CSV.
 
         Returns:
-            Dicts with ``id``, ``DSC/<c>``, ``IoU/<c>``, the four distances per class when
+            Dicts with ``id``, ``ACC``, ``DSC/<c>``, ``IoU/<c>``, the four distances per class when
             ``distance_metrics`` (NaN where prediction and target are both empty), and
             ``cls_pred``, ``cls_target``, ``TTR`` (1.0 correct / 0.0 wrong) when classification
             was given for that batch.
         """
         rows: list[dict[str, Any]] = []
         for batch in self._rows:
-            dsc, iou = batch["dsc"].tolist(), batch["iou"].tolist()
+            dsc, iou, acc = batch["dsc"].tolist(), batch["iou"].tolist(), batch["acc"].tolist()
             dists = batch["dist"].tolist() if "dist" in batch else None
             cls_p = batch["cls_pred"].tolist() if "cls_pred" in batch else None
             cls_t = batch["cls_target"].tolist() if "cls_pred" in batch else None
             for b, image_id in enumerate(batch["ids"]):
-                row: dict[str, Any] = {"id": image_id}
+                row: dict[str, Any] = {"id": image_id, "ACC": acc[b]}
                 for k, c in enumerate(self.classes):
                     row[f"DSC/{c}"], row[f"IoU/{c}"] = dsc[b][k], iou[b][k]
                 if dists is not None:

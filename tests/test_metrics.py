@@ -201,6 +201,37 @@ def test_confusion_counts_and_dice_iou_by_hand():
     assert not any(name in res for name in DISTANCE_METRICS) and "TTR" not in res
 
 
+def test_pixel_accuracy_by_hand_counts_every_label_class():
+    # 9 pixels, 6 correct ((0,0), (1,0), (1,1) and the background at (0,2), (2,0), (2,1)): the
+    # background counts though it is not an evaluated class, whatever include_background says.
+    pred = torch.tensor([[[1, 1, 0], [2, 2, 0], [0, 0, 0]]])
+    target = torch.tensor([[[1, 0, 0], [2, 2, 2], [0, 0, 1]]])
+    for include_background in (False, True):
+        m = SegmentationMetrics(3, distance_metrics=False, include_background=include_background)
+        m.update_labels(pred, target)
+        assert m.compute()["ACC"] == pytest.approx(6 / 9)
+        assert m.per_image()[0]["ACC"] == pytest.approx(6 / 9)
+    # binary: the correct pixels are tp + tn
+    m = SegmentationMetrics(1, distance_metrics=False)
+    m.update_labels(torch.tensor([[[1, 0], [0, 0]]]), torch.tensor([[[1, 1], [0, 0]]]))
+    assert m.compute()["ACC"] == pytest.approx(3 / 4)
+
+
+def test_pixel_accuracy_is_pooled_over_batches_and_matches_numpy():
+    rng = np.random.default_rng(5)
+    preds = [random_labels(rng, b, 4, 17, 23) for b in (3, 1, 2)]
+    targets = [random_labels(rng, b, 4, 17, 23) for b in (3, 1, 2)]
+    m = SegmentationMetrics(4, distance_metrics=False)
+    for p, t in zip(preds, targets):
+        m.update_labels(p, t)
+    p_all, t_all = torch.cat(preds).numpy(), torch.cat(targets).numpy()
+    assert m.compute()["ACC"] == pytest.approx(np.mean(p_all == t_all), rel=1e-12)
+    np.testing.assert_allclose([r["ACC"] for r in m.per_image()], (p_all == t_all).mean(axis=(1, 2)), rtol=1e-12)
+    # the trace of the confusion matrix over all label classes
+    tp, _, _ = confusion_counts(torch.cat(preds), torch.cat(targets), 4, include_background=True)
+    assert m.compute()["ACC"] == pytest.approx(tp.sum().item() / p_all.size, rel=1e-12)
+
+
 def test_dice_is_pooled_over_the_set_not_averaged_per_batch():
     a_pred = torch.tensor([[[1, 0, 0, 0]]])  # tp 1
     a_tgt = torch.tensor([[[1, 0, 0, 0]]])

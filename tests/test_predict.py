@@ -257,3 +257,48 @@ def test_gating_decodes_the_windows_that_overlap_a_boundary_cell_and_the_cells_n
     assert len(decoded_at) == 16
     labels = predictor.labels(probs)
     assert labels[:96, :96].all() and not labels[96:].any() and not labels[:, 96:].any()
+
+
+def test_whole_image_evaluation_scores_the_whole_images_against_numpy_and_monai():
+    """Pixel accuracy, Dice and IoU from NumPy, HD95 from MONAI, on the whole predicted images (not
+    capped by the tile: an object missed far away counts at its real distance)."""
+    import warnings
+
+    from monai.metrics import compute_hausdorff_distance
+
+    from engines.evaluate import evaluate_whole_images
+    from model.metrics import SegmentationMetrics
+    from utils.image_io import ImageEntry, ImageSet
+    from utils.util import DistContext
+
+    net = tiny_net(seed=8)
+    rng = np.random.default_rng(9)
+    arrays, entries = [], []
+    for k, (h, w) in enumerate([(96, 120), (70, 64)]):
+        image = (rng.random((h, w, 1)) * 255).astype(np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        mask[10:40, 15:60] = 1
+        mask[h - 8:, w - 6:] = 1  # a far corner: a whole-image distance, beyond a 32-px tile
+        arrays.append((image, mask))
+        entries.append(ImageEntry(f"img{k}", h, w, 1, 0.0, 255.0))
+    predictor = Predictor(net, tile=32, overlap=16, batch_size=4, device=CPU)
+    summary, rows = evaluate_whole_images(predictor, ImageSet(entries, arrays), ["img0", "img1"],
+                                          SegmentationMetrics(1), DistContext(), 0.5)
+    preds = [predictor.labels(predictor.predict_array(ArrayImage(a[0], 0.0, 255.0))[0]) for a in arrays]
+    masks = [a[1] for a in arrays]
+    correct = sum(int((p == m).sum()) for p, m in zip(preds, masks))
+    assert summary["ACC"] == pytest.approx(correct / sum(m.size for m in masks), rel=1e-12)
+    tp = sum(int(((p == 1) & (m == 1)).sum()) for p, m in zip(preds, masks))
+    fp = sum(int(((p == 1) & (m == 0)).sum()) for p, m in zip(preds, masks))
+    fn = sum(int(((p == 0) & (m == 1)).sum()) for p, m in zip(preds, masks))
+    assert summary["DSC"] == pytest.approx(2 * tp / (2 * tp + fp + fn), rel=1e-9)
+    assert summary["IoU"] == pytest.approx(tp / (tp + fp + fn), rel=1e-9)
+    for row, p, m in zip(rows, preds, masks):
+        assert row["ACC"] == pytest.approx(float((p == m).mean()), rel=1e-12)
+        assert row["tiles"] == len(window_starts(max(m.shape[0], 32), 32, 16)) * len(window_starts(max(m.shape[1], 32), 32, 16))
+        if p.any():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = compute_hausdorff_distance(torch.from_numpy(p)[None, None].float(),
+                                                 torch.from_numpy(m)[None, None].float(), percentile=95)
+            assert row["HD95/1"] == pytest.approx(float(ref), abs=1e-3)

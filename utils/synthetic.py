@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import warnings
+import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from utils.image_io import ImageEntry, ImageSet
-from utils.util import atomic_write
+from utils.util import atomic_write, atomic_write_json
 
 # Bump when the synthetic generator changes, so stale caches are not reused.
 SYNTHETIC_VERSION = 1
@@ -19,10 +20,10 @@ SYNTHETIC_CLASSES = {"background": 0, "line": 1, "ellipse": 2}
 
 
 def _draw_ellipse(scene, classes, cy, cx, a, b, theta, level, label) -> None:
-    size = scene.shape[0]
+    height, width = scene.shape[:2]
     r = int(math.ceil(max(a, b)))
-    y0, y1 = max(0, int(cy) - r - 1), min(size, int(cy) + r + 2)
-    x0, x1 = max(0, int(cx) - r - 1), min(size, int(cx) + r + 2)
+    y0, y1 = max(0, int(cy) - r - 1), min(height, int(cy) + r + 2)
+    x0, x1 = max(0, int(cx) - r - 1), min(width, int(cx) + r + 2)
     if y0 >= y1 or x0 >= x1:
         return
     yy, xx = np.mgrid[y0:y1, x0:x1]
@@ -34,12 +35,12 @@ def _draw_ellipse(scene, classes, cy, cx, a, b, theta, level, label) -> None:
 
 
 def _draw_line(scene, classes, cy, cx, length, theta, width, level, label) -> None:
-    size = scene.shape[0]
+    height, img_width = scene.shape[:2]
     hy, hx = math.sin(theta) * length / 2, math.cos(theta) * length / 2
     py, px, qy, qx = cy - hy, cx - hx, cy + hy, cx + hx
     margin = width / 2 + 1
-    y0, y1 = max(0, int(min(py, qy) - margin)), min(size, int(max(py, qy) + margin) + 1)
-    x0, x1 = max(0, int(min(px, qx) - margin)), min(size, int(max(px, qx) + margin) + 1)
+    y0, y1 = max(0, int(min(py, qy) - margin)), min(height, int(max(py, qy) + margin) + 1)
+    x0, x1 = max(0, int(min(px, qx) - margin)), min(img_width, int(max(px, qx) + margin) + 1)
     if y0 >= y1 or x0 >= x1:
         return
     yy, xx = np.mgrid[y0:y1, x0:x1]
@@ -162,3 +163,190 @@ def load_synthetic(
 
 
 # ---------------------------------------------------------------------------------------------
+
+# Generated folder datasets: the benchmark tasks of bench/reproduce.py, written as DATASET_DIR
+# folders (images/ and masks/, same stems; masks hold class indices) so that any configuration can
+# point at them. Each generator is deterministic in (its version, seed, arguments).
+
+#: Bump when a folder-dataset generator changes; the version is part of the manifest.
+FOLDER_DATASETS_VERSION = 1
+LINES_ELLIPSES_CLASSES = {"background": 0, "line": 1, "ellipse": 2}
+
+
+def generate_lines_ellipses(
+    seed: int, num_images: int, height: int = 200, width: int = 400
+) -> tuple[np.ndarray, np.ndarray]:
+    """Three-class scenes of the published multi-class U-Net benchmark: randomly oriented lines and
+    ellipses of varying gray level on Gaussian noise.
+
+    Each image holds 3-8 lines (20-200 px long, 2-5 px thick) and 2-6 ellipses (semi-axes 8-40 px,
+    any orientation), each with its own gray level in [0.45, 1.0] (later objects cover earlier
+    ones), on a background of 0.1-0.3 with Gaussian noise of sigma 0.08-0.15.
+
+    Args:
+        seed: the same seed always gives the same arrays.
+        num_images: images to generate.
+        height, width: image size (the benchmark's 400x200 images: height 200, width 400).
+
+    Returns:
+        ``images`` uint8 (N, height, width) and ``classes`` uint8 (N, height, width) with
+        0 = background, 1 = line, 2 = ellipse.
+
+    Raises:
+        ValueError: a size or count below 1.
+    """
+    if num_images < 1 or height < 1 or width < 1:
+        raise ValueError(f"num_images={num_images}, height={height} and width={width} must all be >= 1")
+    rng = np.random.default_rng([FOLDER_DATASETS_VERSION, 2, seed])
+    images = np.empty((num_images, height, width), np.uint8)
+    classes = np.zeros((num_images, height, width), np.uint8)
+    for n in range(num_images):
+        scene = np.full((height, width), rng.uniform(0.1, 0.3), np.float32)
+        objects = ["line"] * int(rng.integers(3, 9)) + ["ellipse"] * int(rng.integers(2, 7))
+        for kind in rng.permutation(objects):
+            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+            level = rng.uniform(0.45, 1.0)
+            if kind == "line":
+                _draw_line(scene, classes[n], cy, cx, rng.uniform(20, 200), rng.uniform(0, math.pi),
+                           rng.uniform(2, 5), level, LINES_ELLIPSES_CLASSES["line"])
+            else:
+                a = rng.uniform(8, 40)
+                _draw_ellipse(scene, classes[n], cy, cx, a, a * rng.uniform(0.4, 1.0), rng.uniform(0, math.pi),
+                              level, LINES_ELLIPSES_CLASSES["ellipse"])
+        noisy = scene + rng.normal(0, rng.uniform(0.08, 0.15), scene.shape).astype(np.float32)
+        images[n] = np.clip(np.rint(noisy * 255), 0, 255)
+    return images, classes
+
+
+def _cell_cluster(rng, scene, mask, cy, cx, radius, background) -> None:
+    """Touching cells: ellipses on a jittered hexagonal grid inside a disc, separated by 1-3 px gaps
+    of background (the membranes a boundary-aware loss must keep open)."""
+    r_cell = rng.uniform(7, 12)
+    gap = rng.uniform(1.0, 3.0)
+    pitch = 2 * r_cell + gap
+    rows = int(radius // (pitch * 0.866)) + 1
+    for i in range(-rows, rows + 1):
+        for j in range(-rows - 1, rows + 2):
+            y = cy + i * pitch * 0.866
+            x = cx + (j + 0.5 * (i % 2)) * pitch
+            if (y - cy) ** 2 + (x - cx) ** 2 > radius**2 or rng.random() < 0.1:
+                continue  # a ragged cluster edge and a few holes
+            a = r_cell * rng.uniform(0.85, 1.0)
+            _draw_ellipse(scene, mask, y + rng.normal(0, 0.5), x + rng.normal(0, 0.5), a, a * rng.uniform(0.8, 1.0),
+                          rng.uniform(0, math.pi), background + rng.uniform(0.12, 0.22), 1)
+
+
+def generate_hard_boundaries(seed: int, num_images: int, size: int = 768) -> tuple[np.ndarray, np.ndarray]:
+    """Binary scenes where the boundary is the hard part: thin and touching structures at low
+    contrast in large, mostly empty scenes.
+
+    Each image has 1-2 sites (placed away from the border), each holding a cluster of touching
+    cells (radius 7-12 px, 1-3 px background gaps between neighbours, cluster radius 50-90 px)
+    and 3-6 thin lines (1.5-3 px thick, 40-160 px long) around it. Objects are 0.12-0.22 brighter
+    than a background of 0.3-0.5 with a gentle ramp and smooth clutter; the scene is blurred
+    (sigma 1 px) and gets Gaussian noise of sigma 0.07-0.10, so a 1 px gap is barely visible.
+    At ``size`` 768 about 80 % of the 128-px tiles hold a single class.
+
+    Args:
+        seed: the same seed always gives the same arrays.
+        num_images: images to generate.
+        size: side length of each square image (>= 256).
+
+    Returns:
+        ``images`` uint8 (N, size, size) and ``masks`` uint8 (N, size, size) with 0 = background,
+        1 = object.
+
+    Raises:
+        ValueError: ``num_images`` < 1 or ``size`` < 256.
+    """
+    if num_images < 1 or size < 256:
+        raise ValueError(f"num_images={num_images} must be >= 1 and size={size} >= 256")
+    rng = np.random.default_rng([FOLDER_DATASETS_VERSION, 3, seed])
+    images = np.empty((num_images, size, size), np.uint8)
+    masks = np.zeros((num_images, size, size), np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for n in range(num_images):
+        background = rng.uniform(0.3, 0.5)
+        angle = rng.uniform(0, 2 * math.pi)
+        scene = (background + 0.08 * (math.cos(angle) * xx + math.sin(angle) * yy - 0.5)).astype(np.float32)
+        scene += cv2.resize(rng.normal(0, 0.03, (7, 7)).astype(np.float32), (size, size),
+                            interpolation=cv2.INTER_CUBIC)
+        for _ in range(int(rng.integers(1, 3))):
+            cy, cx = rng.uniform(0.2 * size, 0.8 * size, 2)
+            radius = rng.uniform(50, 90)
+            _cell_cluster(rng, scene, masks[n], cy, cx, radius, background)
+            for _ in range(int(rng.integers(3, 7))):
+                angle_l = rng.uniform(0, 2 * math.pi)
+                dist = radius + rng.uniform(15, 60)
+                _draw_line(scene, masks[n], cy + dist * math.sin(angle_l), cx + dist * math.cos(angle_l),
+                           rng.uniform(40, 160), rng.uniform(0, math.pi), rng.uniform(1.5, 3.0),
+                           background + rng.uniform(0.12, 0.22), 1)
+        scene = cv2.GaussianBlur(scene, (0, 0), 1.0)
+        noisy = scene + rng.normal(0, rng.uniform(0.07, 0.10), scene.shape).astype(np.float32)
+        images[n] = np.clip(np.rint(noisy * 255), 0, 255)
+    return images, masks
+
+
+#: The generated folder datasets by name: generator and its keyword arguments.
+FOLDER_DATASETS: dict[str, tuple] = {
+    "lines_ellipses": (generate_lines_ellipses, {"num_images": 60, "height": 200, "width": 400}),
+    "hard_boundaries": (generate_hard_boundaries, {"num_images": 12, "size": 768}),
+    "smoke": (generate_hard_boundaries, {"num_images": 4, "size": 256}),
+}
+
+
+def single_class_fraction(masks: np.ndarray, tile: int) -> float:
+    """Fraction of the non-overlapping ``tile``-sized tiles of (N, H, W) ``masks`` that hold one class."""
+    n, h, w = masks.shape
+    single = total = 0
+    for y in range(0, h - tile + 1, tile):
+        for x in range(0, w - tile + 1, tile):
+            t = masks[:, y:y + tile, x:x + tile].reshape(n, -1)
+            single += int((t.min(axis=1) == t.max(axis=1)).sum())
+            total += n
+    return single / max(total, 1)
+
+
+def write_folder_dataset(folder: Path, images: np.ndarray, masks: np.ndarray, manifest: dict) -> None:
+    """Write ``images/NNN.png`` and ``masks/NNN.png`` (class indices, 8-bit) and ``manifest.json``.
+
+    The manifest is written last, so a folder with a manifest is complete.
+    """
+    folder = Path(folder)
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    width = max(3, len(str(len(images) - 1)))
+    for n, (image, mask) in enumerate(zip(images, masks)):
+        stem = f"{n:0{width}d}"
+        for sub, array in (("images", image), ("masks", mask)):
+            ok, data = cv2.imencode(".png", array)
+            if not ok:
+                raise OSError(f"could not encode {folder / sub / stem}.png")
+            atomic_write(folder / sub / f"{stem}.png", lambda fh, d=data: fh.write(d.tobytes()))
+    atomic_write_json(folder / "manifest.json", manifest)
+
+
+def ensure_folder_dataset(folder: Path, name: str, seed: int = 0) -> Path:
+    """The generated dataset ``name`` (a key of :data:`FOLDER_DATASETS`) in ``folder``, written
+    there first if it is missing.
+
+    Raises:
+        ValueError: an unknown ``name`` (the valid names are listed), or a folder that holds a
+            different dataset (its manifest differs; delete the folder to regenerate it).
+    """
+    if name not in FOLDER_DATASETS:
+        raise ValueError(f"unknown generated dataset {name!r}; valid names: {sorted(FOLDER_DATASETS)}")
+    generator, kwargs = FOLDER_DATASETS[name]
+    manifest = {"name": name, "generator": generator.__name__, "version": FOLDER_DATASETS_VERSION,
+                "seed": seed, **kwargs}
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != manifest:
+            raise ValueError(f"{folder} holds a different dataset ({found}, wanted {manifest}): delete it to "
+                             "regenerate")
+        return folder
+    images, masks = generator(seed, **kwargs)
+    write_folder_dataset(folder, images, masks, manifest)
+    return folder

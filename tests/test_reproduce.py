@@ -1,0 +1,72 @@
+"""Tests for bench/reproduce.py: the experiment files, the fixed splits, and one end-to-end smoke
+run of the script (tiny generated data, one epoch) with its results table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import reproduce  # noqa: E402
+from configs import load_config  # noqa: E402
+from utils.splits import resolve_split  # noqa: E402
+from utils.synthetic import ensure_folder_dataset  # noqa: E402
+
+
+def test_every_experiment_file_is_registered_and_a_valid_configuration(tmp_path):
+    files = {p.stem for p in reproduce.CONFIG_DIR.glob("*.yaml")}
+    assert files == set(reproduce.EXPERIMENTS)
+    for table in reproduce.TABLES.values():
+        assert set(table["rows"]) <= set(reproduce.EXPERIMENTS)
+    data = ensure_folder_dataset(tmp_path / "smoke", "smoke")
+    for name, exp in reproduce.EXPERIMENTS.items():
+        overrides = [f"DATASET_DIR={data}"] if reproduce.dataset_dir(name, reproduce.Options())[1] else []
+        if exp.after:
+            (tmp_path / "w.pth").touch()  # the validator checks that the file exists
+            overrides.append(f"MODEL_WEIGHTS={tmp_path / 'w.pth'}")
+        cfg = load_config(reproduce.CONFIG_DIR / f"{name}.yaml", overrides)
+        assert cfg.EXP_ID == name and not cfg.SAVE_MODEL  # no model selection on the test split
+        assert exp.seeds == (42,) or exp.seeds == reproduce.MULTI_SEEDS
+
+
+def test_fixed_split_is_fold_zero_and_reused_by_main(tmp_path):
+    opts = reproduce.Options(results_dir=str(tmp_path), data_root=str(tmp_path / "data"))
+    data = ensure_folder_dataset(tmp_path / "data" / "smoke", "smoke")
+    folder = tmp_path / "run"
+    reproduce.write_split(folder, "smoke", 42, opts)
+    ids = sorted(p.stem for p in (data / "images").iterdir())
+    folds = resolve_split(folder / "tts.json", ids, seed=42, k=2, source=str(data), cross_validation=False)
+    assert folds[0] == ["002", "003"] and folds[1] == ["000", "001"]
+    assert "27" in reproduce.ISBI_TEST and len(reproduce.ISBI_TEST) == 3
+
+
+def test_dry_run_prints_the_commands_and_bad_names_fail(capsys):
+    assert reproduce.main(["--dry-run", "staged_c"]) == 0
+    out = capsys.readouterr().out
+    assert "configs/experiments/staged_c.yaml SEED=42 RUN_ID=seed42 MODEL_WEIGHTS=saved/reproduce/staged_ed/" in out
+    assert reproduce.main(["nope"]) == 2
+    assert "unknown experiment(s) ['nope']" in capsys.readouterr().err
+
+
+def test_smoke_run_end_to_end_writes_the_table(tmp_path):
+    cmd = [sys.executable, "bench/reproduce.py", "--results-dir", str(tmp_path), "--data-root",
+           str(tmp_path / "data"), "--epochs", "1", "smoke"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = tmp_path / "smoke" / "seed42_e1"
+    record = json.loads((run / "reproduce.json").read_text())
+    assert record["command"].startswith("python main.py --config configs/experiments/smoke.yaml SEED=42")
+    assert record["wall_s"] > 0 and "cores" in record["machine"] and record["commit"]
+    assert json.loads((run / "tts.json").read_text())["folds"][0]["test"] == ["002", "003"]
+    table = (tmp_path / "results.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| pipeline check"))
+    assert "min |" in row and "`python main.py --config configs/experiments/smoke.yaml" in row
+    assert "Machine:" in table and "Commit:" in table
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "reusing" in again.stdout  # a finished run is not retrained

@@ -1,0 +1,69 @@
+"""Tests for the generated folder datasets of utils/synthetic.py (the benchmark tasks of
+bench/reproduce.py): shapes, classes, determinism, sparsity, and that the written folder loads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from utils.image_io import load_folder
+from utils.synthetic import (
+    FOLDER_DATASETS,
+    ensure_folder_dataset,
+    generate_hard_boundaries,
+    generate_lines_ellipses,
+    single_class_fraction,
+)
+
+
+def test_lines_ellipses_shapes_classes_and_determinism():
+    images, classes = generate_lines_ellipses(7, 3, height=200, width=400)
+    assert images.shape == classes.shape == (3, 200, 400)
+    assert images.dtype == classes.dtype == np.uint8
+    for n in range(3):
+        assert set(np.unique(classes[n])) == {0, 1, 2}  # background, lines and ellipses in every image
+    again = generate_lines_ellipses(7, 3, height=200, width=400)
+    assert np.array_equal(images, again[0]) and np.array_equal(classes, again[1])
+    assert not np.array_equal(classes, generate_lines_ellipses(8, 3, height=200, width=400)[1])
+    # objects are brighter than the noisy background on average
+    assert images[classes > 0].mean() > images[classes == 0].mean() + 50
+
+
+def test_hard_boundaries_are_sparse_thin_and_touching():
+    _, kwargs = FOLDER_DATASETS["hard_boundaries"]
+    images, masks = generate_hard_boundaries(0, **kwargs)
+    assert images.shape == masks.shape == (kwargs["num_images"], kwargs["size"], kwargs["size"])
+    assert set(np.unique(masks)) == {0, 1}
+    assert single_class_fraction(masks, 128) >= 0.7  # large sparse scenes
+    fg = masks.astype(bool)
+    # thin gaps between touching cells: background pixels with foreground within 1 px on both sides
+    gap = ~fg[:, 1:-1, 2:-2] & fg[:, 1:-1, :-4] & fg[:, 1:-1, 4:]
+    assert gap.sum() > 100
+    # low contrast: the object/background step is about two noise sigmas or less
+    step = images[fg].mean() - images[~fg].mean()
+    assert 0 < step < 0.25 * 255
+    with pytest.raises(ValueError, match="size=100"):
+        generate_hard_boundaries(0, 1, size=100)
+
+
+def test_single_class_fraction_by_hand():
+    masks = np.zeros((1, 4, 4), np.uint8)
+    masks[0, 0, 0] = 1  # only the top-left 2x2 tile holds two classes
+    assert single_class_fraction(masks, 2) == pytest.approx(3 / 4)
+
+
+def test_ensure_folder_dataset_writes_a_loadable_folder_once(tmp_path):
+    folder = ensure_folder_dataset(tmp_path / "smoke", "smoke", seed=0)
+    _, kwargs = FOLDER_DATASETS["smoke"]
+    images = load_folder(folder, input_channels=1, seg_classes=1, input_size=64)
+    assert len(images) == kwargs["num_images"]
+    image, mask = images.get(0)
+    expected_images, expected_masks = generate_hard_boundaries(0, **kwargs)
+    assert np.array_equal(image[..., 0], expected_images[0]) and np.array_equal(mask, expected_masks[0])
+    stamp = (folder / "images" / "000.png").stat().st_mtime_ns
+    ensure_folder_dataset(folder, "smoke", seed=0)  # present: not rewritten
+    assert (folder / "images" / "000.png").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="different dataset"):
+        ensure_folder_dataset(folder, "smoke", seed=1)
+    with pytest.raises(ValueError, match="valid names"):
+        ensure_folder_dataset(tmp_path / "x", "lines")
