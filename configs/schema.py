@@ -84,7 +84,7 @@ class Config:
     BASE_LR: float = opt(3e-3, "learning rate reached at the end of the warm-up, then cosine decay to 0")
     L2_DECAY: float = opt(1e-4, "AdamW weight decay (not applied to learnable loss weights)")
     WARMUP_EPOCHS: int = opt(1, "linear warm-up epochs (0 = none)")
-    TRAIN_EPOCHS: int = opt(14, "epochs after the warm-up")
+    TRAIN_EPOCHS: int = opt(11, "epochs after the warm-up")
     GRAD_CLIP: Optional[float] = opt(None, "max gradient norm per step (null = no clipping)")
     EARLY_STOPPING: Optional[int] = opt(None, "stop after this many epochs without a better EVAL_METRIC (null = never)")
     MIXED_PRECISION: Literal["auto", "bf16", "fp16", "none"] = opt(
