@@ -39,14 +39,27 @@ def precision_of(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
 
 def memory_format_of(cfg: Config, device: torch.device) -> tuple[bool, str]:
     """Whether CHANNELS_LAST resolves to channels_last on ``device``, and why (see
-    :func:`utils.hardware.resolve_channels_last`). A timed decision is rank 0's under DDP, so that
-    every rank trains alike."""
+    :func:`utils.hardware.resolve_channels_last`).
+
+    Resolved once per process and setting; under DDP the first call is a collective one (every
+    rank calls it while building the trainer or the evaluation), and an ``auto`` or ``measure``
+    decision is rank 0's, so that every rank trains alike. Later calls (also main-rank-only ones,
+    such as the run's first line) return the same answer without timing or communicating again.
+    """
     precision = resolve_precision(cfg.MIXED_PRECISION, device)[0]
     shape = (cfg.BATCH_SIZE, cfg.INPUT_CHANNELS, cfg.INPUT_SIZE, cfg.INPUT_SIZE)
-    decision = [resolve_channels_last(cfg.CHANNELS_LAST, device, lambda: _bare_model(cfg), shape, precision)]
-    if cfg.CHANNELS_LAST == "measure" and dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(decision, src=0)
-    return decision[0]
+    key = (cfg.CHANNELS_LAST, str(device), precision, shape, cfg.SEG_CLASSES, cfg.has_head and cfg.CLS_CLASSES,
+           cfg.UNET_DEPTH, cfg.CONV_DEPTH)
+    if key not in _MEMORY_FORMATS:
+        decision = [resolve_channels_last(cfg.CHANNELS_LAST, device, lambda: _bare_model(cfg), shape, precision)]
+        if not isinstance(cfg.CHANNELS_LAST, bool) and dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(decision, src=0)
+        _MEMORY_FORMATS[key] = decision[0]
+    return _MEMORY_FORMATS[key]
+
+
+#: memory_format_of's decisions in this process, by setting, device, precision, input and network
+_MEMORY_FORMATS: dict[tuple, tuple[bool, str]] = {}
 
 
 def _bare_model(cfg: Config) -> AuxNet:

@@ -207,3 +207,26 @@ def test_first_tensor_of_outputs():
     assert hardware._first_tensor((None, t)) is t
     with pytest.raises(TypeError, match="holds no tensor"):
         hardware._first_tensor((None, None))
+
+
+def test_the_memory_format_is_resolved_once_per_process_and_setting(monkeypatch, tmp_path):
+    """The run's first line and config.yaml are written by the main rank only: asking again must not
+    time again (nor, under DDP, start a collective the other ranks never join)."""
+    from configs import load_config
+    from engines import builders
+
+    calls = []
+
+    def fake(requested, device, make_model, shape, precision):
+        calls.append(requested)
+        return False, "measure: contiguous (timed)"
+
+    monkeypatch.setattr(builders, "resolve_channels_last", fake)
+    monkeypatch.setattr(builders, "_MEMORY_FORMATS", {})
+    cfg = load_config(None, ["CHANNELS_LAST=measure", f"RESULTS_DIR={tmp_path}"])
+    assert builders.memory_format_of(cfg, CPU) == (False, "measure: contiguous (timed)")
+    assert builders.memory_format_of(cfg, CPU) == (False, "measure: contiguous (timed)")
+    assert calls == ["measure"]
+    other = load_config(None, ["CHANNELS_LAST=true", f"RESULTS_DIR={tmp_path}"])
+    builders.memory_format_of(other, CPU)
+    assert calls == ["measure", True]
