@@ -147,6 +147,10 @@ class Config:
     INPUT: Optional[str] = opt(None, "predict: an image file or a folder of images to segment")
     OUTPUT: Optional[str] = opt(None, "predict: output folder (null = predict_<n>/ beside the checkpoint)")
     GATING: bool = opt(True, "predict / whole-image eval: decode only the tiles the head says contain a boundary")
+    TTA: Literal["none", "flips", "d4"] = opt(
+        "none",
+        "predict / whole-image eval: also decode mirrored tiles and average (flips = 4x, d4 = 8x the decoder time)",
+    )
     SAVE_PROBABILITIES: bool = opt(False, "predict: also write the class probabilities (float16 TIFF)")
     # distributed
     GPUs: Optional[list[int]] = opt(None, "GPU indices to train on, one process each (null = all visible; [] = CPU)")

@@ -1,7 +1,7 @@
 """The ``predict`` command: segment whole images of any size with a trained checkpoint.
 
     python main.py predict MODEL_WEIGHTS=<run>/best INPUT=<image or folder> [OUTPUT=<folder>]
-                           [GATING=true|false] [TILE_OVERLAP=…] [BATCH_SIZE=…] [SAVE_PROBABILITIES=true]
+                           [GATING=true|false] [TTA=none|flips|d4] [TILE_OVERLAP=…] [BATCH_SIZE=…] [SAVE_PROBABILITIES=true]
 
 The network, classes and input scaling come from the checkpoint's configuration. Per image it
 writes ``<stem>_mask.png`` (or a tiled ``.tif`` for large scenes and georeferenced inputs, keeping
@@ -88,7 +88,7 @@ def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, device: torch.devi
     return Predictor(net, tile=cfg.INPUT_SIZE, overlap=cfg.predict_overlap, batch_size=cfg.BATCH_SIZE,
                      device=device, amp_dtype=precision_of(cfg, device),
                      channels_last=memory_format_of(cfg, device)[0], gating=gating,
-                     cls_threshold=cfg.CLS_THRESHOLD, progress=progress)
+                     cls_threshold=cfg.CLS_THRESHOLD, tta=cfg.TTA, progress=progress)
 
 
 def predict(cfg: Config) -> int:

@@ -16,6 +16,12 @@ and decoded. Every other cell is single-class: it contributes the one-hot probab
 the fill head names, blended with a far smaller weight (:data:`FILL_BLEND_WEIGHT`) so that where a
 decoded window overlaps a filled one the decoder's pixels decide.
 
+**Test-time augmentation** (``tta``). Each decoded window is also predicted on mirrored copies
+(``flips``: left-right, up-down and both; ``d4``: those and the four transposed ones, the eight
+symmetries of the square) and the probabilities, mapped back, are averaged, as nnU-Net mirrors at
+inference. The heads decide on the window itself, so gating is unchanged; filled windows cost
+nothing more.
+
 **Memory.** Windows are processed one row of windows (a band) at a time. Only the rows that later
 windows can still reach are kept (at most one tile high, the full width); finished rows are handed
 to the caller at once, so a scene of any height needs memory for one band, not for the image (with
@@ -43,6 +49,14 @@ from utils.util import RunError
 FILL_BLEND_WEIGHT = 1e-3
 #: Windows within this many cells of a boundary cell are decoded too (see :class:`GatePlan`).
 GATE_REACH = 1
+#: Test-time augmentation: the symmetries each decoded window is also predicted under, as
+#: (transpose H and W first, dims flipped); the identity is always the first.
+TTA_TRANSFORMS: dict[str, tuple[tuple[bool, tuple[int, ...]], ...]] = {
+    "none": ((False, ()),),
+    "flips": ((False, ()), (False, (-1,)), (False, (-2,)), (False, (-2, -1))),
+    "d4": ((False, ()), (False, (-1,)), (False, (-2,)), (False, (-2, -1)),
+           (True, ()), (True, (-1,)), (True, (-2,)), (True, (-2, -1))),
+}
 
 
 @dataclass
@@ -109,24 +123,29 @@ class Predictor:
             a two-output head decides by argmax, as :func:`model.metrics.predict_classes`).
         gate_reach: filled cells within this many cells of a boundary cell are decoded too
             (see :class:`GatePlan`).
+        tta: test-time augmentation of decoded windows, a key of :data:`TTA_TRANSFORMS`.
         progress: show a tqdm bar over windows.
 
     Raises:
-        ValueError: gating without the classifier and fill heads.
+        ValueError: gating without the classifier and fill heads, or an unknown ``tta``.
     """
 
     def __init__(self, net: AuxNet, *, tile: int, overlap: int, batch_size: int, device: torch.device,
                  amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False, gating: bool = False,
-                 cls_threshold: float = 0.5, gate_reach: int = GATE_REACH, progress: bool = False):
+                 cls_threshold: float = 0.5, gate_reach: int = GATE_REACH, tta: str = "none",
+                 progress: bool = False):
         if gating and (net.head is None or net.fill_head is None):
             raise ValueError("gated prediction needs the classifier and fill heads; this network has none "
                              "(MODEL=UNet): use GATING=false")
         if not 0 <= overlap < tile:
             raise ValueError(f"overlap={overlap} must be in [0, tile={tile})")
+        if tta not in TTA_TRANSFORMS:
+            raise ValueError(f"tta={tta!r}: choose one of {' | '.join(TTA_TRANSFORMS)}")
         self.net = net.eval()
         self.tile, self.step, self.batch_size = tile, tile - overlap, batch_size
         self.device, self.amp_dtype, self.channels_last = device, amp_dtype, channels_last
         self.gating, self.cls_threshold, self.gate_reach, self.progress = gating, cls_threshold, gate_reach, progress
+        self.transforms = TTA_TRANSFORMS[tta]
         self.channels = net.outc.out_channels  # K: 1 = binary (foreground probability)
         self.weights = gaussian_importance_map(tile)
         # A filled window is the head's guess for the whole window; where a decoded window overlaps
@@ -249,7 +268,8 @@ class Predictor:
         """Probabilities (n, K, t, t) of a batch of windows, encoded and decoded."""
         x = image_to(windows, self.device, self.channels_last)
         with autocast_for(self.device, self.amp_dtype):
-            return _probabilities(self.net.decode(*self.net.encode(x)))
+            probs = _probabilities(self.net.decode(*self.net.encode(x)))
+            return self._augmented(x, probs).cpu().numpy()
 
     @torch.no_grad()
     def _predict_windows(self, windows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -265,10 +285,25 @@ class Predictor:
             out = _one_hot_fill(fill.float().argmax(1), self.channels, self.tile)
             if keep.numel():
                 seg = self.net.decode([s[keep] for s in skips], bottleneck[keep])
-                out[keep.cpu().numpy()] = _probabilities(seg)
+                out[keep.cpu().numpy()] = self._augmented(x[keep], _probabilities(seg)).cpu().numpy()
         decoded = np.zeros(len(windows), bool)
         decoded[keep.cpu().numpy()] = True
         return out, decoded
+
+    def _augmented(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """``probs`` (the windows ``x`` as they are) averaged with the probabilities of the windows'
+        test-time symmetries, each mapped back (the identity only without TTA)."""
+        if len(self.transforms) == 1:
+            return probs
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        total = probs.clone()
+        for transpose, dims in self.transforms[1:]:
+            y = x.transpose(-2, -1) if transpose else x
+            y = (y.flip(dims) if dims else y).contiguous(memory_format=fmt)
+            p = _probabilities(self.net.decode(*self.net.encode(y)))
+            p = p.flip(dims) if dims else p
+            total += p.transpose(-2, -1) if transpose else p
+        return total / len(self.transforms)
 
     def _finish(self, acc, wsum, lo: int, hi: int, h: int, w: int) -> Iterator[tuple[int, np.ndarray]]:
         """Blended probabilities of rows [lo, hi) (only those inside the image)."""
@@ -382,10 +417,10 @@ def _shift(a: np.ndarray, k: int) -> None:
     a[..., a.shape[-2] - k:, :] = 0
 
 
-def _probabilities(seg_logits: torch.Tensor) -> np.ndarray:
+def _probabilities(seg_logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (float32, on the logits' device): sigmoid for one channel, else softmax."""
     x = seg_logits.float()
-    p = torch.sigmoid(x) if x.shape[1] == 1 else torch.softmax(x, dim=1)
-    return p.cpu().numpy()
+    return torch.sigmoid(x) if x.shape[1] == 1 else torch.softmax(x, dim=1)
 
 
 def _one_hot_fill(classes: torch.Tensor, channels: int, tile: int) -> np.ndarray:

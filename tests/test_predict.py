@@ -302,3 +302,57 @@ def test_whole_image_evaluation_scores_the_whole_images_against_numpy_and_monai(
                 ref = compute_hausdorff_distance(torch.from_numpy(p)[None, None].float(),
                                                  torch.from_numpy(m)[None, None].float(), percentile=95)
             assert row["HD95/1"] == pytest.approx(float(ref), abs=1e-3)
+
+
+# ---- test-time augmentation: the average over the square's symmetries, each mapped back
+
+_SYMMETRIES = {  # image -> transformed image, and the inverse on (K, H, W) probabilities, in NumPy
+    "flips": [(lambda a: a, lambda p: p), (lambda a: a[:, ::-1], lambda p: p[:, :, ::-1]),
+              (lambda a: a[::-1], lambda p: p[:, ::-1]), (lambda a: a[::-1, ::-1], lambda p: p[:, ::-1, ::-1])],
+}
+_SYMMETRIES["d4"] = _SYMMETRIES["flips"] + [
+    (lambda a, k=k: np.rot90(a, k), lambda p, k=k: np.rot90(p, -k, axes=(1, 2))) for k in (1, 3)] + [
+    (lambda a: a.transpose(1, 0, 2), lambda p: p.transpose(0, 2, 1)),
+    (lambda a: np.rot90(a.transpose(1, 0, 2), 2), lambda p: np.rot90(p, -2, axes=(1, 2)).transpose(0, 2, 1))]
+
+
+@pytest.mark.parametrize("tta, classes", [("flips", 1), ("d4", 3), ("flips", 3)])
+def test_tta_is_the_mean_over_symmetric_images_of_the_plain_prediction(tta, classes):
+    # On a square image whose window grid is symmetric (starts 0, 32, 64), each symmetry maps the
+    # windows onto windows and the Gaussian map onto itself, so TTA equals predicting the whole
+    # transformed image without TTA and mapping it back (the 8 elements of the dihedral group).
+    net = tiny_net(seed=8, seg_classes=classes)
+    image = np.random.default_rng(8).random((128, 128, 1)).astype(np.float32)
+    plain = Predictor(net, tile=64, overlap=32, batch_size=4, device=CPU)
+    refs = [inverse(plain.predict_array(ArrayImage(np.ascontiguousarray(forward(image))))[0])
+            for forward, inverse in _SYMMETRIES[tta]]
+    assert len(refs) == {"flips": 4, "d4": 8}[tta]
+    probs, stats = Predictor(net, tile=64, overlap=32, batch_size=4, device=CPU, tta=tta).predict_array(
+        ArrayImage(image))
+    np.testing.assert_allclose(probs, np.mean(refs, axis=0), atol=2e-6)
+    assert np.abs(probs - refs[0]).max() > 1e-3  # the network is not symmetric: TTA changes something
+    assert stats.decoded == stats.tiles == 9
+
+
+def test_tta_with_gating_augments_the_decoded_windows_and_leaves_the_fills():
+    net = tiny_net(seed=9)
+    image = np.random.default_rng(9).random((96, 96, 1)).astype(np.float32)
+    with torch.no_grad():  # a head that calls every window boundary: gated equals plain, TTA included
+        net.head[-1].weight.zero_()
+        net.head[-1].bias.fill_(10.0)
+    plain = Predictor(net, tile=32, overlap=16, batch_size=4, device=CPU, tta="flips").predict_array(ArrayImage(image))
+    gated, stats = Predictor(net, tile=32, overlap=16, batch_size=4, device=CPU, gating=True,
+                             tta="flips").predict_array(ArrayImage(image))
+    assert stats.decoded == stats.tiles
+    np.testing.assert_allclose(gated, plain[0], atol=1e-6)
+    with torch.no_grad():  # a head that calls no window boundary: TTA has nothing to augment
+        net.head[-1].bias.fill_(-10.0)
+    filled = [Predictor(net, tile=32, overlap=16, batch_size=4, device=CPU, gating=True, tta=t).predict_array(
+        ArrayImage(image)) for t in ("none", "d4")]
+    assert filled[0][1].decoded == filled[1][1].decoded == 0
+    np.testing.assert_array_equal(filled[0][0], filled[1][0])
+
+
+def test_an_unknown_tta_is_refused_by_name():
+    with pytest.raises(ValueError, match="tta='rot'.*none \\| flips \\| d4"):
+        Predictor(tiny_net(), tile=32, overlap=0, batch_size=2, device=CPU, tta="rot")
