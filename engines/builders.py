@@ -24,7 +24,7 @@ from model.loss import build_loss as make_loss
 from model.metrics import SegmentationMetrics
 from utils.augment import DEFAULT_AUGMENTATIONS
 from utils.dataset import Splits, build_datasets, make_loader
-from utils.hardware import AMP_DTYPES, resolve_channels_last, resolve_precision
+from utils.hardware import AMP_DTYPES, compile_problem, resolve_channels_last, resolve_precision
 from utils.image_io import DatasetError
 from utils.loggers import build_loggers
 from utils.util import DistContext, RunError
@@ -214,6 +214,8 @@ def build_trainer(cfg: Config, ctx: DistContext, run: RunDir, splits: Splits, fo
     net, report = build_network(cfg)
     if ctx.is_main and report is not None:
         print(load_report_line(cfg, report))
+    if cfg.COMPILE:
+        compile_network(net, ctx.device)
     step = TrainStep(net, build_loss(cfg), decode=cfg.stage.decodes, use_cls=cfg.trains_classifier)
     train_loader, test_loader = build_loaders(cfg, splits, ctx)
     optimizer, scheduler = build_optimizer(cfg, step, max(len(train_loader), 1))
@@ -242,6 +244,20 @@ def build_trainer(cfg: Config, ctx: DistContext, run: RunDir, splits: Splits, fo
         trainer.plotter = make_plotter(run.root, trainer.step.net, splits.test, ctx.device, settings.amp_dtype,
                                        settings.channels_last, cfg.SEG_THRESHOLD, cfg.PLOT_TILES, logger.log_images)
     return trainer
+
+
+def compile_network(net: nn.Module, device: torch.device) -> None:
+    """COMPILE: ``torch.compile`` the network in place (``nn.Module.compile``: its state_dict keys,
+    and so its checkpoints, stay those of the plain network).
+
+    Raises:
+        RunError: torch.compile cannot build kernels on ``device`` here (no C++ compiler on the CPU,
+            no Triton on CUDA), with the fix.
+    """
+    problem = compile_problem(device)
+    if problem:
+        raise RunError(f"COMPILE=true: {problem}. Install it, or set COMPILE=false")
+    net.compile()
 
 
 def load_report_line(cfg: Config, report: LoadReport) -> str:

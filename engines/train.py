@@ -65,7 +65,7 @@ def train_fold(cfg: Config, ctx: DistContext, run: RunDir, fold: int) -> dict:
         print(f"run {fold_dir.root}  fold {fold}: {len(splits.train)} train / {len(splits.test)} test tiles, "
               f"device {ctx.device}, {ctx.world_size} process(es), precision "
               f"{resolve_precision(cfg.MIXED_PRECISION, ctx.device)[1]}, memory format "
-              f"{memory_format_of(cfg, ctx.device)[1]}")
+              f"{memory_format_of(cfg, ctx.device)[1]}" + (", torch.compile (COMPILE=true)" if cfg.COMPILE else ""))
     try:
         summary = trainer.fit()
     finally:

@@ -230,3 +230,44 @@ def test_the_memory_format_is_resolved_once_per_process_and_setting(monkeypatch,
     other = load_config(None, ["CHANNELS_LAST=true", f"RESULTS_DIR={tmp_path}"])
     builders.memory_format_of(other, CPU)
     assert calls == ["measure", True]
+
+
+# --- COMPILE ------------------------------------------------------------------------------------
+
+def test_compile_problem_names_the_missing_cpu_compiler_and_the_fix(monkeypatch):
+    from engines.builders import compile_network
+    from utils.util import RunError
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: None)
+    problem = hardware.compile_problem(CPU)
+    assert "C++ compiler" in problem and "c++ / g++ / clang++" in problem and "apt install g++" in problem
+    with pytest.raises(RunError, match="COMPILE=true: torch.compile on the CPU needs a C\\+\\+ compiler.*"
+                                       "set COMPILE=false"):
+        compile_network(AuxNet(1, 1, 1, depth=2, base_width=4), CPU)
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: "/opt/cc/bin/" + name if name == "my-cxx" else None)
+    monkeypatch.setenv("CXX", "my-cxx -O2")  # CXX may carry flags: its first word is the compiler
+    assert hardware.compile_problem(CPU) is None
+    assert "not supported" in hardware.compile_problem(torch.device("meta"))
+
+
+@pytest.mark.skipif(hardware.compile_problem(CPU) is not None, reason="no C++ compiler for inductor on this machine")
+def test_a_compiled_network_computes_what_the_eager_one_does_and_keeps_its_state_dict_keys():
+    from engines.builders import compile_network
+
+    torch.manual_seed(0)
+    eager = AuxNet(1, 1, 1, depth=2, base_width=4)
+    compiled = AuxNet(1, 1, 1, depth=2, base_width=4)
+    compiled.load_state_dict(eager.state_dict())
+    compile_network(compiled, CPU)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints load into a plain network
+    x = torch.randn(2, 1, 16, 16)
+    outputs = []
+    for net in (eager, compiled):
+        out = net(x)
+        (out.seg.square().mean() + out.cls.sum() + out.fill.sum()).backward()
+        outputs.append((out.seg.detach(), [p.grad for p in net.parameters()]))
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-4, atol=1e-5)
+    for got, want in zip(outputs[1][1], outputs[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+    assert compiled._compiled_call_impl is not None  # it really went through torch.compile

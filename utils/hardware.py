@@ -21,6 +21,7 @@ This module imports nothing from the trainer or the config::
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -323,6 +324,29 @@ def _first_tensor(out) -> torch.Tensor:
         if isinstance(item, torch.Tensor):
             return item
     raise TypeError(f"model output {type(out).__name__} holds no tensor")
+
+
+def compile_problem(device: torch.device) -> Optional[str]:
+    """Why ``torch.compile`` (inductor) cannot build kernels for ``device`` here, or None if it can.
+
+    On the CPU inductor compiles C++ at run time: it needs a C++ compiler (``CXX`` or ``c++``,
+    ``g++``, ``clang++`` on the PATH). On a GPU it needs Triton (shipped with CUDA builds of torch).
+    Checked before training, so a missing toolchain is one clear sentence instead of a traceback
+    from inside the first compiled step.
+    """
+    if device.type == "cpu":
+        candidates = [os.environ.get("CXX")] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+        if not any(shutil.which(c.split()[0]) for c in candidates):
+            return (f"torch.compile on the CPU needs a C++ compiler at run time and none was found "
+                    f"({' / '.join(candidates)} on the PATH; Debian/Ubuntu: apt install g++)")
+        return None
+    if device.type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:  # pragma: no cover - every torch with inductor has it
+            return None
+        return None if has_triton() else "torch.compile on CUDA needs Triton, which this torch build lacks"
+    return f"torch.compile is not supported here on {device.type}"
 
 
 def _synchronize(device: torch.device) -> None:
