@@ -129,7 +129,8 @@ def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Opt
     Raises:
         RunError: naming DATASET_DIR, for any bad, missing or mismatched file or split.
     """
-    augmentations = {"default": DEFAULT_AUGMENTATIONS, "none": []}.get(cfg.AUGMENTATIONS, cfg.AUGMENTATIONS)
+    augmentations = ({"default": DEFAULT_AUGMENTATIONS, "none": []}[cfg.AUGMENTATIONS]
+                     if isinstance(cfg.AUGMENTATIONS, str) else cfg.AUGMENTATIONS)
     with _dataset_errors(cfg):
         return build_datasets(
             cfg.DATASET_DIR,

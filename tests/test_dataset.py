@@ -672,3 +672,20 @@ def test_one_bad_mask_in_a_0_255_dataset_is_the_only_one_named(tmp_path):
     message = str(err.value)
     assert "1 problem(s)" in message and "masks/d.png: mask value(s) 128 are neither 0 nor 255" in message
     assert "a.png" not in message and "b.png" not in message
+
+
+@pytest.mark.parametrize("value, names", [
+    ("[{name: HorizontalFlip, p: 1.0}, {name: RandomRotate90, p: 0.5}]", ["HorizontalFlip", "RandomRotate90"]),
+    ("none", None),
+    ("default", [type(t).__name__ for t in build_augmentation(DEFAULT_AUGMENTATIONS).transforms]),
+])
+def test_every_form_of_augmentations_reaches_the_training_set(tmp_path, value, names):
+    from configs import load_config
+    from engines.builders import build_data
+
+    cfg = load_config(None, [f"AUGMENTATIONS={value}", f"RESULTS_DIR={tmp_path}", "SYNTHETIC_IMAGES=5",
+                             "SYNTHETIC_SIZE=128"])
+    splits = build_data(cfg, tmp_path / "tts.json", 0)
+    augment = splits.train.augment
+    assert (augment is None) if names is None else [type(t).__name__ for t in augment.transforms] == names
+    assert splits.test.augment is None

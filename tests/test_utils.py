@@ -86,3 +86,38 @@ def test_wandb_logger_works_offline_without_a_key(tmp_path, monkeypatch):
     logger.log({"loss": 1.0}, step=0)
     logger.close()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("omp, affinity, local, threads", [
+    (None, {0, 1, 2, 3}, 1, 4),
+    (None, {0, 1, 2, 3}, 2, 2),
+    (None, {0}, 1, 1),             # taskset -c 0 on a 2-core machine: one thread, not os.cpu_count()
+    (None, {0, 1}, 4, 1),          # never 0
+    ("1", {0, 1, 2, 3}, 1, 1),     # the user's OMP_NUM_THREADS wins (torchrun sets 1)
+    ("3", {0, 1}, 2, 3),
+    ("junk", {0, 1, 2, 3}, 2, 2),  # not a count: ignored
+])
+def test_cpu_threads_honour_omp_num_threads_and_the_cpu_affinity(monkeypatch, omp, affinity, local, threads):
+    import os
+
+    from utils.util import cpu_threads
+
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: affinity, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert cpu_threads(local) == threads
+
+
+def test_a_training_process_keeps_the_thread_count_the_user_set(monkeypatch):
+    from utils.util import init_distributed
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        init_distributed(0, 1, 0, torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -102,8 +102,8 @@ def init_distributed(
     """Join the process group (NCCL on CUDA, gloo on CPU) when ``world_size > 1``.
 
     MASTER_ADDR / MASTER_PORT must already be in the environment. Each CPU process gets
-    cores / (processes on this machine) threads so processes do not oversubscribe it (the local
-    count: ``LOCAL_WORLD_SIZE`` under torchrun, else every process is local).
+    :func:`cpu_threads` threads, so processes do not oversubscribe the cores (the local count:
+    ``LOCAL_WORLD_SIZE`` under torchrun, else every process is local).
     """
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -113,9 +113,22 @@ def init_distributed(
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
     if device.type == "cpu":
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_processes, 1)))
+        torch.set_num_threads(cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     return DistContext(rank, world_size, local_rank, device)
+
+
+def cpu_threads(local_processes: int) -> int:
+    """Threads for each of ``local_processes`` CPU processes: ``OMP_NUM_THREADS`` when the user set
+    it (torchrun sets 1 for several processes), else the cores this process may run on (its CPU
+    affinity, as ``taskset`` or a container limits it, not the machine's count) shared out evenly."""
+    requested = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if requested.isdigit() and int(requested) > 0:
+        return int(requested)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(local_processes, 1))
 
 
 def cleanup_distributed() -> None:
