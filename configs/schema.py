@@ -95,7 +95,7 @@ class Config:
         "auto",
         "auto | measure | true | false: channels_last memory format (auto: yes on CPUs with oneDNN, timed on GPUs)",
     )
-    COMPILE: bool = opt(False, "torch.compile the network for training (a minute of compiling first; faster steps where bench/train.py shows it)")
+    COMPILE: bool = opt(False, "torch.compile the network for training (minutes of compiling on first use, cached after; faster steps only in long runs)")
     # signed distance maps
     SDM_KERNEL_SIZE: int = opt(3, "kernel of the cascaded-convolution SDM used for predictions (odd, >= 3)")
     SDM_DISTANCE: Distance = opt("euclidean", "euclidean | manhattan | chebyshev")
