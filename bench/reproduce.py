@@ -124,7 +124,8 @@ TABLES: dict[str, dict] = {
         "title": "Lines and ellipses, 3 classes: 400x200 images, 96-px tiles, 50 %-overlap prediction",
         "rows": ["lines_ellipses"],
         "note": "Published multi-class U-Net: mean IoU 0.97 on full images. Mean IoU over background, lines "
-                "and ellipses on the 10 full test images.",
+                "and ellipses on the 10 full test images; the images are drawn as the published generator draws "
+                "them (flat objects on a noisy background, lines over ellipses: utils.synthetic, version 2).",
     },
     "hard_boundaries": {
         "title": "Hard boundaries (thin, touching, low-contrast structures in sparse 768² scenes), equal epochs",

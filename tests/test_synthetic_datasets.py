@@ -8,7 +8,9 @@ import pytest
 
 from utils.image_io import load_folder
 from utils.synthetic import (
+    DATASET_VERSIONS,
     FOLDER_DATASETS,
+    FOLDER_DATASETS_VERSION,
     ensure_folder_dataset,
     generate_hard_boundaries,
     generate_lines_ellipses,
@@ -25,8 +27,13 @@ def test_lines_ellipses_shapes_classes_and_determinism():
     again = generate_lines_ellipses(7, 3, height=200, width=400)
     assert np.array_equal(images, again[0]) and np.array_equal(classes, again[1])
     assert not np.array_equal(classes, generate_lines_ellipses(8, 3, height=200, width=400)[1])
-    # objects are brighter than the noisy background on average
-    assert images[classes > 0].mean() > images[classes == 0].mean() + 50
+    # as the published generator: flat (noise-free) objects, darker than the noisy background on
+    # average; at most 9 ellipses and 9 lines per image, so at most 18 gray levels on the objects
+    assert images[classes > 0].mean() < images[classes == 0].mean() - 50
+    for n in range(3):
+        assert len(np.unique(images[n][classes[n] > 0])) <= 18
+        assert images[n][classes[n] == 0].std() > 10
+        assert images[n][classes[n] == 0].min() >= int(0.6 * 255)
 
 
 def test_hard_boundaries_are_sparse_thin_and_touching():
@@ -67,3 +74,18 @@ def test_ensure_folder_dataset_writes_a_loadable_folder_once(tmp_path):
         ensure_folder_dataset(folder, "smoke", seed=1)
     with pytest.raises(ValueError, match="valid names"):
         ensure_folder_dataset(tmp_path / "x", "lines")
+
+
+def test_a_dataset_version_of_its_own_is_in_the_manifest(tmp_path):
+    """lines_ellipses changed on its own (version 2): a folder of version 1 is refused, not reused;
+    the other datasets keep FOLDER_DATASETS_VERSION."""
+    import json
+
+    folder = ensure_folder_dataset(tmp_path / "lines_ellipses", "lines_ellipses", seed=0)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["version"] == DATASET_VERSIONS["lines_ellipses"] == 2
+    assert json.loads((ensure_folder_dataset(tmp_path / "smoke", "smoke") / "manifest.json").read_text())[
+        "version"] == FOLDER_DATASETS_VERSION
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(ValueError, match="different dataset"):
+        ensure_folder_dataset(folder, "lines_ellipses", seed=0)

@@ -170,18 +170,54 @@ def load_synthetic(
 
 #: Bump when a folder-dataset generator changes; the version is part of the manifest.
 FOLDER_DATASETS_VERSION = 1
+#: Per-dataset versions that differ from FOLDER_DATASETS_VERSION (a generator changed on its own;
+#: the others keep their version, seeds and folders).
+DATASET_VERSIONS = {"lines_ellipses": 2}
 LINES_ELLIPSES_CLASSES = {"background": 0, "line": 1, "ellipse": 2}
+
+
+def _truncated_normal(rng: np.random.Generator, mean: float, std: float, low: float, high: float,
+                      shape: tuple[int, ...]) -> np.ndarray:
+    """Gaussian samples restricted to [low, high] by redrawing the ones outside (as scipy's truncnorm)."""
+    out = rng.normal(mean, std, shape)
+    bad = (out < low) | (out > high)
+    while bad.any():
+        out[bad] = rng.normal(mean, std, int(bad.sum()))
+        bad = (out < low) | (out > high)
+    return out
+
+
+def _disk(radius: int) -> np.ndarray:
+    """skimage.morphology.disk(radius): the pixels within ``radius`` of the centre (uint8)."""
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    return (yy**2 + xx**2 <= radius**2).astype(np.uint8)
 
 
 def generate_lines_ellipses(
     seed: int, num_images: int, height: int = 200, width: int = 400
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Three-class scenes of the published multi-class U-Net benchmark: randomly oriented lines and
-    ellipses of varying gray level on Gaussian noise.
+    """Three-class scenes of the published multi-class U-Net benchmark (France1/unet-multiclass-pytorch,
+    ``lib/generate_images.py``): randomly oriented lines and ellipses of varying gray level on a
+    Gaussian noise background, drawn as that generator draws them.
 
-    Each image holds 3-8 lines (20-200 px long, 2-5 px thick) and 2-6 ellipses (semi-axes 8-40 px,
-    any orientation), each with its own gray level in [0.45, 1.0] (later objects cover earlier
-    ones), on a background of 0.1-0.3 with Gaussian noise of sigma 0.08-0.15.
+    * Background: truncated Gaussian noise, mean uniform in [0.7, 0.9], sigma 0.1, limited to
+      [0.6, 1.0].
+    * Objects are flat (noise-free), each with its own gray level uniform in [0, 0.7], so they are
+      darker than the background on average and told from it by level and by texture.
+    * n = 1-9 ellipses, then n lines (the published generator draws as many lines as ellipses),
+      lines always on top. Ellipse: integer centre, one semi-axis 5-19 px, the other that times
+      0.5-2, any orientation. Line: integer centre, length 20-399 px, angle 0-179 degrees, drawn
+      as a 1-px digital line between its (integer) end points and dilated by a disk of radius 1
+      or 2, i.e. 3 or 5 px thick.
+    * Image = floor(255 x level), as the published ``np.uint8(255 * img)``; one channel (the
+      published RGB image repeats it three times).
+
+    Departures from the published generator: ellipses are clipped at the image border (the
+    published one wraps them around the image and folds rows below it onto row 0), and the random
+    numbers come from NumPy's ``default_rng``. Version 1 of this generator put Gaussian noise on
+    the objects too, drew lines and ellipses in random order, and drew 2-5 px lines with
+    sub-pixel edges; with the noise on 2 px lines of a contrast near one noise sigma, the label of
+    a line's edge pixels was barely decidable from the image, which the published task does not ask.
 
     Args:
         seed: the same seed always gives the same arrays.
@@ -197,24 +233,29 @@ def generate_lines_ellipses(
     """
     if num_images < 1 or height < 1 or width < 1:
         raise ValueError(f"num_images={num_images}, height={height} and width={width} must all be >= 1")
-    rng = np.random.default_rng([FOLDER_DATASETS_VERSION, 2, seed])
+    rng = np.random.default_rng([DATASET_VERSIONS["lines_ellipses"], 2, seed])
     images = np.empty((num_images, height, width), np.uint8)
     classes = np.zeros((num_images, height, width), np.uint8)
     for n in range(num_images):
-        scene = np.full((height, width), rng.uniform(0.1, 0.3), np.float32)
-        objects = ["line"] * int(rng.integers(3, 9)) + ["ellipse"] * int(rng.integers(2, 7))
-        for kind in rng.permutation(objects):
-            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-            level = rng.uniform(0.45, 1.0)
-            if kind == "line":
-                _draw_line(scene, classes[n], cy, cx, rng.uniform(20, 200), rng.uniform(0, math.pi),
-                           rng.uniform(2, 5), level, LINES_ELLIPSES_CLASSES["line"])
-            else:
-                a = rng.uniform(8, 40)
-                _draw_ellipse(scene, classes[n], cy, cx, a, a * rng.uniform(0.4, 1.0), rng.uniform(0, math.pi),
-                              level, LINES_ELLIPSES_CLASSES["ellipse"])
-        noisy = scene + rng.normal(0, rng.uniform(0.08, 0.15), scene.shape).astype(np.float32)
-        images[n] = np.clip(np.rint(noisy * 255), 0, 255)
+        scene = _truncated_normal(rng, rng.uniform(0.7, 0.9), 0.1, 0.6, 1.0, (height, width))
+        count = int(rng.integers(1, 10))
+        for _ in range(count):
+            cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
+            theta, level = math.radians(int(rng.integers(0, 180))), rng.uniform(0.0, 0.7)
+            radius = int(rng.integers(5, 20))
+            _draw_ellipse(scene, classes[n], cy, cx, radius, radius * rng.uniform(0.5, 2.0), theta, level,
+                          LINES_ELLIPSES_CLASSES["ellipse"])
+        for _ in range(count):
+            cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
+            theta, level = -math.radians(int(rng.integers(0, 180))), rng.uniform(0.0, 0.7)
+            length, thickness = int(rng.integers(20, width)), int(rng.integers(1, 3))
+            ends = [(int(cx + s * length / 2 * math.cos(theta)), int(cy + s * length / 2 * math.sin(theta)))
+                    for s in (1, -1)]
+            line = cv2.line(np.zeros((height, width), np.uint8), *ends, 1, thickness=1, lineType=cv2.LINE_8)
+            inside = cv2.dilate(line, _disk(thickness)).astype(bool)
+            scene[inside] = level
+            classes[n][inside] = LINES_ELLIPSES_CLASSES["line"]
+        images[n] = np.clip(np.floor(scene * 255), 0, 255)
     return images, classes
 
 
@@ -337,7 +378,8 @@ def ensure_folder_dataset(folder: Path, name: str, seed: int = 0) -> Path:
     if name not in FOLDER_DATASETS:
         raise ValueError(f"unknown generated dataset {name!r}; valid names: {sorted(FOLDER_DATASETS)}")
     generator, kwargs = FOLDER_DATASETS[name]
-    manifest = {"name": name, "generator": generator.__name__, "version": FOLDER_DATASETS_VERSION,
+    manifest = {"name": name, "generator": generator.__name__,
+                "version": DATASET_VERSIONS.get(name, FOLDER_DATASETS_VERSION),
                 "seed": seed, **kwargs}
     folder = Path(folder)
     path = folder / "manifest.json"
