@@ -49,13 +49,13 @@ from utils.util import RunError
 FILL_BLEND_WEIGHT = 1e-3
 #: Windows within this many cells of a boundary cell are decoded too (see :class:`GatePlan`).
 GATE_REACH = 1
+_FLIPS = ((), (-1,), (-2,), (-2, -1))  # none, left-right, up-down, both
 #: Test-time augmentation: the symmetries each decoded window is also predicted under, as
 #: (transpose H and W first, dims flipped); the identity is always the first.
 TTA_TRANSFORMS: dict[str, tuple[tuple[bool, tuple[int, ...]], ...]] = {
     "none": ((False, ()),),
-    "flips": ((False, ()), (False, (-1,)), (False, (-2,)), (False, (-2, -1))),
-    "d4": ((False, ()), (False, (-1,)), (False, (-2,)), (False, (-2, -1)),
-           (True, ()), (True, (-1,)), (True, (-2,)), (True, (-2, -1))),
+    "flips": tuple((False, dims) for dims in _FLIPS),
+    "d4": tuple((transpose, dims) for transpose in (False, True) for dims in _FLIPS),
 }
 
 
