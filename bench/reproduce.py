@@ -104,6 +104,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "hard_smae": Experiment("hard_boundaries", "SoftDICE_BCE_sMAE", MULTI_SEEDS, HARD_TEST),
     "hard_cmae": Experiment("hard_boundaries", "SoftDICE_BCE_cMAE", MULTI_SEEDS, HARD_TEST),
     "hard_wbce": Experiment("hard_boundaries", "SoftDICE_wBCE", MULTI_SEEDS, HARD_TEST),
+    "hard_cldice": Experiment("hard_boundaries", "SoftDICE_BCE_clDice (centreline Dice)", MULTI_SEEDS, HARD_TEST),
     "hard_adaptive": Experiment("hard_boundaries", "SoftDICE_BCE_Boundary, learnable weights", MULTI_SEEDS,
                                 HARD_TEST),
     "staged_ed": Experiment("staged", "stage 1: AuxNet-ED", test_ids=HARD_TEST),
@@ -129,7 +130,8 @@ TABLES: dict[str, dict] = {
     },
     "hard_boundaries": {
         "title": "Hard boundaries (thin, touching, low-contrast structures in sparse 768² scenes), equal epochs",
-        "rows": ["hard_dice_bce", "hard_boundary", "hard_smae", "hard_cmae", "hard_wbce", "hard_adaptive"],
+        "rows": ["hard_dice_bce", "hard_boundary", "hard_smae", "hard_cmae", "hard_wbce", "hard_adaptive",
+                 "hard_cldice"],
         "note": "Mean ± std over the seeds listed (whole test scenes, final epoch). ΔHD95 is relative to "
                 "SoftDICE_BCE's mean; a change counts as beyond seed noise when it exceeds both settings' "
                 "std summed.",

@@ -103,7 +103,7 @@ class Config:
     # loss
     LOSS: str = opt(
         "SoftDICE_BCE",
-        "terms joined by `_`: BCE CE wBCE Focal SoftDICE HardDICE IoU GDL MAE cMAE sMAE Boundary wCE",
+        "terms joined by `_`: BCE CE wBCE Focal SoftDICE HardDICE IoU GDL MAE cMAE sMAE Boundary wCE clDice",
     )
     INCLUDE_BACKGROUND: bool = opt(
         False,
@@ -120,6 +120,7 @@ class Config:
     WCE_SIGMA: float = opt(5.0, "wCE: border width sigma (pixels) of the U-Net weight map")
     WBCE_W0: float = opt(10.0, "wBCE: pixel weight 1 + w0*exp(-sdm^2 / (2 sigma^2)) peaks at 1 + w0 on the boundary")
     WBCE_SIGMA: float = opt(5.0, "wBCE: width sigma (pixels) of the band around the boundary")
+    CLDICE_ITERATIONS: int = opt(10, "clDice: erosions of the soft skeleton (>= half the thickest structure, in pixels)")
     FOCAL_GAMMA: float = opt(2.0, "Focal: focusing exponent gamma")
     FOCAL_ALPHA: Optional[float] = opt(
         None,

@@ -145,6 +145,7 @@ def _loss_rules(cfg: Config) -> list[str]:
     _in_range(p, "WCE_SIGMA", cfg.WCE_SIGMA, 0, lo_open=True)
     _in_range(p, "WBCE_W0", cfg.WBCE_W0, 0)
     _in_range(p, "WBCE_SIGMA", cfg.WBCE_SIGMA, 0, lo_open=True)
+    _in_range(p, "CLDICE_ITERATIONS", cfg.CLDICE_ITERATIONS, 1)
     _in_range(p, "FOCAL_GAMMA", cfg.FOCAL_GAMMA, 0)
     if cfg.FOCAL_ALPHA is not None:
         _in_range(p, "FOCAL_ALPHA", cfg.FOCAL_ALPHA, 0, 1)

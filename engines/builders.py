@@ -116,6 +116,7 @@ def loss_options(cfg: Config) -> LossOptions:
         focal_gamma=cfg.FOCAL_GAMMA,
         focal_alpha=cfg.FOCAL_ALPHA,
         schedule_alpha=tuple(cfg.SCHEDULE_ALPHA),
+        cldice_iterations=cfg.CLDICE_ITERATIONS,
     )
 
 

@@ -22,12 +22,14 @@ from model.loss import (
     CombinedLoss,
     FocalLoss,
     HardDiceLoss,
+    SoftClDiceLoss,
     SoftDiceLoss,
     WeightedBCELoss,
     WeightedCELoss,
     build_loss,
     loss_problems,
     parse_loss,
+    soft_skeleton,
 )
 
 BIG = 20.0  # logit magnitude of a "confident" prediction: sigmoid(20) = 1 - 2e-9
@@ -55,7 +57,7 @@ def t(rows) -> torch.Tensor:
 
 def test_registry_names_and_heads():
     assert list(LOSSES) == ["BCE", "CE", "wBCE", "Focal", "SoftDICE", "HardDICE", "IoU", "GDL",
-                            "MAE", "cMAE", "sMAE", "Boundary", "wCE"]
+                            "MAE", "cMAE", "sMAE", "Boundary", "wCE", "clDice"]
     assert LOSS_HEADS["BCE"] == ("binary",)
     assert LOSS_HEADS["CE"] == ("multiclass",)
     assert all(LOSS_HEADS[n] == ("binary", "multiclass") for n in LOSSES if n not in ("BCE", "CE"))
@@ -392,6 +394,74 @@ SDM_HAND = {  # (perfect, worst, p = 1/2), normalization None, δ = 0.5 for cMAE
         (1.5 + 8 * 0.5 + 12 * 0.5 + 4 * (R2 - 0.5)) / 25 + (9 * _sig(5) + 16 * _sig(-5)) / 25,
     ),
 }
+
+
+def _ref_soft_skeleton(x: np.ndarray, iterations: int) -> np.ndarray:
+    """The clDice paper's soft skeleton written with SciPy's grey morphology: erosion by the 3x3
+    cross (outside = +inf), dilation by the 3x3 square (outside = -inf)."""
+    cross = ndi.generate_binary_structure(2, 1)
+
+    def erode(a):
+        return np.stack([ndi.grey_erosion(c, footprint=cross, mode="constant", cval=np.inf) for c in a])
+
+    def open_(a):
+        e = erode(a)
+        return np.stack([ndi.grey_dilation(c, size=(3, 3), mode="constant", cval=-np.inf) for c in e])
+
+    relu = lambda a: np.maximum(a, 0)  # noqa: E731
+    skel = relu(x - open_(x))
+    for _ in range(iterations):
+        x = erode(x)
+        delta = relu(x - open_(x))
+        skel = skel + relu(delta - skel * delta)
+    return skel
+
+
+@pytest.mark.parametrize("iterations", [1, 3, 10])
+def test_soft_skeleton_matches_scipy_grey_morphology(iterations):
+    x = torch.rand(2, 3, 17, 23, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    ref = _ref_soft_skeleton(x.reshape(-1, 17, 23).numpy(), iterations).reshape(x.shape)
+    np.testing.assert_allclose(soft_skeleton(x, iterations).numpy(), ref, atol=1e-12)
+
+
+def test_soft_skeleton_of_a_bar_is_its_centre_line():
+    bar = torch.zeros(1, 1, 9, 12)
+    bar[..., 3:6, 2:10] = 1  # 3 px thick, 8 px long
+    centre = torch.zeros_like(bar)
+    centre[..., 4, 3:9] = 1  # its first erosion by the cross: the middle row less one pixel each end
+    assert torch.equal(soft_skeleton(bar, 3), centre)
+    disk = torch.from_numpy(np.hypot(*np.mgrid[-7:8, -7:8]) <= 6.5).float()[None, None]
+    skel = soft_skeleton(disk, 7)
+    assert skel[0, 0, 7, 7] == 1 and skel.sum() < 0.1 * disk.sum()  # thin, and reaches the centre
+
+
+def test_cldice_hand_values():
+    y = torch.zeros(1, 9, 12, dtype=torch.long)
+    y[:, 3:6, 2:10] = 1  # skeleton: row 4, columns 3-8 (6 px)
+    pred = torch.zeros_like(y)
+    pred[:, 3:6, 2:6] = 1  # the left half: skeleton row 4, columns 3-4 (2 px), all inside y
+    loss = SoftClDiceLoss(iterations=3)
+    assert loss(binary_logits(y), y).item() == pytest.approx(0, abs=1e-6)
+    # Tprec = (2 + 1) / (2 + 1) = 1, Tsens = (3 + 1) / (6 + 1) = 4/7: clDice = 2 (4/7) / (11/7) = 8/11
+    assert loss(binary_logits(pred), y).item() == pytest.approx(3 / 11, abs=1e-6)
+    # the same with a softmax head: its foreground channel scores the same
+    two = torch.stack([-binary_logits(pred)[:, 0], binary_logits(pred)[:, 0]], 1)
+    assert SoftClDiceLoss(iterations=3)(two, y).item() == pytest.approx(3 / 11, abs=1e-6)
+    # a missed thin line costs more than its area does under Dice: 1 of 2 equal-area objects missed
+    blob = torch.zeros(1, 12, 12, dtype=torch.long)
+    blob[:, 1:5, 1:5] = 1  # 16 px square
+    both = blob.clone()
+    both[:, 9, 0:12] = 1  # 12 px line... of 1 px thickness
+    both[:, 10, 2:6] = 1  # ...plus 4 px: 16 px in all
+    assert SoftClDiceLoss(iterations=3)(binary_logits(blob), both) > SoftDiceLoss()(binary_logits(blob), both)
+
+
+def test_cldice_iterations_are_checked_and_passed_from_the_options():
+    with pytest.raises(ValueError, match="cldice_iterations=0 must be an int >= 1"):
+        SoftClDiceLoss(iterations=0)
+    assert build_loss("SoftDICE_clDice", cldice_iterations=4).seg_terms["clDice"].iterations == 4
+    # clDice is a boundary term under the schedule: the paper's (1 - alpha) Dice + alpha clDice
+    assert loss_problems(["SoftDICE", "clDice"], 1, "schedule") == []
 
 
 @pytest.mark.parametrize("name", ["MAE", "cMAE", "sMAE"])
