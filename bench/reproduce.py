@@ -59,7 +59,7 @@ if str(ROOT) not in sys.path:
 
 from utils.splits import num_folds  # noqa: E402
 from utils.synthetic import FOLDER_DATASETS, ensure_folder_dataset  # noqa: E402
-from utils.util import atomic_write_json, atomic_write_text  # noqa: E402
+from utils.util import atomic_write_json, atomic_write_text, cpu_threads  # noqa: E402
 
 CONFIG_DIR = ROOT / "configs" / "experiments"
 #: The seed every generated dataset is drawn from (the training SEED varies, the data does not).
@@ -90,7 +90,7 @@ class Experiment:
 
 ISBI_TEST = ("27", "28", "29")  # the published U-Net's protocol: train on 0-26, test on slices 27-29
 LINES_TEST = tuple(f"{n:03d}" for n in range(50, 60))  # 10 of the 60 generated images
-HARD_TEST = ("009", "010", "011")  # 3 of the 12 generated scenes
+HARD_TEST = tuple(f"{n:03d}" for n in range(9, 24))  # 15 of the 24 generated scenes; 000-008 train
 
 #: Every experiment; the name is its config file's stem.
 EXPERIMENTS: dict[str, Experiment] = {
@@ -140,7 +140,7 @@ TABLES: dict[str, dict] = {
         "title": "Staged (AuxNet-ED, then AuxNet-C) against joint (AuxNet-EDC) training on the hard-boundary task",
         "rows": ["hard_dice_bce", "staged_ed", "staged_c"],
         "note": "Seed 42. 'gated off' is the fraction of prediction windows the head sent to the fill head "
-                "instead of the decoder; prediction seconds are summed over the 3 test scenes.",
+                "instead of the decoder; prediction seconds are summed over the 15 test scenes.",
     },
     "smoke": {"title": "Smoke run (tiny data; checks the pipeline, not a result)", "rows": ["smoke"], "note": ""},
 }
@@ -245,9 +245,8 @@ def machine() -> str:
     import torch
 
     gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "no GPU"
-    threads = os.environ.get("OMP_NUM_THREADS")
-    return f"{cpu}, {os.cpu_count()} cores" + (f" (OMP_NUM_THREADS={threads})" if threads else "") + \
-        f", {gpu}, torch {torch.__version__}"
+    # The threads a run uses: OMP_NUM_THREADS, else the cores taskset or a container allows.
+    return f"{cpu}, {os.cpu_count()} cores ({cpu_threads(1)} thread(s) a run), {gpu}, torch {torch.__version__}"
 
 
 def config_digest(name: str) -> str:
@@ -354,9 +353,9 @@ def _epochs(summary: dict) -> int:
     return int(summary["final"]["epoch"]) + 1
 
 
-def table_rows(table: str, opts: Options, seeds_for) -> list[list[str]]:
-    """The body rows of one table (see :data:`TABLES`)."""
-    rows = []
+def table_rows(table: str, opts: Options, seeds_for) -> tuple[list[list[str]], list[dict]]:
+    """The body rows of one table (see :data:`TABLES`), and the runs they were made from."""
+    rows, used = [], []
     baseline_hd95 = None
     for name in TABLES[table]["rows"]:
         exp = EXPERIMENTS[name]
@@ -366,6 +365,7 @@ def table_rows(table: str, opts: Options, seeds_for) -> list[list[str]]:
             rows.append([f"{exp.label} (`{name}`)", "not run"] + [""] * (len(HEADERS[table]) - 2))
             continue
         seeds_run, runs = [s for s, _ in found], [r for _, r in found]
+        used.extend(runs)
         label = f"{exp.label} (`{name}`)"
         if not all(is_current(run_folder(name, s, opts), name, command(name, s, opts)) for s in seeds_run):
             label += " **stale: made from an older config file**"
@@ -403,7 +403,7 @@ def table_rows(table: str, opts: Options, seeds_for) -> list[list[str]]:
                          str(_epochs(runs[0])), _fmt(col("DSC"), 4), _fmt(col("HD95"), 2), _fmt(ttr, 3),
                          _fmt(col("seconds"), 1), _fmt(col("DSC", gat), 4), _fmt(col("HD95", gat), 2),
                          _fmt(col("gated_off_fraction", gat), 2), _fmt(col("seconds", gat), 1), *common])
-    return rows
+    return rows, used
 
 
 HEADERS: dict[str, list[str]] = {
@@ -425,8 +425,7 @@ def render(tables: list[str], opts: Options, seeds_for) -> str:
            "command's, per run.\n"]
     for table in tables:
         spec = TABLES[table]
-        rows = table_rows(table, opts, seeds_for)
-        runs = [r for name in spec["rows"] for s in seeds_for(name) if (r := load_run(name, s, opts))]
+        rows, runs = table_rows(table, opts, seeds_for)
         out.append(f"### {spec['title']}\n")
         if spec["note"]:
             out.append(spec["note"] + "\n")
@@ -444,6 +443,18 @@ def render(tables: list[str], opts: Options, seeds_for) -> str:
 # ------------------------------------------------------------------------------------ command line
 
 
+def _seeds_last(argv: list[str]) -> list[str]:
+    """``argv`` with ``--seeds`` and its numbers moved to the end, so that experiment names after
+    the seeds (``--seeds 42 1 2 NAME``) are not read as seeds."""
+    if "--seeds" not in argv:
+        return list(argv)
+    i = argv.index("--seeds")
+    j = i + 1
+    while j < len(argv) and argv[j].lstrip("-").isdigit():
+        j += 1
+    return argv[:i] + argv[j:] + argv[i:j]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="experiments to run (default: all but smoke)")
@@ -456,7 +467,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--data-root", help="where generated datasets go (default: the configs' DATASET_DIR)")
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
     parser.add_argument("--tables-only", action="store_true", help="only rewrite the tables from finished runs")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_seeds_last(sys.argv[1:] if argv is None else argv))
 
     if args.list:
         for name, exp in EXPERIMENTS.items():

@@ -576,7 +576,9 @@ class SoftClDiceLoss(_RegionLoss):
     def compute(self, seg_logits: Tensor, target: Tensor) -> Tensor:
         p = _region_channels(_probabilities(seg_logits), self.include_background)
         y = _region_channels(_one_hot(target, seg_logits.shape[1]), self.include_background)
-        skel_p, skel_y = soft_skeleton(p, self.iterations), soft_skeleton(y, self.iterations)
+        skel_p = soft_skeleton(p, self.iterations)
+        with torch.no_grad():  # the target's skeleton is a constant
+            skel_y = soft_skeleton(y, self.iterations)
         dims, s = (0, 2, 3), self.smooth
         tprec = ((skel_p * y).sum(dims) + s) / (skel_p.sum(dims) + s)
         tsens = ((skel_y * p).sum(dims) + s) / (skel_y.sum(dims) + s)

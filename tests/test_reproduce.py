@@ -54,6 +54,30 @@ def test_dry_run_prints_the_commands_and_bad_names_fail(capsys):
     assert "unknown experiment(s) ['nope']" in capsys.readouterr().err
 
 
+def test_names_after_the_seeds_are_experiments_not_seeds(capsys):
+    assert reproduce._seeds_last(["--seeds", "42", "1", "hard_cmae", "--dry-run"]) == [
+        "hard_cmae", "--dry-run", "--seeds", "42", "1"]
+    assert reproduce.main(["--dry-run", "--seeds", "42", "1", "hard_cmae"]) == 0
+    out = capsys.readouterr().out
+    assert "hard_cmae.yaml SEED=42 RUN_ID=seed42" in out and "hard_cmae.yaml SEED=1 RUN_ID=seed1" in out
+
+
+def test_a_table_names_the_commits_of_its_own_rows_only(tmp_path):
+    """The staged table shows seed 42 of hard_dice_bce: the commits of its other seeds are not its."""
+    opts = reproduce.Options(results_dir=str(tmp_path))
+    for name, seed, commit in [("hard_dice_bce", 42, "aaa"), ("hard_dice_bce", 1, "bbb"),
+                               ("staged_ed", 42, "aaa"), ("staged_c", 42, "aaa")]:
+        folder = reproduce.run_folder(name, seed, opts)
+        folder.mkdir(parents=True)
+        whole = {"DSC": 0.9, "HD95": 3.0, "seconds": 1.0, "gated_off_fraction": 0.5}
+        (folder / "summary.json").write_text(json.dumps({
+            "final": {"epoch": 1, "TTR": 0.8}, "whole_image": {"ungated": whole, "gated": whole}}))
+        (folder / "reproduce.json").write_text(json.dumps({
+            "command": "python main.py", "wall_s": 60.0, "commit": commit, "machine": "m"}))
+    text = reproduce.render(["staged"], opts, lambda name: list(reproduce.EXPERIMENTS[name].seeds))
+    assert "Commit: aaa." in text and "bbb" not in text
+
+
 def test_smoke_run_end_to_end_writes_the_table(tmp_path):
     cmd = [sys.executable, "bench/reproduce.py", "--results-dir", str(tmp_path), "--data-root",
            str(tmp_path / "data"), "--epochs", "1", "smoke"]

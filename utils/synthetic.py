@@ -331,7 +331,7 @@ def generate_hard_boundaries(seed: int, num_images: int, size: int = 768) -> tup
 #: The generated folder datasets by name: generator and its keyword arguments.
 FOLDER_DATASETS: dict[str, tuple] = {
     "lines_ellipses": (generate_lines_ellipses, {"num_images": 60, "height": 200, "width": 400}),
-    "hard_boundaries": (generate_hard_boundaries, {"num_images": 12, "size": 768}),
+    "hard_boundaries": (generate_hard_boundaries, {"num_images": 24, "size": 768}),
     "smoke": (generate_hard_boundaries, {"num_images": 4, "size": 256}),
 }
 
