@@ -78,6 +78,12 @@ def test_a_table_names_the_commits_of_its_own_rows_only(tmp_path):
     assert "Commit: aaa." in text and "bbb" not in text
 
 
+def test_delta_is_relative_to_the_baseline_mean_and_flags_seed_noise():
+    assert reproduce._delta([8.0, 8.0], [10.0, 10.0]) == "-20 %"  # no spread: beyond noise
+    assert reproduce._delta([6.0, 10.0], [10.0, 10.0]) == "-20 % (within noise)"  # |8 - 10| <= 2 + 0
+    assert reproduce._delta([], [10.0]) == "–" and reproduce._delta([5.0], None) == "– (no baseline)"
+
+
 def test_smoke_run_end_to_end_writes_the_table(tmp_path):
     cmd = [sys.executable, "bench/reproduce.py", "--results-dir", str(tmp_path), "--data-root",
            str(tmp_path / "data"), "--epochs", "1", "smoke"]
