@@ -537,10 +537,11 @@ def soft_skeleton(x: Tensor, iterations: int) -> Tensor:
     Shape:
         x: (B, C, H, W) in [0, 1]. Returns the same shape, in [0, 1].
     """
-    skel = F.relu(x - _soft_dilate(_soft_erode(x)))
+    eroded = _soft_erode(x)  # open(x) = dilate(erode(x)), and erode(x) is also the next level
+    skel = F.relu(x - _soft_dilate(eroded))
     for _ in range(iterations):
-        x = _soft_erode(x)
-        delta = F.relu(x - _soft_dilate(_soft_erode(x)))
+        x, eroded = eroded, _soft_erode(eroded)
+        delta = F.relu(x - _soft_dilate(eroded))
         skel = skel + F.relu(delta - skel * delta)
     return skel
 
