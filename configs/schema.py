@@ -100,6 +100,10 @@ class Config:
     SDM_KERNEL_SIZE: int = opt(3, "kernel of the cascaded-convolution SDM used for predictions (odd, >= 3)")
     SDM_DISTANCE: Distance = opt("euclidean", "euclidean | manhattan | chebyshev")
     SDM_NORMALIZATION: Normalization = opt("static_max", "static_max | dynamic_max | minmax | none")
+    SDM_SCOPE: Literal["tile", "image"] = opt(
+        "tile",
+        "Boundary loss target distances: tile (within each tile, as the reference code) | image (measured over the whole image: a false positive in an empty tile costs its distance)",
+    )
     # loss
     LOSS: str = opt(
         "SoftDICE_BCE",

@@ -139,6 +139,9 @@ def _loss_rules(cfg: Config) -> list[str]:
         terms = None
     if terms is not None:
         p += loss_problems(terms, cfg.SEG_CLASSES, cfg.loss_weighting, cfg.STATIC_WEIGHTS, cfg.CLS_WEIGHT)
+        if cfg.SDM_SCOPE == "image" and "Boundary" not in terms:
+            p.append(f"SDM_SCOPE=image measures the Boundary term's target distances over the whole image, but "
+                     f"LOSS={cfg.LOSS!r} has no Boundary term: add Boundary to LOSS or set SDM_SCOPE=tile")
     _in_range(p, "CLAMP_DELTA", cfg.CLAMP_DELTA, 0, lo_open=True)
     _in_range(p, "SIGMOID_STEEPNESS", cfg.SIGMOID_STEEPNESS, 0, lo_open=True)
     _in_range(p, "WCE_W0", cfg.WCE_W0, 0)

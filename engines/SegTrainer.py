@@ -28,18 +28,19 @@ class TrainStep(nn.Module):
     """Network and loss in one module, so DDP (and the optimiser) see the learnable loss weights.
 
     ``forward`` returns the network's output and the loss; ``decode=False`` skips the decoder when
-    only the classifier trains.
+    only the classifier trains. ``sdm``: the batch's whole-image distance maps (SDM_SCOPE=image).
     """
 
     def __init__(self, net: AuxNet, loss: nn.Module, decode: bool, use_cls: bool):
         super().__init__()
         self.net, self.loss, self.decode, self.use_cls = net, loss, decode, use_cls
 
-    def forward(self, image: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, fill: torch.Tensor):
+    def forward(self, image: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, fill: torch.Tensor,
+                sdm: Optional[torch.Tensor] = None):
         out: AuxNetOutput = self.net(image, decode=self.decode)
         if not self.use_cls:
-            return out, self.loss(out.seg, mask)
-        return out, self.loss(out.seg, mask, out.cls, label, out.fill, fill)
+            return out, self.loss(out.seg, mask, target_sdm=sdm)
+        return out, self.loss(out.seg, mask, out.cls, label, out.fill, fill, target_sdm=sdm)
 
 
 @dataclass
@@ -313,7 +314,8 @@ class SegTrainer:
     def to_device(self, batch: dict[str, Any]):
         dev = self.ctx.device
         image = image_to(batch["image"], dev, self.s.channels_last)
-        return (image, *(batch[k].to(dev, non_blocking=True) for k in ("mask", "label", "fill")))
+        sdm = batch["sdm"].to(dev, non_blocking=True) if "sdm" in batch else None
+        return (image, *(batch[k].to(dev, non_blocking=True) for k in ("mask", "label", "fill")), sdm)
 
     def autocast(self):
         return autocast_for(self.ctx.device, self.s.amp_dtype)

@@ -23,7 +23,7 @@ from model.loss import LossOptions
 from model.loss import build_loss as make_loss
 from model.metrics import SegmentationMetrics
 from utils.augment import DEFAULT_AUGMENTATIONS
-from utils.dataset import Splits, build_datasets, make_loader
+from utils.dataset import SceneSDM, Splits, build_datasets, make_loader
 from utils.hardware import AMP_DTYPES, compile_problem, resolve_channels_last, resolve_precision
 from utils.image_io import DatasetError
 from utils.loggers import build_loggers
@@ -151,6 +151,7 @@ def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Opt
             synthetic_images=cfg.SYNTHETIC_IMAGES,
             synthetic_size=cfg.SYNTHETIC_SIZE,
             test_ids=test_ids,
+            scene_sdm=SceneSDM(cfg.SEG_CLASSES, cfg.SDM_DISTANCE) if cfg.SDM_SCOPE == "image" else None,
         )
 
 

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils.sdf import check_kernel_size, distance_transform, label_masks, signed_distance_map
+from utils.sdf import check_kernel_size, distance_transform, label_masks, normalize_sdm, signed_distance_map
 from utils.tiling import NO_FILL
 from utils.util import check_choice
 
@@ -92,6 +92,19 @@ def _check_seg_inputs(seg_logits: Tensor, target: Tensor, who: str) -> None:
             f"{who}: target holds class indices in [{int(target.min())}, {int(target.max())}] but a head "
             f"with K={k} output channel(s) has classes 0..{n - 1}"
         )
+
+
+def _check_target_sdm(seg_logits: Tensor, target_sdm: Optional[Tensor], who: str) -> None:
+    """Raise a ValueError naming ``who`` unless ``target_sdm`` is None or one float map per
+    foreground class of every tile: (B, 1, H, W) for a binary head, (B, K - 1, H, W) otherwise."""
+    if target_sdm is None:
+        return
+    b, k, h, w = seg_logits.shape
+    expected = (b, 1 if k == 1 else k - 1, h, w)
+    if not isinstance(target_sdm, Tensor) or not target_sdm.is_floating_point() or tuple(target_sdm.shape) != expected:
+        got = (f"{tuple(target_sdm.shape)} {target_sdm.dtype}" if isinstance(target_sdm, Tensor)
+               else type(target_sdm).__name__)
+        raise ValueError(f"{who}: target_sdm must be a float {expected} tensor (one map per foreground class), got {got}")
 
 
 def _head(k: int) -> str:
@@ -170,22 +183,28 @@ class SegLoss(nn.Module):
         heads: the heads the loss supports, a subset of ``("binary", "multiclass")``.
         schedule_group: ``"region"`` or ``"boundary"``: which weight the ``schedule`` mode gives it.
         can_be_negative: True if the value can drop below zero (not allowed under adaptive weights).
+        takes_scene_sdm: :meth:`compute` accepts ``target_sdm``, the target's distance maps
+            measured over the whole image (SDM_SCOPE=image), instead of computing them per tile.
     """
 
     name: str = ""
     heads: tuple[str, ...] = HEADS
     schedule_group: str = "region"
     can_be_negative: bool = False
+    takes_scene_sdm: bool = False
 
-    def forward(self, seg_logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, seg_logits: Tensor, target: Tensor, target_sdm: Optional[Tensor] = None) -> Tensor:
         """Validated, fp32 loss value.
 
         Args:
             seg_logits: raw logits.
             target: class indices.
+            target_sdm: whole-image distance maps of the foreground classes cut to the tile
+                (pixels), used by the terms that take them (:attr:`takes_scene_sdm`), or None.
 
         Shape:
-            seg_logits: (B, K, H, W); target: (B, H, W). Returns a scalar.
+            seg_logits: (B, K, H, W); target: (B, H, W); target_sdm: (B, C, H, W), C = 1 for a
+            binary head, K - 1 otherwise. Returns a scalar.
 
         Raises:
             ValueError: on shapes, dtypes or class indices that do not fit, or a head (K) that the
@@ -193,8 +212,15 @@ class SegLoss(nn.Module):
         """
         _check_seg_inputs(seg_logits, target, self.name)
         self.check_head(seg_logits.shape[1])
+        _check_target_sdm(seg_logits, target_sdm, self.name)
         with torch.autocast(seg_logits.device.type, enabled=False):
-            return self.compute(seg_logits, target)
+            return self.scored(seg_logits, target, target_sdm)
+
+    def scored(self, seg_logits: Tensor, target: Tensor, target_sdm: Optional[Tensor]) -> Tensor:
+        """:meth:`compute`, given ``target_sdm`` when this term takes it."""
+        if self.takes_scene_sdm and target_sdm is not None:
+            return self.compute(seg_logits, target, target_sdm)
+        return self.compute(seg_logits, target)
 
     def check_head(self, k: int) -> None:
         """Raise a ValueError if a head with ``k`` output channels is not supported."""
@@ -745,7 +771,12 @@ class BoundaryLoss(_DistanceLoss):
 
     A class without a boundary in a tile (absent, or covering it) has a zero map, as in the
     reference implementation, so it adds 0 and no gradient: a boundary loss alone cannot remove
-    false positives from an empty tile, which is why it is combined with a region loss.
+    false positives from an empty tile, which is why it is combined with a region loss. Given
+    ``target_sdm`` (SDM_SCOPE=image: the maps measured over the whole image, in pixels, cut to
+    the tile; see :class:`utils.dataset.SceneSDM`), φ is that map with the same normalisation
+    (``static_max``: the tile's own constant, so values beyond 1 mean "farther than the tile's
+    diagonal"), and a false positive in an empty tile costs its true distance to the nearest
+    object of its class.
 
     Args:
         nonnegative: subtract the perfect prediction's value (see above).
@@ -754,6 +785,7 @@ class BoundaryLoss(_DistanceLoss):
     """
 
     name = "Boundary"
+    takes_scene_sdm = True
 
     def __init__(
         self, nonnegative: bool = False, distance: str = "euclidean", normalization: Optional[str] = "static_max"
@@ -762,10 +794,13 @@ class BoundaryLoss(_DistanceLoss):
         self.nonnegative = bool(nonnegative)
         self.can_be_negative = not self.nonnegative
 
-    def compute(self, seg_logits: Tensor, target: Tensor) -> Tensor:
+    def compute(self, seg_logits: Tensor, target: Tensor, target_sdm: Optional[Tensor] = None) -> Tensor:
         p = _foreground_channels(_probabilities(seg_logits))
         with torch.no_grad():
-            phi = self.sdm(_foreground_channels(_one_hot(target, seg_logits.shape[1])), "exact")
+            if target_sdm is None:
+                phi = self.sdm(_foreground_channels(_one_hot(target, seg_logits.shape[1])), "exact")
+            else:
+                phi = normalize_sdm(target_sdm.float(), self.normalization, self.distance)
         loss = (p * phi).mean()
         if self.nonnegative:
             loss = loss - phi.clamp(max=0).mean()
@@ -1090,6 +1125,7 @@ class CombinedLoss(nn.Module):
         cls_target: Optional[Tensor] = None,
         fill_logits: Optional[Tensor] = None,
         fill_target: Optional[Tensor] = None,
+        target_sdm: Optional[Tensor] = None,
     ) -> LossOutput:
         """Compute every applicable term and their weighted total.
 
@@ -1100,6 +1136,8 @@ class CombinedLoss(nn.Module):
             cls_target: classifier class indices (needed with ``cls_logits``).
             fill_logits, fill_target: the fill head's logits and each tile's class (or NO_FILL),
                 added to the CLS term (see :class:`ClassificationLoss`).
+            target_sdm: the target's whole-image distance maps cut to the tile (SDM_SCOPE=image),
+                for the terms that take them (see :meth:`SegLoss.forward`), or None.
 
         Shape:
             seg_logits: (B, K, H, W); target: (B, H, W); cls_logits: (B, J); cls_target: (B,).
@@ -1116,9 +1154,10 @@ class CombinedLoss(nn.Module):
             _check_seg_inputs(seg_logits, target, "CombinedLoss")
             for term in self.seg_terms.values():
                 term.check_head(seg_logits.shape[1])
+            _check_target_sdm(seg_logits, target_sdm, "CombinedLoss")
             with torch.autocast(seg_logits.device.type, enabled=False):
                 for name, term in self.seg_terms.items():
-                    losses[name] = term.compute(seg_logits, target)
+                    losses[name] = term.scored(seg_logits, target, target_sdm)
         if cls_logits is not None:
             if self.cls_term is None:
                 raise ValueError(

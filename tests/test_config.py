@@ -122,6 +122,7 @@ def test_the_three_classic_mistakes_in_one_error():
         (["TRAIN_EPOCHS=0"], "TRAIN_EPOCHS=0 is out of range"),
         (["BASE_LR=0"], "BASE_LR=0 is out of range"),
         (["SDM_KERNEL_SIZE=4"], "SDM_KERNEL_SIZE=4 must be an odd int >= 3"),
+        (["SDM_SCOPE=image"], "LOSS='SoftDICE_BCE' has no Boundary term: add Boundary to LOSS or set SDM_SCOPE=tile"),
         (["MODEL=UNet", "EVAL_METRIC=TTR"], "which MODEL=UNet lacks"),
         (["DISTANCE_METRICS=false", "EVAL_METRIC=HD95"], "set DISTANCE_METRICS=true"),
         (["EVAL_METRIC=CMA", "CMA_COEFFICIENTS={DSC: 1, HD59: 1}"], "unknown metric 'HD59' (did you mean 'HD95'?)"),

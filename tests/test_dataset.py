@@ -17,7 +17,7 @@ import utils.image_io as image_io
 import utils.synthetic as synthetic
 from conftest import random_box
 from utils.augment import DEFAULT_AUGMENTATIONS, UNetElasticTransform, augmentation_problems, build_augmentation
-from utils.dataset import TileDataset, build_datasets, make_loader
+from utils.dataset import SceneSDM, TileDataset, build_datasets, make_loader
 from utils.image_io import DatasetError, ImageEntry, ImageSet, load_folder
 from utils.splits import make_folds, num_folds
 from utils.synthetic import SYNTHETIC_VERSION, generate_synthetic, load_synthetic
@@ -689,3 +689,56 @@ def test_every_form_of_augmentations_reaches_the_training_set(tmp_path, value, n
     augment = splits.train.augment
     assert (augment is None) if names is None else [type(t).__name__ for t in augment.transforms] == names
     assert splits.test.augment is None
+
+
+# ------------------------------------------------------------------------- whole-image distances
+def _scipy_scene_sdm(mask: np.ndarray, c: int) -> np.ndarray:
+    """The boundary-loss reference SDM of class c over the whole mask (SciPy EDT)."""
+    pos = mask == c
+    if not pos.any() or pos.all():
+        return np.zeros(mask.shape)
+    return ndimage.distance_transform_edt(~pos) * ~pos - (ndimage.distance_transform_edt(pos) - 1) * pos
+
+
+def test_scene_sdm_tiles_carry_the_whole_images_distances(tmp_path):
+    # 96x64 images, 32-px tiles: a disk of class 1 and a bar of class 2 in the top-left tiles,
+    # so most tiles hold neither class and only the whole image knows how far they are
+    rng = np.random.default_rng(0)
+    for n in range(5):
+        mask = np.zeros((64, 96), np.uint8)
+        yy, xx = np.mgrid[:64, :96]
+        mask[(yy - 10 - n) ** 2 + (xx - 12) ** 2 <= 36] = 1
+        mask[20:23, 2:30] = 2
+        if n == 4:
+            mask[:] = 0  # an image without any object: zero maps
+        _pair(tmp_path / "data", f"{n:02d}", rng.integers(0, 255, (64, 96), dtype=np.uint8), mask)
+    splits = _build(tmp_path / "data", tmp_path, seg_classes=3, scene_sdm=SceneSDM(3))
+    ds = splits.train
+    assert "sdm" not in splits.test[0]  # the test tiles are scored by metrics, not losses
+    far = 0
+    for k in range(len(ds)):
+        i, y, x = ds.tiles[k]
+        mask = ds.images.get(i)[1]
+        item = ds[k]
+        assert item["sdm"].shape == (2, 32, 32) and item["sdm"].dtype == torch.float32
+        for c in (1, 2):
+            ref = _scipy_scene_sdm(mask, c)[y:y + 32, x:x + 32]
+            np.testing.assert_allclose(item["sdm"][c - 1].numpy(), ref, atol=1e-4)
+        far += int(item["sdm"].min() > 0 and item["mask"].max() == 0)
+    assert far > 0  # tiles with no object still carry (positive) distances
+
+
+def test_scene_sdm_moves_with_the_mask_under_flips_and_turns(tmp_path):
+    rng = np.random.default_rng(1)
+    for n in range(5):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[5 + n:15 + n, 40:50] = 1
+        _pair(tmp_path / "data", f"{n:02d}", rng.integers(0, 255, (64, 64), dtype=np.uint8), mask)
+    augment = [{"name": "HorizontalFlip", "p": 1.0}, {"name": "RandomRotate90", "p": 1.0}]
+    ds = _build(tmp_path / "data", tmp_path, scene_sdm=SceneSDM(1), augmentations=augment).train
+    for k in range(len(ds)):
+        item = ds[k]
+        assert item["sdm"].shape == (1, 32, 32)  # binary head: one map, of class 1
+        sdm, mask = item["sdm"][0].numpy(), item["mask"].numpy()
+        # inside the object the map is <= 0, outside it is >= 1: the map still fits the mask
+        assert (sdm[mask == 1] <= 0).all() and (sdm[mask == 0] >= 1).all()

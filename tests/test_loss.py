@@ -367,6 +367,42 @@ def test_boundary_equals_scipy_reference_on_random_masks(k, normalization):
     assert abs(BoundaryLoss(normalization=normalization)(x, y).item() - ref) < 1e-5
 
 
+def test_boundary_with_whole_image_distances():
+    # An empty 5x5 tile whose nearest object lies 40 px away (SDM_SCOPE=image): the tile's own
+    # map is zero, so a false positive costs nothing; the whole image's map charges its distance.
+    y = torch.zeros(1, 5, 5, dtype=torch.long)
+    dist = 40.0 + torch.arange(25, dtype=torch.float32).reshape(1, 1, 5, 5)  # 40 ... 64 px
+    x = binary_logits(torch.ones(1, 5, 5))  # the whole tile predicted foreground
+    p = torch.sigmoid(x)
+    assert BoundaryLoss(normalization=None)(x, y).item() == 0.0
+    raw = BoundaryLoss(normalization=None)(x, y, dist).item()
+    assert raw == pytest.approx(float((p * dist).mean()), rel=1e-6) and raw > 40
+    # static_max divides by the tile's own constant (its diagonal), as for the tile's own maps
+    scaled = BoundaryLoss(normalization="static_max")(x, y, dist).item()
+    assert scaled == pytest.approx(raw / math.hypot(4, 4), rel=1e-6)
+    # on a tile that holds the object, the whole image's map cut to the tile is the tile's own map
+    # wherever the nearest boundary lies inside the tile: both give the same value
+    y = t(SQUARE)
+    own = torch.from_numpy(ref_sdm(y[0].numpy() == 1)).float()[None, None]
+    x = binary_logits(1 - y)
+    assert BoundaryLoss(normalization=None)(x, y, own).item() == pytest.approx(
+        BoundaryLoss(normalization=None)(x, y).item(), abs=1e-6)
+
+
+def test_combined_loss_gives_whole_image_distances_to_boundary_only():
+    x, y = _batch()
+    dist = torch.full((x.shape[0], 1, *x.shape[2:]), 7.0)
+    combined = build_loss("SoftDICE_BCE_Boundary", seg_classes=1, sdm_normalization=None)
+    with_maps, without = combined(x, y, target_sdm=dist), combined(x, y)
+    for name in ("SoftDICE", "BCE"):
+        assert with_maps.terms[name].item() == without.terms[name].item()
+    assert with_maps.terms["Boundary"].item() == pytest.approx(float((torch.sigmoid(x.detach()) * 7).mean()), rel=1e-6)
+    with pytest.raises(ValueError, match=r"target_sdm must be a float \(2, 1, 10, 10\) tensor"):
+        combined(x, y, target_sdm=dist[:, :, :4])
+    with pytest.raises(ValueError, match="one map per foreground class"):
+        BoundaryLoss()(multi_logits(y, 3), y, dist)
+
+
 # --------------------------------------------------------------------------------------- SDM losses
 #
 # The predicted SDM comes from utils.sdf's differentiable ``conv`` method: a pixel of probability

@@ -128,6 +128,20 @@ def test_two_epochs_write_last_best_summary_and_log_and_the_loss_falls(finished_
 # ----------------------------------------------------------------------------------- optimiser
 
 
+def test_whole_image_distances_reach_the_boundary_term(new_trainer):
+    # SDM_SCOPE=image: the training batches carry each tile's cut of its image's distance maps,
+    # and the step's Boundary term integrates the probabilities against them (not the tile's own)
+    trainer = new_trainer("LOSS=SoftDICE_Boundary", "SDM_SCOPE=image", "SDM_NORMALIZATION=none")
+    image, mask, label, fill, sdm = trainer.to_device(next(iter(trainer.train_loader)))
+    assert sdm.shape == (4, 1, 64, 64)
+    with torch.no_grad():
+        out, loss = trainer.ddp(image, mask, label, fill, sdm)
+    expected = (torch.sigmoid(out.seg.float()) * sdm).mean()
+    assert loss.terms["Boundary"].item() == pytest.approx(expected.item(), rel=1e-5)
+    plain = new_trainer("LOSS=SoftDICE_Boundary", run=RunDir(trainer.s.run.root.parent / "plain"))
+    assert plain.to_device(next(iter(plain.train_loader)))[-1] is None  # SDM_SCOPE=tile: no maps
+
+
 def test_network_params_get_l2_decay_and_a_static_loss_has_no_group(new_trainer):
     trainer = new_trainer("L2_DECAY=0.05")
     (group,) = trainer.optimizer.param_groups

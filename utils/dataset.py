@@ -20,6 +20,9 @@ Items are dicts (default collate works)::
     fill   int64 (), the tile's one class when it has no boundary, else -100 (ignored by the loss)
     id     str, "<image id>_y<row>_x<col>", e.g. "07_y0256_x0128"
     index  int64 (), position in the dataset
+    sdm    float32 (C, H, W), only with ``scene_sdm``: the exact signed distance map of each
+           foreground class measured over the *whole image* and cut to the tile (pixels; see
+           :class:`SceneSDM`)
 
 Folder datasets, in short (details in :func:`load_folder`):
 
@@ -47,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 
 from utils.augment import build_augmentation
 from utils.image_io import DatasetError, ImageSet, load_folder, to_unit_range
+from utils.sdf import signed_distance_map
 from utils.splits import num_folds, resolve_split
 from utils.synthetic import load_synthetic
 from utils.tiling import boundary_label, fill_label, tile_id, tiles_of
@@ -59,6 +63,39 @@ COMPOSITIONS = ("full", "boundary")
 
 # the dataset
 # ---------------------------------------------------------------------------------------------
+class SceneSDM:
+    """Signed distance maps of whole images, for losses that measure distances beyond a tile.
+
+    A tile's own SDM knows only the structures inside the tile: a class absent from the tile has
+    no map at all, so a false positive there costs a distance loss nothing, however far it lies
+    from every true structure. Measured over the whole image, each pixel gets its true distance
+    to the nearest boundary of its class (the setting of the boundary loss's paper, which trains
+    on whole slices). The maps follow :func:`utils.sdf.signed_distance_map`, method ``exact``, in
+    pixels (positive outside, 1 next to the object; 0 on its inner edge, negative further in);
+    a class absent from (or covering) the whole image has a zero map. Each image's maps are
+    computed once, when a tile of it is first read (per loader worker), and kept.
+
+    Under geometric augmentation the tile's maps move with its mask (nearest neighbour): flips and
+    quarter turns keep them exact; scaling and warps carry the distances without rescaling them.
+
+    Args:
+        seg_classes: SEG_CLASSES (1 = binary: one map, of class 1; K >= 2: classes 1 ... K-1).
+        distance: SDM_DISTANCE.
+    """
+
+    def __init__(self, seg_classes: int, distance: str = "euclidean"):
+        self.classes, self.distance = max(int(seg_classes), 2), distance
+        self._maps: dict[int, np.ndarray] = {}
+
+    def of(self, index: int, mask: np.ndarray) -> np.ndarray:
+        """float32 (C, H, W) maps of image ``index``, whose (H, W) class mask is ``mask``."""
+        if index not in self._maps:
+            labels = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))[None]
+            maps = signed_distance_map(labels, distance=self.distance, method="exact", num_classes=self.classes)
+            self._maps[index] = maps[0, 1:].numpy().astype(np.float32)
+        return self._maps[index]
+
+
 class TileDataset(Dataset):
     """Tiles of the images of an :class:`ImageSet`, optionally augmented.
 
@@ -67,6 +104,7 @@ class TileDataset(Dataset):
         tiles: ``(image index, y, x)`` of each tile's top-left corner.
         input_size: tile side.
         augment: a Compose from :func:`build_augmentation`, or None.
+        scene_sdm: add each tile's cut of its image's :class:`SceneSDM` maps as ``sdm``.
 
     Attributes:
         ids: tile ids, ``"<image id>_y<row>_x<col>"``.
@@ -74,8 +112,9 @@ class TileDataset(Dataset):
     """
 
     def __init__(self, images: ImageSet, tiles: Sequence[tuple[int, int, int]], input_size: int,
-                 augment: Optional[A.Compose] = None):
+                 augment: Optional[A.Compose] = None, scene_sdm: Optional[SceneSDM] = None):
         self.images = images
+        self.scene_sdm = scene_sdm
         self.tiles = [tuple(map(int, t)) for t in tiles]
         self.input_size = input_size
         self.augment = augment
@@ -103,14 +142,21 @@ class TileDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         raw_image, mask = self._raw(k)
-        entry = self.images.entries[self.tiles[k][0]]
+        i, y, x = self.tiles[k]
+        entry = self.images.entries[i]
         image = to_unit_range(raw_image, entry.offset, entry.scale)
+        sdm = None
+        if self.scene_sdm is not None:
+            s = self.input_size
+            sdm = list(self.scene_sdm.of(i, self.images.get(i)[1])[:, y:y + s, x:x + s])
         if self.augment is not None:
-            out = self.augment(image=image, mask=mask)
+            out = self.augment(image=image, mask=mask, **({"masks": sdm} if sdm is not None else {}))
             image = np.clip(out["image"], 0.0, 1.0, dtype=np.float32)
             mask = out["mask"]
+            sdm = out.get("masks", sdm)
             if image.ndim == 2:  # some transforms drop a single channel axis
                 image = image[..., None]
+        extra = {} if sdm is None else {"sdm": torch.from_numpy(np.stack(sdm).astype(np.float32, copy=False))}
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "mask": torch.from_numpy(mask.astype(np.int64)),
@@ -118,6 +164,7 @@ class TileDataset(Dataset):
             "fill": torch.tensor(fill_label(mask), dtype=torch.int64),
             "id": self.ids[k],
             "index": torch.tensor(k, dtype=torch.int64),
+            **extra,
         }
 
 
@@ -150,6 +197,7 @@ def build_datasets(
     synthetic_images: int,
     synthetic_size: int,
     test_ids: Optional[Sequence[str]] = None,
+    scene_sdm: Optional[SceneSDM] = None,
 ) -> Splits:
     """Load a dataset, split its images into folds and build the train/test tile datasets of ``fold``.
 
@@ -171,6 +219,7 @@ def build_datasets(
         synthetic_images, synthetic_size: number and side of the generated images.
         test_ids: the test images, given (a checkpoint's own split): ``split_file`` is then neither
             read nor written, and every other image is a training image.
+        scene_sdm: whole-image distance maps for the training tiles (``sdm``), or None.
 
     Returns:
         :class:`Splits`.
@@ -227,9 +276,10 @@ def build_datasets(
     index = {image_id: i for i, image_id in enumerate(images.ids)}
     train_ids = [i for i in images.ids if i not in held_out]
 
-    def dataset(ids: list[str], composition: str, augment: Optional[A.Compose], which: str) -> TileDataset:
+    def dataset(ids: list[str], composition: str, augment: Optional[A.Compose], which: str,
+                sdm: Optional[SceneSDM] = None) -> TileDataset:
         tiles = tiles_of(images, [index[i] for i in ids], input_size, tile_overlap)
-        ds = TileDataset(images, tiles, input_size, augment)
+        ds = TileDataset(images, tiles, input_size, augment, sdm)
         if composition == "boundary":
             keep = np.flatnonzero(ds.labels == 1)
             if keep.size == 0:
@@ -237,12 +287,12 @@ def build_datasets(
                     f"the {which} set of fold {fold} has no tile with a class boundary: "
                     f"use {which.upper()}_SET_COMPOSITION=full"
                 )
-            ds = TileDataset(images, [ds.tiles[j] for j in keep], input_size, augment)
+            ds = TileDataset(images, [ds.tiles[j] for j in keep], input_size, augment, sdm)
         return ds
 
     augment = build_augmentation(augmentations, seed=seed) if augmentations else None
     return Splits(
-        train=dataset(train_ids, train_composition, augment, "train"),
+        train=dataset(train_ids, train_composition, augment, "train", scene_sdm),
         test=dataset(list(test_ids), test_composition, None, "test"),
         train_ids=train_ids,
         test_ids=list(test_ids),

@@ -49,6 +49,7 @@ __all__ = [
     "distance_transform",
     "label_masks",
     "max_distance",
+    "normalize_sdm",
     "signed_distance_map",
     "spacing_pair",
 ]
@@ -747,7 +748,11 @@ def _exact_sdm_cpu(pos: torch.Tensor, distance: str, sy: float, sx: float, backe
     return torch.from_numpy(out)
 
 
-def _normalize(sdm: torch.Tensor, normalization: Optional[str], distance: str, spacing: Spacing) -> torch.Tensor:
+def normalize_sdm(sdm: torch.Tensor, normalization: Optional[str], distance: str = "euclidean",
+                  spacing: Spacing = None) -> torch.Tensor:
+    """Normalise (..., H, W) signed distance maps as :func:`signed_distance_map` does (see there);
+    ``static_max`` divides by :func:`max_distance` of the maps' own H x W. Zero maps stay zero."""
+    check_choice("normalization", normalization, NORMALIZATIONS)
     if normalization is None:
         return sdm
     if normalization == "static_max":
@@ -861,5 +866,5 @@ def signed_distance_map(
             sdm = (1 - p) * to_object - (to_background - 1) * p
             boundary_exists = (p > 0).any(dim=(-2, -1)) & (p < 1).any(dim=(-2, -1))
             sdm = torch.where(boundary_exists[:, None, None], sdm, torch.zeros_like(sdm))
-        sdm = _normalize(sdm, normalization, distance, spacing)
+        sdm = normalize_sdm(sdm, normalization, distance, spacing)
     return sdm.reshape(shape)
