@@ -101,6 +101,8 @@ EXPERIMENTS: dict[str, Experiment] = {
     "lines_ellipses": Experiment("lines_ellipses", "AuxNet-EDC, CE_SoftDICE, 3 classes", test_ids=LINES_TEST),
     "hard_dice_bce": Experiment("hard_boundaries", "SoftDICE_BCE", MULTI_SEEDS, HARD_TEST),
     "hard_boundary": Experiment("hard_boundaries", "SoftDICE_BCE_Boundary, α schedule", MULTI_SEEDS, HARD_TEST),
+    "hard_boundary_image": Experiment("hard_boundaries", "SoftDICE_BCE_Boundary, α schedule, whole-scene distances",
+                                      MULTI_SEEDS, HARD_TEST),
     "hard_smae": Experiment("hard_boundaries", "SoftDICE_BCE_sMAE", MULTI_SEEDS, HARD_TEST),
     "hard_cmae": Experiment("hard_boundaries", "SoftDICE_BCE_cMAE", MULTI_SEEDS, HARD_TEST),
     "hard_wbce": Experiment("hard_boundaries", "SoftDICE_wBCE", MULTI_SEEDS, HARD_TEST),
@@ -131,7 +133,7 @@ TABLES: dict[str, dict] = {
     },
     "hard_boundaries": {
         "title": "Hard boundaries (thin, touching, low-contrast structures in sparse 768² scenes), equal epochs",
-        "rows": ["hard_dice_bce", "hard_boundary", "hard_smae", "hard_cmae", "hard_wbce", "hard_adaptive",
+        "rows": ["hard_dice_bce", "hard_boundary", "hard_boundary_image", "hard_smae", "hard_cmae", "hard_wbce", "hard_adaptive",
                  "hard_cldice"],
         "note": "Mean ± std over the seeds listed (whole test scenes, final epoch; HD95 and ASD are the mean "
                 "over the 15 scenes). ΔHD95 and ΔHD95 gated are relative to SoftDICE_BCE's ungated mean; a "
