@@ -103,6 +103,8 @@ EXPERIMENTS: dict[str, Experiment] = {
     "hard_boundary": Experiment("hard_boundaries", "SoftDICE_BCE_Boundary, α schedule", MULTI_SEEDS, HARD_TEST),
     "hard_boundary_image": Experiment("hard_boundaries", "SoftDICE_BCE_Boundary, α schedule, whole-scene distances",
                                       MULTI_SEEDS, HARD_TEST),
+    "hard_cldice_boundary_image": Experiment(
+        "hard_boundaries", "SoftDICE_BCE_clDice_Boundary, α schedule, whole-scene distances", MULTI_SEEDS, HARD_TEST),
     "hard_smae": Experiment("hard_boundaries", "SoftDICE_BCE_sMAE", MULTI_SEEDS, HARD_TEST),
     "hard_cmae": Experiment("hard_boundaries", "SoftDICE_BCE_cMAE", MULTI_SEEDS, HARD_TEST),
     "hard_wbce": Experiment("hard_boundaries", "SoftDICE_wBCE", MULTI_SEEDS, HARD_TEST),
@@ -133,8 +135,8 @@ TABLES: dict[str, dict] = {
     },
     "hard_boundaries": {
         "title": "Hard boundaries (thin, touching, low-contrast structures in sparse 768² scenes), equal epochs",
-        "rows": ["hard_dice_bce", "hard_boundary", "hard_boundary_image", "hard_smae", "hard_cmae", "hard_wbce", "hard_adaptive",
-                 "hard_cldice"],
+        "rows": ["hard_dice_bce", "hard_boundary", "hard_boundary_image", "hard_smae", "hard_cmae", "hard_wbce",
+                 "hard_adaptive", "hard_cldice", "hard_cldice_boundary_image"],
         "note": "Mean ± std over the seeds listed (whole test scenes, final epoch; HD95 and ASD are the mean "
                 "over the 15 scenes). ΔHD95 and ΔHD95 gated are relative to SoftDICE_BCE's ungated mean; a "
                 "change counts as beyond seed noise when it exceeds both std summed. 'gated': the head's "
