@@ -73,7 +73,8 @@ class SceneSDM:
     on whole slices). The maps follow :func:`utils.sdf.signed_distance_map`, method ``exact``, in
     pixels (positive outside, 1 next to the object; 0 on its inner edge, negative further in);
     a class absent from (or covering) the whole image has a zero map. Each image's maps are
-    computed once, when a tile of it is first read (per loader worker), and kept.
+    computed once, when a tile of it is first read, and kept: 4 bytes per pixel and foreground
+    class of every training image, in each loader worker.
 
     Under geometric augmentation the tile's maps move with its mask (nearest neighbour): flips and
     quarter turns keep them exact; scaling and warps carry the distances without rescaling them.
