@@ -88,9 +88,10 @@ class SceneSDM:
         self.classes, self.distance = max(int(seg_classes), 2), distance
         self._maps: dict[int, np.ndarray] = {}
 
-    def of(self, index: int, mask: np.ndarray) -> np.ndarray:
-        """float32 (C, H, W) maps of image ``index``, whose (H, W) class mask is ``mask``."""
+    def of(self, images: ImageSet, index: int) -> np.ndarray:
+        """float32 (C, H, W) maps of image ``index`` of ``images`` (its mask is read only once)."""
         if index not in self._maps:
+            mask = images.get(index)[1]
             labels = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))[None]
             maps = signed_distance_map(labels, distance=self.distance, method="exact", num_classes=self.classes)
             self._maps[index] = maps[0, 1:].numpy().astype(np.float32)
@@ -149,7 +150,7 @@ class TileDataset(Dataset):
         sdm = None
         if self.scene_sdm is not None:
             s = self.input_size
-            sdm = list(self.scene_sdm.of(i, self.images.get(i)[1])[:, y:y + s, x:x + s])
+            sdm = list(self.scene_sdm.of(self.images, i)[:, y:y + s, x:x + s])
         if self.augment is not None:
             out = self.augment(image=image, mask=mask, **({"masks": sdm} if sdm is not None else {}))
             image = np.clip(out["image"], 0.0, 1.0, dtype=np.float32)
