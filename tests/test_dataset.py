@@ -712,8 +712,11 @@ def test_scene_sdm_tiles_carry_the_whole_images_distances(tmp_path):
         if n == 4:
             mask[:] = 0  # an image without any object: zero maps
         _pair(tmp_path / "data", f"{n:02d}", rng.integers(0, 255, (64, 96), dtype=np.uint8), mask)
-    splits = _build(tmp_path / "data", tmp_path, seg_classes=3, scene_sdm=SceneSDM(3))
+    scene = SceneSDM(3)
+    splits = _build(tmp_path / "data", tmp_path, seg_classes=3, scene_sdm=scene)
     ds = splits.train
+    # every training image's maps exist once the set is built, before any loader worker starts
+    assert sorted(scene._maps) == sorted({i for i, _, _ in ds.tiles})
     assert "sdm" not in splits.test[0]  # the test tiles are scored by metrics, not losses
     far = 0
     for k in range(len(ds)):

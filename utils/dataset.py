@@ -73,8 +73,9 @@ class SceneSDM:
     on whole slices). The maps follow :func:`utils.sdf.signed_distance_map`, method ``exact``, in
     pixels (positive outside, 1 next to the object; 0 on its inner edge, negative further in);
     a class absent from (or covering) the whole image has a zero map. Each image's maps are
-    computed once, when a tile of it is first read, and kept: 4 bytes per pixel and foreground
-    class of every training image, in each loader worker.
+    computed once, when the training set is built (in the training process, so loader workers,
+    which restart each epoch, inherit them instead of computing them again), and kept: 4 bytes
+    per pixel and foreground class of every training image.
 
     Under geometric augmentation the tile's maps move with its mask (nearest neighbour): flips and
     quarter turns keep them exact; scaling and warps carry the distances without rescaling them.
@@ -118,6 +119,9 @@ class TileDataset(Dataset):
         self.images = images
         self.scene_sdm = scene_sdm
         self.tiles = [tuple(map(int, t)) for t in tiles]
+        if scene_sdm is not None:  # here, before loader workers exist: once a run, not once a worker and epoch
+            for i in sorted({i for i, _, _ in self.tiles}):
+                scene_sdm.of(images, i)
         self.input_size = input_size
         self.augment = augment
         self.ids = [tile_id(images.entries[i].id, y, x) for i, y, x in self.tiles]
