@@ -111,10 +111,10 @@ def evaluate(cfg: Config, ctx: DistContext, run: RunDir) -> None:
 
 def whole_image_evaluation(cfg: Config, ctx: DistContext, splits, net: AuxNet, can_gate: bool) -> dict[str, dict]:
     """The test split's whole images predicted by ``net`` (see :func:`engines.predict.prediction_network`)
-    without gating and, where its run trained the head, with gating: ``{"ungated": {"summary",
-    "images"}, "gated": ...}``."""
+    without gating and, where its run trained the head and GATING is on, with gating:
+    ``{"ungated": {"summary", "images"}, "gated": ...}``."""
     report = {}
-    for mode in ("ungated", "gated") if cfg.trains_classifier and can_gate else ("ungated",):
+    for mode in ("ungated", "gated") if cfg.GATING and cfg.trains_classifier and can_gate else ("ungated",):
         predictor = build_predictor(cfg, net, can_gate, ctx.device, gating=mode == "gated")
         summary, rows = evaluate_whole_images(predictor, splits.test.images, splits.test_ids,
                                               build_metrics(cfg, ctx.device)(), ctx, cfg.SEG_THRESHOLD)

@@ -79,6 +79,16 @@ def test_eval_command_writes_csv_and_summary(trained_run):
     assert summary["tiles"] == len(rows) - 1 > 0
     assert "DSC" in summary["metrics"] and "HD95" in summary["metrics"]
     assert rows[0].startswith("id")
+    assert set(summary["whole_image"]) == {"ungated", "gated"}  # an AuxNet-EDC run: both, GATING defaults to true
+
+
+def test_eval_with_gating_off_scores_only_the_ungated_prediction(trained_run):
+    run_cli("eval", *TINY, f"RESULTS_DIR={trained_run.parents[1]}", f"MODEL_WEIGHTS={trained_run / 'best'}",
+            "GATING=false")
+    summary = json.loads((trained_run / "eval_best.json").read_text())
+    assert set(summary["whole_image"]) == {"ungated"}
+    images = (trained_run / "eval_best_images.csv").read_text().splitlines()[1:]
+    assert images and all(row.startswith("ungated,") for row in images)
 
 
 def test_ddp_on_two_cpu_processes(tmp_path):
