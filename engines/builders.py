@@ -151,7 +151,8 @@ def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Opt
             synthetic_images=cfg.SYNTHETIC_IMAGES,
             synthetic_size=cfg.SYNTHETIC_SIZE,
             test_ids=test_ids,
-            scene_sdm=SceneSDM(cfg.SEG_CLASSES, cfg.SDM_DISTANCE) if cfg.SDM_SCOPE == "image" else None,
+            scene_sdm=(SceneSDM(cfg.SEG_CLASSES, cfg.SDM_DISTANCE, folder=Path(cfg.RESULTS_DIR) / ".cache")
+                       if cfg.SDM_SCOPE == "image" else None),
         )
 
 

@@ -731,6 +731,46 @@ def test_scene_sdm_tiles_carry_the_whole_images_distances(tmp_path):
     assert far > 0  # tiles with no object still carry (positive) distances
 
 
+@pytest.mark.parametrize("why", ["lazy dataset", "over the memory budget"])
+def test_scene_sdm_of_a_large_dataset_lives_in_files_read_through_memory_maps(tmp_path, monkeypatch, why):
+    import pickle
+
+    import utils.dataset as dataset_module
+
+    rng = np.random.default_rng(2)
+    for n in range(5):
+        mask = np.zeros((64, 96), np.uint8)
+        mask[8 + n:20 + n, 60:70] = 1
+        mask[40:43, 5:40] = 2
+        _pair(tmp_path / "data", f"{n:02d}", rng.integers(0, 255, (64, 96), dtype=np.uint8), mask)
+    if why == "lazy dataset":  # decoded per tile: the maps must not pile up in memory either
+        monkeypatch.setattr(image_io, "MEMORY_CACHE_FRACTION", 0.0)
+    else:  # held in memory, but the maps would not fit beside it
+        monkeypatch.setattr(dataset_module, "memory_budget", lambda: 1000)
+    folder = tmp_path / "results" / ".cache"
+    scene = SceneSDM(3, folder=folder)
+    ds = _build(tmp_path / "data", tmp_path, seg_classes=3, scene_sdm=scene).train
+    assert ds.images.in_memory == (why != "lazy dataset")
+    trained = sorted({i for i, _, _ in ds.tiles})
+    assert not scene._maps and sorted(scene._files) == trained
+    assert sorted(p.name for p in folder.glob("scene_sdm_*.npy")) == sorted(p.name for p in scene._files.values())
+    assert not list(folder.glob(".*.tmp"))  # written atomically, nothing left behind
+    for k in range(len(ds)):
+        i, y, x = ds.tiles[k]
+        mask = ds.images.get(i)[1]
+        for c in (1, 2):
+            ref = _scipy_scene_sdm(mask, c)[y:y + 32, x:x + 32]
+            np.testing.assert_allclose(ds[k]["sdm"][c - 1].numpy(), ref, atol=1e-4)
+    # a loader worker receives file names, not maps (nor this process's memory maps)
+    assert scene._mapped and len(pickle.dumps(scene)) < 2000
+    # a later run (or another rank) reuses the files instead of computing the maps again
+    monkeypatch.setattr(dataset_module, "signed_distance_map", lambda *a, **k: pytest.fail("recomputed"))
+    again = SceneSDM(3, folder=folder)
+    again.prepare(ds.images, trained)
+    assert again._files == scene._files
+    np.testing.assert_array_equal(again.of(ds.images, trained[0]), scene.of(ds.images, trained[0]))
+
+
 def test_scene_sdm_moves_with_the_mask_under_flips_and_turns(tmp_path):
     rng = np.random.default_rng(1)
     for n in range(5):

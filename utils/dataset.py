@@ -38,6 +38,7 @@ Folder datasets, in short (details in :func:`load_folder`):
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,16 +50,20 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
 from utils.augment import build_augmentation
-from utils.image_io import DatasetError, ImageSet, load_folder, to_unit_range
+from utils.image_io import DatasetError, ImageSet, load_folder, memory_budget, to_unit_range
 from utils.sdf import signed_distance_map
 from utils.splits import num_folds, resolve_split
 from utils.synthetic import load_synthetic
 from utils.tiling import boundary_label, fill_label, tile_id, tiles_of
+from utils.util import atomic_write
 
 if TYPE_CHECKING:
     import albumentations as A
 
 COMPOSITIONS = ("full", "boundary")
+#: Part of the name of :class:`SceneSDM`'s files: raise it when the maps' definition changes, so
+#: files of the old definition are not reused.
+SCENE_SDM_VERSION = 1
 
 
 # the dataset
@@ -72,10 +77,17 @@ class SceneSDM:
     to the nearest boundary of its class (the setting of the boundary loss's paper, which trains
     on whole slices). The maps follow :func:`utils.sdf.signed_distance_map`, method ``exact``, in
     pixels (positive outside, 1 next to the object; 0 on its inner edge, negative further in);
-    a class absent from (or covering) the whole image has a zero map. Each image's maps are
-    computed once, when the training set is built (in the training process, so loader workers,
-    which restart each epoch, inherit them instead of computing them again), and kept: 4 bytes
-    per pixel and foreground class of every training image.
+    a class absent from (or covering) the whole image has a zero map.
+
+    :meth:`prepare` computes every training image's maps once, when the training set is built (in
+    the training process, so loader workers, which restart each epoch, inherit them instead of
+    computing them again). They take 4 bytes per pixel and foreground class. They stay in memory
+    when the images are in memory and the maps fit the share of RAM a decoded dataset may take
+    (:data:`utils.image_io.MEMORY_CACHE_FRACTION`). Otherwise (a large dataset, decoded per tile)
+    each image's maps are written once to ``folder`` as ``.npy``, named by a hash of the mask and
+    the options, so a later run, or another rank, reuses them; they are then read through a memory
+    map, so a process holds only the pages of the tiles it reads and a loader worker receives the
+    file names, not the maps.
 
     Under geometric augmentation the tile's maps move with its mask (nearest neighbour): flips and
     quarter turns keep them exact; scaling and warps carry the distances without rescaling them.
@@ -83,20 +95,58 @@ class SceneSDM:
     Args:
         seg_classes: SEG_CLASSES (1 = binary: one map, of class 1; K >= 2: classes 1 ... K-1).
         distance: SDM_DISTANCE.
+        folder: where maps that do not stay in memory are written (None: always in memory).
     """
 
-    def __init__(self, seg_classes: int, distance: str = "euclidean"):
+    def __init__(self, seg_classes: int, distance: str = "euclidean", folder: Optional[Path] = None):
         self.classes, self.distance = max(int(seg_classes), 2), distance
-        self._maps: dict[int, np.ndarray] = {}
+        self.folder = None if folder is None else Path(folder)
+        self._maps: dict[int, np.ndarray] = {}  # in memory
+        self._files: dict[int, Path] = {}  # on disk
+        self._mapped: dict[int, np.ndarray] = {}  # this process's memory maps of _files (never pickled)
+
+    def prepare(self, images: ImageSet, indices: Sequence[int]) -> None:
+        """Compute the maps of images ``indices`` of ``images`` (see the class docstring for where they go)."""
+        indices = sorted(set(int(i) for i in indices))
+        size = 4 * (self.classes - 1) * sum(images.entries[i].height * images.entries[i].width for i in indices)
+        on_disk = self.folder is not None and (not images.in_memory or size > memory_budget())
+        for i in indices:
+            if i not in self._maps and i not in self._files:
+                self._compute(images, i, on_disk)
 
     def of(self, images: ImageSet, index: int) -> np.ndarray:
-        """float32 (C, H, W) maps of image ``index`` of ``images`` (its mask is read only once)."""
-        if index not in self._maps:
-            mask = images.get(index)[1]
-            labels = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))[None]
-            maps = signed_distance_map(labels, distance=self.distance, method="exact", num_classes=self.classes)
-            self._maps[index] = maps[0, 1:].numpy().astype(np.float32)
-        return self._maps[index]
+        """float32 (C, H, W) maps of image ``index`` of ``images`` (computed here if not prepared)."""
+        if index in self._maps:
+            return self._maps[index]
+        if index not in self._files:
+            self._compute(images, index, on_disk=False)
+            return self._maps[index]
+        if index not in self._mapped:
+            self._mapped[index] = np.load(self._files[index], mmap_mode="r")
+        return self._mapped[index]
+
+    def _compute(self, images: ImageSet, index: int, on_disk: bool) -> None:
+        mask = np.ascontiguousarray(images.get(index)[1])
+        path = None
+        if on_disk:
+            options = f"v{SCENE_SDM_VERSION} {self.classes} {self.distance} {mask.shape} {mask.dtype}"
+            key = hashlib.sha1(options.encode())
+            key.update(memoryview(mask).cast("B"))
+            path = self.folder / f"scene_sdm_{key.hexdigest()[:20]}.npy"
+            if path.is_file():  # made by an earlier run or another rank from the same mask
+                self._files[index] = path
+                return
+        labels = torch.from_numpy(mask.astype(np.int64))[None]
+        maps = signed_distance_map(labels, distance=self.distance, method="exact",
+                                   num_classes=self.classes)[0, 1:].numpy().astype(np.float32)
+        if path is None:
+            self._maps[index] = maps
+            return
+        atomic_write(path, lambda fh: np.save(fh, maps))
+        self._files[index] = path
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_mapped": {}}  # workers open their own memory maps
 
 
 class TileDataset(Dataset):
@@ -120,8 +170,7 @@ class TileDataset(Dataset):
         self.scene_sdm = scene_sdm
         self.tiles = [tuple(map(int, t)) for t in tiles]
         if scene_sdm is not None:  # here, before loader workers exist: once a run, not once a worker and epoch
-            for i in sorted({i for i, _, _ in self.tiles}):
-                scene_sdm.of(images, i)
+            scene_sdm.prepare(images, [i for i, _, _ in self.tiles])
         self.input_size = input_size
         self.augment = augment
         self.ids = [tile_id(images.entries[i].id, y, x) for i, y, x in self.tiles]
@@ -154,7 +203,7 @@ class TileDataset(Dataset):
         sdm = None
         if self.scene_sdm is not None:
             s = self.input_size
-            sdm = list(self.scene_sdm.of(self.images, i)[:, y:y + s, x:x + s])
+            sdm = list(np.array(self.scene_sdm.of(self.images, i)[:, y:y + s, x:x + s]))  # a copy, also of a memory map
         if self.augment is not None:
             out = self.augment(image=image, mask=mask, **({"masks": sdm} if sdm is not None else {}))
             image = np.clip(out["image"], 0.0, 1.0, dtype=np.float32)

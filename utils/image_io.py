@@ -241,7 +241,8 @@ def _decode_mask(raw: np.ndarray, map_255: bool, dtype: np.dtype) -> np.ndarray:
     return raw.astype(dtype, copy=False)
 
 
-def _memory_budget() -> int:
+def memory_budget() -> int:
+    """Bytes of decoded data a process may keep in memory: MEMORY_CACHE_FRACTION of the RAM."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not exposed on this platform
@@ -310,7 +311,7 @@ def load_folder(root: Path, *, input_channels: int, seg_classes: int, input_size
         problems.append(f"{masks[stem].relative_to(root)}: mask without an image (no images/{stem}.*)")
     num_classes = max(seg_classes, 2)
     mask_dtype = np.uint8 if num_classes <= 256 else np.uint16 if num_classes <= 65536 else np.int64
-    budget = _memory_budget()
+    budget = memory_budget()
     used = 0
     entries: list[ImageEntry] = []
     arrays: list[tuple[np.ndarray, np.ndarray]] = []
