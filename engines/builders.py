@@ -124,8 +124,11 @@ def build_loss(cfg: Config) -> nn.Module:
     return make_loss(cfg.LOSS, loss_options(cfg))
 
 
-def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Optional[list[str]] = None) -> Splits:
-    """The train and test tile datasets of ``fold`` (of ``test_ids`` when given: a checkpoint's own split).
+def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Optional[list[str]] = None,
+               scene_sdm: bool = True) -> Splits:
+    """The train and test tile datasets of ``fold`` (of ``test_ids`` when given: a checkpoint's own split);
+    ``scene_sdm=False`` skips the training tiles' whole-image distance maps (SDM_SCOPE=image) when
+    nothing will train.
 
     Raises:
         RunError: naming DATASET_DIR, for any bad, missing or mismatched file or split.
@@ -152,7 +155,7 @@ def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Opt
             synthetic_size=cfg.SYNTHETIC_SIZE,
             test_ids=test_ids,
             scene_sdm=(SceneSDM(cfg.SEG_CLASSES, cfg.SDM_DISTANCE, folder=Path(cfg.RESULTS_DIR) / ".cache")
-                       if cfg.SDM_SCOPE == "image" else None),
+                       if cfg.SDM_SCOPE == "image" and scene_sdm else None),
         )
 
 

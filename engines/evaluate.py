@@ -81,7 +81,8 @@ def checkpoint_test_ids(ckpt: Path) -> tuple[Optional[list[str]], Optional[Path]
 def evaluate(cfg: Config, ctx: DistContext, run: RunDir) -> None:
     """Evaluate MODEL_WEIGHTS on its own test split (stored in it): a per-tile CSV and a summary JSON beside it."""
     test_ids, split_file = checkpoint_test_ids(resolve_weights_path(cfg.MODEL_WEIGHTS))
-    splits = main_first(ctx, lambda: build_data(cfg, split_file, cfg.DEFAULT_FOLD, test_ids=test_ids))
+    splits = main_first(ctx, lambda: build_data(cfg, split_file, cfg.DEFAULT_FOLD, test_ids=test_ids,
+                                                scene_sdm=False))  # nothing trains: no distance maps
     _, test_loader = build_loaders(cfg, splits, ctx)
     net, can_gate = prediction_network(cfg, ctx.device)
     dtype = precision_of(cfg, ctx.device)

@@ -731,7 +731,7 @@ def test_scene_sdm_tiles_carry_the_whole_images_distances(tmp_path):
     assert far > 0  # tiles with no object still carry (positive) distances
 
 
-@pytest.mark.parametrize("why", ["lazy dataset", "over the memory budget"])
+@pytest.mark.parametrize("why", ["lazy dataset", "over the memory budget", "in memory"])
 def test_scene_sdm_of_a_large_dataset_lives_in_files_read_through_memory_maps(tmp_path, monkeypatch, why):
     import pickle
 
@@ -743,15 +743,20 @@ def test_scene_sdm_of_a_large_dataset_lives_in_files_read_through_memory_maps(tm
         mask[8 + n:20 + n, 60:70] = 1
         mask[40:43, 5:40] = 2
         _pair(tmp_path / "data", f"{n:02d}", rng.integers(0, 255, (64, 96), dtype=np.uint8), mask)
-    if why == "lazy dataset":  # decoded per tile: the maps must not pile up in memory either
+    if why == "lazy dataset":  # decoded per tile (the maps would fit the budget): not in memory either
         monkeypatch.setattr(image_io, "MEMORY_CACHE_FRACTION", 0.0)
-    else:  # held in memory, but the maps would not fit beside it
-        monkeypatch.setattr(dataset_module, "memory_budget", lambda: 1000)
+        monkeypatch.setattr(dataset_module, "memory_budget", lambda: 2**40)
+    elif why == "over the memory budget":  # images held in memory (61 kB); the maps (197 kB) fit the
+        monkeypatch.setattr(dataset_module, "memory_budget", lambda: 200_000)  # budget, but not beside them
+    monkeypatch.setattr(dataset_module, "LAZY_CACHE_IMAGES", 2)  # memory maps kept open (file descriptors)
     folder = tmp_path / "results" / ".cache"
     scene = SceneSDM(3, folder=folder)
     ds = _build(tmp_path / "data", tmp_path, seg_classes=3, scene_sdm=scene).train
     assert ds.images.in_memory == (why != "lazy dataset")
     trained = sorted({i for i, _, _ in ds.tiles})
+    if why == "in memory":  # a small dataset: the maps stay in memory, nothing is written
+        assert sorted(scene._maps) == trained and not scene._files and not folder.exists()
+        return
     assert not scene._maps and sorted(scene._files) == trained
     assert sorted(p.name for p in folder.glob("scene_sdm_*.npy")) == sorted(p.name for p in scene._files.values())
     assert not list(folder.glob(".*.tmp"))  # written atomically, nothing left behind
@@ -761,14 +766,50 @@ def test_scene_sdm_of_a_large_dataset_lives_in_files_read_through_memory_maps(tm
         for c in (1, 2):
             ref = _scipy_scene_sdm(mask, c)[y:y + 32, x:x + 32]
             np.testing.assert_allclose(ds[k]["sdm"][c - 1].numpy(), ref, atol=1e-4)
-    # a loader worker receives file names, not maps (nor this process's memory maps)
+        assert len(scene._mapped) <= 2
+    # a loader worker receives file names, not maps (nor this process's memory maps), and reads the same
     assert scene._mapped and len(pickle.dumps(scene)) < 2000
+    loader = make_loader(ds, batch_size=len(ds), train=False, num_workers=1, seed=0, distributed=False,
+                         pin_memory=False)
+    batch = next(iter(loader))
+    assert torch.equal(batch["sdm"], torch.stack([ds[k]["sdm"] for k in range(len(ds))]))
     # a later run (or another rank) reuses the files instead of computing the maps again
     monkeypatch.setattr(dataset_module, "signed_distance_map", lambda *a, **k: pytest.fail("recomputed"))
     again = SceneSDM(3, folder=folder)
     again.prepare(ds.images, trained)
     assert again._files == scene._files
     np.testing.assert_array_equal(again.of(ds.images, trained[0]), scene.of(ds.images, trained[0]))
+
+
+def test_scene_sdm_files_are_keyed_by_the_mask_checked_on_reuse_and_fail_clearly(tmp_path, monkeypatch):
+    import utils.dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "memory_budget", lambda: 0)  # every map goes to a file
+    mask = np.zeros((40, 50), np.uint8)
+    mask[10:20, 10:30] = 1
+    moved = np.roll(mask, 5, axis=1)
+    entries = [ImageEntry(f"m{k}", 40, 50, 1, 0.0, 255.0) for k in range(2)]
+    images = ImageSet(entries, [(np.zeros((40, 50, 1), np.uint8), m) for m in (mask, moved)])
+    folder = tmp_path / ".cache"
+    scene = SceneSDM(1, folder=folder)
+    scene.prepare(images, [0, 1])
+    assert scene._files[0] != scene._files[1]  # another mask, another file
+    SceneSDM(1, "chebyshev", folder=folder).prepare(images, [0])
+    assert len(list(folder.glob("*.npy"))) == 3  # another distance, another file
+    # a truncated file (an interrupted copy) is made again, not read
+    path = scene._files[0]
+    path.write_bytes(path.read_bytes()[:200])
+    fresh = SceneSDM(1, folder=folder)
+    fresh.prepare(images, [0])
+    np.testing.assert_allclose(fresh.of(images, 0)[0], _scipy_scene_sdm(mask, 1), atol=1e-4)
+    # a folder that cannot be made, or a disk without room: a DatasetError naming the folder and the way out
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    with pytest.raises(DatasetError, match=r"cannot create .*a_file.*SDM_SCOPE: tile"):
+        SceneSDM(1, folder=blocked / ".cache").prepare(images, [0])
+    monkeypatch.setattr(dataset_module.shutil, "disk_usage", lambda p: type("U", (), {"free": 10})())
+    with pytest.raises(DatasetError, match=r"need .*GiB in .*\.cache2, which has 0\.0 GiB free"):
+        SceneSDM(1, folder=tmp_path / ".cache2").prepare(images, [0, 1])
 
 
 def test_scene_sdm_moves_with_the_mask_under_flips_and_turns(tmp_path):

@@ -142,6 +142,14 @@ def test_whole_image_distances_reach_the_boundary_term(new_trainer):
     assert plain.to_device(next(iter(plain.train_loader)))[-1] is None  # SDM_SCOPE=tile: no maps
 
 
+def test_evaluation_data_computes_no_distance_maps(tmp_path):
+    # `eval` scores the test split only: the training tiles' whole-image maps would be wasted work
+    cfg = tiny_config(tmp_path, "LOSS=SoftDICE_Boundary", "SDM_SCOPE=image")
+    split = RunDir(tmp_path / "run").split
+    assert build_data(cfg, split, 0).train.scene_sdm is not None
+    assert build_data(cfg, split, 0, scene_sdm=False).train.scene_sdm is None
+
+
 def test_network_params_get_l2_decay_and_a_static_loss_has_no_group(new_trainer):
     trainer = new_trainer("L2_DECAY=0.05")
     (group,) = trainer.optimizer.param_groups

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+import shutil
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
@@ -50,7 +52,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
 from utils.augment import build_augmentation
-from utils.image_io import DatasetError, ImageSet, load_folder, memory_budget, to_unit_range
+from utils.image_io import LAZY_CACHE_IMAGES, DatasetError, ImageSet, load_folder, memory_budget, to_unit_range
 from utils.sdf import signed_distance_map
 from utils.splits import num_folds, resolve_split
 from utils.synthetic import load_synthetic
@@ -82,12 +84,13 @@ class SceneSDM:
     :meth:`prepare` computes every training image's maps once, when the training set is built (in
     the training process, so loader workers, which restart each epoch, inherit them instead of
     computing them again). They take 4 bytes per pixel and foreground class. They stay in memory
-    when the images are in memory and the maps fit the share of RAM a decoded dataset may take
-    (:data:`utils.image_io.MEMORY_CACHE_FRACTION`). Otherwise (a large dataset, decoded per tile)
+    when the images are in memory and images and maps together fit the share of RAM a decoded
+    dataset may take (:data:`utils.image_io.MEMORY_CACHE_FRACTION`). Otherwise (a large dataset)
     each image's maps are written once to ``folder`` as ``.npy``, named by a hash of the mask and
-    the options, so a later run, or another rank, reuses them; they are then read through a memory
-    map, so a process holds only the pages of the tiles it reads and a loader worker receives the
-    file names, not the maps.
+    the options, so a later run, or another rank, reuses them (a file of the wrong shape or a
+    truncated one is made again); they are then read through memory maps (the last
+    :data:`utils.image_io.LAZY_CACHE_IMAGES` images' stay open), so a process holds only the pages
+    of the tiles it reads and a loader worker receives the file names, not the maps.
 
     Under geometric augmentation the tile's maps move with its mask (nearest neighbour): flips and
     quarter turns keep them exact; scaling and warps carry the distances without rescaling them.
@@ -103,16 +106,24 @@ class SceneSDM:
         self.folder = None if folder is None else Path(folder)
         self._maps: dict[int, np.ndarray] = {}  # in memory
         self._files: dict[int, Path] = {}  # on disk
-        self._mapped: dict[int, np.ndarray] = {}  # this process's memory maps of _files (never pickled)
+        # this process's memory maps of recently read files (each holds a file descriptor), never pickled
+        self._mapped: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def prepare(self, images: ImageSet, indices: Sequence[int]) -> None:
-        """Compute the maps of images ``indices`` of ``images`` (see the class docstring for where they go)."""
+        """Compute the maps of images ``indices`` of ``images`` (see the class docstring for where they go).
+
+        Raises:
+            DatasetError: the maps go to ``folder`` and it cannot hold them (not writable, or full).
+        """
         indices = sorted(set(int(i) for i in indices))
         size = 4 * (self.classes - 1) * sum(images.entries[i].height * images.entries[i].width for i in indices)
-        on_disk = self.folder is not None and (not images.in_memory or size > memory_budget())
-        for i in indices:
-            if i not in self._maps and i not in self._files:
-                self._compute(images, i, on_disk)
+        held = sum(a.nbytes + m.nbytes for a, m in images.arrays) if images.in_memory else 0
+        on_disk = self.folder is not None and (not images.in_memory or held + size > memory_budget())
+        todo = [i for i in indices if i not in self._maps and i not in self._files]
+        if on_disk and todo:
+            self._check_folder(size)
+        for i in todo:
+            self._compute(images, i, on_disk)
 
     def of(self, images: ImageSet, index: int) -> np.ndarray:
         """float32 (C, H, W) maps of image ``index`` of ``images`` (computed here if not prepared)."""
@@ -121,19 +132,36 @@ class SceneSDM:
         if index not in self._files:
             self._compute(images, index, on_disk=False)
             return self._maps[index]
-        if index not in self._mapped:
+        if index in self._mapped:
+            self._mapped.move_to_end(index)
+        else:
             self._mapped[index] = np.load(self._files[index], mmap_mode="r")
+            if len(self._mapped) > LAZY_CACHE_IMAGES:
+                self._mapped.popitem(last=False)
         return self._mapped[index]
+
+    def _check_folder(self, size: int) -> None:
+        fix = "free space there, set RESULTS_DIR to a larger disk, or use SDM_SCOPE: tile"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.folder).free
+        except OSError as e:
+            raise DatasetError(f"SDM_SCOPE=image: cannot create {self.folder} for the whole-image distance maps "
+                               f"({e.strerror or e}); {fix}") from e
+        if free < size:
+            raise DatasetError(f"SDM_SCOPE=image: the whole-image distance maps of the training images need "
+                               f"{size / 2**30:.1f} GiB in {self.folder}, which has {free / 2**30:.1f} GiB free; {fix}")
 
     def _compute(self, images: ImageSet, index: int, on_disk: bool) -> None:
         mask = np.ascontiguousarray(images.get(index)[1])
+        shape = (self.classes - 1, *mask.shape)
         path = None
         if on_disk:
             options = f"v{SCENE_SDM_VERSION} {self.classes} {self.distance} {mask.shape} {mask.dtype}"
             key = hashlib.sha1(options.encode())
             key.update(memoryview(mask).cast("B"))
             path = self.folder / f"scene_sdm_{key.hexdigest()[:20]}.npy"
-            if path.is_file():  # made by an earlier run or another rank from the same mask
+            if _npy_holds(path, shape):  # made by an earlier run or another rank from the same mask
                 self._files[index] = path
                 return
         labels = torch.from_numpy(mask.astype(np.int64))[None]
@@ -142,11 +170,25 @@ class SceneSDM:
         if path is None:
             self._maps[index] = maps
             return
-        atomic_write(path, lambda fh: np.save(fh, maps))
+        try:
+            atomic_write(path, lambda fh: np.save(fh, maps))
+        except OSError as e:
+            raise DatasetError(f"SDM_SCOPE=image: cannot write the distance maps of image "
+                               f"{images.entries[index].id!r} to {path} ({e.strerror or e}); free space there, "
+                               "set RESULTS_DIR to a larger disk, or use SDM_SCOPE: tile") from e
         self._files[index] = path
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_mapped": {}}  # workers open their own memory maps
+        return {**self.__dict__, "_mapped": OrderedDict()}  # workers open their own memory maps
+
+
+def _npy_holds(path: Path, shape: tuple[int, ...]) -> bool:
+    """True when ``path`` is a float32 ``.npy`` of ``shape`` (a complete file: its size is checked too)."""
+    try:
+        maps = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return maps.dtype == np.float32 and maps.shape == shape
 
 
 class TileDataset(Dataset):
