@@ -52,7 +52,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
 from utils.augment import build_augmentation
-from utils.image_io import LAZY_CACHE_IMAGES, DatasetError, ImageSet, load_folder, memory_budget, to_unit_range
+from utils.image_io import (LAZY_CACHE_IMAGES, DatasetError, ImageSet, load_folder, memory_budget, recently_used,
+                            to_unit_range)
 from utils.sdf import signed_distance_map
 from utils.splits import num_folds, resolve_split
 from utils.synthetic import load_synthetic
@@ -66,6 +67,7 @@ COMPOSITIONS = ("full", "boundary")
 #: Part of the name of :class:`SceneSDM`'s files: raise it when the maps' definition changes, so
 #: files of the old definition are not reused.
 SCENE_SDM_VERSION = 1
+_CACHE_FIX = "free space there, set RESULTS_DIR to a larger disk, or use SDM_SCOPE: tile"
 
 
 # the dataset
@@ -132,25 +134,19 @@ class SceneSDM:
         if index not in self._files:
             self._compute(images, index, on_disk=False)
             return self._maps[index]
-        if index in self._mapped:
-            self._mapped.move_to_end(index)
-        else:
-            self._mapped[index] = np.load(self._files[index], mmap_mode="r")
-            if len(self._mapped) > LAZY_CACHE_IMAGES:
-                self._mapped.popitem(last=False)
-        return self._mapped[index]
+        return recently_used(self._mapped, index, lambda i: np.load(self._files[i], mmap_mode="r"), LAZY_CACHE_IMAGES)
 
     def _check_folder(self, size: int) -> None:
-        fix = "free space there, set RESULTS_DIR to a larger disk, or use SDM_SCOPE: tile"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(self.folder).free
         except OSError as e:
             raise DatasetError(f"SDM_SCOPE=image: cannot create {self.folder} for the whole-image distance maps "
-                               f"({e.strerror or e}); {fix}") from e
+                               f"({e.strerror or e}); {_CACHE_FIX}") from e
         if free < size:
             raise DatasetError(f"SDM_SCOPE=image: the whole-image distance maps of the training images need "
-                               f"{size / 2**30:.1f} GiB in {self.folder}, which has {free / 2**30:.1f} GiB free; {fix}")
+                               f"{size / 2**30:.1f} GiB in {self.folder}, which has {free / 2**30:.1f} GiB free; "
+                               f"{_CACHE_FIX}")
 
     def _compute(self, images: ImageSet, index: int, on_disk: bool) -> None:
         mask = np.ascontiguousarray(images.get(index)[1])
@@ -174,8 +170,7 @@ class SceneSDM:
             atomic_write(path, lambda fh: np.save(fh, maps))
         except OSError as e:
             raise DatasetError(f"SDM_SCOPE=image: cannot write the distance maps of image "
-                               f"{images.entries[index].id!r} to {path} ({e.strerror or e}); free space there, "
-                               "set RESULTS_DIR to a larger disk, or use SDM_SCOPE: tile") from e
+                               f"{images.entries[index].id!r} to {path} ({e.strerror or e}); {_CACHE_FIX}") from e
         self._files[index] = path
 
     def __getstate__(self) -> dict:
@@ -245,7 +240,7 @@ class TileDataset(Dataset):
         sdm = None
         if self.scene_sdm is not None:
             s = self.input_size
-            sdm = list(np.array(self.scene_sdm.of(self.images, i)[:, y:y + s, x:x + s]))  # a copy, also of a memory map
+            sdm = list(self.scene_sdm.of(self.images, i)[:, y:y + s, x:x + s])  # views: copied once, by np.stack below
         if self.augment is not None:
             out = self.augment(image=image, mask=mask, **({"masks": sdm} if sdm is not None else {}))
             image = np.clip(out["image"], 0.0, 1.0, dtype=np.float32)

@@ -19,7 +19,7 @@ import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import tifffile
@@ -94,16 +94,24 @@ class ImageSet:
         """``(image (H, W, C) raw dtype, mask (H, W) class indices)`` of image ``i``."""
         if self.arrays is not None:
             return self.arrays[i]
-        if i in self._recent:
-            self._recent.move_to_end(i)
-            return self._recent[i]
+        return recently_used(self._recent, i, self._decode)
+
+    def _decode(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         entry = self.entries[i]
         image = _to_hwc(_read_image_file(entry.image_path), entry.image_path)
-        mask = _decode_mask(_read_mask_file(entry.mask_path), self.mask_map_255, self.mask_dtype)
-        self._recent[i] = (image, mask)
-        if len(self._recent) > LAZY_CACHE_IMAGES:
-            self._recent.popitem(last=False)
-        return image, mask
+        return image, _decode_mask(_read_mask_file(entry.mask_path), self.mask_map_255, self.mask_dtype)
+
+
+def recently_used(cache: OrderedDict, key: Any, load: Callable[[Any], Any], size: Optional[int] = None) -> Any:
+    """``cache[key]``, made by ``load(key)`` when missing; ``cache`` keeps the ``size`` (default
+    :data:`LAZY_CACHE_IMAGES`) most recently used entries."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    cache[key] = value = load(key)
+    if len(cache) > (LAZY_CACHE_IMAGES if size is None else size):
+        cache.popitem(last=False)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
