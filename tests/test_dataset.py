@@ -190,6 +190,19 @@ def test_lazy_decoding_matches_the_in_memory_cache(tmp_path, monkeypatch):
         assert torch.equal(a[k]["image"], b[k]["image"]) and torch.equal(a[k]["mask"], b[k]["mask"])
 
 
+def test_the_memory_budget_is_shared_by_the_local_training_processes(tmp_path, monkeypatch):
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.setattr(image_io, "MEMORY_CACHE_FRACTION", 4e6 / ram)  # 4 MB for one process
+    rng = np.random.default_rng(6)
+    _pair(tmp_path, "big", rng.integers(0, 256, (1024, 1280), dtype=np.uint8), random_box(rng, 1024, 1280) * 255)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert abs(image_io.memory_budget() - 4e6) <= 1
+    assert load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32).in_memory  # 2.6 MB decoded
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 processes on this machine, 1 MB each
+    assert abs(image_io.memory_budget() - 1e6) <= 1
+    assert not load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32).in_memory
+
+
 # --------------------------------------------------------------------------------- errors
 def _good(root, stem="ok", size=(40, 40)):
     rng = np.random.default_rng(list(stem.encode()))
