@@ -28,8 +28,8 @@ from PIL import Image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # Decoded folder datasets stay in memory while they take at most this fraction of the machine's
 # RAM, shared out among its training processes (each DataLoader worker shares its process's copy
-# copy-on-write); beyond it, files are decoded per tile
-# with a small per-process cache of recently used images.
+# copy-on-write); beyond it, files are decoded per tile with a small per-process cache of recently
+# used images.
 MEMORY_CACHE_FRACTION = 0.25
 LAZY_CACHE_IMAGES = 8
 
