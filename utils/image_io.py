@@ -252,23 +252,15 @@ def _decode_mask(raw: np.ndarray, map_255: bool, dtype: np.dtype) -> np.ndarray:
 
 def memory_budget() -> int:
     """Bytes of decoded data a process may keep in memory: MEMORY_CACHE_FRACTION of the RAM, shared
-    out among the training processes of this machine (each holds its own copy of what it decodes):
-    ``LOCAL_WORLD_SIZE`` under torchrun, else the size of the initialised process group (one
-    process per device, all local), else 1."""
+    out among the training processes of this machine (:func:`utils.util.local_processes`; each
+    holds its own copy of what it decodes)."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not exposed on this platform
         total = 8 * 2**30
-    return int(total * MEMORY_CACHE_FRACTION) // _local_processes()
+    from utils.util import local_processes  # here, not at the top: reading files needs no torch
 
-
-def _local_processes() -> int:
-    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
-    if local.isdigit() and int(local) > 0:
-        return int(local)
-    import torch.distributed as dist  # here, not at the top: reading files needs no torch
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return int(total * MEMORY_CACHE_FRACTION) // local_processes()
 
 
 def _list_folder(folder: Path, problems: list[str], root: Path) -> dict[str, Path]:

@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -113,8 +113,19 @@ def init_distributed(
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
     if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+        torch.set_num_threads(cpu_threads(local_processes(world_size)))
     return DistContext(rank, world_size, local_rank, device)
+
+
+def local_processes(world_size: Optional[int] = None) -> int:
+    """Training processes on this machine: ``LOCAL_WORLD_SIZE`` under torchrun, else ``world_size``
+    (every process local), else the initialised process group's size, else 1."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    if local.isdigit() and int(local) > 0:
+        return int(local)
+    if world_size is not None:
+        return world_size
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def cpu_threads(local_processes: int) -> int:
