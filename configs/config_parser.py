@@ -8,16 +8,19 @@ The schema (types, defaults, docs) lives in :mod:`configs.schema`. Loading colle
 
 from __future__ import annotations
 
+import math
 import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+import torch
 import yaml
 
-from configs.schema import FIELDS, Config
+from configs.schema import FIELDS, TEXT_OPTIONS, Config, setting, yaml_text
 from configs.validator import validate
+from utils.hardware import resolve_precision
 from utils.util import atomic_write_text, did_you_mean
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
@@ -94,6 +97,40 @@ def coerce(value: Any, tp: Any) -> Any:
     raise TypeError(f"expected {_type_name(tp)}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, noting every key a mapping sets twice (plain PyYAML keeps the last one
+    silently, so a forgotten second ``BASE_LR:`` further down a file would win unseen)."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.duplicates: list[tuple[Any, int, int]] = []  # (key, first line, second line), 1-based
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<:` merges are meant to be overridden; complex keys cannot be compared
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in first:
+                self.duplicates.append((key, first[key], line))
+            else:
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> tuple[Any, list[tuple[Any, int, int]]]:
+    """``text`` parsed as YAML (safe), and each key set twice in one mapping as (key, first line, second line).
+
+    Raises:
+        yaml.YAMLError: ``text`` is not valid YAML.
+    """
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data(), loader.duplicates
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(items: typing.Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     """Split ``KEY=VALUE`` strings; values are parsed as YAML. Returns (overrides, problems)."""
     overrides: dict[str, Any] = {}
@@ -103,31 +140,63 @@ def parse_overrides(items: typing.Sequence[str]) -> tuple[dict[str, Any], list[s
         if not sep or not key:
             problems.append(f"command-line argument {item!r} is not KEY=VALUE (e.g. BATCH_SIZE=4)")
             continue
-        if _HINTS.get(key) in (str, Optional[str]) and raw not in ("null", "~"):
+        if key in TEXT_OPTIONS and raw not in ("null", "~"):
             overrides[key] = raw  # text options keep what was typed (RUN_ID=001 stays "001")
             continue
         try:
-            overrides[key] = yaml.safe_load(raw) if raw != "" else ""
+            overrides[key], duplicates = parse_yaml(raw) if raw != "" else ("", [])
         except yaml.YAMLError:
-            overrides[key] = raw
+            overrides[key], duplicates = raw, []
+        problems += [f"command line: {key}={raw} sets {name!r} twice: keep one" for name, _, _ in duplicates]
     return overrides, problems
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping, raising :class:`ConfigError` naming the file on any problem."""
+def load_yaml(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """Read a YAML mapping: (its values, the keys it sets twice, each a problem naming the file and both lines).
+
+    Raises:
+        ConfigError: naming the file, when it cannot be read or is not a YAML mapping.
+    """
     try:
         text = Path(path).read_text()
     except OSError as err:
         raise ConfigError([f"cannot read config file {str(path)!r}: {err.strerror}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data, duplicates = parse_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError([f"{path} is not valid YAML: {err}"]) from None
     if data is None:
-        return {}
+        return {}, []
     if not isinstance(data, dict):
         raise ConfigError([f"{path} must hold a mapping of KEY: value, found {type(data).__name__}"])
+    return data, [f"{path}: {key!r} is set twice, on lines {a} and {b} (the second would silently replace "
+                  "the first): keep one" for key, a, b in duplicates]
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, raising :class:`ConfigError` naming the file on any problem (duplicate keys included)."""
+    data, problems = load_yaml(path)
+    if problems:
+        raise ConfigError(problems, source=str(path))
     return data
+
+
+def non_finite(value: Any) -> Optional[float]:
+    """The first NaN or infinity in ``value``, looking inside lists and mappings; None when there is none.
+
+    One rule for every number of every option (typed floats, lists such as SCHEDULE_ALPHA, mappings
+    such as CMA_COEFFICIENTS and the AUGMENTATIONS entries): no option has a meaning for NaN or
+    infinity, and range checks cannot catch NaN (every comparison with it is false).
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((bad for item in items if (bad := non_finite(item)) is not None), None)
+
+
+def _shown(value: Any) -> str:
+    """A value in a message as the user wrote it (text as is, anything else as YAML)."""
+    return value if isinstance(value, str) else yaml_text(value)
 
 
 def check_values(values: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -142,10 +211,20 @@ def check_values(values: dict[str, Any], source: str) -> tuple[dict[str, Any], d
             )
             continue
         try:
-            valid[key] = coerce(value, _HINTS[key])
+            typed = coerce(value, _HINTS[key])
         except TypeError as err:
             kind = "is not valid" if typing.get_origin(_HINTS[key]) is Literal else "has the wrong type"
-            problems[key] = f"{source}: {key}={value!r} {kind}: {err}"
+            problems[key] = f"{source}: {key}={_shown(value)} {kind}: {err}"
+            continue
+        bad = non_finite(typed)
+        if bad is None:
+            valid[key] = typed
+            continue
+        default = Config().to_dict()[key]
+        scalar = typed is bad
+        what, fix = ("is", "a finite number") if scalar else (f"holds {yaml_text(bad)}, which is", "finite numbers")
+        problems[key] = (f"{source}: {key}={_shown(value)} {what} not a finite number: use {fix}, "
+                         f"e.g. {setting(key, default)} (the default)")
     return valid, problems
 
 
@@ -166,14 +245,17 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         ConfigError: listing every problem found (file, keys, types and cross-field rules).
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG
-    file_values, file_problems = check_values(read_yaml(path), source=str(path))
-    cli, problems = parse_overrides(overrides)
+    raw, problems = load_yaml(path)
+    file_values, file_problems = check_values(raw, source=str(path))
+    cli, cli_syntax = parse_overrides(overrides)
+    problems += cli_syntax
     cli_values, cli_problems = check_values(cli, source="command line")
     # A bad value in the file that the command line replaces is no longer a problem.
-    problems += [msg for key, msg in file_problems.items() if key not in cli]
-    problems += list(cli_problems.values())
+    file_problems = {key: msg for key, msg in file_problems.items() if key not in cli}
+    problems += [*file_problems.values(), *cli_problems.values()]
     cfg = Config(**{**file_values, **cli_values})
-    problems += validate(cfg)
+    # Rules that combine options skip those already reported: one problem is reported once.
+    problems += validate(cfg, invalid=set(file_problems) | set(cli_problems))
     if problems:
         raise ConfigError(problems, source=str(path))
     return cfg
@@ -218,18 +300,25 @@ def resume_problems(saved: dict[str, Any], cfg: Config, where: Path) -> list[str
     """The options that differ from the run being resumed (its saved ``config.yaml``), each with the fix."""
     old, new = _typed(saved), cfg.to_dict()
     return [
-        f"{key}={new[key]!r} but the run in {where} was made with {key}={old[key]!r}: resuming cannot change "
-        f"it; use {key}={old[key]!r}, or start a new run (another RUN_ID) with MODEL_WEIGHTS={where}/last"
+        f"{setting(key, new[key])} but the run in {where} was made with {setting(key, old[key])}: resuming cannot "
+        f"change it; use {setting(key, old[key])}, or start a new run (another RUN_ID) with "
+        f"{setting('MODEL_WEIGHTS', f'{where}/last')}"
         for key in FIELDS
         if key not in RESUMABLE_KEYS and key in old and old[key] != new[key]
     ]
+
+
+#: Options ``eval`` and ``predict`` choose for the device they run on, not the training run's
+#: (``auto`` unless typed on the command line): a checkpoint trained with fp16 on a GPU must
+#: evaluate on a CPU, which has no fp16 autocast.
+DEVICE_KEYS = ("MIXED_PRECISION", "CHANNELS_LAST")
 
 
 def config_for_checkpoint(saved: dict[str, Any], cfg: Config, given: typing.Iterable[str], fold: int,
                           allowed: typing.AbstractSet[str] = EVAL_KEYS) -> Config:
     """The configuration to evaluate a checkpoint with: its run's options (network, data, split,
     ``fold``), except the options of ``allowed`` (:data:`EVAL_KEYS`, :data:`PREDICT_KEYS`) that ``given``
-    names, taken from ``cfg``.
+    names, taken from ``cfg``; the :data:`DEVICE_KEYS` not in ``given`` are ``auto``.
 
     Raises:
         ConfigError: an option in ``given`` (typed on the command line) that the checkpoint fixes
@@ -237,11 +326,31 @@ def config_for_checkpoint(saved: dict[str, Any], cfg: Config, given: typing.Iter
     """
     old, new = _typed(saved), cfg.to_dict()
     problems = [
-        f"{key}={new[key]!r} but the checkpoint was trained with {key}={old[key]!r}: remove it from the command line"
+        f"{setting(key, new[key])} but the checkpoint was trained with {setting(key, old[key])}: "
+        "remove it from the command line"
         for key in given
         if key in FIELDS and key not in allowed and key in old and old[key] != new[key]
     ]
     if problems:
         raise ConfigError(problems, source="the eval command")
     chosen = {k: new[k] for k in given if k in allowed}
-    return Config(**{**old, **chosen, "MODEL_WEIGHTS": cfg.MODEL_WEIGHTS, "DEFAULT_FOLD": fold})
+    for_device = {k: FIELDS[k].default for k in DEVICE_KEYS if k not in given}
+    return Config(**{**old, **for_device, **chosen, "MODEL_WEIGHTS": cfg.MODEL_WEIGHTS, "DEFAULT_FOLD": fold})
+
+
+def precision_note(saved: dict[str, Any], cfg: Config, device: torch.device) -> Optional[str]:
+    """A note when the precision ``cfg`` resolves to on ``device`` is not the one the checkpoint's run
+    (``saved``) set explicitly, e.g. fp16 on its GPU, fp32 on this CPU; None when they agree.
+
+    A run made with ``auto`` recorded no precision (it was chosen for its machine), so there is
+    nothing to compare with.
+    """
+    trained = _typed(saved).get("MIXED_PRECISION", "auto")
+    if trained == "auto":
+        return None
+    used = resolve_precision(cfg.MIXED_PRECISION, device)[0]
+    if used == trained:
+        return None
+    how = "auto" if cfg.MIXED_PRECISION == "auto" else "as asked on the command line"
+    return (f"note: the checkpoint was trained with {setting('MIXED_PRECISION', trained)}; this machine uses "
+            f"{'fp32' if used == 'none' else used} ({how})")

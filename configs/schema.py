@@ -9,8 +9,12 @@ new stage or metric appears here without a second list.
 from __future__ import annotations
 
 import dataclasses
+import shlex
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
+
+import yaml
 
 from model.AuxNet import STAGES, Stage
 from model.metrics import METRIC_NAMES
@@ -214,3 +218,26 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Co
 def doc_of(key: str) -> str:
     """The one-line doc of option ``key``."""
     return FIELDS[key].metadata["doc"]
+
+
+#: Options whose command-line value is kept as typed, not parsed as YAML (``RUN_ID=001`` stays "001").
+TEXT_OPTIONS: frozenset[str] = frozenset(
+    key for key, tp in typing.get_type_hints(Config).items() if tp in (str, Optional[str])
+)
+
+
+def yaml_text(value: Any) -> str:
+    """``value`` as YAML flow text, as a user writes it: ``null``, ``true``, ``.nan``, ``[1.0, 0.5]``,
+    ``{DSC: 0.5}`` (Python's ``None``, ``True`` or ``nan`` would be read back as text, or rejected)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=2**31 - 1, sort_keys=False)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def setting(key: str, value: Any) -> str:
+    """``KEY=VALUE`` exactly as it must be typed on the command line to set option ``key`` to
+    ``value`` (quoted for the shell where needed), so a message's suggested fix can be pasted as is.
+
+    Text options are taken as typed (see :data:`TEXT_OPTIONS`); every other value is YAML.
+    """
+    text = value if key in TEXT_OPTIONS and isinstance(value, str) else yaml_text(value)
+    return shlex.quote(f"{key}={text}")

@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 
 from configs import Config, ConfigError
-from configs.config_parser import EVAL_KEYS, PREDICT_KEYS, config_for_checkpoint, parse_overrides
+from configs.config_parser import EVAL_KEYS, PREDICT_KEYS, config_for_checkpoint, parse_overrides, precision_note
 from configs.validator import validate
 from engines.builders import build_data, build_loaders, build_metrics, memory_format_of, precision_of
 from engines.checkpoint import CheckpointError, read_checkpoint, resolve_weights_path, saved_run
 from engines.forward import autocast_for, evaluate_model
-from engines.launch import main_first
+from engines.launch import launch_plan, main_first
 from engines.predict import build_predictor, prediction_network
 from engines.predictor import ArrayImage, Predictor
 from engines.run_dir import RunDir, eval_outputs
@@ -32,7 +32,9 @@ from utils.util import DistContext, RunError, atomic_write_json, atomic_write_te
 
 
 def eval_config(cfg: Config, overrides: list[str], command: str = "eval") -> Config:
-    """The configuration to evaluate MODEL_WEIGHTS with: its run's, plus the evaluation options given.
+    """The configuration to evaluate MODEL_WEIGHTS with: its run's, plus the evaluation options given;
+    precision and memory format are chosen for this machine (see :data:`configs.config_parser.DEVICE_KEYS`),
+    with a note when the precision is not the one the run was trained with.
 
     Raises:
         ConfigError: no MODEL_WEIGHTS, an unreadable checkpoint, or options it fixes set otherwise.
@@ -52,6 +54,9 @@ def eval_config(cfg: Config, overrides: list[str], command: str = "eval") -> Con
     problems = validate(cfg)
     if problems:
         raise ConfigError(problems, source=f"the configuration saved in {path}")
+    note = precision_note(saved, cfg, launch_plan(cfg)[1][0])
+    if note:
+        print(note)
     return cfg
 
 

@@ -150,7 +150,7 @@ def test_resume_refuses_changed_options_and_keeps_the_run(trained_run):
     proc = run_cli(*TINY, "TRAIN_EPOCHS=2", "BASE_LR=0.5", "LOSS=SoftDICE", f"RESULTS_DIR={trained_run.parents[1]}",
                    "EXP_ID=smoke", "RUN_ID=run_001", check=False)
     assert proc.returncode == 2
-    assert "BASE_LR=0.5 but the run" in proc.stderr and "LOSS='SoftDICE' but the run" in proc.stderr
+    assert "BASE_LR=0.5 but the run" in proc.stderr and "LOSS=SoftDICE but the run" in proc.stderr
     assert (trained_run / "config.yaml").read_text() == before and (trained_run / "last.pth").is_file()
 
 
@@ -245,5 +245,5 @@ def test_a_busy_port_and_an_unwritable_results_dir_are_clean_errors(tmp_path):
 def test_misleading_config_messages_are_fixed(trained_run, tmp_path):
     proc = run_cli(*TINY, f"MODEL_WEIGHTS={trained_run}", "INPUT_SIZE=0", f"RESULTS_DIR={tmp_path}", check=False)
     assert proc.returncode == 2
-    assert f"is a run folder, not a checkpoint: use '{trained_run / 'best'}'" in proc.stderr
+    assert f"is a run folder, not a checkpoint: use MODEL_WEIGHTS={trained_run / 'best'}" in proc.stderr
     assert "INPUT_SIZE=0 is out of range" in proc.stderr and "not divisible" not in proc.stderr

@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+import shlex
 
 import pytest
 import yaml
@@ -15,6 +16,18 @@ def problems_of(*overrides, path=None):
     with pytest.raises(ConfigError) as err:
         load_config(path, list(overrides))
     return err.value.problems
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """This process sees no CUDA GPU and a CPU without native bf16 (auto precision = fp32)."""
+    import torch
+
+    import utils.hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(utils.hardware, "cpu_bf16_support", lambda: (False, "none in this test"))
 
 
 def test_yaml_defaults_match_schema_and_are_documented():
@@ -51,8 +64,8 @@ def test_overrides_are_typed():
 def test_wrong_types_and_unknown_keys_are_all_reported():
     problems = problems_of("BATCH_SIZE=four", "SEG_DROPOUT=true", "BACH_SIZE=3", "justaword")
     text = "\n".join(problems)
-    assert "BATCH_SIZE='four' has the wrong type: expected int" in text
-    assert "SEG_DROPOUT=True has the wrong type" in text
+    assert "BATCH_SIZE=four has the wrong type: expected int" in text
+    assert "SEG_DROPOUT=true has the wrong type" in text
     assert "unknown option 'BACH_SIZE' (did you mean 'BATCH_SIZE'?)" in text
     assert "'justaword' is not KEY=VALUE" in text
     assert len(problems) == 4
@@ -60,7 +73,7 @@ def test_wrong_types_and_unknown_keys_are_all_reported():
 
 def test_a_bad_choice_lists_the_choices_and_the_closest():
     (problem,) = problems_of("MIXED_PRECISION=bf61")
-    assert "MIXED_PRECISION='bf61' is not valid: expected one of 'auto' | 'bf16' | 'fp16' | 'none'" in problem
+    assert "MIXED_PRECISION=bf61 is not valid: expected one of 'auto' | 'bf16' | 'fp16' | 'none'" in problem
     assert "(did you mean 'bf16'?)" in problem
 
 
@@ -70,7 +83,7 @@ def test_text_options_keep_what_was_typed():
 
 
 def test_bool_is_not_an_int():
-    assert any("UNET_DEPTH=True" in p for p in problems_of("UNET_DEPTH=true"))
+    assert any("UNET_DEPTH=true" in p for p in problems_of("UNET_DEPTH=true"))
 
 
 def test_unknown_key_in_file_names_the_file(tmp_path):
@@ -98,7 +111,7 @@ def test_cli_value_replaces_a_bad_file_value(tmp_path):
 def test_the_three_classic_mistakes_in_one_error():
     problems = problems_of("MODEL=AuxNet-XYZ", "LOSS=Foo_BCE", "INPUT_SIZE=100")
     text = "\n".join(problems)
-    assert "MODEL='AuxNet-XYZ'" in text and "'AuxNet-EDC'" in text and "'UNet'" in text
+    assert "MODEL=AuxNet-XYZ is not valid" in text and "'AuxNet-EDC'" in text and "'UNet'" in text
     assert "Foo" in text and "SoftDICE" in text
     assert "INPUT_SIZE=100 is not divisible by 2^(UNET_DEPTH-1)=8" in text and "use e.g. 96 or 104" in text
 
@@ -142,7 +155,7 @@ def test_the_three_classic_mistakes_in_one_error():
         (["AUGMENTATIONS=[{name: HorizontalFlap, p: 0.5}]"], "HorizontalFlap"),
     ],
 )
-def test_validator_rules(overrides, expected):
+def test_validator_rules(overrides, expected, cpu_only):  # the GPU rows mean a machine without one
     text = "\n".join(problems_of(*overrides))
     assert expected in text
 
@@ -200,3 +213,153 @@ def test_schema_doc_is_the_yaml_comment_and_the_readme_meaning():
         if meanings.get(key) != doc:
             problems.append(f"{key}: README meaning {meanings.get(key)!r} != schema doc {doc!r}")
     assert not problems, "\n".join(problems)
+
+
+# ---- non-finite numbers (issue 22, item 6)
+
+@pytest.mark.parametrize("override, default", [
+    ("SEG_THRESHOLD=.nan", "SEG_THRESHOLD=0.5"), ("CLS_WEIGHT=.nan", "CLS_WEIGHT=1.0"),
+    ("TEST_SPLIT=.nan", "TEST_SPLIT=0.2"), ("BASE_LR=.inf", "BASE_LR=0.003"),
+    ("L2_DECAY=.nan", "L2_DECAY=0.0001"), ("INIT_LR=.nan", "INIT_LR=0.0001"),
+    ("BASE_LR=1e999", "BASE_LR=0.003"),  # overflows to inf when read
+    ("GRAD_CLIP=-.inf", "GRAD_CLIP=null"),
+])
+def test_a_non_finite_number_is_refused_with_its_fix(override, default):
+    assert problems_of(override) == [
+        f"command line: {override} is not a finite number: use a finite number, e.g. {default} (the default)"]
+
+
+@pytest.mark.parametrize("override, bad, default", [
+    ("SCHEDULE_ALPHA=[.nan, 0.01, 0.9]", ".nan", "'SCHEDULE_ALPHA=[0.01, 0.01, 0.9]'"),
+    ("STATIC_WEIGHTS=[1.0, .inf]", ".inf", "STATIC_WEIGHTS=null"),
+    ("CMA_COEFFICIENTS={DSC: .nan}", ".nan", "'CMA_COEFFICIENTS={DSC: 0.5, TTR: 0.2, HD95: 0.3}'"),
+    ("PIXEL_SPACING=[1.0, -.inf]", "-.inf", "PIXEL_SPACING=null"),
+    ("AUGMENTATIONS=[{name: HorizontalFlip, p: .nan}]", ".nan", "AUGMENTATIONS=default"),
+])
+def test_a_non_finite_number_inside_a_list_or_mapping_is_refused(override, bad, default):
+    assert problems_of(override) == [f"command line: {override} holds {bad}, which is not a finite number: "
+                                     f"use finite numbers, e.g. {default} (the default)"]
+
+
+def test_non_finite_numbers_in_a_file_are_reported_with_the_other_problems(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("BASE_LR: .inf\nSCHEDULE_ALPHA: [0.1, .nan, 0.9]\nBATCH_SIZE: 0\n")
+    problems = problems_of(path=path)
+    assert problems[:2] == [
+        f"{path}: BASE_LR=.inf is not a finite number: use a finite number, e.g. BASE_LR=0.003 (the default)",
+        f"{path}: SCHEDULE_ALPHA=[0.1, .nan, 0.9] holds .nan, which is not a finite number: use finite numbers, "
+        "e.g. 'SCHEDULE_ALPHA=[0.01, 0.01, 0.9]' (the default)"]
+    assert problems[2:] == ["BATCH_SIZE=0 is out of range: use a value in [1, inf)"]
+
+
+def test_the_cli_refuses_nan_before_making_a_run_folder(tmp_path):
+    from test_cli import TINY, run_cli
+
+    proc = run_cli(*TINY, "TRAIN_EPOCHS=1", "SEG_THRESHOLD=.nan", f"RESULTS_DIR={tmp_path / 'out'}", "GPUs=[]",
+                   check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "SEG_THRESHOLD=.nan is not a finite number" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---- one problem, one message (issue 22)
+
+def test_an_invalid_option_is_reported_once():
+    assert problems_of("SEG_CLASSES=0") == ["SEG_CLASSES=0 is out of range: use a value in [1, inf)"]
+    # a mistyped option keeps its default meanwhile: rules that combine it with others skip it
+    assert problems_of("INPUT_SIZE=big", "TILE_OVERLAP=200") == [
+        "command line: INPUT_SIZE=big has the wrong type: expected int"]
+    assert problems_of("INPUT_SIZE=0", "TILE_OVERLAP=-1") == [
+        "INPUT_SIZE=0 is out of range: use a value in [1, inf)", "TILE_OVERLAP=-1 must be >= 0"]
+
+
+# ---- duplicate keys (issue 22)
+
+def test_a_key_set_twice_in_a_file_is_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("SEED: 1\nBATCH_SIZE: 4\nSEED: 2\nCMA_COEFFICIENTS:\n  DSC: 1\n  DSC: 0.5\nMODLE: UNet\n")
+    problems = problems_of(path=path)
+    assert problems[:2] == [
+        f"{path}: 'SEED' is set twice, on lines 1 and 3 (the second would silently replace the first): keep one",
+        f"{path}: 'DSC' is set twice, on lines 5 and 6 (the second would silently replace the first): keep one"]
+    assert len(problems) == 3 and "unknown option 'MODLE'" in problems[2]
+
+
+def test_a_key_set_twice_on_the_command_line_is_an_error():
+    assert problems_of("CMA_COEFFICIENTS={DSC: 1, DSC: 2}") == [
+        "command line: CMA_COEFFICIENTS={DSC: 1, DSC: 2} sets 'DSC' twice: keep one"]
+
+
+def test_read_yaml_refuses_a_key_set_twice(tmp_path):
+    from configs.config_parser import read_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text("SEED: 1\nSEED: 1\n")
+    with pytest.raises(ConfigError, match=r"'SEED' is set twice, on lines 1 and 2"):
+        read_yaml(path)
+
+
+# ---- suggested values are typed as the user types them (issue 22)
+
+def test_every_option_written_by_setting_reads_back_as_the_same_value():
+    from configs.schema import setting
+
+    defaults = Config().to_dict()
+    for key, value in defaults.items():
+        typed = shlex.split(setting(key, value))
+        assert typed == [f"{key}={typed[0].partition('=')[2]}"], key
+        assert getattr(load_config(None, typed), key) == value, (key, typed)
+
+
+@pytest.mark.parametrize("key, old, new, shown", [
+    ("STATIC_WEIGHTS", None, "[1, 0.5]", "STATIC_WEIGHTS=null"),
+    ("INCLUDE_BACKGROUND", True, "false", "INCLUDE_BACKGROUND=true"),
+    ("SCHEDULE_ALPHA", [0.02, 0.01, 0.9], "[0.01, 0.01, 0.9]", "'SCHEDULE_ALPHA=[0.02, 0.01, 0.9]'"),
+    ("CMA_COEFFICIENTS", {"DSC": 1.0}, "{DSC: 0.5}", "'CMA_COEFFICIENTS={DSC: 1.0}'"),
+    ("LOSS", "SoftDICE", "SoftDICE_BCE", "LOSS=SoftDICE"),
+])
+def test_the_resume_refusal_suggests_a_value_that_is_accepted(tmp_path, key, old, new, shown):
+    from configs.config_parser import resume_problems
+
+    saved = {**Config().to_dict(), key: old}
+    (problem,) = resume_problems(saved, load_config(None, [f"{key}={new}"]), tmp_path)
+    suggested = re.search(r"; use (.+), or start a new run", problem).group(1)
+    assert suggested == shown
+    assert getattr(load_config(None, shlex.split(suggested)), key) == old
+
+
+# ---- a checkpoint evaluates on the machine the command runs on (issue 22)
+
+def _fp16_checkpoint(tmp_path):
+    import torch
+
+    path = tmp_path / "best.pth"
+    torch.save({"config": {**Config().to_dict(), "MIXED_PRECISION": "fp16", "CHANNELS_LAST": True},
+                "model": {}, "fold": 0}, path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_an_fp16_checkpoint_evaluates_on_a_cpu_only_machine(tmp_path, cpu_only, capsys, command):
+    from engines.evaluate import eval_config
+
+    args = [f"MODEL_WEIGHTS={_fp16_checkpoint(tmp_path)}"]
+    cfg = eval_config(load_config(None, args), args, command)
+    assert (cfg.MIXED_PRECISION, cfg.CHANNELS_LAST) == ("auto", "auto")
+    assert capsys.readouterr().out == (
+        "note: the checkpoint was trained with MIXED_PRECISION=fp16; this machine uses fp32 (auto)\n")
+
+
+def test_fp16_typed_for_eval_without_a_gpu_is_refused_with_the_fix(tmp_path, cpu_only):
+    args = [f"MODEL_WEIGHTS={_fp16_checkpoint(tmp_path)}", "MIXED_PRECISION=fp16"]
+    assert problems_of(*args) == ["MIXED_PRECISION=fp16 needs a CUDA GPU but no CUDA GPU is visible: use "
+                                  "MIXED_PRECISION=auto, bf16 (CPU and recent GPUs) or none"]
+
+
+def test_fp16_with_the_cpu_forced_is_refused_even_where_a_gpu_is_visible(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert problems_of("MIXED_PRECISION=fp16", "GPUs=[]") == [
+        "MIXED_PRECISION=fp16 needs a CUDA GPU but GPUs=[] runs on the CPU: use MIXED_PRECISION=auto, bf16 "
+        "(CPU and recent GPUs) or none"]
