@@ -181,7 +181,7 @@ def check_ddp(table: Table, device: torch.device) -> None:
 
     from engines.SegTrainer import TrainStep
     from model.AuxNet import AuxNet
-    from model.loss import build_loss
+    from model.losses import build_loss
     from utils.tiling import NO_FILL
 
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -191,10 +191,6 @@ class Config:
         return self.INPUT_SIZE // 2 if self.TILE_OVERLAP is None else self.TILE_OVERLAP
 
     @property
-    def loss_terms(self) -> list[str]:
-        return [t for t in self.LOSS.split("_") if t]
-
-    @property
     def loss_weighting(self) -> str:
         """ADAPTIVE_WEIGHTS as the loss library names it: static, adaptive or schedule."""
         return {False: "static", True: "adaptive", "schedule": "schedule"}[self.ADAPTIVE_WEIGHTS]

@@ -19,7 +19,7 @@ import torch
 
 from configs.schema import FIELDS, STAGES, Config, setting
 from engines.checkpoint import resolve_weights_path
-from model.loss import loss_problems, parse_loss
+from model.losses import loss_problems, parse_loss
 from model.metrics import DISTANCE_METRICS as DISTANCE_METRIC_NAMES
 from model.metrics import METRIC_NAMES
 from utils.augment import augmentation_problems

@@ -19,8 +19,8 @@ from engines.run_dir import RunDir
 from engines.figures import make_plotter
 from engines.SegTrainer import SegTrainer, TrainerSettings, TrainStep
 from model.AuxNet import AuxNet
-from model.loss import LossOptions
-from model.loss import build_loss as make_loss
+from model.losses import LossOptions
+from model.losses import build_loss as make_loss
 from model.metrics import SegmentationMetrics
 from utils.augment import DEFAULT_AUGMENTATIONS
 from utils.dataset import SceneSDM, Splits, build_datasets, make_loader

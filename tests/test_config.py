@@ -50,7 +50,7 @@ def test_readme_documents_every_option():
 def test_default_config_is_valid():
     cfg = load_config()
     assert cfg == Config()
-    assert cfg.loss_terms == ["SoftDICE", "BCE"]
+    assert cfg.LOSS == "SoftDICE_BCE"
 
 
 def test_overrides_are_typed():

@@ -22,7 +22,7 @@ import torch
 from conftest import blobs, random_labels, ref_sdm
 from engines.predictor import ArrayImage, Predictor
 from model.AuxNet import AuxNet
-from model.loss import build_loss
+from model.losses import build_loss
 from model.metrics import SegmentationMetrics, surface_distances
 from utils.sdf import distance_transform, signed_distance_map
 

@@ -1,5 +1,6 @@
-"""Tests for model/loss.py: hand-computed values on tiny tensors, SciPy / MONAI references on random
-inputs, gradients, empty targets, autocast, and the combined loss's weighting modes."""
+"""Tests for the loss terms of model/losses/: hand-computed values on tiny tensors, SciPy / MONAI
+references on random inputs, gradients, empty targets, autocast, and the combined loss's weighting
+modes. The names, their rules and the builder: tests/test_loss_registry.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import labels_with_every_class, ref_sdm
-from model.loss import (
+from model.losses import (
     LOSS_HEADS,
     LOSSES,
     SMOOTH,
@@ -28,7 +29,6 @@ from model.loss import (
     WeightedCELoss,
     build_loss,
     loss_problems,
-    parse_loss,
     soft_skeleton,
 )
 
@@ -52,61 +52,7 @@ def t(rows) -> torch.Tensor:
     return torch.tensor([rows], dtype=torch.long)
 
 
-# --------------------------------------------------------------------------------------- names
-
-
-def test_registry_names_and_heads():
-    assert list(LOSSES) == ["BCE", "CE", "wBCE", "Focal", "SoftDICE", "HardDICE", "IoU", "GDL",
-                            "MAE", "cMAE", "sMAE", "Boundary", "wCE", "clDice"]
-    assert LOSS_HEADS["BCE"] == ("binary",)
-    assert LOSS_HEADS["CE"] == ("multiclass",)
-    assert all(LOSS_HEADS[n] == ("binary", "multiclass") for n in LOSSES if n not in ("BCE", "CE"))
-
-
-def test_parse_loss():
-    assert parse_loss("SoftDICE_Boundary") == ["SoftDICE", "Boundary"]
-    assert parse_loss("wBCE") == ["wBCE"]
-
-
-def test_parse_loss_reports_every_unknown_term_with_suggestions():
-    expected = r"'softdice' \(did you mean 'SoftDICE'\?\).*'Boundry' \(did you mean 'Boundary'\?\).*Valid names: BCE, CE"
-    with pytest.raises(ValueError, match=expected):
-        parse_loss("softdice_BCE_Boundry")
-    with pytest.raises(ValueError, match="empty term"):
-        parse_loss("SoftDICE__BCE")
-    with pytest.raises(ValueError, match="repeated"):
-        parse_loss("BCE_SoftDICE_BCE")
-    with pytest.raises(ValueError, match="is empty"):
-        parse_loss("")
-    with pytest.raises(ValueError, match="CLS is added by CLS_CLASSES"):
-        parse_loss("SoftDICE_CLS")
-
-
-def test_loss_problems():
-    assert loss_problems(["SoftDICE", "BCE"], 1) == []
-    assert loss_problems(["SoftDICE", "CE", "Boundary"], 3) == []
-    (msg,) = loss_problems(["SoftDICE", "BCE"], 3)
-    assert "BCE" in msg and "use CE" in msg
-    (msg,) = loss_problems(["CE"], 1)
-    assert "use BCE" in msg
-    assert len(loss_problems(["SoftDICE", "BCE"], 1, weighting="schedule")) == 1
-    assert len(loss_problems(["Boundary"], 1, weighting="schedule")) == 1
-    assert loss_problems(["SoftDICE", "Boundary"], 1, weighting="schedule") == []
-
-
-def test_build_loss_reports_every_problem():
-    with pytest.raises(ValueError, match=r"BCE does not support SEG_CLASSES=3.*STATIC_WEIGHTS has 1 weight"):
-        build_loss("SoftDICE_BCE", seg_classes=3, static_weights=[1.0])
-    with pytest.raises(ValueError, match="ADAPTIVE_WEIGHTS=true learns the weights"):
-        build_loss("SoftDICE_BCE", seg_classes=1, weighting="adaptive", static_weights=[1.0, 1.0])
-    with pytest.raises(ValueError, match="weighting='learned' is not one of"):
-        build_loss("SoftDICE_BCE", seg_classes=1, weighting="learned")
-    with pytest.raises(ValueError, match="sdm_distance='taxicab' is not one of"):
-        build_loss("Boundary", seg_classes=1, sdm_distance="taxicab")
-    with pytest.raises(ValueError, match="sdm_kernel_size=4"):
-        build_loss("MAE", seg_classes=1, sdm_kernel_size=4)
-    with pytest.raises(ValueError, match="focal_alpha=2"):
-        build_loss("Focal", seg_classes=1, focal_alpha=2)
+# --------------------------------------------------------------------------------------- inputs
 
 
 def test_bad_inputs_raise_clear_errors():

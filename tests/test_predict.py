@@ -13,7 +13,7 @@ from configs import load_config
 from engines.predict import predict
 from engines.predictor import ArrayImage, Predictor, cover_indices
 from model.AuxNet import AuxNet
-from model.loss import build_loss
+from model.losses import build_loss
 from utils.tiling import NO_FILL, fill_label, gaussian_importance_map, window_starts
 
 CPU = torch.device("cpu")

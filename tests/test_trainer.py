@@ -17,7 +17,7 @@ from engines.builders import build_data, build_model, build_trainer, loss_option
 from engines.checkpoint import read_checkpoint
 from engines.run_dir import RunDir
 from model.AuxNet import STAGES
-from model.loss import LossOptions
+from model.losses import LossOptions
 from utils.util import DistContext, seed_everything
 
 #: A run that trains in a few seconds: 3 training images of 128² (12 tiles of 64², 3 steps per

@@ -23,10 +23,20 @@ class RunError(RuntimeError):
     validated. ``main.py`` prints it without a traceback and exits with status 2."""
 
 
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """`` (did you mean 'X'?)`` for the closest choice, or an empty string."""
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def did_you_mean(name: str, choices: Iterable[str], *, cutoff: float = 0.6, ignore_case: bool = False) -> str:
+    """`` (did you mean 'X'?)`` for the closest choice, or an empty string.
+
+    Args:
+        name: what the user wrote.
+        choices: the valid names.
+        cutoff: the least similarity (:func:`difflib.get_close_matches`) worth suggesting.
+        ignore_case: compare lower-cased (for names whose case users get wrong, as ``softdice``);
+            the suggestion keeps the choice's own case.
+    """
+    by_key = {(str(c).lower() if ignore_case else str(c)): str(c) for c in choices}
+    key = str(name).lower() if ignore_case else str(name)
+    close = difflib.get_close_matches(key, list(by_key), n=1, cutoff=cutoff)
+    return f" (did you mean {by_key[close[0]]!r}?)" if close else ""
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
