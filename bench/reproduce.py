@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from utils.image_io import file_digest  # noqa: E402
 from utils.splits import num_folds  # noqa: E402
 from utils.synthetic import FOLDER_DATASETS, ensure_folder_dataset  # noqa: E402
 from utils.util import atomic_write_json, atomic_write_text, cpu_threads  # noqa: E402
@@ -216,7 +217,8 @@ def write_split(folder: Path, name: str, seed: int, opts: Options) -> None:
     test = list(EXPERIMENTS[name].test_ids or ())
     data_dir, _ = dataset_dir(name, opts)
     images_dir = (ROOT / data_dir / "images").resolve()
-    ids = sorted(p.stem for p in images_dir.iterdir() if not p.name.startswith("."))
+    files = {p.stem: p for p in images_dir.iterdir() if not p.name.startswith(".")}
+    ids = sorted(files)
     missing = sorted(set(test) - set(ids))
     if missing:
         raise SystemExit(f"{name}: test images {missing} are not in {images_dir}")
@@ -225,7 +227,7 @@ def write_split(folder: Path, name: str, seed: int, opts: Options) -> None:
     folds = [test] + [sorted(map(str, part)) for part in np.array_split(np.array(rest, dtype=object), k - 1)]
     atomic_write_json(folder / "tts.json", {
         "source": str(images_dir.parent), "seed": seed, "num_folds": k, "cross_validation": False,
-        "images": ids, "folds": [{"test": f} for f in folds],
+        "images": ids, "folds": [{"test": f} for f in folds], "hashes": {i: file_digest(files[i]) for i in ids},
     })
 
 

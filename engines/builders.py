@@ -27,6 +27,7 @@ from utils.dataset import SceneSDM, Splits, build_datasets, make_loader
 from utils.hardware import AMP_DTYPES, compile_problem, resolve_channels_last, resolve_precision
 from utils.image_io import DatasetError
 from utils.loggers import build_loggers
+from utils.splits import split_record
 from utils.util import DistContext, RunError
 
 
@@ -125,10 +126,10 @@ def build_loss(cfg: Config) -> nn.Module:
 
 
 def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Optional[list[str]] = None,
-               scene_sdm: bool = True) -> Splits:
-    """The train and test tile datasets of ``fold`` (of ``test_ids`` when given: a checkpoint's own split);
-    ``scene_sdm=False`` skips the training tiles' whole-image distance maps (SDM_SCOPE=image) when
-    nothing will train.
+               scene_sdm: bool = True, hashes: Optional[dict[str, str]] = None) -> Splits:
+    """The train and test tile datasets of ``fold`` (of ``test_ids`` when given: a checkpoint's own split,
+    whose images must still have the content ``hashes`` stored with it); ``scene_sdm=False`` skips the
+    training tiles' whole-image distance maps (SDM_SCOPE=image) when nothing will train.
 
     Raises:
         RunError: naming DATASET_DIR, for any bad, missing or mismatched file or split.
@@ -154,6 +155,7 @@ def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Opt
             synthetic_images=cfg.SYNTHETIC_IMAGES,
             synthetic_size=cfg.SYNTHETIC_SIZE,
             test_ids=test_ids,
+            hashes=hashes,
             scene_sdm=(SceneSDM(cfg.SEG_CLASSES, cfg.SDM_DISTANCE, folder=Path(cfg.RESULTS_DIR) / ".cache")
                        if cfg.SDM_SCOPE == "image" and scene_sdm else None),
         )
@@ -240,7 +242,7 @@ def build_trainer(cfg: Config, ctx: DistContext, run: RunDir, splits: Splits, fo
         config=cfg.to_dict(),
         fold=fold,
         seed=cfg.SEED + fold,
-        split={"train": list(splits.train_ids), "test": list(splits.test_ids)},
+        split=split_record(splits.train.images, splits.train_ids, splits.test_ids),
         grad_clip=cfg.GRAD_CLIP,
         early_stopping=cfg.EARLY_STOPPING,
         plot_every=cfg.PLOT_EVERY,

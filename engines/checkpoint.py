@@ -10,8 +10,19 @@ A checkpoint is a ``.pth`` dict::
     history    one record per finished epoch
     config     the run's resolved configuration (a plain dict)
     fold       the fold it was trained on
-    split      {"train": [image ids], "test": [image ids]} of that fold, so that ``eval`` scores the
-               checkpoint on its own test images wherever the file is copied to
+    split      the data of that fold (:func:`utils.splits.split_record`), so that ``eval`` scores the
+               checkpoint on its own test images wherever the file is copied to, and ``predict``
+               scales its inputs as training did:
+               train, test  [image ids]
+               hashes       {image id: content hash of the image file} (:func:`utils.image_io.file_digest`);
+                            ``eval`` refuses an image whose file changed since; folder datasets only
+               inputs       how training scaled its pixels (:class:`utils.image_io.InputScaling`):
+                            {"scaling": {dtype name: [offset, scale]}, "seen": [lo, hi]}: pixels of each
+                            dtype became (raw - offset) / scale; ``seen`` is the range the training
+                            pixels covered after it (the lowest 0.1 and highest 99.9 percentile of the
+                            training images); e.g. {"scaling": {"uint8": [0, 255]}, "seen": [0.05, 0.93]}
+               Checkpoints made before hashes and inputs were recorded lack them: nothing is checked,
+               and inputs are scaled by their dtype's range.
 
 Random streams are not stored: the trainer derives every one of them from (SEED, fold, epoch, rank)
 at the start of each epoch (:func:`engines.SegTrainer.epoch_seed`), so the checkpoint of epoch k
@@ -79,6 +90,17 @@ def saved_run(path: Path) -> tuple[Optional[dict[str, Any]], Optional[int]]:
     return config, int(state.get("fold", config.get("DEFAULT_FOLD", 0)))
 
 
+def stored_split(path: Path) -> dict[str, Any]:
+    """The ``split`` record of a checkpoint (see the module docstring); ``{}`` for bare weights or a
+    checkpoint made before the split was stored.
+
+    Raises:
+        CheckpointError: naming the file, when it is not a readable ``.pth``.
+    """
+    split = read_checkpoint(path).get("split")
+    return split if isinstance(split, dict) else {}
+
+
 @dataclass
 class LoadReport:
     """What :func:`load_weights` did: parameter names loaded, left as initialised, and ignored."""
@@ -120,7 +142,7 @@ def load_weights(net: nn.Module, path: Path, allow_missing: tuple[str, ...] = ()
 
 def save_checkpoint(path: Path, *, epoch: int, net: nn.Module, loss: nn.Module, optimizer, scheduler, scaler,
                     best: dict[str, Any], history: list[dict[str, Any]], config: dict[str, Any], fold: int,
-                    split: Optional[dict[str, list[str]]] = None) -> None:
+                    split: Optional[dict[str, Any]] = None) -> None:
     """Write a training checkpoint atomically (see the module docstring for its content).
 
     Raises:

@@ -20,7 +20,7 @@ from configs import Config, ConfigError
 from configs.config_parser import EVAL_KEYS, PREDICT_KEYS, config_for_checkpoint, parse_overrides, precision_note
 from configs.validator import validate
 from engines.builders import build_data, build_loaders, build_metrics, memory_format_of, precision_of
-from engines.checkpoint import CheckpointError, read_checkpoint, resolve_weights_path, saved_run
+from engines.checkpoint import CheckpointError, read_checkpoint, resolve_weights_path, saved_run, stored_split
 from engines.forward import autocast_for, evaluate_model
 from engines.launch import launch_plan, main_first
 from engines.predict import build_predictor, prediction_network
@@ -86,8 +86,9 @@ def checkpoint_test_ids(ckpt: Path) -> tuple[Optional[list[str]], Optional[Path]
 def evaluate(cfg: Config, ctx: DistContext, run: RunDir) -> None:
     """Evaluate MODEL_WEIGHTS on its own test split (stored in it): a per-tile CSV and a summary JSON beside it."""
     test_ids, split_file = checkpoint_test_ids(resolve_weights_path(cfg.MODEL_WEIGHTS))
+    hashes = stored_split(resolve_weights_path(cfg.MODEL_WEIGHTS)).get("hashes")  # images changed since: refused
     splits = main_first(ctx, lambda: build_data(cfg, split_file, cfg.DEFAULT_FOLD, test_ids=test_ids,
-                                                scene_sdm=False))  # nothing trains: no distance maps
+                                                scene_sdm=False, hashes=hashes))  # nothing trains: no distance maps
     _, test_loader = build_loaders(cfg, splits, ctx)
     net, can_gate = prediction_network(cfg, ctx.device)
     dtype = precision_of(cfg, ctx.device)

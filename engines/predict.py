@@ -16,6 +16,7 @@ import json
 import re
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -23,11 +24,12 @@ from tqdm import tqdm
 
 from configs import Config, ConfigError
 from engines.builders import build_network, memory_format_of, precision_of
-from engines.checkpoint import CheckpointError, resolve_weights_path
+from engines.checkpoint import CheckpointError, resolve_weights_path, stored_split
 from engines.forward import place
 from engines.launch import launch_plan
 from engines.predictor import Predictor
 from model.AuxNet import AuxNet
+from utils.image_io import InputScaling
 from utils.raster import SUPPORTED_SUFFIXES, RasterError, open_image
 from utils.raster_write import MaskWriter, overlay_png
 from utils.util import RunError
@@ -97,6 +99,7 @@ def predict(cfg: Config) -> int:
         files = check_inputs(cfg)
         device = launch_plan(cfg)[1][0]  # one process: the first device a training run would use
         predictor = build_predictor(cfg, *prediction_network(cfg, device), device, cfg.GATING, progress=True)
+        inputs = training_inputs(cfg)
     except (ConfigError, RunError) as err:
         print(f"error: {err}", flush=True)
         return 2
@@ -105,7 +108,7 @@ def predict(cfg: Config) -> int:
     failures = []
     for path in files:
         try:
-            record = predict_file(cfg, predictor, path, out)
+            record = predict_file(cfg, predictor, path, out, inputs)
         except (RasterError, RunError) as err:
             message = str(err) if str(err).startswith(str(path)) else f"{path}: {err}"
             failures.append(message)
@@ -123,8 +126,25 @@ def predict(cfg: Config) -> int:
     return 0
 
 
-def predict_file(cfg: Config, predictor: Predictor, path: Path, out: Path) -> dict:
-    """Predict one image file into ``out``; returns its JSON record.
+def training_inputs(cfg: Config) -> Optional[InputScaling]:
+    """How MODEL_WEIGHTS's training scaled its inputs (None for a checkpoint made before that was stored).
+
+    Raises:
+        CheckpointError: the checkpoint's record is malformed.
+    """
+    path = resolve_weights_path(cfg.MODEL_WEIGHTS)
+    try:
+        return InputScaling.from_dict(stored_split(path).get("inputs"))
+    except ValueError as err:
+        raise CheckpointError(f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r} is damaged: its split holds a {err}; use "
+                              "another checkpoint of the run (last.pth or best.pth), or retrain") from err
+
+
+def predict_file(cfg: Config, predictor: Predictor, path: Path, out: Path,
+                 inputs: Optional[InputScaling] = None) -> dict:
+    """Predict one image file into ``out``, scaled as training scaled ``inputs`` (see
+    :meth:`utils.raster.ImageReader.use_scaling`, which warns when the image lies far outside what
+    training saw); returns its JSON record.
 
     Raises:
         RasterError: the file cannot be read; RunError: it does not fit the network (channels).
@@ -132,6 +152,9 @@ def predict_file(cfg: Config, predictor: Predictor, path: Path, out: Path) -> di
     with open_image(path) as image:
         if image.channels != cfg.INPUT_CHANNELS:
             raise RunError(f"{image.channels} channel(s), but the network takes INPUT_CHANNELS={cfg.INPUT_CHANNELS}")
+        warning = image.use_scaling(inputs)
+        if warning:
+            tqdm.write(f"warning: {warning}")
         classes = max(cfg.SEG_CLASSES, 2)
         mask = MaskWriter(out / f"{path.stem}_mask", image.height, image.width, np.uint8, like=image)
         prob = (MaskWriter(out / f"{path.stem}_prob.tif", image.height, image.width, np.float16, like=image,

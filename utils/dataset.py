@@ -44,7 +44,7 @@ import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ from utils.augment import build_augmentation
 from utils.image_io import (LAZY_CACHE_IMAGES, DatasetError, ImageSet, load_folder, memory_budget, recently_used,
                             to_unit_range)
 from utils.sdf import signed_distance_map
-from utils.splits import num_folds, resolve_split
+from utils.splits import check_contents, num_folds, resolve_split
 from utils.synthetic import load_synthetic
 from utils.tiling import boundary_label, fill_label, tile_id, tiles_of
 from utils.util import atomic_write
@@ -289,6 +289,7 @@ def build_datasets(
     synthetic_images: int,
     synthetic_size: int,
     test_ids: Optional[Sequence[str]] = None,
+    hashes: Optional[Mapping[str, str]] = None,
     scene_sdm: Optional[SceneSDM] = None,
 ) -> Splits:
     """Load a dataset, split its images into folds and build the train/test tile datasets of ``fold``.
@@ -311,6 +312,8 @@ def build_datasets(
         synthetic_images, synthetic_size: number and side of the generated images.
         test_ids: the test images, given (a checkpoint's own split): ``split_file`` is then neither
             read nor written, and every other image is a training image.
+        hashes: with ``test_ids``, the content hashes stored with them (None: a checkpoint made before
+            hashes were recorded); an image whose file changed since is refused (:func:`check_contents`).
         scene_sdm: whole-image distance maps for the training tiles (``sdm``), or None.
 
     Returns:
@@ -357,13 +360,15 @@ def build_datasets(
     if test_ids is None:
         folds = resolve_split(split_file, images.ids, seed=seed, k=k,
                               source=source if source == "synthetic" else str(Path(source).resolve()),
-                              cross_validation=cross_validation)
+                              cross_validation=cross_validation, images=images)
         test_ids = folds[fold]
     else:
         unknown = sorted(set(test_ids) - set(images.ids))
         if unknown:
             raise DatasetError(f"{len(unknown)} test image(s) of the checkpoint's split are not in the dataset "
                                f"({unknown[:5]}): give the DATASET_DIR it was trained on")
+        check_contents(hashes, images, recorder="checkpoint's split",
+                       fix="Restore the original files, or evaluate the checkpoint on the data it was trained on")
     held_out = set(test_ids)
     index = {image_id: i for i, image_id in enumerate(images.ids)}
     train_ids = [i for i in images.ids if i not in held_out]

@@ -10,16 +10,24 @@
   values and is reported as such;
 * dot-files (``.DS_Store``) are ignored, and so are other non-image files (a README) with a one-line
   notice; a broken link is an error.
+
+While checking, every image is described by its identity and its intensities: a content hash of
+its file (:func:`file_digest`; the split and the checkpoint keep it, so a file replaced under the
+same name is refused, see :mod:`utils.splits`) and the range of its raw values
+(:func:`percentile_range`). :class:`InputScaling` gathers the training images' scaling and ranges
+for the checkpoint, so that prediction scales an input as training did and warns when it lies far
+outside what training saw.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import tifffile
@@ -32,6 +40,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # used images.
 MEMORY_CACHE_FRACTION = 0.25
 LAZY_CACHE_IMAGES = 8
+#: Percentiles of the pixel values that stand for an image's intensity range: robust to a few hot
+#: or dead pixels, yet they still see a small bright object (0.1 % of a 512 x 512 image is 262 pixels).
+RANGE_PERCENTILES = (0.1, 99.9)
+#: At most this many pixels of an image (an evenly strided sample) go into :func:`percentile_range`.
+RANGE_SAMPLE = 2**20
+#: An input whose central range spans less than this fraction of training's range is far from it.
+NARROW_FRACTION = 0.1
+#: ... as is one lying mostly outside training's range widened by this fraction of its span each way.
+WIDEN_FRACTION = 0.5
 
 
 class DatasetError(ValueError):
@@ -43,7 +60,9 @@ class ImageEntry:
     """One image of a dataset: its id, size, intensity scaling and (folder datasets) files.
 
     Pixel values become ``(raw - offset) / scale``; for integer files that maps the dtype's range
-    onto [0, 1].
+    onto [0, 1]. The loaders also fill ``dtype`` (the raw pixels' dtype name), ``intensity`` (the
+    :data:`RANGE_PERCENTILES` of the raw values, :func:`percentile_range`) and, for folder
+    datasets, ``digest`` (:func:`file_digest` of the image file).
     """
 
     id: str
@@ -54,6 +73,9 @@ class ImageEntry:
     scale: float
     image_path: Optional[Path] = None
     mask_path: Optional[Path] = None
+    dtype: str = ""
+    intensity: Optional[tuple[float, float]] = None
+    digest: Optional[str] = None
 
 
 class ImageSet:
@@ -83,6 +105,13 @@ class ImageSet:
     @property
     def ids(self) -> list[str]:
         return [e.id for e in self.entries]
+
+    @property
+    def digests(self) -> Optional[dict[str, str]]:
+        """``{image id: content hash}`` (:func:`file_digest`), or None for data without files (synthetic)."""
+        if any(e.digest is None for e in self.entries):
+            return None
+        return {e.id: e.digest for e in self.entries}
 
     @property
     def in_memory(self) -> bool:
@@ -244,6 +273,135 @@ def to_unit_range(raw: np.ndarray, offset: float, scale: float) -> np.ndarray:
     return image
 
 
+def file_digest(path: Path) -> str:
+    """Content hash of a file's bytes: 32 hex digits of BLAKE2b (16-byte digest), read in 1 MiB blocks.
+
+    The identity of an image in a split (:mod:`utils.splits`): another file under the same name
+    has another hash. BLAKE2b runs at about 1 GB/s, so it costs little beside decoding the file.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def percentile_range(raw: np.ndarray) -> tuple[float, float]:
+    """The :data:`RANGE_PERCENTILES` of an array's values (all channels together), in its own units;
+    an array larger than :data:`RANGE_SAMPLE` values is sampled with an even stride."""
+    flat = raw.reshape(-1).view(np.uint8) if raw.dtype.kind == "b" else raw.reshape(-1)
+    lo, hi = np.percentile(flat[::max(1, flat.size // RANGE_SAMPLE)], RANGE_PERCENTILES)
+    return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class InputScaling:
+    """How training scaled its inputs, stored in the checkpoint (``split["inputs"]``) so that
+    prediction scales the same way and can tell an input far from what training saw.
+
+    Attributes:
+        scaling: ``{dtype name: (offset, scale)}`` for every dtype among the training images; their
+            pixels became ``(raw - offset) / scale``.
+        seen: the range the training pixels covered after that scaling: the lowest and highest of
+            the images' :data:`RANGE_PERCENTILES`.
+    """
+
+    scaling: Mapping[str, tuple[float, float]]
+    seen: tuple[float, float]
+
+    @classmethod
+    def of(cls, entries: Sequence[ImageEntry]) -> "InputScaling":
+        """The scaling of the images ``entries`` (filled by the loaders: ``dtype`` and ``intensity``).
+
+        Raises:
+            ValueError: no entries, or an entry the loaders did not describe.
+        """
+        if not entries:
+            raise ValueError("InputScaling.of needs at least one training image")
+        if any(not e.dtype or e.intensity is None for e in entries):
+            raise ValueError("InputScaling.of needs images read by the dataset loaders (dtype and intensity)")
+        scaling = {e.dtype: (float(e.offset), float(e.scale)) for e in entries}
+        lows = [(e.intensity[0] - e.offset) / e.scale for e in entries]
+        highs = [(e.intensity[1] - e.offset) / e.scale for e in entries]
+        return cls(dict(sorted(scaling.items())), (round(min(lows), 6), round(max(highs), 6)))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plain form stored in the checkpoint: ``{"scaling": {dtype: [offset, scale]}, "seen": [lo, hi]}``."""
+        return {"scaling": {k: list(v) for k, v in self.scaling.items()}, "seen": list(self.seen)}
+
+    @classmethod
+    def from_dict(cls, record: Optional[Mapping[str, Any]]) -> Optional["InputScaling"]:
+        """The inverse of :meth:`as_dict`; None for None (a checkpoint made before the record existed).
+
+        Raises:
+            ValueError: a malformed record (naming what is wrong).
+        """
+        if record is None:
+            return None
+        try:
+            scaling = {str(k): (float(v[0]), float(v[1])) for k, v in dict(record["scaling"]).items()}
+            lo, hi = (float(v) for v in record["seen"])
+            for name, (_, scale) in scaling.items():
+                np.dtype(name)
+                if not scale > 0:
+                    raise ValueError(f"scale {scale} of {name}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed input scaling record {dict(record)!r} ({type(e).__name__}: {e})") from None
+        if not scaling or not lo <= hi:
+            raise ValueError(f"malformed input scaling record {dict(record)!r}")
+        return cls(scaling, (lo, hi))
+
+    def scaling_for(self, dtype: Any) -> tuple[float, float]:
+        """``(offset, scale)`` of an input of ``dtype``: training's scaling of that dtype; for another
+        integer dtype, training's scaling when training saw exactly one dtype, an integer one (a
+        uint16 file holding 8-bit values is then scaled as the uint8 training images were); else
+        the dtype's own range (:func:`dtype_intensity_range`: floats and bools as they are).
+
+        Raises:
+            ValueError: an unsupported dtype.
+        """
+        dtype = np.dtype(dtype)
+        own = dtype_intensity_range(dtype)
+        if dtype.name in self.scaling:
+            return self.scaling[dtype.name]
+        if dtype.kind in "ui" and len(self.scaling) == 1:
+            (name, scaling), = self.scaling.items()
+            if np.dtype(name).kind in "ui":
+                return scaling
+        return own
+
+    def problem(self, lo: float, hi: float) -> Optional[str]:
+        """Why an input whose scaled values span ``[lo, hi]`` (its :data:`RANGE_PERCENTILES`) is far
+        from :attr:`seen`, or None when it is not: its span is under :data:`NARROW_FRACTION` of
+        training's, or most of it lies outside training's range widened by :data:`WIDEN_FRACTION`
+        of its span on each side. The answer completes "its intensities ... the range of the training images"."""
+        seen_lo, seen_hi = self.seen
+        span = max(seen_hi - seen_lo, 1e-6)
+        if hi - lo < NARROW_FRACTION * span:
+            return f"span only {100 * (hi - lo) / span:.1f} % of"
+        inside = min(hi, seen_hi + WIDEN_FRACTION * span) - max(lo, seen_lo - WIDEN_FRACTION * span)
+        if inside < 0.5 * (hi - lo):
+            return f"lie mostly {'above' if lo + hi > seen_lo + seen_hi else 'below'}"
+        return None
+
+    def describe(self) -> str:
+        """The scaling in words, e.g. ``"uint8: (raw - 0) / 255"``."""
+        return ", ".join(f"{k}: (raw - {o:g}) / {s:g}" for k, (o, s) in self.scaling.items())
+
+
+def scaling_for(dtype: Any, inputs: Optional[InputScaling]) -> tuple[float, float]:
+    """``(offset, scale)`` for an input of ``dtype``: :meth:`InputScaling.scaling_for`, or the dtype's
+    range (:func:`dtype_intensity_range`) without a record (a checkpoint made before it existed).
+
+    Raises:
+        ValueError: an unsupported dtype.
+    """
+    return dtype_intensity_range(dtype) if inputs is None else inputs.scaling_for(dtype)
+
+
 def _decode_mask(raw: np.ndarray, map_255: bool, dtype: np.dtype) -> np.ndarray:
     if map_255:
         return (raw == 255).astype(dtype)
@@ -294,6 +452,7 @@ def load_folder(root: Path, *, input_channels: int, seg_classes: int, input_size
 
     ``root/images/*`` and ``root/masks/*`` are matched by file stem. Every file is decoded once to
     check it; the decoded arrays are kept when they fit in :data:`MEMORY_CACHE_FRACTION` of RAM.
+    Each image's entry records its dtype, intensity range and content hash (see :class:`ImageEntry`).
 
     Args:
         root: the dataset folder.
@@ -341,6 +500,7 @@ def load_folder(root: Path, *, input_channels: int, seg_classes: int, input_size
         try:
             image = _to_hwc(_read_image_file(ipath), ipath)
             offset, scale = _intensity_range(image)
+            described = dict(dtype=image.dtype.name, intensity=percentile_range(image), digest=file_digest(ipath))
         except Exception as e:  # noqa: BLE001 - decoders raise many types; each is reported below
             problems.append(f"{irel}: unreadable ({type(e).__name__}: {e})")
             image = None
@@ -372,7 +532,7 @@ def load_folder(root: Path, *, input_channels: int, seg_classes: int, input_size
         raw_masks.append((mpath, np.unique(mask)))
         if not ok:
             continue
-        entries.append(ImageEntry(stem, h, w, c, offset, scale, ipath, mpath))
+        entries.append(ImageEntry(stem, h, w, c, offset, scale, ipath, mpath, **described))
         used += image.nbytes + h * w * np.dtype(mask_dtype).itemsize
         if arrays is not None and used <= budget:
             arrays.append((image, mask))

@@ -35,6 +35,10 @@ float images must already lie in [0, 1]. A float image of at most :data:`FLOAT_S
 is scanned whole on open (window by window); a larger one is checked on a 3x3 grid of 256x256
 windows only (:data:`FLOAT_SAMPLE_SIDE`), and :meth:`ImageReader.normalize` checks every window
 it converts, so a bad value anywhere is still reported when prediction reaches it.
+:meth:`ImageReader.use_scaling` scales as a checkpoint's training did instead
+(:class:`utils.image_io.InputScaling`: a uint16 file holding 8-bit values is scaled like uint8
+training images) and measures the image on a sample of windows (:data:`RANGE_SAMPLE_SIDE`) to
+warn when it lies far outside what training saw.
 
 Every problem with a file raises :class:`RasterError` naming the file and the cause.
 """
@@ -52,7 +56,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from utils.image_io import dtype_intensity_range, read_pillow_image, to_unit_range
+from utils.image_io import (RANGE_PERCENTILES, RANGE_SAMPLE, InputScaling, dtype_intensity_range, percentile_range,
+                            read_pillow_image, scaling_for, to_unit_range)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 JP2_SUFFIXES = (".jp2", ".j2k")
@@ -67,6 +72,10 @@ FLOAT_SCAN_PIXELS = 4096 * 4096
 FLOAT_SAMPLE_SIDE = 256
 # Rows read at a time when scanning a whole image (float check, overlay) stay under this many bytes.
 SCAN_BAND_BYTES = 64 * 2**20
+# use_scaling measures images up to RANGE_SAMPLE pixels whole, larger ones on an evenly spaced
+# RANGE_SAMPLE_GRID x RANGE_SAMPLE_GRID grid of windows of this side (at most 1.6 M pixels read).
+RANGE_SAMPLE_SIDE = 256
+RANGE_SAMPLE_GRID = 5
 
 # GeoTIFF tags copied verbatim from a georeferenced input to the output mask: ModelPixelScale,
 # ModelTiepoint, ModelTransformation, GeoKeyDirectory, GeoDoubleParams, GeoAsciiParams.
@@ -149,6 +158,47 @@ class ImageReader:
         if self.dtype.kind == "f":
             _check_unit_range(window, self.path, "a window")
         return to_unit_range(window, self.offset, self.scale)
+
+    def use_scaling(self, inputs: Optional[InputScaling]) -> Optional[str]:
+        """Scale this image as training scaled its inputs (:attr:`offset`, :attr:`scale` from
+        :func:`utils.image_io.scaling_for`) and judge its intensities against training's.
+
+        Args:
+            inputs: the checkpoint's record, or None (a checkpoint made before it): the dtype's range
+                is kept and nothing is judged.
+
+        Returns:
+            None, or a one-line warning naming the file, its intensity range, training's range (in the
+            file's units) and what to do, when the image's :data:`~utils.image_io.RANGE_PERCENTILES`
+            lie far outside what training saw (:meth:`~utils.image_io.InputScaling.problem`).
+
+        Raises:
+            RasterError: the sampled windows cannot be read.
+        """
+        self.offset, self.scale = scaling_for(self.dtype, inputs)
+        if inputs is None:
+            return None
+        lo, hi = percentile_range(np.concatenate([self.read_window(*w).reshape(-1) for w in self._sample()]))
+        reason = inputs.problem((lo - self.offset) / self.scale, (hi - self.offset) / self.scale)
+        if reason is None:
+            return None
+        seen_lo, seen_hi = (v * self.scale + self.offset for v in inputs.seen)
+        low, high = RANGE_PERCENTILES
+        return (f"{self.path}: its intensities, {lo:.5g}..{hi:.5g} ({self.dtype}; {low:g} to {high:g} percentile), "
+                f"{reason} the range of the training images, {seen_lo:.5g}..{seen_hi:.5g} in the same units "
+                f"(training scaled {inputs.describe()}): the prediction is likely wrong. Rescale the image "
+                "to that range, or train on images like it")
+
+    def _sample(self) -> list[tuple[int, int, int, int]]:
+        """Windows ``(y0, y1, x0, x1)`` that :meth:`use_scaling` measures: the whole image when small,
+        else an evenly spaced grid (a scene is never read twice whole)."""
+        h, w = self.height, self.width
+        if h * w <= RANGE_SAMPLE:
+            return [(0, h, 0, w)]
+        side, n = RANGE_SAMPLE_SIDE, RANGE_SAMPLE_GRID
+        ys = sorted({round(i * max(h - side, 0) / (n - 1)) for i in range(n)})
+        xs = sorted({round(i * max(w - side, 0) / (n - 1)) for i in range(n)})
+        return [(y, min(h, y + side), x, min(w, x + side)) for y in ys for x in xs]
 
     def close(self) -> None:
         """Release the file; idempotent."""

@@ -1,15 +1,34 @@
 """Train/test splits over *images* (never tiles): K folds drawn from the seed and kept in the run's
-``tts.json``, which is reused (and checked against the files on disk) when it exists."""
+``tts.json``, which is reused (and checked against the files on disk) when it exists.
+
+``tts.json`` (one per run; shared by the folds of a cross-validation) is a JSON object::
+
+    source            "synthetic", or the dataset folder's absolute path
+    seed              SEED the folds were drawn with
+    num_folds         K = round(1 / TEST_SPLIT)
+    cross_validation  CROSS_VALIDATION when it was made
+    images            every image id (file stem), sorted
+    folds             [{"test": [image ids]}, ...]: fold f's test images (its training images are the others)
+    hashes            {image id: content hash} of every image file (:func:`utils.image_io.file_digest`,
+                      BLAKE2b of the file's bytes); folder datasets only (synthetic data is a function
+                      of the seed); absent from files made before hashes were recorded
+
+A reused file must still describe the dataset: the same image ids and, where it has hashes, the
+same content under each name. A file replaced under the same name is refused (:func:`check_contents`),
+naming the file and both hashes, since a resumed run or an evaluation would otherwise mix data it
+was not made with. A file without ``hashes`` is used as it is, with a one-line note.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from utils.image_io import DatasetError
+from utils.image_io import DatasetError, ImageSet, InputScaling
 from utils.util import atomic_write_json
 
 
@@ -47,19 +66,27 @@ def make_folds(image_ids: Sequence[str], k: int, seed: int) -> list[list[str]]:
 
 
 def resolve_split(
-    split_file: Path, image_ids: Sequence[str], *, seed: int, k: int, source: str, cross_validation: bool
+    split_file: Path, image_ids: Sequence[str], *, seed: int, k: int, source: str, cross_validation: bool,
+    images: Optional[ImageSet] = None,
 ) -> list[list[str]]:
     """The folds of a run: read from ``split_file`` when it exists, else made and written there.
 
-    The file (``tts.json``) records the image ids of every fold's test set (image ids, never tile
-    ids). A reused file is checked against the images on disk.
+    The file (``tts.json``, see the module docstring) records the image ids of every fold's test
+    set (image ids, never tile ids) and the images' content hashes. A reused file is checked
+    against the images on disk.
+
+    Args:
+        images: the dataset's images: their content hashes (:attr:`ImageSet.digests`, folder
+            datasets) are written into a new file and checked against a reused one.
 
     Raises:
         DatasetError: the file is malformed, was made for a different number of folds, or no
-            longer matches the images on disk (naming the missing and the new ids).
+            longer matches the images on disk (naming the missing and the new ids, or the files
+            whose content changed).
     """
     split_file = Path(split_file)
     ids = sorted(image_ids)
+    digests = images.digests if images is not None else None
     if not split_file.is_file():
         folds = make_folds(ids, k, seed)
         record = {
@@ -69,6 +96,7 @@ def resolve_split(
             "cross_validation": cross_validation,
             "images": ids,
             "folds": [{"test": fold} for fold in folds],
+            **({"hashes": digests} if digests is not None else {}),
         }
         # Atomic, and deterministic in (ids, k, seed): ranks racing to write it write the same file.
         atomic_write_json(split_file, record)
@@ -77,7 +105,9 @@ def resolve_split(
         record = json.loads(split_file.read_text())
         folds = [list(map(str, f["test"])) for f in record["folds"]]
         stored = [str(i) for i in record["images"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        hashes = record.get("hashes")
+        hashes = None if hashes is None else {str(i): str(h) for i, h in dict(hashes).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DatasetError(
             f"split file {split_file} is unreadable ({type(e).__name__}: {e}); delete it to make a new split"
         ) from e
@@ -103,7 +133,52 @@ def resolve_split(
             f"split file {split_file} no longer matches the dataset {source}: {'; '.join(parts)}. Restore the "
             "files, or delete the split file (or start a new run) to make a new split"
         )
+    if images is not None and digests is not None:
+        check_contents(hashes, images, recorder=f"split file {split_file}",
+                       fix="Restore the original files, or start a new run (another RUN_ID) to train on the "
+                           "changed data")
     return folds
+
+
+def check_contents(stored: Optional[Mapping[str, str]], images: ImageSet, *, recorder: str, fix: str) -> None:
+    """Refuse images whose file changed since ``stored`` recorded their content hashes.
+
+    Args:
+        stored: ``{image id: content hash}`` recorded earlier (a split file's or a checkpoint's); None
+            when the record predates hashes: nothing is checked then, with a one-line note.
+        images: the dataset as it is now (data without hashes, synthetic, is not checked).
+        recorder: what recorded ``stored``, for the messages, e.g. ``"split file run/tts.json"``.
+        fix: what to do, the error's last sentence.
+
+    Raises:
+        DatasetError: naming each changed image file with both hashes (12 digits), and ``fix``.
+    """
+    current = images.digests
+    if current is None:
+        return
+    if stored is None:
+        print(f"note: the {recorder} predates content hashes: images replaced since it was made cannot be "
+              "detected", file=sys.stderr)
+        return
+    files = {e.id: e.image_path for e in images.entries}
+    changed = [f"{files[i]} (was {stored[i][:12]}, now {current[i][:12]})"
+               for i in sorted(set(stored) & set(current)) if stored[i] != current[i]]
+    if changed:
+        raise DatasetError(f"{len(changed)} image(s) changed since the {recorder} recorded them (same name, other "
+                           f"content): {_preview(changed, 3)}. {fix}")
+
+
+def split_record(images: ImageSet, train_ids: Sequence[str], test_ids: Sequence[str]) -> dict[str, Any]:
+    """The ``split`` a checkpoint stores (see :mod:`engines.checkpoint`): the fold's image ids, the
+    content hashes of its images (folder datasets) and how its training images were scaled
+    (:class:`utils.image_io.InputScaling`)."""
+    index = {image_id: i for i, image_id in enumerate(images.ids)}
+    digests = images.digests
+    record: dict[str, Any] = {"train": list(train_ids), "test": list(test_ids)}
+    if digests is not None:
+        record["hashes"] = {i: digests[i] for i in sorted([*train_ids, *test_ids])}
+    record["inputs"] = InputScaling.of([images.entries[index[i]] for i in train_ids]).as_dict()
+    return record
 
 
 def _preview(ids: Sequence[str], n: int = 5) -> str:

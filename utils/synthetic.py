@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from utils.image_io import ImageEntry, ImageSet
+from utils.image_io import ImageEntry, ImageSet, percentile_range
 from utils.util import atomic_write, atomic_write_json
 
 # Bump when the synthetic generator changes, so stale caches are not reused.
@@ -158,7 +158,11 @@ def load_synthetic(
     if seg_classes < 3:
         classes = (classes > 0).astype(np.uint8)
     width = len(str(num_images - 1))
-    entries = [ImageEntry(f"{n:0{width}d}", size, size, channels, 0.0, 255.0) for n in range(num_images)]
+    # No content hashes (``digest``): the images are a function of the seed and SYNTHETIC_VERSION, which
+    # the run records, and OpenCV's resampling may differ in the last bit between machines, so a hash
+    # would refuse the same data regenerated elsewhere.
+    entries = [ImageEntry(f"{n:0{width}d}", size, size, channels, 0.0, 255.0, dtype=images.dtype.name,
+                          intensity=percentile_range(images[n])) for n in range(num_images)]
     return ImageSet(entries, [(images[n], classes[n]) for n in range(num_images)])
 
 
