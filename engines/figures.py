@@ -12,6 +12,7 @@ import torch
 
 from engines.forward import autocast_for, image_to
 from model.AuxNet import AuxNet
+from model.metrics import predict_labels
 from utils.plots import plot_curves, plot_overlays
 from utils.sdf import signed_distance_map
 
@@ -39,7 +40,7 @@ def predict_tiles(net: AuxNet, dataset, indices: list[int], device: torch.device
     with autocast_for(device, amp_dtype):
         seg = net(image_to(images, device, channels_last)).seg.float().cpu()
     net.train(was_training)
-    preds = (torch.sigmoid(seg[:, 0]) > seg_threshold).long() if seg.shape[1] == 1 else seg.argmax(1)
+    preds = predict_labels(seg, seg_threshold)
     k = max(seg.shape[1], 2)
     error = (signed_distance_map(preds, num_classes=k)[:, 1] - signed_distance_map(truths, num_classes=k)[:, 1])
     return {

@@ -1,5 +1,6 @@
-"""Label maps: the predicted labels and classes of the network's logits, and the checks on label maps
-that the surface distances and the accumulator share (conventions in :mod:`model.metrics`).
+"""Label maps: the one rule that turns the network's outputs into labels (:func:`labels_from_scores`,
+used by the metrics, the predictor and the figures), and the checks on label maps that the surface
+distances and the accumulator share (conventions in :mod:`model.metrics`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,37 @@ def _classes(num_classes: int, include_background: bool) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------- predictions
 
 
+def labels_from_scores(scores: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Labels from per-class scores: the one rule by which outputs become labels.
+
+    One output (K = 1) is the foreground probability: foreground where ``score > threshold``.
+    K >= 2 outputs: ``argmax`` over them, the first on a tie (``threshold`` is not used); softmax
+    keeps the order of the logits, so either may be given. :func:`predict_labels` and
+    :func:`predict_classes` call it with the logits (their sigmoid for K = 1), the predictor with
+    its blended probabilities.
+
+    Args:
+        scores: K = 1: probabilities; K >= 2: logits or probabilities.
+        threshold: foreground probability threshold for K = 1, in [0, 1].
+
+    Shape:
+        scores: (B, K, ...). Returns (B, ...).
+
+    Returns:
+        int64 labels on ``scores``' device, values in {0, 1} (K = 1) or 0 ... K-1.
+
+    Raises:
+        ValueError: ``scores`` is not a tensor of at least 2 dims, or ``threshold`` is outside [0, 1].
+    """
+    if not isinstance(scores, torch.Tensor) or scores.ndim < 2:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"scores must be a (B, K, ...) tensor, got {shape}")
+    threshold = _check_threshold("threshold", threshold)
+    if scores.shape[1] == 1:
+        return (scores[:, 0] > threshold).long()
+    return scores.argmax(dim=1)
+
+
 def predict_labels(seg_logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Label map from segmentation logits.
 
@@ -72,12 +104,9 @@ def predict_labels(seg_logits: torch.Tensor, threshold: float = 0.5) -> torch.Te
     if not isinstance(seg_logits, torch.Tensor) or seg_logits.ndim != 4:
         shape = tuple(seg_logits.shape) if isinstance(seg_logits, torch.Tensor) else type(seg_logits).__name__
         raise ValueError(f"seg_logits must be a (B, K, H, W) tensor, got {shape}")
-    threshold = _check_threshold("threshold", threshold)
     logits = seg_logits.detach()
-    if logits.shape[1] == 1:
-        # fp32 so that a bf16/fp16 logit near the threshold is not rounded across it
-        return (logits[:, 0].float().sigmoid() > threshold).long()
-    return logits.argmax(dim=1)
+    # fp32 so that a bf16/fp16 logit near the threshold is not rounded across it
+    return labels_from_scores(logits.float().sigmoid() if logits.shape[1] == 1 else logits, threshold)
 
 
 def predict_classes(cls_logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -100,8 +129,5 @@ def predict_classes(cls_logits: torch.Tensor, threshold: float = 0.5) -> torch.T
     if not isinstance(cls_logits, torch.Tensor) or cls_logits.ndim != 2:
         shape = tuple(cls_logits.shape) if isinstance(cls_logits, torch.Tensor) else type(cls_logits).__name__
         raise ValueError(f"cls_logits must be a (B, J) tensor, got {shape}")
-    threshold = _check_threshold("threshold", threshold)
     logits = cls_logits.detach()
-    if logits.shape[1] == 1:
-        return (logits[:, 0].float().sigmoid() > threshold).long()
-    return logits.argmax(dim=1)
+    return labels_from_scores(logits.float().sigmoid() if logits.shape[1] == 1 else logits, threshold)
