@@ -12,7 +12,7 @@ import torch
 
 from engines.forward import autocast_for, image_to
 from model.AuxNet import AuxNet
-from model.metrics import predict_labels
+from model.metrics import DISTANCE_METRICS, predict_labels
 from utils.plots import plot_curves, plot_overlays
 from utils.sdf import signed_distance_map
 
@@ -58,7 +58,7 @@ def make_plotter(run_root: Path, net: AuxNet, test_set, device: torch.device, am
     indices = fixed_tiles(test_set, tiles)
 
     def plot(history: list[dict[str, Any]], epoch: int) -> dict[str, Path]:
-        files = {"curves": plot_curves(history, run_root / "curves.png")}
+        files = {"curves": plot_curves(history, run_root / "curves.png", distance_metrics=DISTANCE_METRICS)}
         if indices:
             shown = predict_tiles(net, test_set, indices, device, amp_dtype, channels_last, seg_threshold)
             files["overlays"] = plot_overlays(shown["images"], shown["truths"], shown["preds"], shown["errors"],
