@@ -7,7 +7,7 @@ for a second training stage the experiment whose weights it starts from. For eac
 seed this script
 
 1. generates the dataset the config's DATASET_DIR names, when it is one of the generated datasets
-   (:data:`utils.synthetic.FOLDER_DATASETS`) and missing (deterministic, data seed 0);
+   (:data:`bench.folder_datasets.FOLDER_DATASETS`) and missing (deterministic, data seed 0);
 2. writes the run's ``tts.json`` with the experiment's test images as fold 0 (the split is
    then reused by ``main.py`` as any existing split is);
 3. runs ``python main.py --config <file> SEED=<seed> RUN_ID=seed<seed> [...]`` in
@@ -58,8 +58,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from utils.image_io import file_digest  # noqa: E402
+from bench.folder_datasets import FOLDER_DATASETS, ensure_folder_dataset  # noqa: E402
 from utils.splits import num_folds  # noqa: E402
-from utils.synthetic import FOLDER_DATASETS, ensure_folder_dataset  # noqa: E402
 from utils.util import atomic_write_json, atomic_write_text, cpu_threads  # noqa: E402
 
 CONFIG_DIR = ROOT / "configs" / "experiments"
@@ -134,8 +134,9 @@ TABLES: dict[str, dict] = {
         "rows": ["lines_ellipses", "lines_ellipses_60"],
         "note": "Published multi-class U-Net: mean IoU 0.97 on full images. Mean IoU over background, lines "
                 "and ellipses on the 10 full test images; the images are drawn as the published generator draws "
-                "them (flat objects on a noisy background, lines over ellipses: utils.synthetic, version 2). Trained "
-                "with flips and quarter turns; prediction averages the 8 flips and turns of each window (TTA d4).",
+                "them (flat objects on a noisy background, lines over ellipses: bench/folder_datasets.py, version 2). "
+                "Trained with flips and quarter turns; prediction averages the 8 flips and turns of each window "
+                "(TTA d4).",
     },
     "hard_boundaries": {
         "title": "Hard boundaries (thin, touching, low-contrast structures in sparse 768² scenes), equal epochs",

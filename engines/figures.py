@@ -12,6 +12,7 @@ import torch
 
 from engines.forward import autocast_for, image_to
 from model.AuxNet import AuxNet
+from model.metrics import DISTANCE_METRICS, predict_labels
 from utils.plots import plot_curves, plot_overlays
 from utils.sdf import signed_distance_map
 
@@ -39,7 +40,7 @@ def predict_tiles(net: AuxNet, dataset, indices: list[int], device: torch.device
     with autocast_for(device, amp_dtype):
         seg = net(image_to(images, device, channels_last)).seg.float().cpu()
     net.train(was_training)
-    preds = (torch.sigmoid(seg[:, 0]) > seg_threshold).long() if seg.shape[1] == 1 else seg.argmax(1)
+    preds = predict_labels(seg, seg_threshold)
     k = max(seg.shape[1], 2)
     error = (signed_distance_map(preds, num_classes=k)[:, 1] - signed_distance_map(truths, num_classes=k)[:, 1])
     return {
@@ -57,7 +58,7 @@ def make_plotter(run_root: Path, net: AuxNet, test_set, device: torch.device, am
     indices = fixed_tiles(test_set, tiles)
 
     def plot(history: list[dict[str, Any]], epoch: int) -> dict[str, Path]:
-        files = {"curves": plot_curves(history, run_root / "curves.png")}
+        files = {"curves": plot_curves(history, run_root / "curves.png", distance_metrics=DISTANCE_METRICS)}
         if indices:
             shown = predict_tiles(net, test_set, indices, device, amp_dtype, channels_last, seg_threshold)
             files["overlays"] = plot_overlays(shown["images"], shown["truths"], shown["preds"], shown["errors"],

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from engines.forward import autocast_for, image_to
 from model.AuxNet import AuxNet
-from model.metrics import predict_classes
+from model.metrics import labels_from_scores, predict_classes
 from utils.image_io import to_unit_range
 from utils.tiling import gaussian_importance_map, window_starts
 from utils.util import RunError
@@ -173,10 +173,10 @@ class Predictor:
         return stats
 
     def labels(self, probs: np.ndarray, seg_threshold: float = 0.5) -> np.ndarray:
-        """Class indices (rows, W) uint8 of probabilities (K, rows, W), as the metrics threshold them."""
-        if probs.shape[0] == 1:
-            return (probs[0] > seg_threshold).astype(np.uint8)
-        return probs.argmax(0).astype(np.uint8)
+        """Class indices (rows, W) uint8 of probabilities (K, rows, W), by the metrics' rule
+        (:func:`model.metrics.labels_from_scores`)."""
+        scores = torch.from_numpy(np.ascontiguousarray(probs))[None]  # torch takes no negative strides
+        return labels_from_scores(scores, seg_threshold)[0].numpy().astype(np.uint8)
 
     # ------------------------------------------------------------------ the engine
     def bands(self, image, stats: Optional[PredictStats] = None) -> Iterator[tuple[int, np.ndarray]]:

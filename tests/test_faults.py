@@ -21,6 +21,7 @@ from engines.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from engines.launch import RunLock
 from engines.run_dir import RunDir
 from engines.SegTrainer import TrainingDiverged, epoch_seed, non_finite
+from model.metrics import DISTANCE_METRICS
 from test_trainer import make_trainer, tiny_config
 from utils.plots import curve_groups
 from utils.util import RunError
@@ -226,7 +227,7 @@ def test_curves_and_overlays_are_written_at_the_end_and_cheaply(trainers):
     started = time.perf_counter()
     trainer.plot(1, final=True)
     assert time.perf_counter() - started < 5.0  # measured: ~0.6 s on two busy cores, imports done
-    groups = curve_groups(trainer.history)
+    groups = curve_groups(trainer.history, distance_metrics=DISTANCE_METRICS)
     assert set(groups["loss"]) == {"loss", "loss/SoftDICE", "loss/BCE", "loss/CLS"}
     assert set(groups["loss weights"]) == {"weight/SoftDICE", "weight/BCE", "weight/CLS"}
     assert "DSC" in groups["scores"] and "HD95" in groups["distances"] and groups["learning rate"] == ["lr"]

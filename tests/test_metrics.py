@@ -1,4 +1,4 @@
-"""Tests for model/metrics.py against MONAI, brute force and hand-computed values."""
+"""Tests for model/metrics/ against MONAI, brute force and hand-computed values."""
 
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def test_surface_distances_match_brute_force(backend, spacing):
 
 def test_torch_backend_chunks_give_same_values(monkeypatch):
     """A chunk smaller than one column's worth of points must not change anything."""
-    import model.metrics as metrics
+    import model.metrics.surface as metrics
 
     rng = np.random.default_rng(3)
     pred, target = random_labels(rng, 3, 3, 40, 40), random_labels(rng, 3, 3, 40, 40)

@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import reproduce  # noqa: E402
+from bench.folder_datasets import ensure_folder_dataset  # noqa: E402
 from configs import load_config  # noqa: E402
 from utils.splits import resolve_split  # noqa: E402
-from utils.synthetic import ensure_folder_dataset  # noqa: E402
 
 
 def test_every_experiment_file_is_registered_and_a_valid_configuration(tmp_path):

@@ -236,7 +236,7 @@ def test_conv_euclidean_with_anisotropic_spacing_is_a_close_upper_bound():
 
 def test_min_plus_pass_numpy_and_torch_branches_agree_with_brute_force():
     # The CPU runs NumPy scans; other devices run torch.cummin. Both against the definition.
-    from utils.sdf import _min_plus_values
+    from utils.sdf_conv import _min_plus_values
 
     g = torch.Generator().manual_seed(3)
     x = torch.rand(3, 7, 9, generator=g, dtype=torch.float64) * 10

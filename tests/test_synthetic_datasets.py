@@ -1,4 +1,4 @@
-"""Tests for the generated folder datasets of utils/synthetic.py (the benchmark tasks of
+"""Tests for the generated folder datasets of bench/folder_datasets.py (the benchmark tasks of
 bench/reproduce.py): shapes, classes, determinism, sparsity, and that the written folder loads."""
 
 from __future__ import annotations
@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from utils.image_io import load_folder
-from utils.synthetic import (
+from bench.folder_datasets import (
     DATASET_VERSIONS,
     FOLDER_DATASETS,
     FOLDER_DATASETS_VERSION,
@@ -16,6 +15,7 @@ from utils.synthetic import (
     generate_lines_ellipses,
     single_class_fraction,
 )
+from utils.image_io import load_folder
 
 
 def test_lines_ellipses_shapes_classes_and_determinism():

@@ -1,6 +1,8 @@
 """Pictures of a run: its training curves and prediction overlays, as PNG files.
 
-Plain inputs only (a list of epoch records; numpy arrays), so the module is usable on its own.
+Plain inputs only (a list of epoch records; numpy arrays; the names of the distance metrics, which
+the caller takes from their owner, :data:`model.metrics.DISTANCE_METRICS`), so the module is usable
+on its own.
 matplotlib is imported lazily with the non-interactive Agg backend (no display needed).
 """
 
@@ -8,15 +10,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
 from utils.util import atomic_write
-
-
-#: Metrics in pixels (or physical units), drawn apart from the scores in [0, 1].
-DISTANCES = ("ASD", "AD", "HD95", "D95")
 
 
 def _pyplot():
@@ -28,30 +26,33 @@ def _pyplot():
     return plt
 
 
-def curve_groups(history: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
-    """The keys of ``history`` by panel: losses (total and every term), loss weights, metrics, learning rate."""
+def curve_groups(history: Sequence[Mapping[str, Any]], *, distance_metrics: Collection[str]) -> dict[str, list[str]]:
+    """The keys of ``history`` by panel: losses (total and every term), loss weights, scores, distances
+    (the ``distance_metrics``: in pixels or physical units, drawn apart from the scores in [0, 1]),
+    learning rate."""
     keys = list(dict.fromkeys(k for record in history for k in record))
     numeric = [k for k in keys if k not in ("epoch", "time_s")
                and any(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in history)]
     groups = {
         "loss": [k for k in numeric if k == "loss" or k.startswith("loss/")],
         "loss weights": [k for k in numeric if k.startswith("weight/")],
-        "scores": [k for k in numeric if "/" not in k and k not in ("loss", "lr") and k not in DISTANCES],
-        "distances": [k for k in numeric if k in DISTANCES],
+        "scores": [k for k in numeric if "/" not in k and k not in ("loss", "lr") and k not in distance_metrics],
+        "distances": [k for k in numeric if k in distance_metrics],
         "learning rate": [k for k in numeric if k == "lr"],
     }
     return {name: ks for name, ks in groups.items() if ks}
 
 
-def plot_curves(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
+def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, *, distance_metrics: Collection[str]) -> Path:
     """One panel per group of :func:`curve_groups`, every key against the epoch; written atomically.
 
     Args:
         history: one record per epoch, each with ``epoch`` and the logged values (None = not finite).
         path: the PNG to write.
+        distance_metrics: the metric names drawn in the distances panel.
     """
     plt = _pyplot()
-    groups = curve_groups(history)
+    groups = curve_groups(history, distance_metrics=distance_metrics)
     fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(4.2 * max(len(groups), 1), 3.4), dpi=72,
                              squeeze=False)
     epochs = [r.get("epoch", i) for i, r in enumerate(history)]

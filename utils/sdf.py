@@ -16,25 +16,28 @@ Conventions (shared by the losses and metrics built on this module):
 
 Two methods:
 
-* ``exact``: exact distances for all three metrics. CPU tensors use the ``edt`` package (or SciPy)
-  per map; other devices use a pure-torch separable algorithm (column offsets by prefix scans, then
-  a windowed min-plus row pass that widens only where a pixel can still improve).
-* ``conv``: a cascade of 1-D min-plus convolutions that is differentiable with respect to a soft
-  mask; exact for manhattan and (isotropic) chebyshev, a chamfer approximation for euclidean
-  (error bounds in :func:`distance_transform`).
+* ``exact`` (:mod:`utils.sdf_exact`): exact distances for all three metrics. CPU tensors use the
+  ``edt`` package (or SciPy) per map; other devices use a pure-torch separable algorithm (column
+  offsets by prefix scans, then a windowed min-plus row pass that widens only where a pixel can
+  still improve).
+* ``conv`` (:mod:`utils.sdf_conv`): a cascade of 1-D min-plus convolutions that is differentiable
+  with respect to a soft mask; exact for manhattan and (isotropic) chebyshev, a chamfer
+  approximation for euclidean (error bounds in :func:`distance_transform`).
+
+This module checks the arguments and holds the public functions; the two method modules compute.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.sdf_conv import conv_distance, offset_length
+from utils.sdf_exact import BACKENDS, exact_distance, exact_sdm_cpu, exact_torch, resolve_backend
 from utils.util import check_choice
 
 __all__ = [
@@ -59,20 +62,8 @@ METHODS = ("exact", "conv")
 NORMALIZATIONS = (None, "minmax", "dynamic_max", "static_max")
 BOUNDARY_METHODS = ("erosion", "sobel")
 TARGETS = ("foreground", "boundary")
-BACKENDS = ("auto", "torch", "edt", "scipy")
 
 Spacing = Union[None, float, Sequence[float]]
-
-# Stand-in row index of a missing source in the integer column pass: beyond any image side, so a
-# column without a source gets offsets >= H, and small enough that ``index + _NO_SOURCE`` fits int32.
-_NO_SOURCE = 1 << 30
-# Exact row pass: every pixel first searches this many columns to each side (cheap shifted mins
-# over the whole tensor); only the pixels that may still improve then gather windows twice as
-# wide, again and again, until the whole row is covered.
-_FIRST_RADIUS = 8
-# Upper bound on the elements of one gathered window block (bounds temporary memory: 64 MiB fp32).
-_MAX_WINDOW_ELEMENTS = 1 << 24
-
 
 # ----------------------------------------------------------------------------- argument checks
 
@@ -209,356 +200,7 @@ def max_distance(height: int, width: int, distance: str = "euclidean", spacing: 
             raise ValueError(f"{name}={value!r} must be an int >= 1")
     check_choice("distance", distance, DISTANCES)
     sy, sx = spacing_pair(spacing)
-    dy, dx = sy * (height - 1), sx * (width - 1)
-    if distance == "euclidean":
-        return math.hypot(dy, dx)
-    if distance == "manhattan":
-        return dy + dx
-    return max(dy, dx)
-
-
-def _metric(distance: str, dy: float, dx: float) -> float:
-    """Length of the offset (dy, dx) (physical units, non-negative) in ``distance``."""
-    if distance == "euclidean":
-        return math.hypot(dy, dx)
-    if distance == "manhattan":
-        return dy + dx
-    return max(dy, dx)
-
-
-# ----------------------------------------------------------------------------- exact: torch
-
-
-def _column_offsets(src: torch.Tensor) -> torch.Tensor:
-    """Row offset from each pixel to the nearest source pixel of its column (int32).
-
-    Prefix scans of the source row indices, downward and upward: exact, O(H·W), no loop.
-    Columns without a source give values >= H (test with ``offsets >= H``).
-    """
-    h = src.shape[-2]
-    idx = torch.arange(h, device=src.device, dtype=torch.int32).view(h, 1)
-    above = torch.cummax(torch.where(src, idx, -_NO_SOURCE), dim=-2).values
-    below = torch.cummin(torch.where(src, idx, _NO_SOURCE).flip(-2), dim=-2).values.flip(-2)
-    return torch.minimum(idx - above, below - idx)
-
-
-def _exact_manhattan_torch(src: torch.Tensor, sy: float, sx: float) -> torch.Tensor:
-    # L1 is separable: min_k (g_k + sx·|j − k|) = min(sx·j + cummin_{k≤j}(g_k − sx·k),
-    # −sx·j + cummin_{k≥j}(g_k + sx·k)). fp64 keeps the cancellation in g − sx·k far below 1e-4.
-    off = _column_offsets(src)
-    g = torch.where(off >= src.shape[-2], math.inf, off.double() * sy)
-    w = src.shape[-1]
-    a = torch.arange(w, device=src.device, dtype=torch.float64) * sx
-    forward = torch.cummin(g - a, dim=-1).values + a
-    backward = torch.cummin((g + a).flip(-1), dim=-1).values.flip(-1) - a
-    return torch.minimum(forward, backward)
-
-
-def _exact_row_pass(g: torch.Tensor, distance: str, sx: float) -> torch.Tensor:
-    """Exact ``D[j] = min_k combine(g[k], cost(j − k))`` along the last dim.
-
-    Euclidean: ``g`` holds squared column distances, cost ``(sx·x)²``, combine ``+``.
-    Chebyshev: ``g`` holds column distances, cost ``sx·|x|``, combine ``max``.
-
-    Every pixel first searches ``_FIRST_RADIUS`` columns to each side (shifted minima over the whole
-    tensor). A pixel whose best value after searching radius r is at most cost(r + 1) is final:
-    no farther column can win. Only the others search again, with the radius doubled, so a pixel
-    costs about four times its distance in column reads; typical masks settle within a few pixels,
-    and only a map with very few sources reaches full rows.
-    """
-    if distance == "euclidean":
-        combine = torch.add
-
-        def cost(x):
-            return (sx * x) ** 2
-    else:
-        combine = torch.maximum
-
-        def cost(x):
-            return sx * x
-
-    n, h, w = g.shape
-    out = g.clone()
-    radius = min(_FIRST_RADIUS, w - 1)
-    for x in range(1, radius + 1):
-        c = torch.tensor(cost(float(x)), dtype=g.dtype, device=g.device)
-        out[..., x:] = torch.minimum(out[..., x:], combine(g[..., :-x], c))
-        out[..., :-x] = torch.minimum(out[..., :-x], combine(g[..., x:], c))
-
-    flat_out = out.view(-1)
-    # A row without any finite column distance (a map without sources) stays +inf: skip it.
-    row_has_source = torch.isfinite(g).any(dim=-1, keepdim=True).expand_as(g).reshape(-1)
-    while radius < w - 1:
-        pending = ((flat_out > cost(float(radius + 1))) & row_has_source).nonzero().squeeze(1)
-        if pending.numel() == 0:
-            break
-        radius = min(2 * radius, w - 1)
-        # Windows as a strided view of the +inf-padded rows: gathering a pixel's window copies one
-        # contiguous run (faster than indexing element by element).
-        windows = F.pad(g, (radius, radius), value=math.inf).unfold(-1, 2 * radius + 1, 1)
-        costs = cost(torch.arange(-radius, radius + 1, device=g.device).abs().to(g.dtype))
-        chunk = max(1, _MAX_WINDOW_ELEMENTS // (2 * radius + 1))
-        for start in range(0, pending.numel(), chunk):
-            p = pending[start : start + chunk]
-            vals = windows[p // (h * w), (p // w) % h, p % w]
-            flat_out[p] = combine(vals, costs).amin(dim=1)
-    return out
-
-
-def _exact_torch(src: torch.Tensor, distance: str, sy: float, sx: float) -> torch.Tensor:
-    """Exact distance to the nearest True pixel of each (H, W) map of ``src``, in fp32 torch.
-
-    Separable: the 1-D distance to the nearest source of each column comes from two prefix scans;
-    the row pass then combines those column distances exactly (cummin for manhattan, a windowed
-    min-plus / min-max search for euclidean / chebyshev). Runs on any device, batched over all
-    leading dims; maps without a source are +inf.
-
-    Shape:
-        src: (N, H, W) bool. Returns (N, H, W) float32.
-    """
-    if distance == "manhattan":
-        return _exact_manhattan_torch(src, sy, sx).float()
-    off = _column_offsets(src)
-    none = off >= src.shape[-2]
-    if distance == "euclidean":
-        g = torch.where(none, math.inf, (off.float() * sy) ** 2)
-        return _exact_row_pass(g, distance, sx).sqrt_()
-    g = torch.where(none, math.inf, off.float() * sy)
-    return _exact_row_pass(g, distance, sx)
-
-
-# ----------------------------------------------------------------------------- exact: CPU packages
-
-
-def _cpu_threads() -> int:
-    return max(1, torch.get_num_threads())
-
-
-def _resolve_backend(backend: str, distance: str, device: torch.device, sy: float, sx: float) -> str:
-    """Concrete backend for ``method="exact"``; ValueError for impossible combinations."""
-    check_choice("backend", backend, BACKENDS)
-    if backend == "auto":
-        if device.type != "cpu":
-            return "torch"
-        if distance == "euclidean":
-            try:
-                import edt  # noqa: F401
-            except ImportError:
-                return "scipy"
-            return "edt"
-        # SciPy's chamfer transform is exact for taxicab/chessboard but knows no spacing.
-        return "scipy" if sy == sx else "torch"
-    if backend in ("edt", "scipy") and device.type != "cpu":
-        raise ValueError(f"backend={backend!r} needs a CPU tensor, got device {device}; use 'torch' or 'auto'")
-    if backend == "edt" and distance != "euclidean":
-        raise ValueError(f"backend='edt' computes only distance='euclidean', got distance={distance!r}")
-    if backend == "scipy" and distance != "euclidean" and sy != sx:
-        raise ValueError(
-            f"backend='scipy' has no anisotropic spacing for distance={distance!r} "
-            f"(distance_transform_cdt), got spacing=({sy}, {sx}); use 'torch' or 'auto'"
-        )
-    return backend
-
-
-def _map_parallel(fn, n: int, threads: int) -> None:
-    """Call ``fn(k)`` for k in range(n), over a thread pool (SciPy releases the GIL)."""
-    if threads <= 1 or n <= 1:
-        for k in range(n):
-            fn(k)
-        return
-    with ThreadPoolExecutor(max_workers=min(threads, n)) as pool:
-        list(pool.map(fn, range(n)))
-
-
-def _cpu_distance(background: np.ndarray, distance: str, sy: float, sx: float, backend: str) -> np.ndarray:
-    """SciPy-convention transform of one 2-D map: distance of each True pixel to the nearest False."""
-    if backend == "edt":
-        import edt
-
-        return edt.edt(background, anisotropy=(sy, sx), black_border=False, parallel=_cpu_threads())
-    from scipy import ndimage
-
-    if distance == "euclidean":
-        return ndimage.distance_transform_edt(background, sampling=(sy, sx))
-    metric = "taxicab" if distance == "manhattan" else "chessboard"
-    return ndimage.distance_transform_cdt(background, metric=metric) * sy
-
-
-def _exact_cpu(src: torch.Tensor, distance: str, sy: float, sx: float, backend: str) -> torch.Tensor:
-    """Exact distances on CPU with ``edt`` or SciPy, one map per call; empty maps are +inf."""
-    maps = src.contiguous().numpy()
-    out = np.full(maps.shape, np.inf, dtype=np.float32)
-
-    def one(k: int) -> None:
-        if maps[k].any():
-            out[k] = _cpu_distance(~maps[k], distance, sy, sx, backend)
-
-    # edt threads inside each call; SciPy is single-threaded, so run its maps side by side.
-    _map_parallel(one, len(maps), 1 if backend == "edt" else _cpu_threads())
-    return torch.from_numpy(out)
-
-
-def _exact_distance(src: torch.Tensor, distance: str, sy: float, sx: float, backend: str) -> torch.Tensor:
-    """(N, H, W) bool sources → (N, H, W) float32 exact distances on ``src``'s device."""
-    backend = _resolve_backend(backend, distance, src.device, sy, sx)
-    if backend == "torch":
-        return _exact_torch(src, distance, sy, sx)
-    return _exact_cpu(src, distance, sy, sx, backend)
-
-
-# ----------------------------------------------------------------------------- conv: min-plus cascade
-
-
-def _kernel_moves(radius: int) -> list[tuple[int, int]]:
-    """Primitive offsets (a, b) of a (2r+1)² kernel, one per ± pair: a > 0, or a = 0 and b = 1."""
-    moves = []
-    for a in range(radius + 1):
-        for b in range(-radius, radius + 1):
-            if (a == 0 and b <= 0) or math.gcd(a, abs(b)) != 1:
-                continue
-            moves.append((a, b))
-    return moves
-
-
-@functools.lru_cache(maxsize=32)
-def _line_layout(h: int, w: int, a: int, b: int, device: torch.device):
-    """Index maps that lay the lattice lines of direction (a, b) out as rows of a 2-D array.
-
-    Pixel (i, j) lies on line ``b·i − a·j`` (constant along the direction); consecutive pixels of
-    a line differ by (a, b), so ``i // a`` (or ``j // |b|`` for steep directions, to keep the
-    array small) numbers them 0, 1, 2, ... Every line crosses the rectangle in one contiguous run.
-
-    Returns:
-        gather: (L·P,) int32 pixel index per cell, ``h·w`` (a +inf pad) where no pixel lies.
-        scatter: (h·w,) int32 cell index per pixel.
-        lines, positions: L and P.
-    """
-    i = torch.arange(h).view(h, 1).expand(h, w)
-    j = torch.arange(w).view(1, w).expand(h, w)
-    line = b * i - a * j
-    line = line - line.min()
-    pos = i // a if a >= abs(b) else (j // abs(b))
-    lines, positions = int(line.max()) + 1, int(pos.max()) + 1
-    scatter = (line * positions + pos).reshape(-1)
-    gather = torch.full((lines * positions,), h * w, dtype=torch.int64)
-    gather[scatter] = torch.arange(h * w)
-    return gather.to(torch.int32).to(device), scatter.to(torch.int32).to(device), lines, positions
-
-
-def _ramp(x: torch.Tensor, step: float, dim: int) -> torch.Tensor:
-    shape = [1] * x.ndim
-    shape[dim] = x.shape[dim]
-    return (torch.arange(x.shape[dim], device=x.device, dtype=x.dtype) * step).view(shape)
-
-
-def _min_plus_values(x: torch.Tensor, step: float, dim: int, use_numpy: Optional[bool] = None) -> torch.Tensor:
-    """Values of ``y[t] = min_u (x[u] + step·|t − u|)`` along ``dim`` (no autograd).
-
-    ``min_{u≤t}(x[u] + step·(t − u)) = step·t + cummin(x − step·u)``, and the mirror image for
-    u ≥ t. On CPU, NumPy's ``minimum.accumulate`` does the running minima faster than
-    ``torch.cummin`` (which also writes an int64 index per element) and scans a reversed view
-    without copying; elsewhere torch. ``use_numpy`` overrides the choice (tests run both on CPU).
-    """
-    if use_numpy is None:
-        use_numpy = x.device.type == "cpu"
-    if not use_numpy:
-        ramp = _ramp(x, step, dim)
-        forward = torch.cummin(x - ramp, dim=dim).values + ramp
-        backward = torch.cummin((x + ramp).flip(dim), dim=dim).values.flip(dim) - ramp
-        return torch.minimum(forward, backward)
-    dim = dim % x.ndim
-    if dim != x.ndim - 1:
-        # NumPy scans the last axis several times faster than a strided one: transpose there.
-        return _min_plus_values(x.transpose(dim, -1), step, -1, True).transpose(dim, -1).contiguous()
-    a = x.detach().contiguous().numpy()
-    ramp = np.arange(a.shape[-1], dtype=a.dtype) * a.dtype.type(step)
-    forward = a - ramp
-    np.minimum.accumulate(forward, axis=-1, out=forward)
-    forward += ramp
-    backward = a + ramp
-    reverse = backward[..., ::-1]
-    np.minimum.accumulate(reverse, axis=-1, out=reverse)
-    backward -= ramp
-    np.minimum(forward, backward, out=forward)
-    return torch.from_numpy(forward)
-
-
-class _MinPlus1d(torch.autograd.Function):
-    """Differentiable ``_min_plus_values``: the gradient of y[t] goes to its arg-min x[u]."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, step: float, dim: int) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        ctx.step, ctx.dim = step, dim
-        return _min_plus_values(x, step, dim)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        dim, n = ctx.dim, x.shape[ctx.dim]
-        # Recompute the arg-min sources with torch's index-returning scans (forward skipped them).
-        ramp = _ramp(x, ctx.step, dim)
-        forward, forward_src = torch.cummin(x - ramp, dim=dim)
-        backward, backward_src = torch.cummin((x + ramp).flip(dim), dim=dim)
-        backward, backward_src = backward.flip(dim) - ramp, (n - 1) - backward_src.flip(dim)
-        src = torch.where(forward + ramp <= backward, forward_src, backward_src)
-        return torch.zeros_like(x).scatter_add_(dim, src, grad.contiguous()), None, None
-
-
-def _min_plus_1d(x: torch.Tensor, step: float, dim: int) -> torch.Tensor:
-    """``y[t] = min_u (x[u] + step·|t − u|)`` along ``dim``: two running minima, differentiable.
-
-    This is the fixed point of the 3-tap min-plus cascade ``y ← min(y, y[t±1] + step)``, reached
-    in one pass instead of one convolution per pixel of distance.
-    """
-    if x.requires_grad and torch.is_grad_enabled():
-        return _MinPlus1d.apply(x, step, dim)
-    return _min_plus_values(x, step, dim)
-
-
-def _min_plus_direction(x: torch.Tensor, a: int, b: int, step: float) -> torch.Tensor:
-    """``_min_plus_1d`` along every lattice line of direction (a, b) of the (N, H, W) maps ``x``."""
-    if (a, b) == (0, 1):
-        return _min_plus_1d(x, step, dim=-1)
-    if (a, b) == (1, 0):
-        return _min_plus_1d(x, step, dim=-2)
-    n, h, w = x.shape
-    gather, scatter, lines, positions = _line_layout(h, w, a, b, x.device)
-    flat = torch.cat([x.reshape(n, h * w), x.new_full((n, 1), math.inf)], dim=1)
-    laid = flat.index_select(1, gather).view(n, lines, positions)
-    laid = _min_plus_1d(laid, step, dim=-1)
-    return laid.reshape(n, lines * positions).index_select(1, scatter).view(n, h, w)
-
-
-def _conv_distance(
-    mask: torch.Tensor, distance: str, sy: float, sx: float, kernel_size: int, h: float
-) -> torch.Tensor:
-    """Min-plus cascade distance of each (H, W) map of a soft mask (see :func:`distance_transform`).
-
-    Shape:
-        mask: (N, H, W) floating, values clamped to [0, 1]. Returns (N, H, W), same dtype.
-    """
-    # A pixel of value v is a source at cost h·(1 − v)/v; 0 is none. torch.where, not clamp, so
-    # that values exactly at 1 still pass a gradient; the inner where keeps 1/0 out of the graph.
-    m = torch.where(mask > 1, torch.ones_like(mask), mask)
-    positive = m > 0
-    cost = torch.where(positive, h * (1 - m) / torch.where(positive, m, torch.ones_like(m)), math.inf)
-
-    if distance == "manhattan":
-        moves = [(0, 1), (1, 0)]
-    elif distance == "chebyshev" and sy == sx:
-        moves = _kernel_moves(1)  # the 8-neighbour path metric is already exact
-    else:
-        moves = _kernel_moves(kernel_size // 2)
-    # Isotropic spacing: run in pixel steps (integers stay exact in fp32), rescale at the end.
-    scale = sy if sy == sx else 1.0
-    d = cost / scale if scale != 1.0 else cost
-    for a, b in moves:
-        if a >= d.shape[-2] or abs(b) >= d.shape[-1]:
-            continue  # no two pixels of the tile are this far apart
-        d = _min_plus_direction(d, a, b, _metric(distance, sy * a / scale, sx * abs(b) / scale))
-    return d * scale if scale != 1.0 else d
+    return offset_length(distance, sy * (height - 1), sx * (width - 1))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -682,9 +324,9 @@ def distance_transform(
         if maps.shape[0] == 0:
             return torch.zeros(mask.shape, dtype=_result_dtype(mask), device=mask.device)
         if method == "exact":
-            out = _exact_distance(maps.bool(), distance, sy, sx, backend).to(mask.device)
+            out = exact_distance(maps.bool(), distance, sy, sx, backend).to(mask.device)
         else:
-            out = _conv_distance(maps.to(_result_dtype(mask)), distance, sy, sx, kernel_size, h)
+            out = conv_distance(maps.to(_result_dtype(mask)), distance, sy, sx, kernel_size, h)
     return out.reshape(mask.shape)
 
 
@@ -721,31 +363,6 @@ def label_masks(labels: torch.Tensor, classes) -> torch.Tensor:
     classes = torch.as_tensor(list(classes), device=labels.device, dtype=labels.dtype)
     return labels.unsqueeze(1) == classes.view(1, -1, 1, 1)
 
-
-def _exact_sdm_cpu(pos: torch.Tensor, distance: str, sy: float, sx: float, backend: str) -> torch.Tensor:
-    """Exact SDM of (N, H, W) bool maps on CPU; one ``edt`` call per map gives both sides."""
-    maps = pos.contiguous().numpy()
-    out = np.zeros(maps.shape, dtype=np.float32)
-
-    def one(k: int) -> None:
-        p = maps[k]
-        if p.all() or not p.any():
-            return  # empty or full class: zero map
-        if backend == "edt":
-            import edt
-
-            # Multi-label EDT: each pixel's distance to the nearest pixel of the other label, i.e.
-            # to the background for foreground pixels and to the foreground for the rest.
-            labels = 2 - p.view(np.uint8)
-            d = edt.edt(labels, anisotropy=(sy, sx), black_border=False, parallel=_cpu_threads())
-            out[k] = np.where(p, 1 - d, d)
-        else:
-            inside = _cpu_distance(p, distance, sy, sx, backend)
-            outside = _cpu_distance(~p, distance, sy, sx, backend)
-            out[k] = np.where(p, 1 - inside, outside)
-
-    _map_parallel(one, len(maps), 1 if backend == "edt" else _cpu_threads())
-    return torch.from_numpy(out)
 
 
 def normalize_sdm(sdm: torch.Tensor, normalization: Optional[str], distance: str = "euclidean",
@@ -846,19 +463,19 @@ def signed_distance_map(
         maps = _as_maps(classes)
         if method == "exact":
             pos = maps.bool()
-            resolved = _resolve_backend(backend, distance, pos.device, sy, sx)
+            resolved = resolve_backend(backend, distance, pos.device, sy, sx)
             if resolved == "torch":
-                d = _exact_torch(torch.cat([pos, ~pos]), distance, sy, sx)
+                d = exact_torch(torch.cat([pos, ~pos]), distance, sy, sx)
                 to_object, to_background = d[: len(pos)], d[len(pos) :]
                 sdm = torch.where(pos, 1 - to_background, to_object)
                 boundary_exists = pos.any(dim=(-2, -1)) & (~pos).any(dim=(-2, -1))
                 sdm = torch.where(boundary_exists[:, None, None], sdm, torch.zeros_like(sdm))
             else:
-                sdm = _exact_sdm_cpu(pos, distance, sy, sx, resolved).to(mask.device)
+                sdm = exact_sdm_cpu(pos, distance, sy, sx, resolved).to(mask.device)
         else:
             p = maps.to(_result_dtype(mask))
             p = torch.where(p > 1, torch.ones_like(p), torch.where(p < 0, torch.zeros_like(p), p))
-            d = _conv_distance(torch.cat([p, 1 - p]), distance, sy, sx, kernel_size, h)
+            d = conv_distance(torch.cat([p, 1 - p]), distance, sy, sx, kernel_size, h)
             # An infinite distance only occurs in empty / full maps, zeroed below; make it finite
             # first so that 0·inf cannot turn into NaN in the product or its gradient.
             d = torch.where(torch.isfinite(d), d, torch.zeros_like(d))
