@@ -22,7 +22,7 @@ from utils.dataset import build_datasets
 from utils.image_io import RANGE_PERCENTILES, DatasetError, InputScaling, load_folder
 from utils.raster import open_image
 from utils.splits import resolve_split
-from utils.synthetic import ensure_folder_dataset
+from bench.folder_datasets import ensure_folder_dataset
 
 CPU = torch.device("cpu")
 SIZE = 128
