@@ -134,10 +134,10 @@ class SegTrainer:
         torch.manual_seed(seed)  # CUDA too
         dataset = getattr(self.train_loader, "dataset", None)
         if hasattr(dataset, "reseed"):
-            dataset.reseed(seed % 2**32)  # the augmentation of this process (NUM_WORKERS=0)
+            dataset.reseed(seed)  # each sample's augmentation: from (seed, its index), in any worker
         generator = getattr(self.train_loader, "generator", None)
         if generator is not None:
-            generator.manual_seed(seed)  # the workers' base seed (they start afresh each epoch)
+            generator.manual_seed(seed)  # the workers' global generators (nothing of ours draws from them)
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
