@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engines.checkpoint import CheckpointError, restore_training, save_checkpoint
-from engines.forward import autocast_for, evaluate_model, image_to, place
+from engines.forward import NonFiniteOutput, autocast_for, evaluate_model, image_to, place
 from engines.run_dir import RunDir
 from model.AuxNet import AuxNet, AuxNetOutput
 from model.metrics import HIGHER_IS_BETTER
@@ -112,7 +112,7 @@ class SegTrainer:
             started = time.perf_counter()
             self.seed_epoch(epoch)
             train_stats = self.train_epoch(epoch)
-            eval_stats = self.evaluate().compute()
+            eval_stats = self.evaluate_epoch(epoch)
             record = {**train_stats, **eval_stats, "time_s": time.perf_counter() - started}
             improved = self.track_best(epoch, eval_stats)
             self.history.append({"epoch": epoch, **record})
@@ -191,12 +191,33 @@ class SegTrainer:
     def diverged(self, what: str, batch: dict[str, Any], loss_out, epoch: int) -> None:
         """Stop the run: name the step, the batch's tiles and the loss terms (nothing is saved)."""
         terms = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in loss_out.terms.items()}
-        kept = f"{self.s.run.last} is left as it was" if self.s.run.last.is_file() else "no checkpoint was written"
         raise TrainingDiverged(
             f"training diverged at step {self.scheduler.last_epoch} (epoch {epoch}): {what}; loss "
-            f"{float(loss_out.total.detach()):.4g}, terms {terms}; tiles {list(batch.get('id', []))}. {kept}. "
-            "Lower BASE_LR, set GRAD_CLIP, or check these tiles"
+            f"{float(loss_out.total.detach()):.4g}, terms {terms}; tiles {list(batch.get('id', []))}. "
+            f"{self.kept()}. Lower BASE_LR, set GRAD_CLIP, or check these tiles"
         )
+
+    def evaluate_epoch(self, epoch: int) -> dict[str, float]:
+        """The evaluation metrics after ``epoch``.
+
+        Raises:
+            TrainingDiverged: the network's outputs are NaN or infinite although its weights are
+                finite (they grew until the outputs overflow; the training loss, on BatchNorm's
+                batch statistics, may stay finite meanwhile). Nothing of this epoch is saved.
+        """
+        try:
+            return self.evaluate().compute()
+        except NonFiniteOutput as err:
+            largest = largest_weight(self.step.net)
+            cause = (f"the outputs overflowed: the largest weight has grown to {largest:.3g}" if math.isfinite(largest)
+                     else f"a weight is {largest}")
+            fixes = "Lower BASE_LR or set GRAD_CLIP" + (", or set MIXED_PRECISION=none (autocast overflows first)"
+                                                        if self.s.amp_dtype is not None else "")
+            raise TrainingDiverged(f"training diverged in epoch {epoch}: {err}; {cause}. {self.kept()}. {fixes}") from None
+
+    def kept(self) -> str:
+        """What a stopped run leaves: the last checkpoint, as it was, or none."""
+        return f"{self.s.run.last} is left as it was" if self.s.run.last.is_file() else "no checkpoint was written"
 
     def evaluate(self, loader=None):
         """Run the test split (this rank's shard) through the network; returns the metrics object,
@@ -332,6 +353,12 @@ def non_finite(module: nn.Module) -> list[str]:
     if bool(finite.all()):
         return []
     return [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+
+
+def largest_weight(module: nn.Module) -> float:
+    """The largest magnitude among ``module``'s floating-point parameters (inf or NaN if one is)."""
+    params = [p.detach() for p in module.parameters() if p.is_floating_point()]
+    return float(torch.stack(torch._foreach_norm(params, float("inf"))).max()) if params else 0.0
 
 
 def clean_leftovers(run: RunDir) -> list[str]:
