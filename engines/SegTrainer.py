@@ -21,7 +21,7 @@ from engines.forward import NonFiniteOutput, autocast_for, evaluate_model, image
 from engines.run_dir import RunDir
 from model.AuxNet import AuxNet, AuxNetOutput
 from model.metrics import HIGHER_IS_BETTER
-from utils.util import DistContext, RunError, atomic_write_json
+from utils.util import DistContext, RunError, atomic_write_json, writing
 
 
 class TrainStep(nn.Module):
@@ -251,7 +251,11 @@ class SegTrainer:
         return True
 
     def save_checkpoint(self, epoch: int, improved: bool) -> None:
-        """``last.pth`` every epoch and ``best.pth`` on improvement, written atomically (main rank)."""
+        """``last.pth`` every epoch and ``best.pth`` on improvement, written atomically (main rank).
+
+        Raises:
+            WriteError: a file cannot be written (a full disk…); the one it replaces is left as it was.
+        """
         if not self.ctx.is_main:
             return
         state = dict(
@@ -261,8 +265,10 @@ class SegTrainer:
             history=self.history, config=self.s.config, fold=self.s.fold, split=self.s.split,
         )
         if improved and self.s.save_best:  # best first: last.pth never records a best.pth not yet written
-            save_checkpoint(self.s.run.best, **state)
-        save_checkpoint(self.s.run.last, **state)
+            with writing(self.s.run.best):
+                save_checkpoint(self.s.run.best, **state)
+        with writing(self.s.run.last):
+            save_checkpoint(self.s.run.last, **state)
 
     def resume_if_possible(self) -> bool:
         """Continue from ``last.pth`` in the run folder, if one exists (once; later calls do nothing).
@@ -307,7 +313,8 @@ class SegTrainer:
             return
         every = self.s.plot_every
         if final or (every and (epoch + 1) % every == 0):
-            self.plotter(self.history, epoch)
+            with writing(self.s.run.root):
+                self.plotter(self.history, epoch)
 
     def summary(self) -> dict[str, Any]:
         """Final and best epochs' metrics, written to ``summary.json`` (main rank)."""
@@ -318,7 +325,8 @@ class SegTrainer:
             "final": self.history[-1] if self.history else None,
         }
         if self.ctx.is_main:
-            atomic_write_json(self.s.run.summary, summary)
+            with writing(self.s.run.summary):
+                atomic_write_json(self.s.run.summary, summary)
         return summary
 
     # ------------------------------------------------------------------ helpers
