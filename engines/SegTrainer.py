@@ -211,8 +211,9 @@ class SegTrainer:
             largest = largest_weight(self.step.net)
             cause = (f"the outputs overflowed: the largest weight has grown to {largest:.3g}" if math.isfinite(largest)
                      else f"a weight is {largest}")
-            fixes = "Lower BASE_LR or set GRAD_CLIP" + (", or set MIXED_PRECISION=none (autocast overflows first)"
-                                                        if self.s.amp_dtype is not None else "")
+            fixes = "Lower BASE_LR or set GRAD_CLIP" + {
+                None: "", torch.bfloat16: ", or set MIXED_PRECISION=none",
+                torch.float16: ", or set MIXED_PRECISION=bf16 or none (fp16 overflows above 65504)"}[self.s.amp_dtype]
             raise TrainingDiverged(f"training diverged in epoch {epoch}: {err}; {cause}. {self.kept()}. {fixes}") from None
 
     def kept(self) -> str:

@@ -4,6 +4,7 @@ one clean error naming the file and the fix, the previous checkpoint intact (ite
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -20,6 +21,7 @@ from engines.forward import NonFiniteOutput
 from engines.predictor import ArrayImage, Predictor
 from engines.run_dir import RunDir
 from engines.SegTrainer import TrainingDiverged
+from test_cli import TINY, run_cli
 from test_faults import fit_epochs, log_epochs, trainers  # noqa: F401  (trainers: a fixture)
 from utils.loggers import JsonLinesLogger
 from utils.util import WriteError
@@ -70,7 +72,7 @@ def test_a_first_epoch_that_overflows_leaves_no_checkpoint(trainers, monkeypatch
     trainer = trainers("MIXED_PRECISION=bf16")  # autocast: lowering the precision is a fix too
     monkeypatch.setattr(trainer, "train_epoch", lambda epoch: overflowing(trainer.step.net) or {})
     with pytest.raises(TrainingDiverged, match=r"in epoch 0: .*grown to 1e\+03\. no checkpoint was written\. "
-                                               r"Lower BASE_LR or set GRAD_CLIP, or set MIXED_PRECISION=none"):
+                                               r"Lower BASE_LR or set GRAD_CLIP, or set MIXED_PRECISION=none$"):
         trainer.fit()
     assert not trainer.s.run.last.exists() and not trainer.s.run.best.exists()
 
@@ -176,18 +178,27 @@ def test_a_full_disk_while_logging_names_log_jsonl_and_leaves_no_half_line(tmp_p
         "log.jsonl"]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs (a real file system that fills up), or a skip where mounting is not allowed."""
-    mount = tmp_path / "disk"
+@contextlib.contextmanager
+def tmpfs(mount, size: str):
+    """A tmpfs of ``size`` at ``mount`` (a real file system that fills up), or a skip where mounting
+    is not allowed (not root, a container without the right)."""
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
                           text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({(done.stderr or done.stdout).strip() or done.returncode}): "
                     "the injected full disk of the tests above stands in")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: two checkpoints of the tiny network and the plots fit."""
+    with tmpfs(tmp_path / "disk", "2m") as mount:
+        yield mount
 
 
 def test_a_really_full_disk_stops_the_checkpoint_log_and_summary_cleanly(trainers, small_disk):
@@ -210,3 +221,16 @@ def test_a_really_full_disk_stops_the_checkpoint_log_and_summary_cleanly(trainer
         assert leftovers(run) == [] and log_epochs(run) == [0]
     finally:
         trainer.logger.close()  # before the disk is unmounted
+
+
+def test_a_run_whose_first_checkpoint_meets_a_full_disk_exits_2_with_the_file_and_the_fix(tmp_path):
+    # 400 KiB: the synthetic data's cache (~130 KiB), config.yaml, tts.json and the log fit; best.pth
+    # (~410 KiB) does not. Before: "OSError: [Errno 28]" then torch's RuntimeError traceback, exit 1
+    with tmpfs(tmp_path / "disk", "400k") as disk:
+        proc = run_cli(*TINY, "TRAIN_EPOCHS=1", "GPUs=[]", f"RESULTS_DIR={disk}", check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.rstrip().endswith(
+            f"error: cannot write {disk}/default/run_001/best.pth: No space left on device (ENOSPC); "
+            "free space on that disk, or set RESULTS_DIR to a disk with room")
+        assert "Traceback" not in proc.stderr
+        assert not (disk / "default").exists()  # a new run that saved no checkpoint leaves no folder
