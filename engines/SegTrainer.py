@@ -17,11 +17,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engines.checkpoint import CheckpointError, restore_training, save_checkpoint
-from engines.forward import autocast_for, evaluate_model, image_to, place
+from engines.forward import NonFiniteOutput, autocast_for, evaluate_model, image_to, place
 from engines.run_dir import RunDir
 from model.AuxNet import AuxNet, AuxNetOutput
 from model.metrics import HIGHER_IS_BETTER
-from utils.util import DistContext, RunError, atomic_write_json
+from utils.util import DistContext, RunError, atomic_write_json, writing
 
 
 class TrainStep(nn.Module):
@@ -112,7 +112,7 @@ class SegTrainer:
             started = time.perf_counter()
             self.seed_epoch(epoch)
             train_stats = self.train_epoch(epoch)
-            eval_stats = self.evaluate().compute()
+            eval_stats = self.evaluate_epoch(epoch)
             record = {**train_stats, **eval_stats, "time_s": time.perf_counter() - started}
             improved = self.track_best(epoch, eval_stats)
             self.history.append({"epoch": epoch, **record})
@@ -134,10 +134,10 @@ class SegTrainer:
         torch.manual_seed(seed)  # CUDA too
         dataset = getattr(self.train_loader, "dataset", None)
         if hasattr(dataset, "reseed"):
-            dataset.reseed(seed % 2**32)  # the augmentation of this process (NUM_WORKERS=0)
+            dataset.reseed(seed)  # each sample's augmentation: from (seed, its index), in any worker
         generator = getattr(self.train_loader, "generator", None)
         if generator is not None:
-            generator.manual_seed(seed)  # the workers' base seed (they start afresh each epoch)
+            generator.manual_seed(seed)  # the workers' global generators (nothing of ours draws from them)
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -191,12 +191,34 @@ class SegTrainer:
     def diverged(self, what: str, batch: dict[str, Any], loss_out, epoch: int) -> None:
         """Stop the run: name the step, the batch's tiles and the loss terms (nothing is saved)."""
         terms = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in loss_out.terms.items()}
-        kept = f"{self.s.run.last} is left as it was" if self.s.run.last.is_file() else "no checkpoint was written"
         raise TrainingDiverged(
             f"training diverged at step {self.scheduler.last_epoch} (epoch {epoch}): {what}; loss "
-            f"{float(loss_out.total.detach()):.4g}, terms {terms}; tiles {list(batch.get('id', []))}. {kept}. "
-            "Lower BASE_LR, set GRAD_CLIP, or check these tiles"
+            f"{float(loss_out.total.detach()):.4g}, terms {terms}; tiles {list(batch.get('id', []))}. "
+            f"{self.kept()}. Lower BASE_LR, set GRAD_CLIP, or check these tiles"
         )
+
+    def evaluate_epoch(self, epoch: int) -> dict[str, float]:
+        """The evaluation metrics after ``epoch``.
+
+        Raises:
+            TrainingDiverged: the network's outputs are NaN or infinite although its weights are
+                finite (they grew until the outputs overflow; the training loss, on BatchNorm's
+                batch statistics, may stay finite meanwhile). Nothing of this epoch is saved.
+        """
+        try:
+            return self.evaluate().compute()
+        except NonFiniteOutput as err:
+            largest = largest_weight(self.step.net)
+            cause = (f"the outputs overflowed: the largest weight has grown to {largest:.3g}" if math.isfinite(largest)
+                     else f"a weight is {largest}")
+            fixes = "Lower BASE_LR or set GRAD_CLIP" + {
+                None: "", torch.bfloat16: ", or set MIXED_PRECISION=none",
+                torch.float16: ", or set MIXED_PRECISION=bf16 or none (fp16 overflows above 65504)"}[self.s.amp_dtype]
+            raise TrainingDiverged(f"training diverged in epoch {epoch}: {err}; {cause}. {self.kept()}. {fixes}") from None
+
+    def kept(self) -> str:
+        """What a stopped run leaves: the last checkpoint, as it was, or none."""
+        return f"{self.s.run.last} is left as it was" if self.s.run.last.is_file() else "no checkpoint was written"
 
     def evaluate(self, loader=None):
         """Run the test split (this rank's shard) through the network; returns the metrics object,
@@ -230,7 +252,11 @@ class SegTrainer:
         return True
 
     def save_checkpoint(self, epoch: int, improved: bool) -> None:
-        """``last.pth`` every epoch and ``best.pth`` on improvement, written atomically (main rank)."""
+        """``last.pth`` every epoch and ``best.pth`` on improvement, written atomically (main rank).
+
+        Raises:
+            WriteError: a file cannot be written (a full disk…); the one it replaces is left as it was.
+        """
         if not self.ctx.is_main:
             return
         state = dict(
@@ -240,8 +266,10 @@ class SegTrainer:
             history=self.history, config=self.s.config, fold=self.s.fold, split=self.s.split,
         )
         if improved and self.s.save_best:  # best first: last.pth never records a best.pth not yet written
-            save_checkpoint(self.s.run.best, **state)
-        save_checkpoint(self.s.run.last, **state)
+            with writing(self.s.run.best):
+                save_checkpoint(self.s.run.best, **state)
+        with writing(self.s.run.last):
+            save_checkpoint(self.s.run.last, **state)
 
     def resume_if_possible(self) -> bool:
         """Continue from ``last.pth`` in the run folder, if one exists (once; later calls do nothing).
@@ -286,7 +314,8 @@ class SegTrainer:
             return
         every = self.s.plot_every
         if final or (every and (epoch + 1) % every == 0):
-            self.plotter(self.history, epoch)
+            with writing(self.s.run.root):
+                self.plotter(self.history, epoch)
 
     def summary(self) -> dict[str, Any]:
         """Final and best epochs' metrics, written to ``summary.json`` (main rank)."""
@@ -297,7 +326,8 @@ class SegTrainer:
             "final": self.history[-1] if self.history else None,
         }
         if self.ctx.is_main:
-            atomic_write_json(self.s.run.summary, summary)
+            with writing(self.s.run.summary):
+                atomic_write_json(self.s.run.summary, summary)
         return summary
 
     # ------------------------------------------------------------------ helpers
@@ -332,6 +362,12 @@ def non_finite(module: nn.Module) -> list[str]:
     if bool(finite.all()):
         return []
     return [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+
+
+def largest_weight(module: nn.Module) -> float:
+    """The largest magnitude among ``module``'s floating-point parameters (inf or NaN if one is)."""
+    params = [p.detach() for p in module.parameters() if p.is_floating_point()]
+    return float(torch.stack(torch._foreach_norm(params, float("inf"))).max()) if params else 0.0
 
 
 def clean_leftovers(run: RunDir) -> list[str]:

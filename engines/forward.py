@@ -7,9 +7,17 @@ from contextlib import nullcontext
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from model.AuxNet import AuxNet
+from model.AuxNet import AuxNet, AuxNetOutput
+from utils.util import RunError
+
+
+class NonFiniteOutput(RunError):
+    """The network produced NaN or infinite outputs (NaN weights, or weights so large that the
+    outputs overflow). The message names what was being computed, never a cause it cannot know:
+    the caller, which knows where the weights came from (a training run, MODEL_WEIGHTS), words the fix."""
 
 
 def place(module: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -34,15 +42,41 @@ def evaluate_model(net: AuxNet, loader, metrics, device: torch.device, autocast,
     """Feed every batch of ``loader`` through ``net`` (eval mode) into ``metrics``; return ``metrics``.
 
     Evaluation always decodes: under MODEL=AuxNet-C the frozen decoder's segmentation is scored
-    beside the head being trained."""
+    beside the head being trained. Under DDP every rank must call it (the check below is collective).
+
+    Raises:
+        NonFiniteOutput: an output of some batch (on any rank) is NaN or infinite: scores of such
+            outputs (DSC 0, ACC = the background's share) would pass for a poor but real result.
+    """
     net.eval()
+    # batches with a non-finite output: one reduction per batch, kept on the device and read once
+    # at the end, so evaluation never waits for the device batch by batch
+    bad = torch.zeros((), dtype=torch.int64, device=device)
+    batches = 0
     for batch in loader:
         with autocast():
             out = net(image_to(batch["image"], device, channels_last))
+        bad += ~all_finite(out)
+        batches += 1
         has_cls = out.cls is not None
         metrics.update(
             out.seg.float(), batch["mask"].to(device),
             out.cls.float() if has_cls else None, batch["label"].to(device) if has_cls else None,
             ids=list(batch["id"]),
         )
+    counts = torch.stack([bad, torch.tensor(batches, device=device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)  # every rank learns of it, and raises with the others
+    bad, batches = counts.tolist()
+    if bad:
+        raise NonFiniteOutput(f"the network's outputs are NaN or infinite in {bad} of {batches} evaluation batch(es)")
     return metrics
+
+
+def all_finite(out: AuxNetOutput) -> torch.Tensor:
+    """A 0-dim bool tensor on the outputs' device: every output of ``out`` is finite (no synchronisation)."""
+    finite = torch.isfinite(out.seg).all()
+    for extra in (out.cls, out.fill):
+        if extra is not None:
+            finite &= torch.isfinite(extra).all()
+    return finite

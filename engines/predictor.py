@@ -38,12 +38,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engines.forward import autocast_for, image_to
+from engines.forward import NonFiniteOutput, autocast_for, image_to
 from model.AuxNet import AuxNet
 from model.metrics import labels_from_scores, predict_classes
 from utils.image_io import to_unit_range
 from utils.tiling import gaussian_importance_map, window_starts
-from utils.util import RunError
 
 #: Blend weight of a gated-off (filled) window relative to a decoded one.
 FILL_BLEND_WEIGHT = 1e-3
@@ -185,7 +184,7 @@ class Predictor:
         ``image`` has the reader interface (``height``, ``width``, ``read_window``, ``normalize``).
 
         Raises:
-            RunError: the network produced non-finite probabilities (naming the rows).
+            NonFiniteOutput (a RunError): the network produced non-finite probabilities (naming the rows).
         """
         stats = stats if stats is not None else PredictStats()
         started = time.perf_counter()
@@ -312,9 +311,9 @@ class Predictor:
             return
         n = end - lo
         probs = acc[:, :n, :w] / wsum[:n, :w]
-        if not np.isfinite(probs).all():
-            raise RunError(f"the network produced non-finite probabilities in rows {lo}..{end - 1}: "
-                           "the checkpoint's weights are not usable (retrain or check MODEL_WEIGHTS)")
+        if not np.isfinite(probs).all():  # the caller knows where the weights came from, and words the fix
+            raise NonFiniteOutput(f"the network produced non-finite probabilities in rows {lo}..{end - 1}: its "
+                                  "weights are NaN, or so large that its outputs overflow")
         yield lo, probs
 
 

@@ -11,12 +11,14 @@ from configs import Config, ConfigError, save_config
 from configs.config_parser import read_yaml, resume_problems
 from engines.builders import build_data, build_trainer, memory_format_of
 from engines.evaluate import whole_image_evaluation, whole_image_line
+from engines.forward import NonFiniteOutput
 from engines.launch import main_first
 from engines.predict import prediction_network
 from engines.run_dir import RunDir, run_dir_for
+from engines.SegTrainer import TrainingDiverged
 from utils.hardware import resolve_precision
 from utils.splits import num_folds
-from utils.util import DistContext, atomic_write_json, seed_everything
+from utils.util import DistContext, atomic_write_json, seed_everything, writing
 
 #: The metrics of the results table, in order.
 TABLE_KEYS = ("ACC", "DSC", "IoU", "TTR", "ASD", "AD", "HD95", "D95", "CMA", "loss")
@@ -74,10 +76,15 @@ def train_fold(cfg: Config, ctx: DistContext, run: RunDir, fold: int) -> dict:
         dist.barrier()  # the main rank has written the last checkpoints
     weights = fold_dir.best if fold_dir.best.is_file() else fold_dir.last
     net, can_gate = prediction_network(dataclasses.replace(cfg, MODEL_WEIGHTS=str(weights)), ctx.device)
-    whole = whole_image_evaluation(cfg, ctx, splits, net, can_gate)
+    try:
+        whole = whole_image_evaluation(cfg, ctx, splits, net, can_gate)
+    except NonFiniteOutput as err:  # the run's own checkpoint, not a MODEL_WEIGHTS the user gave
+        raise TrainingDiverged(f"the whole-image evaluation of {weights} after training: {err}. The checkpoints "
+                               "are kept; lower BASE_LR or set GRAD_CLIP, and train again") from None
     summary["whole_image"] = {"checkpoint": weights.name, **{m: r["summary"] for m, r in whole.items()}}
     if ctx.is_main:
-        atomic_write_json(fold_dir.summary, summary)
+        with writing(fold_dir.summary):
+            atomic_write_json(fold_dir.summary, summary)
         print(results_table(summary))
         print(whole_image_line(whole))
     return summary
@@ -89,7 +96,8 @@ def write_cv_summary(run: RunDir, summaries: dict[int, dict]) -> None:
     keys = [k for k in finals[0] if isinstance(finals[0][k], (int, float)) and k not in ("epoch", "lr", "time_s")]
     cv = {k: {"mean": statistics.fmean(f[k] for f in finals), "std": statistics.pstdev(f[k] for f in finals)}
           for k in keys}
-    atomic_write_json(run.cv_summary, {"folds": summaries, "final_mean_std": cv})
+    with writing(run.cv_summary):
+        atomic_write_json(run.cv_summary, {"folds": summaries, "final_mean_std": cv})
     print("cross-validation (final epoch, mean ± std over folds): " +
           ", ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in cv.items() if "/" not in k))
 

@@ -622,29 +622,31 @@ def test_distributed_training_uses_a_distributed_sampler_with_set_epoch():
     assert _indices(loaders[0]) != a
 
 
-def test_training_workers_restart_each_epoch_and_are_seeded_differently_but_reproducibly():
+def test_training_workers_restart_each_epoch_and_draw_each_samples_augmentation_from_the_seed_and_index():
     spec = [{"name": "GaussNoise", "p": 1, "std_range": [0.2, 0.2]}]
     data = _tiny_dataset(4, build_augmentation(spec, seed=0))
     data.tiles = [data.tiles[0]] * 4  # the same tile four times: differences come from the RNG
     data.ids = [data.ids[0]] * 4
 
-    def images():
-        loader = make_loader(data, batch_size=1, train=True, num_workers=2, seed=5, distributed=False,
+    def images(workers=2):
+        loader = make_loader(data, batch_size=1, train=True, num_workers=workers, seed=5, distributed=False,
                              pin_memory=False)
-        # issue #11: workers restart each epoch, from the generator the trainer reseeds per epoch
+        # issue #11: workers restart each epoch, and so copy the seed the trainer sets per epoch
         assert not loader.persistent_workers
         loader.sampler.set_epoch(0)
         return {int(b["index"]): b["image"] for b in loader}, loader
 
     (first, loader), (second, _) = images(), images()
     assert all(torch.equal(first[k], second[k]) for k in range(4))
-    loader.generator.manual_seed(77)  # what SegTrainer.seed_epoch does
+    data.reseed(77)  # what SegTrainer.seed_epoch does
     again = {int(b["index"]): b["image"] for b in loader}
-    loader.generator.manual_seed(77)
     assert all(torch.equal(again[k], b["image"]) for b in loader for k in [int(b["index"])])
     assert not all(torch.equal(again[k], first[k]) for k in range(4))
     # indices 0..3 are spread over two workers; no two items share an augmentation draw
     assert len({first[k].sum().item() for k in range(4)}) == 4
+    # issue 22: which worker loads a sample, or none, changes nothing
+    alone, _ = images(workers=0)  # make_loader sets seed 5 again
+    assert all(torch.equal(alone[k], first[k]) for k in range(4))
 
 
 def test_default_collate_gives_the_documented_batch(tmp_path):

@@ -5,6 +5,7 @@ deformation, and the default recipe. Geometric transforms move image and mask to
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -262,7 +263,8 @@ def build_augmentation(spec: Optional[Sequence[dict[str, Any]]], seed: Optional[
 
     Args:
         spec: see :func:`augmentation_problems`.
-        seed: seeds the Compose's own random generators (reseeded per DataLoader worker).
+        seed: seeds the random generators (see :func:`seed_augmentation`; the training set reseeds
+            them per sample).
 
     Raises:
         ValueError: listing every problem :func:`augmentation_problems` finds.
@@ -272,4 +274,25 @@ def build_augmentation(spec: Optional[Sequence[dict[str, Any]]], seed: Optional[
     problems = augmentation_problems(spec)
     if problems:
         raise ValueError("invalid augmentations:\n" + "\n".join(f"  - {p}" for p in problems))
-    return A.Compose([_build_one(entry) for entry in spec], seed=seed)
+    compose = A.Compose([_build_one(entry) for entry in spec])
+    seed_augmentation(compose, seed)
+    return compose
+
+
+def seed_augmentation(compose: A.BaseCompose, seed: int | tuple[int, ...] | None) -> None:
+    """Give ``compose`` and every transform in it one shared pair of generators (numpy and python)
+    seeded from ``seed`` (an int or a tuple of ints, e.g. (epoch seed, sample index); None: fresh entropy).
+
+    One pair for all: the transforms draw one after another from one stream, so their draws are
+    independent. (albumentations' own ``Compose(seed=s)`` seeds every transform with the same ``s``,
+    so two transforms of equal ``p`` always fire together, e.g. both flips or neither.) Costs about
+    15 µs, against some 250 µs for the default recipe on a 64² tile.
+    """
+    sequence = np.random.SeedSequence(None if seed is None else np.atleast_1d(np.asarray(seed, np.uint64)).tolist())
+    numbers = np.random.default_rng(sequence)
+    py = random.Random(int(sequence.generate_state(1, np.uint64)[0]))
+    stack: list = [compose]
+    while stack:
+        transform = stack.pop()
+        transform.set_random_state(numbers, py)
+        stack += getattr(transform, "transforms", [])

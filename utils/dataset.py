@@ -49,9 +49,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from utils.augment import build_augmentation
+from utils.augment import build_augmentation, seed_augmentation
 from utils.image_io import (LAZY_CACHE_IMAGES, DatasetError, ImageSet, load_folder, memory_budget, recently_used,
                             to_unit_range)
 from utils.sdf import signed_distance_map
@@ -210,6 +210,7 @@ class TileDataset(Dataset):
             scene_sdm.prepare(images, [i for i, _, _ in self.tiles])
         self.input_size = input_size
         self.augment = augment
+        self.seed = 0  # of the augmentation, see reseed()
         self.ids = [tile_id(images.entries[i].id, y, x) for i, y, x in self.tiles]
         self.labels = np.array([boundary_label(self._raw(k)[1]) for k in range(len(self.tiles))], dtype=np.int64)
 
@@ -228,9 +229,11 @@ class TileDataset(Dataset):
         return image[y:y + s, x:x + s], mask[y:y + s, x:x + s]
 
     def reseed(self, seed: int) -> None:
-        """Reseed the augmentation's random generators (done per DataLoader worker)."""
-        if self.augment is not None:
-            self.augment.set_random_seed(seed)
+        """Set the seed of this epoch's augmentation (the trainer's epoch seed, from SEED, fold,
+        epoch and rank): sample ``k`` is augmented from (``seed``, ``k``) alone (see
+        :meth:`__getitem__`), so which loader worker loads it, and how many there are, changes nothing.
+        Loader workers copy the dataset when an epoch starts, so they take the seed set before it."""
+        self.seed = int(seed)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         raw_image, mask = self._raw(k)
@@ -242,6 +245,7 @@ class TileDataset(Dataset):
             s = self.input_size
             sdm = list(self.scene_sdm.of(self.images, i)[:, y:y + s, x:x + s])  # views: copied once, by np.stack below
         if self.augment is not None:
+            seed_augmentation(self.augment, (self.seed, k))
             out = self.augment(image=image, mask=mask, **({"masks": sdm} if sdm is not None else {}))
             image = np.clip(out["image"], 0.0, 1.0, dtype=np.float32)
             mask = out["mask"]
@@ -434,15 +438,13 @@ class ShardSampler(Sampler[int]):
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Seed a DataLoader worker from the loader's generator (``torch.initial_seed()`` is already
-    ``base_seed + worker_id``), including the augmentation's own generators, so workers draw
-    different but reproducible augmentations."""
+    """Seed a DataLoader worker's global python and numpy generators from the loader's generator
+    (``torch.initial_seed()`` is already ``base_seed + worker_id``), so that a draw from them would
+    at least be reproducible. :class:`TileDataset` draws from none of them: its augmentation is
+    seeded per sample (see :meth:`TileDataset.reseed`), whichever worker loads the sample."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
-    info = get_worker_info()
-    if info is not None and hasattr(info.dataset, "reseed"):
-        info.dataset.reseed(seed)
 
 
 def make_loader(
@@ -463,9 +465,10 @@ def make_loader(
     distributed); both samplers have ``set_epoch``, which the trainer calls each epoch. The last
     batch is dropped only when it would hold a single tile (BatchNorm statistics of one sample
     are noise). Evaluation: in order; when distributed, rank ``r`` gets indices ``r::world`` with
-    no padding, so no sample is counted twice. Workers are seeded from the loader's ``generator``
-    (``seed`` and the rank; the trainer reseeds it each epoch); training workers restart each epoch
-    so that they take the new seed, evaluation workers persist.
+    no padding, so no sample is counted twice. A training sample's augmentation is drawn from the
+    dataset's seed (``seed`` and the rank here; the trainer's epoch seed each epoch) and its index
+    alone, so ``num_workers`` changes no batch (see :meth:`TileDataset.reseed`); training workers
+    restart each epoch so that they copy the new seed, evaluation workers persist.
 
     Args:
         dataset: a map-style dataset (e.g. :class:`TileDataset`).
@@ -503,7 +506,7 @@ def make_loader(
                 f"the training set has {len(dataset)} tile(s), {per_process} per process: too few to train on "
                 "(add images, lower TEST_SPLIT or use TRAIN_SET_COMPOSITION=full)"
             )
-        # The main process's augmentation stream differs per rank too (num_workers=0).
+        # Each rank draws other augmentations (the trainer reseeds per epoch, from the rank too).
         if hasattr(dataset, "reseed"):
             dataset.reseed(seed + 1_000_003 * rank)
     else:
@@ -517,8 +520,8 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=drop_last,
-        # Training workers start afresh each epoch from the loader's generator, which the trainer
-        # reseeds per epoch: a resumed run then draws the augmentations of an uninterrupted one.
+        # Training workers start afresh each epoch with a copy of the dataset, and so of the seed the
+        # trainer set for the epoch: a resumed run then draws the augmentations of an uninterrupted one.
         persistent_workers=num_workers > 0 and not train,
         worker_init_fn=_seed_worker if num_workers > 0 else None,
         generator=generator,

@@ -3,6 +3,7 @@ JSON-lines file and (optionally) Weights & Biases. Only the main process logs.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,7 +13,7 @@ from typing import Any, Mapping
 
 from tqdm import tqdm
 
-from utils.util import atomic_write_text
+from utils.util import WriteError, atomic_write_text, writing
 
 
 class ConsoleLogger:
@@ -30,25 +31,43 @@ class ConsoleLogger:
 
 
 class JsonLinesLogger:
-    """Appends one JSON object per call to ``path`` (flushed at once, so a crash loses nothing)."""
+    """Appends one JSON object per call to ``path`` (written through at once, so a crash loses nothing).
+
+    Raises (every method):
+        WriteError: ``path`` cannot be written (a full disk…), naming it and the fix; a line that
+            could not be written whole is cut off again, so the file never ends in half a line.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("a")
+        self._fh = self._open()
+
+    def _open(self):
+        with writing(self.path):  # unbuffered: no line waits in memory, to fail later at close()
+            return self.path.open("ab", buffering=0)
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         record = {"epoch": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._fh.write(json.dumps(record) + "\n")
-        self._fh.flush()
+        line = memoryview((json.dumps(record) + "\n").encode())
+        size = self._fh.seek(0, os.SEEK_END)
+        try:
+            with writing(self.path):
+                while line:
+                    line = line[self._fh.write(line):]
+        except WriteError:
+            with contextlib.suppress(OSError):  # the WriteError is the report; a resume rewinds the file anyway
+                self._fh.truncate(size)
+            raise
 
     def rewind(self, history: list[Mapping[str, Any]]) -> None:
         """Make the file hold exactly ``history`` (the records of a checkpoint's epochs): a crash between
         the checkpoint and the log line can otherwise leave an epoch twice, or not at all."""
         self._fh.close()
-        atomic_write_text(self.path, "".join(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n"
-                                             for r in history))
-        self._fh = self.path.open("a")
+        with writing(self.path):
+            atomic_write_text(self.path, "".join(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n"
+                                                 for r in history))
+        self._fh = self._open()
 
     def close(self) -> None:
         self._fh.close()

@@ -4,10 +4,12 @@ folders, process-group set-up."""
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import os
 import random
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -66,6 +68,42 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class WriteError(RunError):
+    """A file of a run cannot be written: a full disk, a read-only or vanished folder, no permission."""
+
+
+#: The fix for each reason a run's file cannot be written (by errno; anything else: the default).
+_WRITE_FIXES = {
+    errno.ENOSPC: "free space on that disk, or set RESULTS_DIR to a disk with room",
+    errno.EDQUOT: "free space within your disk quota, or set RESULTS_DIR to a disk with room",
+}
+_WRITE_FIX = "make the folder writable, or set RESULTS_DIR to a writable disk"
+
+
+@contextmanager
+def writing(path: Path):
+    """Run the body (which writes ``path``, or files in the folder ``path``); an OSError it raises
+    becomes one :class:`WriteError` naming ``path`` (not the temporary file beside it that failed),
+    the system's reason and the fix. So does the RuntimeError that ``torch.save`` raises when a
+    write into its file object fails (its context is the OSError).
+
+    Raises:
+        WriteError: the write failed for a reason of the file system.
+    """
+    try:
+        yield
+    except RunError:
+        raise
+    except (OSError, RuntimeError) as err:
+        cause = next((e for e in (err, err.__cause__, err.__context__) if isinstance(e, OSError)), None)
+        if cause is None:
+            raise
+        name = errno.errorcode.get(cause.errno, "")
+        reason = f"{cause.strerror or cause}{f' ({name})' if name else ''}"
+        raise WriteError(f"cannot write {path}: {reason}; "
+                         f"{_WRITE_FIXES.get(cause.errno, _WRITE_FIX)}") from err
 
 
 def atomic_write_text(path: Path, text: str) -> None:
