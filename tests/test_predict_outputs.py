@@ -38,6 +38,13 @@ def _snapshot(folder: Path) -> dict:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _fd_path(fd: int) -> str:
+    """The path of an open file descriptor (Linux's /proc; elsewhere the test is skipped)."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd (Linux) to tell which output a file descriptor writes")
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
 def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
@@ -176,7 +183,7 @@ def test_every_temporary_file_predict_writes_is_hidden_and_recognised_as_a_lefto
                                                                                     monkeypatch):
     inputs = _images(tmp_path / "in", "a.png", "b.tif")
     temporaries, real = [], os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: temporaries.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    monkeypatch.setattr(os, "fsync", lambda fd: temporaries.append(_fd_path(fd)) or real(fd))
     assert _run(checkpoint, inputs, tmp_path / "out", "SAVE_PROBABILITIES=true") == 0
     names = sorted({Path(p).name.rsplit(".", 2)[0] for p in temporaries})
     assert names == [".a_mask.png", ".a_overlay.png", ".a_prob.tif", ".b_mask.png", ".b_overlay.png", ".b_prob.tif",
@@ -215,7 +222,7 @@ def _fail_fsync(monkeypatch, error, name_part: str, occurrence: int = 1):
     real, seen = os.fsync, []
 
     def fsync(fd):
-        if name_part in os.readlink(f"/proc/self/fd/{fd}"):
+        if name_part in _fd_path(fd):
             seen.append(fd)
             if len(seen) == occurrence:
                 raise error
