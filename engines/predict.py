@@ -23,7 +23,8 @@ What predict writes, and where (it never destroys a file):
 - Inputs that share a stem (``scene.png``, ``scene.tif``) keep both results: their outputs are named
   with the suffix (``scene_png_mask.png``, ``scene_tif_mask.png``), with a note.
 - ``predictions.jsonl`` is rewritten whole, atomically, after each image: a kill never leaves half
-  a line, and it lists exactly the images whose outputs are complete.
+  a line, and every image it lists has all its outputs (only a kill -9 can leave part of the
+  outputs of the image being written, without a line).
 - An OUTPUT that cannot be created or written is one error before any prediction. A write error
   while saving one image's outputs removes that image's partial outputs and lists it among the
   failures; a full disk, a read-only file system or a permission error stops the folder at once
