@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from configs import Config, ConfigError
 from engines.run_dir import RunDir
-from utils.util import DistContext, RunError, cleanup_distributed, init_distributed
+from utils.util import DistContext, RunError, cleanup_distributed, init_distributed, make_writable_folder
 
 #: A command: ``command(cfg, ctx, run)`` on every rank.
 Command = Callable[[Config, DistContext, RunDir], None]
@@ -91,14 +91,7 @@ def launch(cfg: Config, choose: Chooser, command: Command, exclusive: bool = Fal
 
 def make_run_folder(root: Path) -> None:
     """Create the run folder; a folder that cannot be written is a RunError naming it."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write_test.{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise RunError(f"cannot write the run folder {root} ({err.strerror or err}): set RESULTS_DIR to a "
-                       "folder you can write") from None
+    make_writable_folder(root, "the run folder", "set RESULTS_DIR to a folder you can write")
 
 
 class RunLock:

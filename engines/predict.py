@@ -8,13 +8,38 @@ writes ``<stem>_mask.png`` (or a tiled ``.tif`` for large scenes and georeferenc
 the georeferencing), ``<stem>_overlay.png`` (downsampled for large scenes), optionally
 ``<stem>_prob.tif`` (float16 probabilities), and one JSON line in ``predictions.jsonl``. A folder
 goes on past a bad file and lists every failure at the end (exit status 2).
+
+What predict writes, and where (it never destroys a file):
+
+- Without OUTPUT it writes into a fresh ``predict_<n>/`` beside the checkpoint. OUTPUT must be a
+  new or empty folder: one that holds anything (an earlier ``predictions.jsonl``, the inputs
+  themselves) is refused before anything is predicted, so runs are never mixed or replaced. The
+  only exception is what a killed predict leaves behind, its hidden temporary files
+  (``.<name>.<random>.tmp``, see :func:`temporary_leftovers`): they are removed, with a note.
+- OUTPUT equal to the INPUT folder is refused by that rule; a new or empty subfolder of INPUT is
+  safe, because the inputs are listed once, before anything is written, from the top level of INPUT
+  only. Every output is renamed into place only if no file has that name, so even a file that
+  appears during the run is never replaced.
+- Inputs that share a stem (``scene.png``, ``scene.tif``) keep both results: their outputs are named
+  with the suffix (``scene_png_mask.png``, ``scene_tif_mask.png``), with a note.
+- ``predictions.jsonl`` is rewritten whole, atomically, after each image: a kill never leaves half
+  a line, and every image it lists has all its outputs (only a kill -9 can leave part of the
+  outputs of the image being written, without a line).
+- An OUTPUT that cannot be created or written is one error before any prediction. A write error
+  while saving one image's outputs removes that image's partial outputs and lists it among the
+  failures; a full disk, a read-only file system or a permission error stops the folder at once
+  (every later image would fail the same way). A predict that wrote nothing removes the OUTPUT
+  folder it created (never one the user made).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
-from contextlib import nullcontext
+from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +57,20 @@ from model.AuxNet import AuxNet
 from utils.image_io import InputScaling
 from utils.raster import SUPPORTED_SUFFIXES, RasterError, open_image
 from utils.raster_write import MaskWriter, overlay_png
-from utils.util import RunError
+from utils.util import RunError, atomic_write_text, make_writable_folder
+
+#: Hidden temporary files of an interrupted write into a predict folder: ``atomic_write`` and
+#: raster_write's temporary outputs (``tempfile.mkstemp`` names: ``.<output name>.<8 random>.tmp``)
+#: and the write probe of :func:`~utils.util.make_writable_folder` (``.write_test.<pid>``).
+_LEFTOVER = re.compile(r"\..+\.(png|tif|tiff|jsonl)\.[a-z0-9_]{8}\.tmp|\.write_test\.\d+")
+#: Write errors after which every later output in the folder would fail the same way, and the fix.
+_FOLDER_ERRORS = {
+    errno.ENOSPC: "free some space on that disk, or choose an OUTPUT on another one",
+    errno.EDQUOT: "free some of your disk quota, or choose an OUTPUT on another disk",
+    errno.EROFS: "choose an OUTPUT on a file system you can write",
+    errno.EACCES: "choose an OUTPUT you can write",
+    errno.EPERM: "choose an OUTPUT you can write",
+}
 
 
 def check_inputs(cfg: Config) -> list[Path]:
@@ -58,12 +96,102 @@ def check_inputs(cfg: Config) -> list[Path]:
 
 
 def output_dir(cfg: Config) -> Path:
-    """OUTPUT, or the next free ``predict_<n>/`` beside the checkpoint."""
-    if cfg.OUTPUT:
-        return Path(cfg.OUTPUT)
-    parent = resolve_weights_path(cfg.MODEL_WEIGHTS).resolve().parent
-    taken = [int(m.group(1)) for p in parent.glob("predict_*") if (m := re.fullmatch(r"predict_(\d+)", p.name))]
-    return parent / f"predict_{max(taken, default=0) + 1}"
+    """OUTPUT, checked new or empty, or the next free ``predict_<n>/`` beside the checkpoint.
+
+    Nothing is created or removed here (see :func:`prepare_output`).
+
+    Raises:
+        ConfigError: OUTPUT is the INPUT folder, a file, or a folder that holds anything but the
+            temporary leftovers of a killed predict.
+    """
+    if not cfg.OUTPUT:
+        parent = resolve_weights_path(cfg.MODEL_WEIGHTS).resolve().parent
+        taken = [int(m.group(1)) for p in parent.glob("predict_*") if (m := re.fullmatch(r"predict_(\d+)", p.name))]
+        return parent / f"predict_{max(taken, default=0) + 1}"
+    out = Path(cfg.OUTPUT)
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise ConfigError([f"OUTPUT={cfg.OUTPUT!r} is a file: set OUTPUT to a new or empty folder"])
+    inputs = Path(cfg.INPUT) if Path(cfg.INPUT).is_dir() else Path(cfg.INPUT).parent
+    if out.resolve() == inputs.resolve():
+        raise ConfigError([f"OUTPUT={cfg.OUTPUT!r} is the INPUT folder: predict never writes beside its inputs; "
+                           f"use e.g. OUTPUT={inputs / 'predictions'}"])
+    try:
+        leftovers = set(temporary_leftovers(out))
+        held = sorted(p.name for p in out.iterdir() if p not in leftovers)
+    except OSError as err:
+        raise RunError(f"cannot read the OUTPUT folder {out} ({err.strerror or err}): choose an OUTPUT you can "
+                       "write") from None
+    if held:
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise ConfigError([f"OUTPUT={cfg.OUTPUT!r} is not empty (it holds {shown}): predict writes only into a "
+                           "new or empty folder, so results of two runs are never mixed or replaced; choose "
+                           f"another OUTPUT, empty {out}, or leave OUTPUT unset for a fresh predict_<n>/ "
+                           "beside the checkpoint"])
+    return out
+
+
+def temporary_leftovers(folder: Path) -> list[Path]:
+    """The hidden temporary files that a killed write left in ``folder`` (see ``_LEFTOVER``)."""
+    return sorted(p for p in folder.iterdir() if _LEFTOVER.fullmatch(p.name) and p.is_file())
+
+
+def prepare_output(out: Path) -> Optional[Path]:
+    """Create ``out`` (checked writable) and remove the temporary leftovers of a killed predict.
+
+    Returns:
+        The topmost folder created now (to remove if nothing gets written), or None.
+
+    Raises:
+        RunError: ``out`` cannot be created or written, naming it and the fix.
+    """
+    made = make_writable_folder(out, "the OUTPUT folder", "choose an OUTPUT you can write (or leave it unset "
+                                "for predict_<n>/ beside the checkpoint)")
+    leftovers = temporary_leftovers(out)
+    if leftovers:
+        for p in leftovers:
+            p.unlink()
+        print(f"note: removed {len(leftovers)} temporary file(s) that an interrupted predict left in {out}")
+    return made
+
+
+def remove_if_empty(out: Path, made: Optional[Path]) -> None:
+    """Remove ``out`` and its parents up to ``made`` (the folders this predict created) if nothing
+    was written into them: a predict that failed on every file, or was interrupted, leaves no empty
+    folder behind. A folder the user made, or one that holds anything, stays."""
+    if made is None:
+        return
+    for folder in [out, *out.parents]:
+        try:
+            folder.rmdir()  # only an empty folder can be removed
+        except OSError as err:  # not empty (something was written there): keep it
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                print(f"warning: could not remove the empty folder {folder} ({err.strerror}): delete it by hand")
+            return
+        if folder == made:
+            return
+
+
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """The name each input's outputs start with: its stem, or ``<stem>_<suffix>`` for inputs that
+    share a stem (``scene.png``, ``scene.tif`` → ``scene_png``, ``scene_tif``), so that no result
+    replaces another. Stems are compared ignoring case (a case-insensitive disk would merge them);
+    a name still taken gets ``_2``, ``_3``, ...; a one-line note lists the renamed inputs."""
+    stems = Counter(p.stem.casefold() for p in files)
+    names: dict[Path, str] = {}
+    used: set[str] = set()
+    for p in files:
+        base = p.stem if stems[p.stem.casefold()] == 1 else f"{p.stem}_{p.suffix[1:]}"
+        name, n = base, 2
+        while name.casefold() in used:
+            name, n = f"{base}_{n}", n + 1
+        used.add(name.casefold())
+        names[p] = name
+    renamed = [f"{p.name} -> {name}_mask" for p, name in names.items() if name != p.stem]
+    if renamed:
+        print(f"note: inputs that share a name keep both results, named with their suffix: {', '.join(renamed)}")
+    return names
 
 
 def prediction_network(cfg: Config, device: torch.device) -> tuple[AuxNet, bool]:
@@ -97,33 +225,57 @@ def predict(cfg: Config) -> int:
     """Segment every image of INPUT into OUTPUT; returns the exit status (2 when any image failed)."""
     try:
         files = check_inputs(cfg)
+        out = output_dir(cfg)
         device = launch_plan(cfg)[1][0]  # one process: the first device a training run would use
         predictor = build_predictor(cfg, *prediction_network(cfg, device), device, cfg.GATING, progress=True)
         inputs = training_inputs(cfg)
+        made = prepare_output(out)  # last: nothing is created before everything else was checked
     except (ConfigError, RunError) as err:
         print(f"error: {err}", flush=True)
         return 2
-    out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    failures = []
-    for path in files:
+    try:
+        done, failures, stopped = predict_files(cfg, predictor, files, out, inputs)
+    finally:
+        remove_if_empty(out, made)
+    print(f"predicted {done} of {len(files)} image(s) into {out}")
+    if failures:
+        print(f"error: {len(failures)} image(s) failed:\n" + "\n".join(f"  - {f}" for f in failures))
+    if stopped:
+        print(f"error: {stopped}")
+    return 2 if failures else 0
+
+
+def predict_files(cfg: Config, predictor: Predictor, files: list[Path], out: Path,
+                  inputs: Optional[InputScaling] = None) -> tuple[int, list[str], str]:
+    """Predict each file into ``out`` (scaled as training scaled ``inputs``), recording each finished one in ``predictions.jsonl``.
+
+    Returns:
+        (images predicted, one message per failed image, why the folder stopped early or "").
+    """
+    names = output_names(files)
+    records: list[dict] = []
+    failures: list[str] = []
+    for i, path in enumerate(files):
         try:
-            record = predict_file(cfg, predictor, path, out, inputs)
-        except (RasterError, RunError) as err:
-            message = str(err) if str(err).startswith(str(path)) else f"{path}: {err}"
-            failures.append(message)
-            tqdm.write(f"failed: {message}")
+            record = predict_file(cfg, predictor, path, out, names[path], inputs)
+            try:
+                write_records(out / "predictions.jsonl", records + [record])
+            except BaseException:
+                remove_outputs([record["mask"], record["overlay"], record["probabilities"]])
+                raise
+        except (RasterError, RunError, OSError) as err:
+            failures.append(_failure_message(path, out, err))
+            tqdm.write(f"failed: {failures[-1]}")
+            if isinstance(err, OSError) and err.errno in _FOLDER_ERRORS:
+                return len(records), failures, (
+                    f"stopped: cannot write into {out} ({os.strerror(err.errno)}): {_FOLDER_ERRORS[err.errno]}; "
+                    f"{len(files) - i - 1} image(s) were not predicted")
             continue
-        with (out / "predictions.jsonl").open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        records.append(record)
         tqdm.write(f"{path.name}: {record['height']}x{record['width']} px, {record['tiles']} tiles, "
                    f"{record['decoded']} decoded, {record['gated_off']} gated off, {record['seconds']:.2f} s "
                    f"({record['tiles_per_s']} tiles/s) -> {record['mask']}")
-    print(f"predicted {len(files) - len(failures)} of {len(files)} image(s) into {out}")
-    if failures:
-        print(f"error: {len(failures)} image(s) failed:\n" + "\n".join(f"  - {f}" for f in failures))
-        return 2
-    return 0
+    return len(records), failures, ""
 
 
 def training_inputs(cfg: Config) -> Optional[InputScaling]:
@@ -140,14 +292,49 @@ def training_inputs(cfg: Config) -> Optional[InputScaling]:
                               "another checkpoint of the run (last.pth or best.pth), or retrain") from err
 
 
-def predict_file(cfg: Config, predictor: Predictor, path: Path, out: Path,
+def _failure_message(path: Path, out: Path, err: Exception) -> str:
+    """One line naming the input and what went wrong."""
+    if isinstance(err, OSError):  # raster reading wraps its OSErrors in RasterError: this is a write
+        where = err.filename or out
+        return f"{path}: cannot write its outputs: {where}: {err.strerror or err}"
+    return str(err) if str(err).startswith(str(path)) else f"{path}: {err}"
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    """Rewrite ``predictions.jsonl`` whole, atomically (a kill never leaves half a line); its first
+    write refuses a file this predict did not make.
+
+    Raises:
+        FileExistsError: ``path`` exists before this predict's first record.
+    """
+    if len(records) == 1 and path.exists():
+        raise FileExistsError(errno.EEXIST, "exists already and was not written by this predict; it is left as "
+                              "it is", str(path))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def remove_outputs(paths: list) -> None:
+    """Remove outputs of an image that could not be finished (None entries are skipped). A file
+    that cannot be removed is named, not hidden."""
+    for p in paths:
+        if p is None:
+            continue
+        try:
+            Path(p).unlink(missing_ok=True)
+        except OSError as err:
+            tqdm.write(f"warning: could not remove the partial output {p} ({err.strerror}): delete it by hand")
+
+
+def predict_file(cfg: Config, predictor: Predictor, path: Path, out: Path, name: Optional[str] = None,
                  inputs: Optional[InputScaling] = None) -> dict:
     """Predict one image file into ``out``, scaled as training scaled ``inputs`` (see
     :meth:`utils.raster.ImageReader.use_scaling`, which warns when the image lies far outside what
-    training saw); returns its JSON record.
+    training saw); returns its JSON record. Outputs are named after ``name`` (default: the file's
+    stem); see :func:`write_outputs`.
 
     Raises:
-        RasterError: the file cannot be read; RunError: it does not fit the network (channels).
+        RasterError: the file cannot be read; RunError: it does not fit the network (channels);
+        OSError: an output cannot be written (disk full, read-only, a file already there).
     """
     with open_image(path) as image:
         if image.channels != cfg.INPUT_CHANNELS:
@@ -156,13 +343,35 @@ def predict_file(cfg: Config, predictor: Predictor, path: Path, out: Path,
         if warning:
             tqdm.write(f"warning: {warning}")
         classes = max(cfg.SEG_CLASSES, 2)
-        mask = MaskWriter(out / f"{path.stem}_mask", image.height, image.width, np.uint8, like=image)
-        prob = (MaskWriter(out / f"{path.stem}_prob.tif", image.height, image.width, np.float16, like=image,
-                           channels=predictor.channels) if cfg.SAVE_PROBABILITIES else None)
-        with mask, (prob if prob is not None else nullcontext()):
+        return {"image": str(path), **write_outputs(cfg, predictor, image, out, name or path.stem, classes)}
+
+
+def write_outputs(cfg: Config, predictor: Predictor, image, out: Path, name: str, classes: int) -> dict:
+    """Predict ``image`` into ``<name>_mask``, ``<name>_overlay.png`` and (SAVE_PROBABILITIES)
+    ``<name>_prob.tif`` under ``out``; returns their part of the JSON record.
+
+    No output replaces an existing file. On any failure (Ctrl-C included) the outputs this call
+    already moved into place are removed and the temporary ones are discarded, so an image is
+    written whole or not at all.
+
+    Raises:
+        OSError: an output cannot be written; FileExistsError: a file already has its name.
+    """
+    mask = prob = None
+    try:
+        with ExitStack() as writers:  # closed in reverse order; an error aborts both
+            mask = writers.enter_context(MaskWriter(out / f"{name}_mask", image.height, image.width, np.uint8,
+                                                    like=image, overwrite=False))
+            if cfg.SAVE_PROBABILITIES:
+                prob = writers.enter_context(MaskWriter(out / f"{name}_prob.tif", image.height, image.width,
+                                                        np.float16, like=image, channels=predictor.channels,
+                                                        overwrite=False))
             stats = predictor.run(image, mask, prob, cfg.SEG_THRESHOLD)
-        overlay = out / f"{path.stem}_overlay.png"
+        overlay = out / f"{name}_overlay.png"
         with open_image(mask.path) as written:
-            overlay_png(overlay, image, written, classes)
-        return {"image": str(path), "height": image.height, "width": image.width, "mask": str(mask.path),
-                "overlay": str(overlay), "probabilities": str(prob.path) if prob else None, **stats.as_dict()}
+            overlay_png(overlay, image, written, classes, overwrite=False)  # last: written whole or not at all
+    except BaseException:
+        remove_outputs([w.path for w in (mask, prob) if w is not None and w.committed])
+        raise
+    return {"height": image.height, "width": image.width, "mask": str(mask.path), "overlay": str(overlay),
+            "probabilities": str(prob.path) if prob else None, **stats.as_dict()}

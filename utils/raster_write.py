@@ -3,14 +3,18 @@
 Writing (:class:`MaskWriter`) takes horizontal bands of rows, top to bottom. Small outputs are
 PNG; large ones (more than :data:`LARGE_MASK_PIXELS` pixels), ``.tif`` paths, outputs PNG cannot
 hold and georeferenced ones are tiled, deflate-compressed BigTIFFs streamed one tile row at a
-time. Outputs are written to a temporary file beside the final path and renamed into place, so a
-crash never leaves a half-written file under the final name. Reading is :mod:`utils.raster`.
+time. Outputs are written to a hidden temporary file beside the final path (``.<name>.<random>.tmp``)
+and renamed into place, so a crash never leaves a half-written file under the final name; the
+temporary file is removed on every exception (KeyboardInterrupt included). With ``overwrite=False``
+an existing file under the final name is never replaced (the write fails with FileExistsError and
+leaves it as it is). Reading is :mod:`utils.raster`.
 
 Every problem with a file raises :class:`~utils.raster.RasterError` naming the file and the cause.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import struct
@@ -44,17 +48,30 @@ class _TempFile:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the output the usual permissions
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the output the usual permissions
+            self.fh = os.fdopen(fd, "w+b")
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
         self.path, self.tmp = path, Path(tmp)
-        self.fh = os.fdopen(fd, "w+b")
         # removes the temporary file if the owner is dropped without commit/discard
         self._finalizer = weakref.finalize(self, _remove_temp, self.fh, self.tmp)
 
-    def commit(self) -> None:
+    def commit(self, overwrite: bool = True) -> None:
+        """Move the file into place; with ``overwrite=False`` a file already under :attr:`path` is
+        left as it is and FileExistsError is raised (the caller discards the temporary file).
+
+        The check comes just before the rename: only another process writing that very name in the
+        same instant could slip between them."""
         if not self.fh.closed:
             self.fh.flush()
             os.fsync(self.fh.fileno())
             self.fh.close()
+        if not overwrite and os.path.lexists(self.path):
+            raise FileExistsError(errno.EEXIST, "exists already and was not written by this command; it is left "
+                                  "as it is", str(self.path))
         os.replace(self.tmp, self.path)
         self._finalizer.detach()
 
@@ -67,12 +84,13 @@ def _remove_temp(fh, tmp: Path) -> None:
     tmp.unlink(missing_ok=True)
 
 
-def _atomic_save(path: Path, write: Callable[[Any], None]) -> None:
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it to ``path``."""
+def _atomic_save(path: Path, write: Callable[[Any], None], overwrite: bool = True) -> None:
+    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it to ``path``
+    (never over an existing file when ``overwrite`` is False)."""
     temp = _TempFile(path)
     try:
         write(temp.fh)
-        temp.commit()
+        temp.commit(overwrite)
     except BaseException:
         temp.discard()
         raise
@@ -230,7 +248,8 @@ class MaskWriter:
     Memory: a TIFF output holds one row of tiles (256 rows x width); a PNG output (small by the
     rule above) is buffered whole. Georeferencing: a GeoTIFF input's GeoTIFF tags are copied
     verbatim; georeferencing known only as crs/transform (a JPEG 2000 read by rasterio) is
-    written through rasterio. Nothing exists under :attr:`path` until :meth:`close` succeeds.
+    written through rasterio. Nothing exists under :attr:`path` until :meth:`close` succeeds
+    (:attr:`committed` then turns True).
 
     Args:
         path: output file (see above for the suffix).
@@ -238,13 +257,15 @@ class MaskWriter:
         dtype: pixel type (uint8, uint16, int16, float16, float32, ...).
         like: the input's reader; its georeferencing is copied when it has the same size.
         channels: samples per pixel (e.g. K class probabilities).
+        overwrite: replace a file already under :attr:`path` on :meth:`close`; when False,
+            :meth:`close` raises FileExistsError instead and leaves that file as it is.
 
     Raises:
         ValueError: bad size, dtype or channels, or ``like`` georeferenced with another size.
     """
 
     def __init__(self, path: Union[str, Path], height: int, width: int, dtype: Any = np.uint8,
-                 like: Optional[ImageReader] = None, channels: int = 1):
+                 like: Optional[ImageReader] = None, channels: int = 1, overwrite: bool = True):
         self.height, self.width, self.channels = int(height), int(width), int(channels)
         self.dtype = np.dtype(dtype)
         if self.height < 1 or self.width < 1 or self.channels < 1:
@@ -267,6 +288,7 @@ class MaskWriter:
             base = path.with_suffix("") if path.suffix.lower() == ".png" else path
             self.path = base.with_name(base.name + (".tif" if as_tiff else ".png"))
         self._next_row = 0
+        self.overwrite, self.committed = overwrite, False
         self._temp = _TempFile(self.path)
         try:
             if as_tiff and georef is not None and not georef.tiff_tags:
@@ -325,6 +347,8 @@ class MaskWriter:
 
         Raises:
             ValueError: not all rows were written (nothing is left on disk).
+            FileExistsError: ``overwrite`` is False and a file exists under :attr:`path`.
+            OSError: the file cannot be written (disk full, ...): nothing is left on disk.
         """
         if self._temp is None:
             return
@@ -332,7 +356,8 @@ class MaskWriter:
             if self._next_row != self.height:
                 raise ValueError(f"{self.path}: only {self._next_row} of {self.height} rows were written")
             self._sink.finish()
-            self._temp.commit()
+            self._temp.commit(self.overwrite)
+            self.committed = True
         except BaseException:
             self._temp.discard()
             raise
@@ -394,7 +419,7 @@ def _mask_band(mask: Any, y0: int, y1: int, width: int) -> np.ndarray:
 
 
 def overlay_png(path: Union[str, Path], reader: ImageReader, mask: Any, num_classes: int,
-                max_side: int = 2048, alpha: float = 0.5) -> tuple[int, int]:
+                max_side: int = 2048, alpha: float = 0.5, overwrite: bool = True) -> tuple[int, int]:
     """Write a colour overlay of the image and its class mask as a small PNG, atomically.
 
     The image and mask are downsampled by taking every ``step``-th pixel (``step`` the smallest
@@ -413,6 +438,8 @@ def overlay_png(path: Union[str, Path], reader: ImageReader, mask: Any, num_clas
         num_classes: number of classes K (mask values 0 ... K-1).
         max_side: longest side of the PNG.
         alpha: opacity of the class colours.
+        overwrite: replace an existing ``path``; when False, an existing file is left as it is and
+            FileExistsError is raised.
 
     Returns:
         ``(height, width)`` of the PNG.
@@ -454,5 +481,5 @@ def overlay_png(path: Union[str, Path], reader: ImageReader, mask: Any, num_clas
     colours = class_palette(num_classes).astype(np.float32)
     rgb[painted] = (1 - alpha) * rgb[painted] + alpha * colours[classes[painted]]
     picture = Image.fromarray(np.round(rgb).astype(np.uint8))
-    _atomic_save(Path(path), lambda fh: picture.save(fh, format="PNG"))
+    _atomic_save(Path(path), lambda fh: picture.save(fh, format="PNG"), overwrite)
     return out_h, out_w

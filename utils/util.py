@@ -120,6 +120,38 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
+def make_writable_folder(folder: Path, what: str, fix: str) -> Optional[Path]:
+    """Create ``folder`` (and its missing parents) and check that a file can be made in it.
+
+    Args:
+        folder: the folder to create (it may exist).
+        what: how the error names it, e.g. "the run folder".
+        fix: what the user should do, appended to the error.
+
+    Returns:
+        The topmost folder this call created (so a caller that ends up writing nothing can remove
+        what it made), or None when ``folder`` already existed.
+
+    Raises:
+        RunError: the folder cannot be created or written (read-only file system, permissions, a
+            file in the way), naming it, the system's reason and ``fix``.
+    """
+    folder = Path(folder)
+    created = None
+    for parent in [folder, *folder.parents]:
+        if parent.exists() or parent == parent.parent:
+            break
+        created = parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise RunError(f"cannot write {what} {folder} ({err.strerror or err}): {fix}") from None
+    return created
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -1,0 +1,352 @@
+"""What ``predict`` writes and where: it never replaces a file it did not make, never writes beside
+its inputs or into a used OUTPUT, keeps both results of inputs that share a stem, and a write error,
+a full disk or Ctrl-C leaves no partial output, temporary file or empty folder behind."""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from engines import predict as predict_module
+from engines.predict import predict
+from test_predict import _predict_cfg, checkpoint  # noqa: F401 (the module's checkpoint fixture)
+from utils.raster_write import MaskWriter
+
+
+def _images(folder: Path, *names: str, size: int = 64) -> Path:
+    """Random gray images under ``folder`` (PNG or TIFF by suffix); a ``bad_`` name holds no image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(names))
+    for name in names:
+        if name.startswith("bad_"):
+            (folder / name).write_bytes(b"not an image")
+        elif name.endswith(".tif"):
+            tifffile.imwrite(folder / name, rng.integers(0, 256, (size, size), dtype=np.uint8))
+        else:
+            Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _fd_path(fd: int) -> str:
+    """The path of an open file descriptor (Linux's /proc; elsewhere the test is skipped)."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd (Linux) to tell which output a file descriptor writes")
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def _run(checkpoint, inputs, out, *extra):
+    return predict(_predict_cfg(checkpoint, f"INPUT={inputs}", f"OUTPUT={out}", "GATING=false", *extra))
+
+
+# ---- item 1: OUTPUT and INPUT
+
+
+def test_output_equal_to_the_input_folder_is_refused_and_the_inputs_stay(checkpoint, tmp_path, capsys):
+    inputs = _images(tmp_path / "in", "x.png", "x_mask.png")
+    before = _snapshot(inputs)
+    assert _run(checkpoint, inputs, inputs) == 2
+    assert (f"OUTPUT={str(inputs)!r} is the INPUT folder: predict never writes beside its inputs; use e.g. "
+            f"OUTPUT={inputs / 'predictions'}") in capsys.readouterr().out
+    assert _snapshot(inputs) == before  # x_mask.png (a ground truth) is not replaced, nothing is added
+    assert _run(checkpoint, inputs / "x.png", inputs) == 2  # the folder of a single INPUT file too
+    assert _snapshot(inputs) == before
+
+
+def test_a_new_subfolder_of_the_input_folder_is_safe_and_outputs_are_never_read_as_inputs(checkpoint, tmp_path):
+    inputs = _images(tmp_path / "in", "x.png", "x_mask.png")
+    before = _snapshot(inputs)
+    for sub in ("predictions", "again"):  # the second run must not read the first one's outputs
+        out = inputs / sub
+        assert _run(checkpoint, inputs, out) == 0
+        assert [Path(r["image"]).name for r in _records(out)] == ["x.png", "x_mask.png"]
+        assert sorted(p.name for p in out.iterdir()) == [
+            "predictions.jsonl", "x_mask.png", "x_mask_mask.png", "x_mask_overlay.png", "x_overlay.png"]
+    assert {k: v for k, v in _snapshot(inputs).items() if "/" not in k} == before
+
+
+def test_an_existing_file_under_an_output_name_is_never_replaced(checkpoint, tmp_path, monkeypatch, capsys):
+    inputs = _images(tmp_path / "in", "a.png", "b.png", "c.png")
+    out = tmp_path / "out"
+    original = predict_module.predict_file
+
+    def another_process_writes_b_mask(cfg, predictor, path, folder, *args, **kwargs):
+        if path.name == "b.png":  # a file that appears under an output's name while predict runs
+            (folder / "b_mask.png").write_bytes(b"someone else's file")
+        return original(cfg, predictor, path, folder, *args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "predict_file", another_process_writes_b_mask)
+    assert _run(checkpoint, inputs, out) == 2
+    printed = capsys.readouterr().out
+    assert (f"{inputs / 'b.png'}: cannot write its outputs: {out / 'b_mask.png'}: exists already and was not "
+            "written by this command; it is left as it is") in printed
+    assert (out / "b_mask.png").read_bytes() == b"someone else's file"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_mask.png", "a_overlay.png", "b_mask.png", "c_mask.png", "c_overlay.png", "predictions.jsonl"]
+    assert [Path(r["image"]).name for r in _records(out)] == ["a.png", "c.png"]
+
+
+def test_mask_writer_without_overwrite_leaves_an_existing_file_and_no_temporary_file(tmp_path):
+    (tmp_path / "m.png").write_bytes(b"keep")
+    writer = MaskWriter(tmp_path / "m.png", 4, 4, overwrite=False)
+    writer.write_rows(0, np.zeros((4, 4), np.uint8))
+    with pytest.raises(FileExistsError, match="exists already and was not written by this command"):
+        writer.close()
+    assert not writer.committed and os.listdir(tmp_path) == ["m.png"]
+    assert (tmp_path / "m.png").read_bytes() == b"keep"
+
+
+# ---- item 2: two inputs with one stem
+
+
+def test_two_inputs_with_one_stem_keep_both_results(checkpoint, tmp_path, capsys):
+    inputs = _images(tmp_path / "in", "scene.png", "scene.tif", "other.png")
+    out = tmp_path / "out"
+    assert _run(checkpoint, inputs, out, "SAVE_PROBABILITIES=true") == 0
+    assert ("note: inputs that share a name keep both results, named with their suffix: "
+            "scene.png -> scene_png_mask, scene.tif -> scene_tif_mask") in capsys.readouterr().out
+    records = _records(out)
+    assert [Path(r["mask"]).name for r in records] == ["other_mask.png", "scene_png_mask.png", "scene_tif_mask.png"]
+    for key in ("mask", "overlay", "probabilities"):
+        assert len({r[key] for r in records}) == 3 and all(Path(r[key]).is_file() for r in records)
+    assert len(list(out.iterdir())) == 3 * 3 + 1
+
+
+def test_output_names_stay_distinct_when_a_suffixed_name_is_taken():
+    from engines.predict import output_names
+
+    files = [Path(n) for n in ("scene.png", "scene.tif", "scene_png.jpg", "Scene.jpeg")]
+    assert output_names(sorted(files)) == {
+        Path("Scene.jpeg"): "Scene_jpeg", Path("scene.png"): "scene_png", Path("scene.tif"): "scene_tif",
+        Path("scene_png.jpg"): "scene_png_2"}
+
+
+# ---- item 3: a used OUTPUT, and a fresh predict_<n>/ without one
+
+
+def test_a_used_output_is_refused_before_anything_is_predicted(checkpoint, tmp_path, capsys):
+    inputs = _images(tmp_path / "in", "a.png")
+    out = tmp_path / "out"
+    assert _run(checkpoint, inputs, out) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert _run(checkpoint, inputs, out) == 2
+    printed = capsys.readouterr().out
+    assert (f"OUTPUT={str(out)!r} is not empty (it holds a_mask.png, a_overlay.png, predictions.jsonl): predict "
+            "writes only into a new or empty folder, so results of two runs are never mixed or replaced; choose "
+            f"another OUTPUT, empty {out}, or leave OUTPUT unset for a fresh predict_<n>/ beside the checkpoint"
+            ) in printed
+    assert "predicted" not in printed and _snapshot(out) == before
+
+
+def test_without_output_every_predict_writes_a_fresh_folder_beside_the_checkpoint(checkpoint, tmp_path):
+    weights = tmp_path / "run" / "best.pth"
+    weights.parent.mkdir()
+    shutil.copy(checkpoint, weights)
+    inputs = _images(tmp_path / "in", "a.png")
+    for n in (1, 2):
+        assert predict(_predict_cfg(weights, f"INPUT={inputs}", "GATING=false")) == 0
+        assert len(_records(weights.parent / f"predict_{n}")) == 1
+
+
+# ---- item 14: leftovers of a killed predict, and folders of a predict that wrote nothing
+
+LEFTOVERS = (".a_mask.png.k2j_9x0q.tmp", ".predictions.jsonl.ab12cd34.tmp", ".write_test.4242")
+
+
+def test_the_temporary_leftovers_of_a_killed_predict_are_removed(checkpoint, tmp_path, capsys):
+    inputs = _images(tmp_path / "in", "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in LEFTOVERS:
+        (out / name).write_bytes(b"\0" * 1000)
+    assert _run(checkpoint, inputs, out) == 0
+    assert f"note: removed 3 temporary file(s) that an interrupted predict left in {out}" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["a_mask.png", "a_overlay.png", "predictions.jsonl"]
+
+
+def test_every_temporary_file_predict_writes_is_hidden_and_recognised_as_a_leftover(checkpoint, tmp_path,
+                                                                                    monkeypatch):
+    inputs = _images(tmp_path / "in", "a.png", "b.tif")
+    temporaries, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: temporaries.append(_fd_path(fd)) or real(fd))
+    assert _run(checkpoint, inputs, tmp_path / "out", "SAVE_PROBABILITIES=true") == 0
+    names = sorted({Path(p).name.rsplit(".", 2)[0] for p in temporaries})
+    assert names == [".a_mask.png", ".a_overlay.png", ".a_prob.tif", ".b_mask.png", ".b_overlay.png", ".b_prob.tif",
+                     ".predictions.jsonl"]
+    assert all(predict_module._LEFTOVER.fullmatch(Path(p).name) for p in temporaries)
+    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".")]  # none is left
+
+
+def test_leftovers_beside_real_files_are_left_with_them(checkpoint, tmp_path, capsys):
+    inputs = _images(tmp_path / "in", "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LEFTOVERS[0]).write_bytes(b"")
+    (out / ".notes.tmp").write_bytes(b"a hidden file of the user's")  # not a name predict makes
+    assert _run(checkpoint, inputs, out) == 2
+    assert "(it holds .notes.tmp)" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == [LEFTOVERS[0], ".notes.tmp"]
+
+
+def test_a_predict_that_fails_on_every_file_leaves_no_folder_it_made(checkpoint, tmp_path, capsys):
+    inputs = _images(tmp_path / "in", "bad_1.png", "bad_2.png")
+    assert _run(checkpoint, inputs, tmp_path / "new" / "deeper") == 2
+    assert "2 image(s) failed" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+    (tmp_path / "mine").mkdir()  # an empty OUTPUT the user made stays
+    assert _run(checkpoint, inputs, tmp_path / "mine") == 2
+    assert (tmp_path / "mine").is_dir() and not os.listdir(tmp_path / "mine")
+
+
+# ---- items 10, 11, 14: write errors, a full disk, Ctrl-C
+
+
+def _fail_fsync(monkeypatch, error, name_part: str, occurrence: int = 1):
+    """Make ``os.fsync`` raise ``error`` on the ``occurrence``-th temporary file whose name holds
+    ``name_part`` (every output is flushed with fsync before its rename)."""
+    real, seen = os.fsync, []
+
+    def fsync(fd):
+        if name_part in _fd_path(fd):
+            seen.append(fd)
+            if len(seen) == occurrence:
+                raise error
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("where, occurrence", [("b_mask", 1), ("b_overlay", 1), ("predictions.jsonl", 2)])
+def test_a_full_disk_stops_the_folder_and_leaves_only_whole_results(checkpoint, tmp_path, monkeypatch, capsys,
+                                                                     where, occurrence):
+    inputs = _images(tmp_path / "in", "a.png", "b.png", "c.png")
+    out = tmp_path / "out"
+    _fail_fsync(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), where, occurrence)
+    assert _run(checkpoint, inputs, out) == 2
+    printed = capsys.readouterr().out
+    assert f"  - {inputs / 'b.png'}: cannot write its outputs: {out}: No space left on device" in printed
+    assert (f"error: stopped: cannot write into {out} (No space left on device): free some space on that disk, "
+            "or choose an OUTPUT on another one; 1 image(s) were not predicted") in printed
+    assert "predicted 1 of 3 image(s)" in printed
+    assert sorted(os.listdir(out)) == ["a_mask.png", "a_overlay.png", "predictions.jsonl"]  # no b_*, no .tmp
+    assert [Path(r["image"]).name for r in _records(out)] == ["a.png"]
+
+
+def test_another_write_error_fails_that_image_only(checkpoint, tmp_path, monkeypatch, capsys):
+    inputs = _images(tmp_path / "in", "a.png", "b.png", "c.png")
+    out = tmp_path / "out"
+    _fail_fsync(monkeypatch, OSError(errno.EIO, os.strerror(errno.EIO)), "b_overlay")
+    assert _run(checkpoint, inputs, out) == 2
+    printed = capsys.readouterr().out
+    assert f"error: 1 image(s) failed:\n  - {inputs / 'b.png'}: cannot write its outputs: {out}: Input/output error" \
+        in printed and "stopped" not in printed
+    assert [Path(r["image"]).name for r in _records(out)] == ["a.png", "c.png"]
+    assert sorted(os.listdir(out)) == ["a_mask.png", "a_overlay.png", "c_mask.png", "c_overlay.png",
+                                       "predictions.jsonl"]
+
+
+@pytest.mark.parametrize("where", ["a_mask", "b_mask", "b_prob", "b_overlay", "predictions.jsonl"])
+def test_ctrl_c_leaves_only_whole_results_and_no_temporary_file(checkpoint, tmp_path, monkeypatch, where):
+    inputs = _images(tmp_path / "in", "a.png", "b.png")
+    out = tmp_path / "new" / "out"
+    _fail_fsync(monkeypatch, KeyboardInterrupt(), where, occurrence=2 if where == "predictions.jsonl" else 1)
+    with pytest.raises(KeyboardInterrupt):
+        _run(checkpoint, inputs, out, "SAVE_PROBABILITIES=true")
+    if where == "a_mask":  # nothing was written: the folders this predict made are gone
+        assert not (tmp_path / "new").exists()
+        return
+    assert sorted(os.listdir(out)) == ["a_mask.png", "a_overlay.png", "a_prob.tif", "predictions.jsonl"]
+    assert [Path(r["image"]).name for r in _records(out)] == ["a.png"]
+
+
+def test_an_output_that_cannot_be_written_is_one_error_before_predicting(checkpoint, tmp_path, monkeypatch,
+                                                                          capsys):
+    inputs = _images(tmp_path / "in", "a.png")
+    out = tmp_path / "out"
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self == out:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    monkeypatch.setattr(predict_module, "predict_files", lambda *a: pytest.fail("predicted into a read-only OUTPUT"),
+                        raising=False)
+    assert _run(checkpoint, inputs, out) == 2
+    errors = [line for line in capsys.readouterr().out.splitlines(keepends=True) if not line.startswith("note: ")]
+    assert "".join(errors) == (f"error: cannot write the OUTPUT folder {out} (Read-only file system): "
+                                       "choose an OUTPUT you can write (or leave it unset for predict_<n>/ beside "
+                                       "the checkpoint)\n")
+    assert os.listdir(tmp_path) == ["in"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder (chmod does not stop it); "
+                    "the monkeypatched and the tmpfs tests cover this")
+def test_an_output_in_a_folder_without_write_permission_is_one_error(checkpoint, tmp_path, capsys):
+    inputs = _images(tmp_path / "in", "a.png")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        assert _run(checkpoint, inputs, locked / "out") == 2
+    finally:
+        locked.chmod(0o755)
+    assert f"error: cannot write the OUTPUT folder {locked / 'out'} (Permission denied)" in capsys.readouterr().out
+
+
+# ---- the same on real file systems: a read-only and a tiny tmpfs (needs root and mount rights)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(options)``: a tmpfs under tmp_path mounted with ``options``, unmounted at the end."""
+    mounted = []
+
+    def mount(options: str) -> Path:
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                              text=True) if shutil.which("mount") else None
+        if done is None or done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() if done else 'no mount command'}): "
+                        "the monkeypatched tests cover the same cases")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def test_an_output_on_a_read_only_file_system_is_one_error(checkpoint, tmp_path, tmpfs, capsys):
+    inputs = _images(tmp_path / "in", "a.png")
+    out = tmpfs("ro,size=64k") / "out"
+    assert _run(checkpoint, inputs, out) == 2
+    errors = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("note: ")]
+    assert errors[0].startswith(f"error: cannot write the OUTPUT folder {out} (Read-only file system)")
+
+
+def test_a_disk_that_fills_up_stops_the_folder_cleanly(checkpoint, tmp_path, tmpfs, capsys):
+    inputs = _images(tmp_path / "in", "a.png", "b.png", "c.png", size=160)  # overlays of noise: ~75 kB each
+    out = tmpfs("size=120k")
+    assert _run(checkpoint, inputs, out) == 2
+    printed = capsys.readouterr().out
+    assert (f"error: stopped: cannot write into {out} (No space left on device): free some space on that disk, "
+            "or choose an OUTPUT on another one; 1 image(s) were not predicted") in printed
+    assert sorted(os.listdir(out)) == ["a_mask.png", "a_overlay.png", "predictions.jsonl"]
+    assert [Path(r["image"]).name for r in _records(out)] == ["a.png"]
