@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tqdm import tqdm
+
 from configs import ConfigError, load_config
 from engines import evaluate, predict, train
-from engines.launch import launch
+from engines.launch import INTERRUPTED, launch
 
 #: Each command: how to pick its run folder, and what every rank runs.
 COMMANDS = {
@@ -37,7 +39,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit status: 0, 2 (bad input, said in one line) or 130 (Ctrl-C)."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return run_command(args)
+    except KeyboardInterrupt as err:  # Ctrl-C: the run lock and temporary files are already cleaned up
+        for bar in list(getattr(tqdm, "_instances", ())):  # the bars it cut short: the line is the message's
+            bar.close()
+        print(f"interrupted: {err}" if str(err) else "interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Load the configuration and dispatch ``args.command``; returns the exit status."""
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command in ("eval", "predict"):

@@ -1,20 +1,32 @@
-"""Issue 22: unreadable checkpoints say what the file is, never torch's advice to load it unsafely."""
+"""Issue 22: what ends a command leaves nothing half-made and says one true line. An unreadable
+MODEL_WEIGHTS is refused before a run folder exists; any failure of a new run that trained nothing
+removes it; Ctrl-C exits with 130 and how to go on; two restarts racing for one stale run lock never
+both win; unreadable checkpoints say what the file is, never torch's advice to load it unsafely."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from conftest import torch_threads
 from engines.checkpoint import CheckpointError, read_checkpoint, restore_training
 from engines.evaluate import checkpoint_test_ids
+from engines.launch import Interrupted, RunLock, launch
 from engines.run_dir import RunDir
-from test_cli import TINY, run_cli
+from test_cli import ROOT, TINY, run_cli
+from test_trainer import tiny_config
 from utils.util import RunError
 
 #: The CLI's tiny run on the CPU in fp32 (an epoch in well under a second on one free core).
@@ -35,6 +47,152 @@ def copy_run(run: Path, to: Path) -> Path:
     copy = to / "t" / "run_001"
     shutil.copytree(run, copy)
     return copy
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Lock and temporary files under ``folder``."""
+    return sorted(p.name for p in folder.rglob(".*") if p.name == ".lock" or p.name.endswith(".tmp"))
+
+
+# ----------------------------------------------------------------------------- item 12: MODEL_WEIGHTS is read first
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated"])
+def test_an_unreadable_model_weights_is_one_line_and_no_run_folder(trained, tmp_path, kind):
+    if kind == "text":  # before: KeyError: 101 from torch's reader, exit 1, run_001/tts.json left behind
+        weights = tmp_path / "weights.pth"
+        weights.write_text("hello, these are my notes\n")
+        what = "is a text file (it starts with 'hello, these are my notes'), not a PyTorch checkpoint"
+    else:
+        data = (trained / "best.pth").read_bytes()
+        weights = tmp_path / "best.pth"
+        weights.write_bytes(data[: len(data) // 2])
+        what = (f"is a truncated PyTorch checkpoint ({len(data) // 2} bytes, its end is missing: a copy or a save "
+                "that did not finish)")
+    proc = run_cli(*CLI, "TRAIN_EPOCHS=1", f"RESULTS_DIR={tmp_path / 'out'}", f"MODEL_WEIGHTS={weights}", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [f"error: {weights} cannot be read as a checkpoint: it {what}; {WEIGHTS_FIX}"]
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- launch: any failure, Ctrl-C
+
+
+def _launch(tmp_path, command, *overrides):
+    """``launch`` of ``command`` in this process (one CPU process) for a new run under ``tmp_path``."""
+    cfg = tiny_config(tmp_path / "out", "GPUs=[]", *overrides)
+    with torch_threads(1):
+        return launch(cfg, lambda c: RunDir(tmp_path / "out" / "x" / (c.RUN_ID or "run_001")), command,
+                      exclusive=True)
+
+
+def test_a_new_run_that_trained_nothing_is_removed_whatever_ends_it(tmp_path):
+    def broken(cfg, ctx, run):
+        run.split.write_text("{}")  # some files are written, then a bug (not a RunError) strikes
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):  # before: run_001/tts.json stayed
+        _launch(tmp_path, broken)
+    assert not (tmp_path / "out" / "x").exists()
+
+    def interrupted(cfg, ctx, run):
+        run.split.write_text("{}")
+        raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match=rf"^nothing was trained, and {tmp_path / 'out' / 'x' / 'run_001'} was "
+                                          "removed$"):
+        _launch(tmp_path, interrupted)
+    assert not (tmp_path / "out" / "x").exists()
+
+
+def test_an_interrupted_run_with_a_checkpoint_says_how_to_resume_and_releases_its_lock(tmp_path):
+    def one_epoch_then_ctrl_c(cfg, ctx, run):
+        run.last.write_bytes(b"a checkpoint")
+        raise KeyboardInterrupt
+
+    run = tmp_path / "out" / "x" / "run_001"
+    # no RUN_ID given: the same command alone would start run_002
+    with pytest.raises(Interrupted, match=rf"^{run} keeps its last checkpoint; resume with the same command and "
+                                          "RUN_ID=run_001$"):
+        _launch(tmp_path, one_epoch_then_ctrl_c)
+    assert (run / "last.pth").is_file() and leftovers(run) == []
+    with pytest.raises(Interrupted, match=rf"^{run} keeps its last checkpoint; resume with the same command$"):
+        _launch(tmp_path, one_epoch_then_ctrl_c, "RUN_ID=run_001")
+
+
+def _interrupt(args: list[str], wait_for: str) -> subprocess.CompletedProcess:
+    """Run main.py with ``args``, send it SIGINT (Ctrl-C) once a stdout line holds ``wait_for``."""
+    proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
+                                 "PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if wait_for in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(seen) + out, err)
+
+
+def test_ctrl_c_during_training_is_one_line_exit_130_and_leaves_no_lock_or_temporary_file(trained, tmp_path):
+    run = copy_run(trained, tmp_path)
+    proc = _interrupt([*CLI, "TRAIN_EPOCHS=100000", f"RESULTS_DIR={tmp_path}", "EXP_ID=t", "RUN_ID=run_001"],
+                      wait_for="resuming")
+    assert proc.returncode == 130, proc.stderr  # before: a KeyboardInterrupt traceback, exit 1
+    assert "Traceback" not in proc.stderr
+    last_line = [line for line in proc.stderr.splitlines() if line.strip()][-1]  # after the progress bars
+    assert last_line == f"interrupted: {run} keeps its last checkpoint; resume with the same command"
+    assert leftovers(run) == []
+    assert read_checkpoint(run / "last.pth")["epoch"] >= 0
+
+
+def test_ctrl_c_during_predict_is_one_line_exit_130_and_leaves_no_temporary_file(trained, tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    for n in range(12):
+        Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8)).save(tmp_path / "in" / f"{n:02d}.png")
+    proc = _interrupt(["predict", "GPUs=[]", f"MODEL_WEIGHTS={trained / 'best'}", f"INPUT={tmp_path / 'in'}",
+                       f"OUTPUT={tmp_path / 'out'}"], wait_for="00.png")
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()][-1] == "interrupted"
+    assert leftovers(tmp_path / "out") == []
+
+
+# ----------------------------------------------------------------------------- the run lock
+
+
+def _take_lock(root: Path, start, done, won) -> None:
+    start.wait()
+    try:
+        lock = RunLock(root)
+    except RunError:
+        won.put(False)
+        done.wait()
+        return
+    won.put(True)
+    done.wait()  # hold it until the other process has tried
+    lock.release()
+
+
+def test_two_restarts_racing_for_one_stale_lock_never_both_win(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mp = multiprocessing.get_context("fork")
+    for attempt in range(40):
+        root = tmp_path / str(attempt)
+        root.mkdir()
+        (root / ".lock").write_text(f"{dead.pid}\n")  # left by a run that was killed
+        start, done, won = mp.Barrier(2), mp.Barrier(2), mp.Queue()
+        racers = [mp.Process(target=_take_lock, args=(root, start, done, won)) for _ in range(2)]
+        for p in racers:
+            p.start()
+        results = sorted(won.get(timeout=60) for _ in racers)
+        for p in racers:
+            p.join(60)
+        assert results == [False, True], f"attempt {attempt}: {results}"  # before: both won, now and then
+        assert not (root / ".lock").exists()
 
 
 # ----------------------------------------------------------------------------- messages that say what is true
