@@ -10,14 +10,20 @@ Every option can be set in the YAML file or as KEY=VALUE; see configs/config.yam
 
 from __future__ import annotations
 
-import argparse
-import sys
+import signal
 
-from tqdm import tqdm
+if __name__ == "__mp_main__":  # a spawned process (a rank, or a rank's data worker) importing this file:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C while it starts is its launcher's to handle
+    # (ranks take Ctrl-C back once they run: engines.launch._spawned)
 
-from configs import ConfigError, load_config
-from engines import evaluate, predict, train
-from engines.launch import INTERRUPTED, launch
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
+
+from configs import ConfigError, load_config  # noqa: E402
+from engines import evaluate, predict, train  # noqa: E402
+from engines.launch import INTERRUPTED, launch  # noqa: E402
 
 #: Each command: how to pick its run folder, and what every rank runs.
 COMMANDS = {

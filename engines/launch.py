@@ -363,6 +363,7 @@ def _stop_workers(processes, grace_s: float = 5.0, wait_s: float = 60.0) -> None
 
 
 def _spawned(local_rank: int, world: int, devices, cfg: Config, run: RunDir, command: Command) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored while the process started (main.py)
     try:
         _run(init_distributed(local_rank, world, local_rank, devices[local_rank]), cfg, run, command)
     except RunError as err:
