@@ -10,12 +10,20 @@ Every option can be set in the YAML file or as KEY=VALUE; see configs/config.yam
 
 from __future__ import annotations
 
-import argparse
-import sys
+import signal
 
-from configs import ConfigError, load_config
-from engines import evaluate, predict, train
-from engines.launch import launch
+if __name__ == "__mp_main__":  # a spawned process (a rank, or a rank's data worker) importing this file:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C while it starts is its launcher's to handle
+    # (ranks take Ctrl-C back once they run: engines.launch._spawned)
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
+
+from configs import ConfigError, load_config  # noqa: E402
+from engines import evaluate, predict, train  # noqa: E402
+from engines.launch import INTERRUPTED, launch  # noqa: E402
 
 #: Each command: how to pick its run folder, and what every rank runs.
 COMMANDS = {
@@ -37,7 +45,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit status: 0, 2 (bad input, said in one line) or 130 (Ctrl-C)."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return run_command(args)
+    except KeyboardInterrupt as err:  # Ctrl-C: the run lock and temporary files are already cleaned up
+        for bar in list(getattr(tqdm, "_instances", ())):  # the bars it cut short: the line is the message's
+            bar.close()
+        print(f"interrupted: {err}" if str(err) else "interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Load the configuration and dispatch ``args.command``; returns the exit status."""
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command in ("eval", "predict"):

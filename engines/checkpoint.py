@@ -35,7 +35,8 @@ checkpoint under the final name.
 
 from __future__ import annotations
 
-import pickle
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -43,6 +44,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from engines.run_dir import RunDir
 from utils.util import RunError, atomic_torch_save
 
 
@@ -58,32 +60,111 @@ def resolve_weights_path(name: str) -> Optional[Path]:
     return None
 
 
-def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+#: What to do about an unreadable MODEL_WEIGHTS (the usual reader's fix; see :func:`read_checkpoint`).
+WEIGHTS_FIX = "point MODEL_WEIGHTS at a best.pth or last.pth that AuxNet saved"
+
+
+def read_checkpoint(path: Path, map_location: Any = "cpu", fix: Optional[str] = WEIGHTS_FIX) -> dict[str, Any]:
     """The checkpoint dict in ``path`` (a bare state_dict is returned as ``{"model": state_dict}``).
 
+    Args:
+        path: the ``.pth`` file.
+        map_location: where tensors are loaded (``torch.load``'s argument).
+        fix: what the user should do when the file cannot be read, ending the error message (None:
+            the caller adds its own).
+
     Raises:
-        CheckpointError: naming the file, when it is not a readable ``.pth``.
+        CheckpointError: naming the file, what it is (text, a zip archive, a truncated checkpoint…)
+            and ``fix``, when it is not a readable ``.pth``.
     """
     if path.is_dir():
         hint = next((f"; did you mean {path / n}?" for n in ("best", "last") if (path / f"{n}.pth").is_file()), "")
         raise CheckpointError(f"{path} is a folder, not a checkpoint{hint}")
+    then = f"; {fix}" if fix else ""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(err).__name__}: {str(err)[:200]}); "
-                              "point it at a .pth saved by AuxNet") from err
+    except Exception as err:  # any failure of torch's reader on a user's file (it raises KeyError for text)
+        raise CheckpointError(f"{path} cannot be read as a checkpoint: it {describe_unreadable(path, err)}{then}") \
+            from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint saved by AuxNet")
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint saved by AuxNet{then}")
     if "model" not in state and all(isinstance(v, torch.Tensor) for v in state.values()):
         state = {"model": state}
     if not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"{path} holds no network weights (expected a .pth saved by AuxNet)")
+        raise CheckpointError(f"{path} holds no network weights (expected a .pth saved by AuxNet){then}")
     return state
 
 
-def saved_run(path: Path) -> tuple[Optional[dict[str, Any]], Optional[int]]:
-    """(the saved configuration, the fold) of a checkpoint; (None, None) for bare weights."""
-    state = read_checkpoint(path)
+#: The start of a checkpoint in torch's legacy (pre-zip) format: a pickled magic number.
+_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def describe_unreadable(path: Path, err: Exception) -> str:
+    """What a file that ``torch.load`` failed on is, told from its first bytes ("is a text file…").
+
+    torch's own message is kept only where it says what is wrong, and never its advice to load with
+    ``weights_only=False``: that runs whatever code an unknown file holds.
+    """
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if refused:  # a readable file, but with objects that only an unsafe load would build
+        return (f"holds a {refused.group(1)} object besides tensors and plain values (objects other than those "
+                "can run code as they load, so they are never loaded): save the network's state_dict alone")
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(64)
+    except OSError as os_err:
+        return f"cannot be opened ({os_err.strerror or os_err})"
+    if size == 0:
+        return "is empty (0 bytes): a copy or a save that did not finish"
+    if head.startswith(b"PK\x03\x04"):  # torch's format is a zip archive
+        if not zipfile.is_zipfile(path):  # the archive's directory, at its end, is missing
+            return (f"is a truncated PyTorch checkpoint ({size} bytes, its end is missing: a copy or a save that did "
+                    "not finish)")
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return f"is a zip archive of {len(names)} file(s) ({', '.join(names[:3])}), not a PyTorch checkpoint"
+        return f"is a damaged PyTorch checkpoint ({torch_reason(err)})"
+    if head.startswith(_LEGACY_MAGIC):
+        return f"is a damaged or truncated PyTorch checkpoint in the legacy format ({torch_reason(err)})"
+    if head[:1] == b"\x80":
+        return f"is a Python pickle, not a PyTorch checkpoint ({torch_reason(err)})"
+    if _is_text(head):
+        first_line = (head.decode("utf-8", errors="replace").strip().splitlines() or [""])[0]
+        return f"is a text file (it starts with {first_line[:40]!r}), not a PyTorch checkpoint"
+    return f"is not a PyTorch checkpoint (it starts with the bytes {head[:8].hex(' ')})"
+
+
+def torch_reason(err: Exception) -> str:
+    """The part of torch's message that says what is wrong (its first sentence, or what its
+    weights-only reader refused), without its advice to load the file unsafely."""
+    text = str(err)
+    refused = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if refused:
+        return f"{type(err).__name__}: {refused.group(1).strip()[:200]}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = re.split(r"(?<=[a-z0-9])\. ", first)[0].strip(" .")
+    if not first or "weights_only" in first:
+        return type(err).__name__
+    return f"{type(err).__name__}: {first[:200]}"
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether ``head`` looks like the start of a UTF-8 text file."""
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        try:  # a multi-byte character cut at the end of the sample
+            head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return all(b >= 0x20 or b in b"\t\n\r\f" for b in head)
+
+
+def saved_run(state: dict[str, Any]) -> tuple[Optional[dict[str, Any]], Optional[int]]:
+    """(the saved configuration, the fold) of a checkpoint dict (see :func:`read_checkpoint`);
+    (None, None) for bare weights."""
     config = state.get("config")
     if not isinstance(config, dict):
         return None, None
@@ -168,6 +249,21 @@ def save_checkpoint(path: Path, *, epoch: int, net: nn.Module, loss: nn.Module, 
     }, path)
 
 
+def damaged_last_fix(last: Path) -> str:
+    """What to do when a run's own ``last.pth`` cannot be read: remove it (the run trains again from
+    epoch 0) or, where the run's ``best.pth`` is readable, put that in its place (it resumes after
+    the best epoch)."""
+    best = RunDir(last.parent).best
+    fix = f"this run's own last checkpoint is damaged: remove {last} to train the run again from epoch 0"
+    try:
+        epoch = read_checkpoint(best)["epoch"] if best.is_file() else None
+    except (CheckpointError, KeyError):
+        epoch = None  # no usable best.pth to offer
+    if epoch is not None:
+        fix += f", or copy {best} over it to resume after the best epoch ({epoch})"
+    return fix
+
+
 def restore_training(path: Path, *, net: nn.Module, loss: nn.Module, optimizer, scheduler, scaler,
                      device: torch.device) -> dict[str, Any]:
     """Load the training state of ``path`` into the given objects; returns the checkpoint dict
@@ -176,7 +272,10 @@ def restore_training(path: Path, *, net: nn.Module, loss: nn.Module, optimizer, 
     Raises:
         CheckpointError: the file is unreadable, or was made with another network, loss or optimiser.
     """
-    state = read_checkpoint(path, map_location=device)
+    try:
+        state = read_checkpoint(path, map_location=device, fix=None)
+    except CheckpointError as err:  # the run's own file, not one the user pointed at
+        raise CheckpointError(f"{err}; {damaged_last_fix(path)}") from None
     missing = [k for k in ("epoch", "loss", "optimizer", "scheduler", "scaler", "best") if k not in state]
     if missing:
         raise CheckpointError(f"cannot resume from {path}: it lacks {missing} (bare weights, not a training "

@@ -23,7 +23,7 @@ from engines.builders import build_data, build_loaders, build_metrics, memory_fo
 from engines.checkpoint import CheckpointError, read_checkpoint, resolve_weights_path, saved_run, stored_split
 from engines.forward import autocast_for, evaluate_model
 from engines.launch import launch_plan, main_first
-from engines.predict import build_predictor, prediction_network
+from engines.predict import build_predictor, prediction_network, resolve_gating
 from engines.predictor import ArrayImage, Predictor
 from engines.run_dir import RunDir, eval_outputs
 from model.AuxNet import AuxNet
@@ -37,27 +37,28 @@ def eval_config(cfg: Config, overrides: list[str], command: str = "eval") -> Con
     with a note when the precision is not the one the run was trained with.
 
     Raises:
-        ConfigError: no MODEL_WEIGHTS, an unreadable checkpoint, or options it fixes set otherwise.
+        ConfigError: no MODEL_WEIGHTS, an unreadable checkpoint, options it fixes set otherwise, or
+            GATING=true typed for a network that cannot gate (see :func:`engines.predict.resolve_gating`).
     """
     if not cfg.MODEL_WEIGHTS:
         raise ConfigError([f"`main.py {command}` needs a checkpoint: set MODEL_WEIGHTS=path/to/best.pth"])
     path = resolve_weights_path(cfg.MODEL_WEIGHTS)
     try:
-        saved, fold = saved_run(path)
+        state = read_checkpoint(path)
     except CheckpointError as err:
         raise ConfigError([f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r}: {err}"]) from None
-    if saved is None:
-        return cfg  # bare weights: the command line describes the network
     given, _ = parse_overrides(overrides)
-    cfg = config_for_checkpoint(saved, cfg, given, fold=fold,
-                                allowed=PREDICT_KEYS if command == "predict" else EVAL_KEYS)
-    problems = validate(cfg)
-    if problems:
-        raise ConfigError(problems, source=f"the configuration saved in {path}")
-    note = precision_note(saved, cfg, launch_plan(cfg)[1][0])
-    if note:
-        print(note)
-    return cfg
+    saved, fold = saved_run(state)
+    if saved is not None:  # else bare weights: the command line describes the network
+        cfg = config_for_checkpoint(saved, cfg, given, fold=fold,
+                                    allowed=PREDICT_KEYS if command == "predict" else EVAL_KEYS)
+        problems = validate(cfg)
+        if problems:
+            raise ConfigError(problems, source=f"the configuration saved in {path}")
+        note = precision_note(saved, cfg, launch_plan(cfg)[1][0])
+        if note:
+            print(note)
+    return resolve_gating(cfg, state["model"], typed="GATING" in given)
 
 
 def choose_run(cfg: Config) -> RunDir:
@@ -73,12 +74,17 @@ def checkpoint_test_ids(ckpt: Path) -> tuple[Optional[list[str]], Optional[Path]
     Raises:
         RunError: neither is there (evaluating on a split made now could score its training images).
     """
-    split = read_checkpoint(ckpt).get("split")
+    state = read_checkpoint(ckpt)
+    split = state.get("split")
     if isinstance(split, dict) and split.get("test"):
         return list(split["test"]), None
     for folder in (ckpt.parent, ckpt.parent.parent):
         if RunDir(folder).split.is_file():
             return None, RunDir(folder).split
+    if "config" not in state:  # a bare state_dict: the run it came from is unknown
+        raise RunError(f"{ckpt} holds only network weights (no configuration and no train/test split), so its "
+                       "test images are unknown: evaluate the best.pth or last.pth that AuxNet saved in the run "
+                       "folder, or copy that run's tts.json next to it and give its options on the command line")
     raise RunError(f"{ckpt} holds no train/test split (it predates storing one) and no tts.json is beside it: "
                    "copy its run's tts.json next to it, or evaluate it in its run folder")
 

@@ -2,16 +2,21 @@
 
 The main rank picks (and checks) the run folder and tells the others; every rank then runs the
 command. A :class:`~utils.util.RunError` (bad data files, an unusable checkpoint) ends every rank
-with exit status 2, and a new run that trained nothing leaves no folder behind.
+with exit status 2; Ctrl-C ends them with :class:`Interrupted` (``main.py`` prints one line and exits
+with 130). Whatever ends it, a new run that trained nothing leaves no folder behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -28,6 +33,13 @@ Command = Callable[[Config, DistContext, RunDir], None]
 #: Picks the run folder on the main rank (may raise ConfigError): ``choose(cfg) -> RunDir``.
 Chooser = Callable[[Config], RunDir]
 
+#: Exit status of a process ended by Ctrl-C (128 + SIGINT, as a shell reports it).
+INTERRUPTED = 130
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C ended the command; the message says what was kept and how to go on (may be empty)."""
+
 
 def launch_plan(cfg: Config) -> tuple[int, list[torch.device]]:
     """(world size, device of each local rank)."""
@@ -40,9 +52,14 @@ def launch_plan(cfg: Config) -> tuple[int, list[torch.device]]:
 def launch(cfg: Config, choose: Chooser, command: Command, exclusive: bool = False) -> int:
     """Choose the run folder, run ``command`` on every rank; returns the exit status (0 or 2).
 
-    ``exclusive``: hold the run folder's :class:`RunLock` while the command runs (training)."""
+    ``exclusive``: hold the run folder's :class:`RunLock` while the command runs (training).
+
+    Raises:
+        Interrupted: Ctrl-C, here or in a spawned process (after the clean-up).
+    """
     ctx = _join_torchrun(cfg) if "WORLD_SIZE" in os.environ and "RANK" in os.environ else None
     is_main = ctx is None or ctx.is_main
+    run_named = bool(cfg.RUN_ID)  # else the same command would start the next run_NNN
     decision: list = [None, None, False]  # run folder, error, created now
     lock = None
     if is_main:
@@ -53,15 +70,17 @@ def launch(cfg: Config, choose: Chooser, command: Command, exclusive: bool = Fal
             lock = RunLock(run.root) if exclusive else None
             if ctx is None:
                 choose_port(cfg)
-        except (ConfigError, RunError) as err:
-            created = decision[2]
+        except BaseException as err:
+            with _ignoring_interrupts():
+                if lock is not None:
+                    lock.release()
+                if decision[2]:  # leave no empty run (or experiment) folder behind
+                    with contextlib.suppress(OSError):
+                        run.root.rmdir()
+                        run.root.parent.rmdir()
+            if not isinstance(err, (ConfigError, RunError)):
+                raise
             decision = [None, str(err), False]
-            if lock is not None:
-                lock.release()
-            if created:  # leave no empty run (or experiment) folder behind
-                with contextlib.suppress(OSError):
-                    run.root.rmdir()
-                    run.root.parent.rmdir()
     if ctx is not None and ctx.distributed:
         dist.broadcast_object_list(decision, src=0)
     if decision[1] is not None:
@@ -73,20 +92,68 @@ def launch(cfg: Config, choose: Chooser, command: Command, exclusive: bool = Fal
     cfg.EXP_ID, cfg.RUN_ID = run.root.parent.name, run.root.name
     try:
         _run_everywhere(cfg, run, command, ctx)
-    except (RunError, mp.ProcessExitedException) as err:
-        if isinstance(err, mp.ProcessExitedException) and err.exit_code != 2:
+    except BaseException as err:
+        status = exit_status(err)
+        with _ignoring_interrupts():
+            kept = is_main and run.has_checkpoints()
+            if is_main and new_run and not kept:
+                remove_run(run)  # nothing was trained: leave no half-made run behind
+            if isinstance(err, RunError) and is_main:
+                print(f"error: {err}", file=sys.stderr)
+        if status == INTERRUPTED:
+            raise Interrupted(interrupted_note(run, exclusive, new_run, kept, run_named) if is_main else "") from None
+        if status is None:
             raise
-        if isinstance(err, RunError) and is_main:
-            print(f"error: {err}", file=sys.stderr)
-        if is_main and new_run and not run.has_checkpoints():
-            shutil.rmtree(run.root, ignore_errors=True)  # nothing was trained: leave no empty run behind
-            with contextlib.suppress(OSError):
-                run.root.parent.rmdir()  # the experiment folder too, if this run was all it held
-        return 2
+        return status
     finally:
         if lock is not None:
             lock.release()
     return 0
+
+
+def exit_status(err: BaseException) -> Optional[int]:
+    """The exit status a failure of the command ends with: 2 for a :class:`RunError` (in this or a
+    spawned process), :data:`INTERRUPTED` for Ctrl-C, None for anything else (a bug: its traceback)."""
+    if isinstance(err, KeyboardInterrupt):
+        return INTERRUPTED
+    if isinstance(err, RunError):
+        return 2
+    if isinstance(err, mp.ProcessExitedException) and err.exit_code in (2, INTERRUPTED):
+        return err.exit_code
+    return None
+
+
+def interrupted_note(run: RunDir, exclusive: bool, new_run: bool, kept: bool, run_named: bool) -> str:
+    """What an interrupted command kept, and how to go on (the part after "interrupted: ")."""
+    if not exclusive:
+        return ""
+    if kept:
+        again = "the same command" + ("" if run_named else f" and RUN_ID={run.root.name}")
+        return f"{run.root} keeps its last checkpoint; resume with {again}"
+    if new_run:
+        return f"nothing was trained, and {run.root} was removed"
+    return f"no checkpoint was written in {run.root}"
+
+
+def remove_run(run: RunDir) -> None:
+    """Remove a run folder, and its experiment folder if the run was all it held."""
+    shutil.rmtree(run.root, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        run.root.parent.rmdir()
+
+
+@contextlib.contextmanager
+def _ignoring_interrupts():
+    """Ignore a second Ctrl-C while the clean-up after the first (or after an error) runs, so that
+    it finishes; only the main thread can set a signal handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def make_run_folder(root: Path) -> None:
@@ -94,36 +161,91 @@ def make_run_folder(root: Path) -> None:
     make_writable_folder(root, "the run folder", "set RESULTS_DIR to a folder you can write")
 
 
+#: ``flock`` failures that mean the file system has no locks (Lustre without -o flock, some FUSE)
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
 class RunLock:
-    """``.lock`` in a run folder, holding the pid of the process that trains in it; made atomically,
-    removed on exit. A lock whose process is gone (killed) is stale and taken over.
+    """``.lock`` in a run folder, locked (``flock``) by the process that trains in it for as long as it
+    lives, and holding its pid for messages; removed on release.
+
+    The operating system drops the lock when its process ends, however it ends: a lock left behind
+    by a killed run is free, and taking it over is one atomic step, so two restarts that find the same
+    stale lock cannot both win. On a file system without file locks the pid alone decides (with a
+    note): a lock whose process is gone is taken over, but two restarts at the same moment are not told apart.
 
     Raises:
         RunError: another live process holds the folder.
     """
 
     def __init__(self, root: Path):
-        self.path = Path(root) / ".lock"
+        self.root, self.path, self.fd, self.pid = Path(root), Path(root) / ".lock", None, os.getpid()
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno in _NO_LOCKS:
+                    print(f"note: the file system of {self.root} has no file locks ({err.strerror}): the run lock "
+                          "relies on the pid in it", file=sys.stderr)
+                    self._lock_by_pid()
+                    return
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise RunError(f"cannot lock {self.path} ({err.strerror}): set RESULTS_DIR to a folder you "
+                                   "can write") from None
+                raise self._busy(_lock_holder(self.path)) from None
+            if _same_file(fd, self.path):
+                self.fd = fd
+            else:  # the holder released (removed) the file as it was locked: lock the one there now
+                os.close(fd)
+        previous = _lock_holder(self.path)
+        if previous is not None and previous != self.pid:
+            print(f"taking over the lock {self.path} of pid {previous}, which has ended", file=sys.stderr)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{self.pid}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (removed first, while still locked: a process
+        waiting on this file then finds it gone and locks a new one)."""
+        if self.fd is None:
+            if _lock_holder(self.path) == self.pid:  # locked by pid only
+                self.path.unlink(missing_ok=True)
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+
+    def _busy(self, holder: Optional[int]) -> RunError:
+        return RunError(f"{self.root} is in use by another run (pid {holder}, see {self.path}): wait for it, "
+                        "or choose another RUN_ID")
+
+    def _lock_by_pid(self) -> None:
+        """The lock without ``flock``: the file made exclusively, a lock of a dead pid taken over."""
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = _lock_holder(self.path)
                 if holder is not None and _alive(holder):
-                    raise RunError(f"{root} is in use by another run (pid {holder}, see {self.path}): wait for it, "
-                                   "or choose another RUN_ID") from None
-                print(f"removing the stale lock {self.path} (pid {holder} is gone)", file=sys.stderr)
+                    raise self._busy(holder) from None
+                print(f"taking over the lock {self.path} of pid {holder}, which has ended", file=sys.stderr)
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as fh:
-                fh.write(f"{os.getpid()}\n")
-            self.pid = os.getpid()
+                fh.write(f"{self.pid}\n")
             return
-        raise RunError(f"cannot lock {root}: {self.path} keeps reappearing; is another run starting there?")
+        raise RunError(f"cannot lock {self.root}: {self.path} keeps reappearing; is another run starting there?")
 
-    def release(self) -> None:
-        if _lock_holder(self.path) == self.pid:
-            self.path.unlink(missing_ok=True)
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path``."""
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    there = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _lock_holder(path: Path) -> Optional[int]:
@@ -204,18 +326,45 @@ def _run_everywhere(cfg: Config, run: RunDir, command: Command, ctx: Optional[Di
         os.environ["NCCL_P2P_DISABLE"] = "1"
     world, devices = launch_plan(cfg)
     if world > 1:
-        mp.spawn(_spawned, args=(world, devices, cfg, run, command), nprocs=world, join=True)
+        workers = mp.spawn(_spawned, args=(world, devices, cfg, run, command), nprocs=world, join=False)
+        try:
+            while not workers.join():
+                pass
+        except KeyboardInterrupt:
+            _stop_workers(workers.processes)
+            raise
     else:
         _run(init_distributed(0, 1, 0, devices[0]), cfg, run, command)
 
 
+def _stop_workers(processes, grace_s: float = 5.0, wait_s: float = 60.0) -> None:
+    """After Ctrl-C: give the spawned processes ``grace_s`` to end on their own (a terminal's Ctrl-C
+    reaches them too), pass it on to those still running (only this process was signalled), and wait
+    up to ``wait_s`` for their clean-up before terminating them."""
+    with _ignoring_interrupts():
+        for p in processes:
+            p.join(grace_s)
+        for p in processes:
+            if p.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGINT)
+        for p in processes:
+            p.join(wait_s)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+
+
 def _spawned(local_rank: int, world: int, devices, cfg: Config, run: RunDir, command: Command) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored while the process started (main.py)
     try:
         _run(init_distributed(local_rank, world, local_rank, devices[local_rank]), cfg, run, command)
     except RunError as err:
         if local_rank == 0:
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(INTERRUPTED)  # quietly: the launching process reports it, once
 
 
 def _run(ctx: DistContext, cfg: Config, run: RunDir, command: Command) -> None:

@@ -34,6 +34,7 @@ What predict writes, and where (it never destroys a file):
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -41,7 +42,7 @@ import re
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -201,6 +202,34 @@ def prediction_network(cfg: Config, device: torch.device) -> tuple[AuxNet, bool]
     fill_loaded = report is not None and not any(k.startswith("fill_head.") for k in report.initialised)
     can_gate = net.head is not None and fill_loaded
     return place(net, device, memory_format_of(cfg, device)[0]), can_gate
+
+
+def gating_unavailable(cfg: Config, weights: Mapping[str, Any]) -> Optional[str]:
+    """Why the network of ``cfg`` with the checkpoint's ``weights`` cannot gate, or None when it can
+    (the same rule as :func:`prediction_network`, told from the file before the network is built)."""
+    if not cfg.has_head:
+        return f"MODEL={cfg.MODEL} has no classifier head"
+    if not any(k.startswith("fill_head.") for k in weights):
+        return "it has no fill head (it was made before gated prediction existed)"
+    return None
+
+
+def resolve_gating(cfg: Config, weights: Mapping[str, Any], typed: bool) -> Config:
+    """``cfg`` with GATING off, and a one-line note, when its checkpoint cannot gate and GATING was
+    not typed on the command line (a UNet is then predicted as it can be); unchanged otherwise.
+
+    Raises:
+        ConfigError: GATING=true typed for a checkpoint that cannot gate, naming the fix.
+    """
+    why = gating_unavailable(cfg, weights) if cfg.GATING else None
+    if why is None:
+        return cfg
+    if typed:
+        raise ConfigError([f"GATING=true, but MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r} cannot gate tiles: {why}. Use "
+                           "GATING=false (or leave it out), or train its heads first with `main.py train "
+                           f"MODEL=AuxNet-C MODEL_WEIGHTS={cfg.MODEL_WEIGHTS}`"], source="the command line")
+    print(f"note: GATING=false for MODEL_WEIGHTS={cfg.MODEL_WEIGHTS}: {why}, so every tile is decoded")
+    return dataclasses.replace(cfg, GATING=False)
 
 
 def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, device: torch.device, gating: bool,

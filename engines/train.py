@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from configs import Config, ConfigError, save_config
 from configs.config_parser import read_yaml, resume_problems
-from engines.builders import build_data, build_trainer, memory_format_of
+from engines.builders import build_data, build_network, build_trainer, memory_format_of
 from engines.evaluate import whole_image_evaluation, whole_image_line
 from engines.forward import NonFiniteOutput
 from engines.launch import main_first
@@ -29,7 +29,10 @@ def choose_run(cfg: Config) -> RunDir:
 
     Raises:
         ConfigError: naming every option that differs from the existing run's ``config.yaml``.
+        CheckpointError: MODEL_WEIGHTS cannot be read, or does not fit the network.
     """
+    if cfg.MODEL_WEIGHTS:
+        build_network(cfg)  # an unreadable or ill-fitting checkpoint is refused before any file is written
     run = run_dir_for(cfg.RESULTS_DIR, cfg.EXP_ID, cfg.RUN_ID)
     if run.config.is_file():
         problems = resume_problems(read_yaml(run.config), cfg, run.root)

@@ -217,13 +217,14 @@ def test_a_refused_resume_leaves_config_yaml_as_it_was(trained_run, tmp_path):
 
 
 def test_a_run_folder_in_use_is_refused(trained_run):
-    lock = trained_run / ".lock"
-    lock.write_text(f"{os.getpid()}\n")  # this (live) process holds it
+    from engines.launch import RunLock
+
+    lock = RunLock(trained_run)  # this (live) process holds it
     try:
         proc = run_cli(*TINY, "TRAIN_EPOCHS=9", f"RESULTS_DIR={trained_run.parents[1]}", "EXP_ID=smoke",
                        "RUN_ID=run_001", check=False)
     finally:
-        lock.unlink()
+        lock.release()
     assert proc.returncode == 2 and f"in use by another run (pid {os.getpid()}" in proc.stderr
 
 

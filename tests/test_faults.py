@@ -236,8 +236,9 @@ def test_curves_and_overlays_are_written_at_the_end_and_cheaply(trainers):
 # ----------------------------------------------------------------------------- bug 5: the run lock
 
 
-def test_the_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
+def test_the_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, capsys):
     lock = RunLock(tmp_path)
+    assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
     with pytest.raises(RunError, match=rf"in use by another run \(pid {os.getpid()}"):
         RunLock(tmp_path)
     lock.release()
@@ -246,4 +247,26 @@ def test_the_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path)
     dead.wait()
     (tmp_path / ".lock").write_text(f"{dead.pid}\n")
     RunLock(tmp_path).release()  # stale: taken over
+    assert not (tmp_path / ".lock").exists()
+    assert f"taking over the lock {tmp_path / '.lock'} of pid {dead.pid}, which has ended" in capsys.readouterr().err
+    # a lock left by a killed run whose pid now belongs to another process (reused) is stale too:
+    # staleness is whether the file is locked, not whether its pid is alive (before: refused)
+    (tmp_path / ".lock").write_text(f"{os.getppid()}\n")
+    RunLock(tmp_path).release()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_the_run_lock_without_file_locks_relies_on_the_pid_and_says_so(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # a file system without flock (Lustre without -o flock)
+    lock = RunLock(tmp_path)
+    assert "has no file locks (No locks available): the run lock relies on the pid in it" in capsys.readouterr().err
+    with pytest.raises(RunError, match=rf"in use by another run \(pid {os.getpid()}"):
+        RunLock(tmp_path)
+    lock.release()
     assert not (tmp_path / ".lock").exists()

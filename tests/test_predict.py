@@ -2,6 +2,7 @@
 ``predict`` command on a folder with a bad file, and large-file formats."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -192,15 +193,37 @@ def test_predict_a_folder_goes_on_past_a_bad_file_and_lists_it(checkpoint, tmp_p
     assert (out / "a_overlay.png").is_file() and records[1]["tiles"] == records[1]["decoded"]
 
 
-def test_gated_predict_of_a_checkpoint_without_a_fill_head_is_refused(checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["UNet", "no fill head"])
+def test_a_checkpoint_that_cannot_gate_falls_back_to_gating_false_unless_gating_is_typed(checkpoint, tmp_path, capsys,
+                                                                                        kind):
+    from configs import ConfigError
+
     state = torch.load(checkpoint, weights_only=True)
-    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("fill_head.")}
+    if kind == "UNet":
+        state["model"] = AuxNet(1, 1, 0, depth=3, base_width=4).state_dict()
+        state["config"] = {**state["config"], "MODEL": "UNet", "EVAL_METRIC": "DSC"}
+        why = "MODEL=UNet has no classifier head"
+    else:  # made before the fill head existed
+        state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("fill_head.")}
+        why = "it has no fill head (it was made before gated prediction existed)"
     old = tmp_path / "old.pth"
     torch.save(state, old)
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "x.png")
-    status = predict(_predict_cfg(old, f"INPUT={tmp_path / 'x.png'}", f"OUTPUT={tmp_path / 'o'}"))
-    assert status == 2 and "GATING=false" in capsys.readouterr().out
-    assert predict(_predict_cfg(old, f"INPUT={tmp_path / 'x.png'}", f"OUTPUT={tmp_path / 'o'}", "GATING=false")) == 0
+    args = (f"INPUT={tmp_path / 'x.png'}", f"OUTPUT={tmp_path / 'o'}")
+    # before: refused ("use GATING=false") although GATING was never typed, as the README says it falls back
+    cfg = _predict_cfg(old, *args)
+    assert capsys.readouterr().out == f"note: GATING=false for MODEL_WEIGHTS={old}: {why}, so every tile is decoded\n"
+    assert cfg.GATING is False and predict(cfg) == 0
+    with pytest.raises(ConfigError, match=rf"GATING=true, but MODEL_WEIGHTS='{old}' cannot gate tiles: "
+                                          rf"{re.escape(why)}\. "
+                                          r"Use GATING=false \(or leave it out\), or train its heads first with "
+                                          rf"`main.py train MODEL=AuxNet-C MODEL_WEIGHTS={old}`"):
+        _predict_cfg(old, *args, "GATING=true")
+    from engines.evaluate import eval_config  # eval falls back and refuses alike
+
+    assert eval_config(load_config(None, [f"MODEL_WEIGHTS={old}"]), [f"MODEL_WEIGHTS={old}"]).GATING is False
+    with pytest.raises(ConfigError, match="GATING=true, but"):
+        eval_config(load_config(None, [f"MODEL_WEIGHTS={old}", "GATING=true"]), [f"MODEL_WEIGHTS={old}", "GATING=true"])
 
 
 def test_decoded_windows_outweigh_filled_ones_where_they_overlap():
