@@ -16,10 +16,20 @@ TINY = ["SYNTHETIC_IMAGES=4", "SYNTHETIC_SIZE=128", "INPUT_SIZE=64", "UNET_DEPTH
         "BATCH_SIZE=4", "WARMUP_EPOCHS=0", "BASE_LR=0.01", "TEST_SPLIT=0.25", "NUM_WORKERS=0"]
 
 
+#: The environment of a main.py run in a test.
+CLI_ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def cli_command(*args) -> list[str]:
+    """``python main.py *args`` on the CPU unless ``args`` name the GPUs: our users have GPUs, and
+    main.py takes every visible one by default, so a test that means the CPU says so (``GPUs=[]``)."""
+    pin = [] if any(a.startswith("GPUs=") for a in args) else ["GPUs=[]"]
+    return [sys.executable, "main.py", *args, *pin]
+
+
 def run_cli(*args, check=True, timeout=300):
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    """Run :func:`cli_command` ``(*args)`` in the repository root; with ``check``, a non-zero exit fails the test."""
+    proc = subprocess.run(cli_command(*args), cwd=ROOT, env=CLI_ENV, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

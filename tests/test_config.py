@@ -4,6 +4,7 @@ import dataclasses
 import re
 
 import pytest
+import torch
 import yaml
 
 from configs import Config, ConfigError, load_config
@@ -142,9 +143,22 @@ def test_the_three_classic_mistakes_in_one_error():
         (["AUGMENTATIONS=[{name: HorizontalFlap, p: 0.5}]"], "HorizontalFlap"),
     ],
 )
-def test_validator_rules(overrides, expected):
+def test_validator_rules(overrides, expected, monkeypatch):
+    visible_gpus(monkeypatch, 0)  # the rules as on a machine without a GPU, whatever this one has
     text = "\n".join(problems_of(*overrides))
     assert expected in text
+
+
+def visible_gpus(monkeypatch, count):
+    """Make torch see ``count`` CUDA GPUs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_gpus_that_are_not_there_are_named_on_a_machine_with_one_gpu(monkeypatch):
+    visible_gpus(monkeypatch, 1)
+    text = "\n".join(problems_of("GPUs=[0, 3]"))
+    assert "GPUs=[0, 3]: no GPU [3]; visible GPUs are 0..0" in text and "no CUDA GPU is visible" not in text
 
 
 def test_error_message_lists_every_problem_with_count():
