@@ -131,7 +131,8 @@ RUNTIME_EVAL_KEYS = frozenset({
 })
 
 
-def eval_settings(cfg: Config, device: torch.device, dtype: Optional[torch.dtype], channels_last: bool) -> dict[str, Any]:
+def eval_settings(cfg: Config, device: torch.device, dtype: Optional[torch.dtype],
+                  channels_last: bool) -> dict[str, Any]:
     """What decides an eval's numbers: the checkpoint's content (its SHA-256; the network, data and
     split come from it), each evaluation option that can change a result (thresholds, metrics,
     GATING, TILE_OVERLAP, TTA, DATASET_DIR as an absolute path), and the device type, precision and
