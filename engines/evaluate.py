@@ -3,14 +3,22 @@
 ``python main.py eval MODEL_WEIGHTS=<run>/best`` evaluates a checkpoint as its run trained it:
 network, data, split and fold come from the configuration stored in the checkpoint; the command
 line may set the evaluation options (:data:`configs.config_parser.EVAL_KEYS`).
+
+Every eval records the settings that decide its numbers (:func:`eval_settings`) in its summary
+JSON, and never replaces the files of an eval made with other settings: an eval with the same
+settings replaces its own files (running it again is idempotent), one with new settings writes the
+next free names, ``eval_<ckpt>_2.json`` and so on (see :func:`write_eval`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
+import json
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -25,9 +33,10 @@ from engines.forward import autocast_for, evaluate_model
 from engines.launch import launch_plan, main_first
 from engines.predict import build_predictor, prediction_network, resolve_gating
 from engines.predictor import ArrayImage, Predictor
-from engines.run_dir import RunDir, eval_outputs
+from engines.run_dir import EvalFiles, RunDir, eval_outputs
 from model.AuxNet import AuxNet
-from utils.image_io import ImageSet
+from utils.hardware import AMP_DTYPES
+from utils.image_io import ImageSet, file_digest
 from utils.util import DistContext, RunError, atomic_write_json, atomic_write_text
 
 
@@ -90,7 +99,8 @@ def checkpoint_test_ids(ckpt: Path) -> tuple[Optional[list[str]], Optional[Path]
 
 
 def evaluate(cfg: Config, ctx: DistContext, run: RunDir) -> None:
-    """Evaluate MODEL_WEIGHTS on its own test split (stored in it): a per-tile CSV and a summary JSON beside it."""
+    """Evaluate MODEL_WEIGHTS on its own test split (stored in it): a summary JSON (with the settings)
+    and per-tile and per-image CSVs beside it (see :func:`write_eval` for their names)."""
     test_ids, split_file = checkpoint_test_ids(resolve_weights_path(cfg.MODEL_WEIGHTS))
     hashes = stored_split(resolve_weights_path(cfg.MODEL_WEIGHTS)).get("hashes")  # images changed since: refused
     splits = main_first(ctx, lambda: build_data(cfg, split_file, cfg.DEFAULT_FOLD, test_ids=test_ids,
@@ -98,28 +108,143 @@ def evaluate(cfg: Config, ctx: DistContext, run: RunDir) -> None:
     _, test_loader = build_loaders(cfg, splits, ctx)
     net, can_gate = prediction_network(cfg, ctx.device)
     dtype = precision_of(cfg, ctx.device)
+    channels_last = memory_format_of(cfg, ctx.device)[0]
 
     def autocast():
         return autocast_for(ctx.device, dtype)
 
-    metrics = evaluate_model(net, test_loader, build_metrics(cfg, ctx.device)(), ctx.device, autocast,
-                             memory_format_of(cfg, ctx.device)[0])
+    metrics = evaluate_model(net, test_loader, build_metrics(cfg, ctx.device)(), ctx.device, autocast, channels_last)
     summary = metrics.compute()
     rows = metrics.gather_per_image()
     ckpt = resolve_weights_path(cfg.MODEL_WEIGHTS)
     whole = whole_image_evaluation(cfg, ctx, splits, net, can_gate)
     if ctx.is_main:
-        csv_path, json_path = eval_outputs(ckpt)
-        atomic_write_text(csv_path, to_csv(rows))
-        images_csv = csv_path.with_name(csv_path.stem + "_images.csv")
-        atomic_write_text(images_csv, to_csv([{"mode": m, **row} for m, r in whole.items() for row in r["images"]]))
-        atomic_write_json(json_path, {"checkpoint": str(ckpt), "fold": cfg.DEFAULT_FOLD, "tiles": len(rows),
-                                      "test_images": list(splits.test_ids),
-                                      "metrics": summary,
-                                      "whole_image": {m: r["summary"] for m, r in whole.items()}})
-        print(f"evaluated {ckpt} (fold {cfg.DEFAULT_FOLD}) on {len(rows)} test tiles -> {json_path}")
+        settings = eval_settings(cfg, ctx.device, dtype, channels_last)
+        files = write_eval(ckpt, settings, {
+            "checkpoint": str(ckpt), "fold": cfg.DEFAULT_FOLD, "tiles": len(rows),
+            "test_images": list(splits.test_ids), "metrics": summary,
+            "whole_image": {m: r["summary"] for m, r in whole.items()}},
+            tiles_csv=to_csv(rows),
+            images_csv=to_csv([{"mode": m, **row} for m, r in whole.items() for row in r["images"]]))
+        print(f"evaluated {ckpt} (fold {cfg.DEFAULT_FOLD}) on {len(rows)} test tiles -> {files.summary}")
         print("tiles: " + " | ".join(f"{k} {v:.4f}" for k, v in summary.items() if "/" not in k))
         print(whole_image_line(whole))
+
+
+# ----------------------------------------------------------------------------- the settings of an eval
+
+#: EVAL_KEYS that decide where and how fast an eval runs, not its numbers. MIXED_PRECISION and
+#: CHANNELS_LAST do change the numbers (a little): they are recorded as resolved on the device
+#: instead. Every other evaluation option (any added later too) is recorded as given.
+RUNTIME_EVAL_KEYS = frozenset({
+    "MODEL_WEIGHTS", "RESULTS_DIR", "EXP_ID", "RUN_ID", "NUM_WORKERS", "BATCH_SIZE", "GPUs", "CPU_PROCESSES",
+    "MASTER_ADDR", "MASTER_PORT", "NCCL_P2P_DISABLE", "LOG_WANDB", "LOG_LOCAL", "MIXED_PRECISION", "CHANNELS_LAST",
+})
+
+
+def eval_settings(cfg: Config, device: torch.device, dtype: Optional[torch.dtype],
+                  channels_last: bool) -> dict[str, Any]:
+    """What decides an eval's numbers: the checkpoint's content (its BLAKE2b hash, :func:`utils.image_io.file_digest`; the network, data and
+    split come from it), each evaluation option that can change a result (thresholds, metrics,
+    GATING, TILE_OVERLAP, TTA, DATASET_DIR as an absolute path), and the device type, precision and
+    memory format the eval really ran with.
+
+    Args:
+        dtype: the autocast dtype used (None = fp32), as :func:`engines.builders.precision_of` gives it.
+        channels_last: the memory format used.
+
+    Returns:
+        A JSON-ready dict; two evals with equal settings give the same numbers.
+    """
+    options = {key: getattr(cfg, key) for key in sorted(EVAL_KEYS - RUNTIME_EVAL_KEYS)}
+    if "DATASET_DIR" in options and options["DATASET_DIR"] != "synthetic":
+        options["DATASET_DIR"] = str(Path(options["DATASET_DIR"]).resolve())
+    precision = next(name for name, amp in AMP_DTYPES.items() if amp == dtype)
+    settings = {"checkpoint_digest": file_digest(resolve_weights_path(cfg.MODEL_WEIGHTS)), **options,
+                "device": device.type, "precision": precision,
+                "memory_format": "channels_last" if channels_last else "contiguous"}
+    return json.loads(json.dumps(settings))  # as read back from the JSON (tuples become lists, ...)
+
+
+def recorded_settings(summary: Path) -> Optional[dict[str, Any]]:
+    """The settings recorded in an eval's summary JSON; None when it has none (made before evals
+    recorded them) or cannot be read: such an eval counts as made with other settings, never replaced."""
+    try:
+        settings = json.loads(summary.read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def choose_eval_files(ckpt: Path, settings: dict[str, Any]) -> tuple[EvalFiles, bool, list[EvalFiles]]:
+    """Where an eval of ``ckpt`` with ``settings`` goes.
+
+    Returns:
+        ``(files, same, kept)``: the files of the earlier eval with the same settings (``same``:
+        they are replaced) or else the first set of names of which no file exists; ``kept``: the
+        earlier evals passed over (made with other settings, or unreadable), left as they are.
+    """
+    kept = []
+    for n in itertools.count(1):
+        files = eval_outputs(ckpt, n)
+        if not any(path.exists() for path in files.all()):
+            return files, False, kept
+        if recorded_settings(files.summary) == settings:
+            return files, True, kept
+        kept.append(files)
+
+
+def write_eval(ckpt: Path, settings: dict[str, Any], summary: dict[str, Any], tiles_csv: str,
+               images_csv: str) -> EvalFiles:
+    """Write an eval's files beside ``ckpt`` (see :func:`choose_eval_files`), the summary with its
+    ``settings`` and the names of its tables, each file atomically, and say which earlier evals
+    (made with other settings) were kept.
+
+    New names are claimed by creating the summary exclusively (``O_EXCL``) before anything is
+    written, so two evals finishing at once never take the same names.
+
+    Returns:
+        The files written.
+    """
+    while True:
+        files, same, kept = choose_eval_files(ckpt, settings)
+        if same or _claim(files.summary):
+            break
+    try:
+        atomic_write_text(files.tiles, tiles_csv)
+        atomic_write_text(files.images, images_csv)
+        atomic_write_json(files.summary, {**summary, "settings": settings,
+                                          "files": {"tiles": files.tiles.name, "images": files.images.name}})
+    except BaseException:
+        if not same:  # leave no half-written eval under the names claimed
+            for path in files.all():
+                path.unlink(missing_ok=True)
+        raise
+    if same:
+        print(f"same settings as the earlier eval {files.summary.name}: replaced it")
+    if kept:
+        print("kept the earlier eval(s) of " + ckpt.name + " made with other settings: "
+              + "; ".join(f"{k.summary.name} ({settings_difference(recorded_settings(k.summary), settings)})"
+                          for k in kept) + f"; this one is {files.summary.name}")
+    return files
+
+
+def _claim(path: Path) -> bool:
+    """Create ``path`` empty if no file is there (atomically); False if one is."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except FileExistsError:
+        return False
+    return True
+
+
+def settings_difference(earlier: Optional[dict[str, Any]], now: dict[str, Any]) -> str:
+    """How ``earlier`` settings differ from ``now``, as ``KEY=earlier value`` items."""
+    if earlier is None:
+        return "no settings recorded: made before evals recorded them, or unreadable"
+    keys = [k for k in dict.fromkeys([*now, *earlier]) if earlier.get(k) != now.get(k)]
+    return ", ".join("another checkpoint (" + str(earlier.get(k))[:12] + "…)" if k == "checkpoint_digest"
+                     else f"{k}={earlier.get(k)!r}" for k in keys)
 
 
 def whole_image_evaluation(cfg: Config, ctx: DistContext, splits, net: AuxNet, can_gate: bool) -> dict[str, dict]:

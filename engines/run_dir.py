@@ -10,8 +10,10 @@
         log.jsonl          one line per epoch
         last.pth, best.pth checkpoints
         summary.json       best and final epoch
+        eval_<ckpt>.json   ``eval``: the summary, with the settings that produced it
         eval_<ckpt>.csv    ``eval``: one row per test tile
-        eval_<ckpt>.json   ``eval``: the summary
+        eval_<ckpt>_images.csv  ``eval``: one row per whole test image
+        eval_<ckpt>_<n>.*  ``eval``: the n-th eval of the checkpoint with other settings (n >= 2)
 """
 
 from __future__ import annotations
@@ -63,9 +65,27 @@ class RunDir:
         return any(self.root.rglob("*.pth"))
 
 
-def eval_outputs(checkpoint: Path) -> tuple[Path, Path]:
-    """(per-tile CSV, summary JSON) that ``eval`` writes beside ``checkpoint``."""
-    return checkpoint.with_name(f"eval_{checkpoint.stem}.csv"), checkpoint.with_name(f"eval_{checkpoint.stem}.json")
+@dataclass(frozen=True)
+class EvalFiles:
+    """The files of one ``eval`` of a checkpoint: its summary (which records the settings) and two tables."""
+
+    summary: Path  # the summary JSON
+    tiles: Path  # one row per test tile
+    images: Path  # one row per whole test image (and prediction mode)
+
+    def all(self) -> tuple[Path, Path, Path]:
+        return self.summary, self.tiles, self.images
+
+
+def eval_outputs(checkpoint: Path, n: int = 1) -> EvalFiles:
+    """The files of the ``n``-th eval of ``checkpoint`` (counting only evals with different
+    settings), beside it: ``eval_<stem>.json`` / ``.csv`` / ``_images.csv`` for n = 1,
+    ``eval_<stem>_<n>.json`` / ``.csv`` / ``_images.csv`` for n >= 2."""
+    if n < 1:
+        raise ValueError(f"eval index {n} must be >= 1")
+    base = f"eval_{checkpoint.stem}" + (f"_{n}" if n > 1 else "")
+    return EvalFiles(checkpoint.with_name(f"{base}.json"), checkpoint.with_name(f"{base}.csv"),
+                     checkpoint.with_name(f"{base}_images.csv"))
 
 
 def next_run_id(exp_dir: Path) -> str:

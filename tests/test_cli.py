@@ -1,7 +1,9 @@
 """The command line end to end: fail-fast validation, a 2-epoch run, resume, eval, DDP on the CPU."""
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +16,20 @@ TINY = ["SYNTHETIC_IMAGES=4", "SYNTHETIC_SIZE=128", "INPUT_SIZE=64", "UNET_DEPTH
         "BATCH_SIZE=4", "WARMUP_EPOCHS=0", "BASE_LR=0.01", "TEST_SPLIT=0.25", "NUM_WORKERS=0"]
 
 
+#: The environment of a main.py run in a test.
+CLI_ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def cli_command(*args) -> list[str]:
+    """``python main.py *args`` on the CPU unless ``args`` name the GPUs: our users have GPUs, and
+    main.py takes every visible one by default, so a test that means the CPU says so (``GPUs=[]``)."""
+    pin = [] if any(a.startswith("GPUs=") for a in args) else ["GPUs=[]"]
+    return [sys.executable, "main.py", *args, *pin]
+
+
 def run_cli(*args, check=True, timeout=300):
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    """Run :func:`cli_command` ``(*args)`` in the repository root; with ``check``, a non-zero exit fails the test."""
+    proc = subprocess.run(cli_command(*args), cwd=ROOT, env=CLI_ENV, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -25,6 +37,11 @@ def run_cli(*args, check=True, timeout=300):
 
 def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def eval_summary(proc) -> Path:
+    """The summary JSON an ``eval`` says it wrote (``evaluated ... -> <path>``)."""
+    return Path(re.search(r"^evaluated .* -> (\S+)$", proc.stdout, re.MULTILINE).group(1))
 
 
 def test_bad_config_fails_fast_with_every_problem_and_leaves_nothing(tmp_path):
@@ -83,11 +100,11 @@ def test_eval_command_writes_csv_and_summary(trained_run):
 
 
 def test_eval_with_gating_off_scores_only_the_ungated_prediction(trained_run):
-    run_cli("eval", *TINY, f"RESULTS_DIR={trained_run.parents[1]}", f"MODEL_WEIGHTS={trained_run / 'best'}",
-            "GATING=false")
-    summary = json.loads((trained_run / "eval_best.json").read_text())
-    assert set(summary["whole_image"]) == {"ungated"}
-    images = (trained_run / "eval_best_images.csv").read_text().splitlines()[1:]
+    proc = run_cli("eval", *TINY, f"RESULTS_DIR={trained_run.parents[1]}", f"MODEL_WEIGHTS={trained_run / 'best'}",
+                   "GATING=false")
+    summary = json.loads(eval_summary(proc).read_text())
+    assert set(summary["whole_image"]) == {"ungated"} and summary["settings"]["GATING"] is False
+    images = (trained_run / summary["files"]["images"]).read_text().splitlines()[1:]
     assert images and all(row.startswith("ungated,") for row in images)
 
 
@@ -185,6 +202,38 @@ def test_eval_of_a_copied_checkpoint_uses_its_own_split_and_writes_beside_it(tra
     assert result["test_images"] == split["folds"][0]["test"]
     assert (decoy / "tts.json").read_text() == "decoy" and {p.name for p in decoy.iterdir()} == {"tts.json"}
     assert {p.name for p in trained_run.iterdir()} == originals
+
+
+def test_evals_with_other_settings_are_kept_and_the_same_eval_replaces_its_own(trained_run, tmp_path):
+    # before: every eval of best.pth wrote eval_best.json/.csv, so an eval with TTA=flips silently
+    # replaced the TTA=none one, and neither file said which settings had produced it
+    copy = tmp_path / "best.pth"
+    copy.write_bytes((trained_run / "best.pth").read_bytes())
+    plain = run_cli("eval", f"MODEL_WEIGHTS={copy}", "GATING=false")
+    first = (tmp_path / "eval_best.json").read_text()
+    flips = run_cli("eval", f"MODEL_WEIGHTS={copy}", "GATING=false", "TTA=flips")
+    assert eval_summary(plain) == tmp_path / "eval_best.json" and eval_summary(flips) == tmp_path / "eval_best_2.json"
+    assert "kept the earlier eval(s) of best.pth made with other settings: eval_best.json (TTA='none'); " \
+           "this one is eval_best_2.json" in flips.stdout
+    assert (tmp_path / "eval_best.json").read_text() == first
+    a, b = (json.loads((tmp_path / f"eval_best{n}.json").read_text()) for n in ("", "_2"))
+    assert (a["settings"]["TTA"], b["settings"]["TTA"]) == ("none", "flips")
+    assert {k for k in a["settings"] if a["settings"][k] != b["settings"][k]} == {"TTA"}
+    digest = hashlib.blake2b(copy.read_bytes(), digest_size=16).hexdigest()  # an independent hash of the file
+    assert a["settings"]["checkpoint_digest"] == digest and a["settings"]["GATING"] is False
+    assert a["settings"]["device"] == "cpu" and a["settings"]["memory_format"] in ("channels_last", "contiguous")
+    assert a["settings"]["precision"] in ("bf16", "none")  # MIXED_PRECISION=auto, resolved on this CPU
+    assert b["files"] == {"tiles": "eval_best_2.csv", "images": "eval_best_2_images.csv"}
+    assert all((tmp_path / name).read_text().startswith(head) for name, head in [
+        ("eval_best_2.csv", "id,"), ("eval_best_2_images.csv", "mode,id,")])
+    again = run_cli("eval", f"MODEL_WEIGHTS={copy}", "GATING=false")  # the same eval: replaces its own files
+    assert eval_summary(again) == tmp_path / "eval_best.json"
+    assert "same settings as the earlier eval eval_best.json: replaced it" in again.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.pth", "eval_best.csv", "eval_best.json", "eval_best_2.csv", "eval_best_2.json",
+        "eval_best_2_images.csv", "eval_best_images.csv"]
+    c = json.loads((tmp_path / "eval_best.json").read_text())
+    assert c["settings"] == a["settings"] and c["metrics"] == a["metrics"]
 
 
 def test_a_huge_learning_rate_stops_cleanly_and_leaves_no_half_made_run(tmp_path):

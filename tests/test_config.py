@@ -5,6 +5,7 @@ import re
 import shlex
 
 import pytest
+import torch
 import yaml
 
 from configs import Config, ConfigError, load_config
@@ -18,15 +19,18 @@ def problems_of(*overrides, path=None):
     return err.value.problems
 
 
+def visible_gpus(monkeypatch, count):
+    """Make torch see ``count`` CUDA GPUs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
 @pytest.fixture
 def cpu_only(monkeypatch):
     """This process sees no CUDA GPU and a CPU without native bf16 (auto precision = fp32)."""
-    import torch
-
     import utils.hardware
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    visible_gpus(monkeypatch, 0)
     monkeypatch.setattr(utils.hardware, "cpu_bf16_support", lambda: (False, "none in this test"))
 
 
@@ -158,6 +162,12 @@ def test_the_three_classic_mistakes_in_one_error():
 def test_validator_rules(overrides, expected, cpu_only):  # the GPU rows mean a machine without one
     text = "\n".join(problems_of(*overrides))
     assert expected in text
+
+
+def test_gpus_that_are_not_there_are_named_on_a_machine_with_one_gpu(monkeypatch):
+    visible_gpus(monkeypatch, 1)
+    text = "\n".join(problems_of("GPUs=[0, 3]"))
+    assert "GPUs=[0, 3]: no GPU [3]; visible GPUs are 0..0" in text and "no CUDA GPU is visible" not in text
 
 
 def test_error_message_lists_every_problem_with_count():

@@ -7,9 +7,7 @@ Every test here is marked ``cuda`` and skips without a CUDA device; ``bench/gpu_
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -20,6 +18,7 @@ import scipy.ndimage as ndi
 import torch
 
 from conftest import blobs, random_labels, ref_sdm
+from test_cli import eval_summary, run_cli
 from engines.predictor import ArrayImage, Predictor
 from model.AuxNet import AuxNet
 from model.losses import build_loss
@@ -85,7 +84,7 @@ def test_losses_on_cuda_equal_the_cpu(loss_name):
     target = torch.from_numpy(blobs((4, 64, 64), seed=3)).long()
     values, grads = [], []
     for device in (CPU, GPU):
-        x = logits.to(device).requires_grad_()
+        x = logits.to(device, copy=True).requires_grad_()  # a leaf of its own (.to(CPU) would be logits itself)
         out = build_loss(loss_name, seg_classes=1, cls_classes=0)(x, target.to(device))
         out.total.backward()
         values.append(float(out.total.detach()))
@@ -144,16 +143,11 @@ def test_one_process_ddp_over_nccl():
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_tiny_run_on_the_gpu_trains_evaluates_and_predicts(tmp_path, precision):
     """The CLI on the GPU: pinned-memory loaders, autocast (fp16 with the GradScaler), the
-    checkpoint, then `predict` with it on the GPU and `eval` on the CPU (map_location)."""
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
-
-    def main(*args):
-        return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
-
-    done = main(f"RESULTS_DIR={tmp_path}", "GPUs=[0]", f"MIXED_PRECISION={precision}", "SYNTHETIC_IMAGES=4",
-                "SYNTHETIC_SIZE=128", "INPUT_SIZE=64", "TEST_SPLIT=0.25", "WARMUP_EPOCHS=1", "TRAIN_EPOCHS=1")
-    assert done.returncode == 0, done.stderr[-2000:]
+    checkpoint, then `predict` with it on the GPU and `eval` on the CPU (map_location), where the
+    precision is chosen for the CPU without being asked."""
+    done = run_cli(f"RESULTS_DIR={tmp_path}", "GPUs=[0]", f"MIXED_PRECISION={precision}", "SYNTHETIC_IMAGES=4",
+                   "SYNTHETIC_SIZE=128", "INPUT_SIZE=64", "TEST_SPLIT=0.25", "WARMUP_EPOCHS=1", "TRAIN_EPOCHS=1",
+                   timeout=600)
     assert re.search(rf"device cuda:0, .*precision {precision}", done.stdout), done.stdout[:500]
     run = Path(re.search(r"^run (\S+)", done.stdout, re.MULTILINE).group(1))
     summary = json.loads((run / "summary.json").read_text())
@@ -162,9 +156,11 @@ def test_a_tiny_run_on_the_gpu_trains_evaluates_and_predicts(tmp_path, precision
     from PIL import Image
 
     Image.fromarray((np.random.default_rng(0).random((200, 260)) * 255).astype(np.uint8)).save(image)
-    done = main("predict", f"MODEL_WEIGHTS={run / 'best.pth'}", f"INPUT={image}", f"OUTPUT={tmp_path / 'out'}",
-                "GPUs=[0]")
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_cli("predict", f"MODEL_WEIGHTS={run / 'best.pth'}", f"INPUT={image}", f"OUTPUT={tmp_path / 'out'}",
+            "GPUs=[0]", timeout=600)
     assert (tmp_path / "out" / "scene_mask.png").is_file()
-    done = main("eval", f"MODEL_WEIGHTS={run / 'best.pth'}", "GPUs=[]")
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_cli("eval", f"MODEL_WEIGHTS={run / 'best.pth'}", timeout=600)  # run_cli: GPUs=[], the CPU
+    if precision == "fp16":  # no fp16 autocast on the CPU: eval picks the CPU's precision, with a note
+        assert "MIXED_PRECISION" in done.stdout + done.stderr, done.stdout + done.stderr
+    settings = json.loads(eval_summary(done).read_text())["settings"]
+    assert settings["device"] == "cpu" and settings["precision"] in ("bf16", "none")

@@ -160,9 +160,10 @@ def checkpoint(tmp_path_factory):
 
 
 def _predict_cfg(checkpoint, *overrides):
+    """The configuration of ``main.py predict`` on the CPU (``GPUs=[]``: predict takes a visible GPU)."""
     from engines.evaluate import eval_config
 
-    args = [f"MODEL_WEIGHTS={checkpoint}", *overrides]
+    args = [f"MODEL_WEIGHTS={checkpoint}", "GPUs=[]", *overrides]
     return eval_config(load_config(None, args), args, "predict")
 
 

@@ -4,6 +4,7 @@ run of the script (tiny generated data, one epoch) with its results table."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,7 +88,9 @@ def test_delta_is_relative_to_the_baseline_mean_and_flags_seed_noise():
 def test_smoke_run_end_to_end_writes_the_table(tmp_path):
     cmd = [sys.executable, "bench/reproduce.py", "--results-dir", str(tmp_path), "--data-root",
            str(tmp_path / "data"), "--epochs", "1", "smoke"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # the script's pipeline on the CPU: its runs take every visible GPU (tests/test_cuda.py covers the GPU)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     run = tmp_path / "smoke" / "seed42_e1"
     record = json.loads((run / "reproduce.json").read_text())
@@ -98,5 +101,5 @@ def test_smoke_run_end_to_end_writes_the_table(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| pipeline check"))
     assert "min |" in row and "`python main.py --config configs/experiments/smoke.yaml" in row
     assert "Machine:" in table and "Commit:" in table
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "reusing" in again.stdout  # a finished run is not retrained
