@@ -21,7 +21,7 @@ from engines.forward import NonFiniteOutput, autocast_for, evaluate_model, image
 from engines.run_dir import RunDir
 from model.AuxNet import AuxNet, AuxNetOutput
 from model.metrics import HIGHER_IS_BETTER
-from utils.util import DistContext, RunError, atomic_write_json, writing
+from utils.util import DistContext, RunError, writing
 
 
 class TrainStep(nn.Module):
@@ -318,17 +318,14 @@ class SegTrainer:
                 self.plotter(self.history, epoch)
 
     def summary(self) -> dict[str, Any]:
-        """Final and best epochs' metrics, written to ``summary.json`` (main rank)."""
-        summary = {
+        """The final and the best epoch's metrics (``engines.train`` adds the whole-image evaluation
+        and writes ``summary.json``)."""
+        return {
             "eval_metric": self.s.eval_metric,
             "best_epoch": self.best_epoch,
             "best": next((h for h in self.history if h["epoch"] == self.best_epoch), None),
             "final": self.history[-1] if self.history else None,
         }
-        if self.ctx.is_main:
-            with writing(self.s.run.summary):
-                atomic_write_json(self.s.run.summary, summary)
-        return summary
 
     # ------------------------------------------------------------------ helpers
     def all_reduce_means(self, sums: dict[str, float], batches: int) -> dict[str, float]:

@@ -86,11 +86,21 @@ def train_fold(cfg: Config, ctx: DistContext, run: RunDir, fold: int) -> dict:
                                "are kept; lower BASE_LR or set GRAD_CLIP, and train again") from None
     summary["whole_image"] = {"checkpoint": weights.name, **{m: r["summary"] for m, r in whole.items()}}
     if ctx.is_main:
-        with writing(fold_dir.summary):
-            atomic_write_json(fold_dir.summary, summary)
+        write_summary(fold_dir, summary)
         print(results_table(summary))
         print(whole_image_line(whole))
     return summary
+
+
+def write_summary(fold_dir: RunDir, summary: dict) -> None:
+    """``summary.json`` of a trained fold (its only writer): the best and final epochs and the
+    whole-image evaluation, written atomically.
+
+    Raises:
+        WriteError: the file cannot be written (a full disk…); no temporary file is left.
+    """
+    with writing(fold_dir.summary):
+        atomic_write_json(fold_dir.summary, summary)
 
 
 def write_cv_summary(run: RunDir, summaries: dict[int, dict]) -> None:

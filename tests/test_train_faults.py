@@ -21,6 +21,7 @@ from engines.forward import NonFiniteOutput
 from engines.predictor import ArrayImage, Predictor
 from engines.run_dir import RunDir
 from engines.SegTrainer import TrainingDiverged
+from engines.train import write_summary
 from test_cli import TINY, run_cli
 from test_faults import fit_epochs, log_epochs, trainers  # noqa: F401  (trainers: a fixture)
 from utils.loggers import JsonLinesLogger
@@ -154,7 +155,7 @@ def test_a_full_disk_while_writing_the_summary_is_one_clean_error(trainers, fill
     trainer = trainers()
     fill_disk()
     with pytest.raises(WriteError, match=full_disk_message(trainer.s.run.summary)):
-        trainer.summary()
+        write_summary(trainer.s.run, trainer.summary())
     assert leftovers(trainer.s.run) == [] and not trainer.s.run.summary.exists()
 
 
@@ -216,7 +217,7 @@ def test_a_really_full_disk_stops_the_checkpoint_log_and_summary_cleanly(trainer
         with pytest.raises(WriteError, match=full_disk_message(run.log)):
             trainer.logger.log({"loss": 0.5, "note": "x" * 8192}, step=1)
         with pytest.raises(WriteError, match=full_disk_message(run.summary)):
-            trainer.summary()
+            write_summary(run, trainer.summary())
         assert {p: p.read_bytes() for p in (run.last, run.best)} == before
         assert leftovers(run) == [] and log_epochs(run) == [0]
     finally:
