@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -21,7 +19,7 @@ from engines.forward import NonFiniteOutput, autocast_for, evaluate_model, image
 from engines.run_dir import RunDir
 from model.AuxNet import AuxNet, AuxNetOutput
 from model.metrics import HIGHER_IS_BETTER
-from utils.util import DistContext, RunError, writing
+from utils.util import DistContext, RunError, seed_everything, writing
 
 
 class TrainStep(nn.Module):
@@ -129,9 +127,7 @@ class SegTrainer:
     def seed_epoch(self, epoch: int) -> None:
         """Seed every random stream of ``epoch`` (see :func:`epoch_seed`) and the sampler's epoch."""
         seed = epoch_seed(self.s.seed, epoch, self.ctx.rank)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)  # CUDA too
+        seed_everything(seed)
         dataset = getattr(self.train_loader, "dataset", None)
         if hasattr(dataset, "reseed"):
             dataset.reseed(seed)  # each sample's augmentation: from (seed, its index), in any worker

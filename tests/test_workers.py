@@ -5,6 +5,8 @@ on the CPU, and a run resumed with another NUM_WORKERS continues exactly."""
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,8 @@ from engines.checkpoint import read_checkpoint
 from engines.run_dir import RunDir
 from test_trainer import make_trainer, tiny_config
 from utils.augment import build_augmentation, seed_augmentation
+from utils.dataset import make_loader
+from utils.util import seed_everything
 
 # three workers on a two-core machine: torch's advice to use fewer is beside the point here
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
@@ -102,3 +106,21 @@ def test_a_sample_draws_the_same_augmentation_wherever_it_is_loaded():
     draw(3, 6), draw(9, 5)  # other samples drawn in between (another order, another worker)
     assert np.array_equal(draw(3, 5), first)
     assert not np.array_equal(draw(3, 6), first) and not np.array_equal(draw(4, 5), first)
+
+
+class _Draws(torch.utils.data.Dataset):
+    """One sample: the loader worker's torch seed and a draw from each global generator."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, k):
+        return torch.initial_seed(), random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_a_loader_worker_is_seeded_by_the_one_seeding_function():
+    loader = make_loader(_Draws(), batch_size=1, train=False, num_workers=1, seed=7, distributed=False,
+                         pin_memory=False)
+    (seed, *drawn), = [[v.item() for v in sample] for sample in loader]
+    seed_everything(seed)  # before: python's generator was seeded from seed % 2**32, unlike the others
+    assert seed >= 2**32 and drawn == [random.random(), float(np.random.rand()), float(torch.rand(()))]

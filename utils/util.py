@@ -153,6 +153,11 @@ def make_writable_folder(folder: Path, what: str, fix: str) -> Optional[Path]:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators (torch's CUDA ones too) from ``seed``.
+
+    The one seeding of the project: a run's start, each epoch (the trainer's epoch seed) and each
+    loader worker (its torch seed) call it. numpy takes ``seed`` modulo 2**32, its largest seed.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
