@@ -21,11 +21,11 @@ Modules
 * :mod:`model.metrics.names`: every metric name, which way is better, the distance metrics.
 * :mod:`model.metrics.labels`: the one rule from outputs to labels and classes; checks on label maps.
 * :mod:`model.metrics.surface`: the four surface distances per image and class (definitions there).
-* :mod:`model.metrics.accumulator`: :class:`SegmentationMetrics` and :func:`confusion_counts`
+* :mod:`model.metrics.accumulator`: :class:`SegmentationMetrics`
   (pixel accuracy, Dice, IoU, TTR and CMA definitions there).
 """
 
-from model.metrics.accumulator import SegmentationMetrics, confusion_counts
+from model.metrics.accumulator import SegmentationMetrics
 from model.metrics.labels import labels_from_scores, predict_classes, predict_labels
 from model.metrics.names import CMA_METRICS, DISTANCE_METRICS, HIGHER_IS_BETTER, METRIC_NAMES
 from model.metrics.surface import DISTANCE_BACKENDS, SurfaceDistances, image_diagonal, surface_distances
@@ -38,7 +38,6 @@ __all__ = [
     "METRIC_NAMES",
     "SegmentationMetrics",
     "SurfaceDistances",
-    "confusion_counts",
     "image_diagonal",
     "labels_from_scores",
     "predict_classes",
