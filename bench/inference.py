@@ -379,12 +379,12 @@ def scores(probs_path: Path, truth: np.ndarray, k: int, seg_threshold: float) ->
     """Dice and HD95 of the whole scene's prediction against the ground truth."""
     import torch
 
-    from model.metrics import SegmentationMetrics
+    from model.metrics import SegmentationMetrics, labels_from_scores
 
-    probs = np.load(probs_path, mmap_mode="r")
-    pred = (probs[..., 0] > seg_threshold) if k == 1 else probs.argmax(-1)
+    probs = torch.from_numpy(np.load(probs_path)).permute(2, 0, 1)[None]  # (1, K, H, W)
+    pred = labels_from_scores(probs, seg_threshold).to(torch.uint8)
     metrics = SegmentationMetrics(k, distance_metrics=True, seg_threshold=seg_threshold)
-    metrics.update_labels(torch.from_numpy(pred.astype(np.uint8))[None], torch.from_numpy(truth)[None])
+    metrics.update_labels(pred, torch.from_numpy(truth)[None])
     res = metrics.compute()
     return {"dice": res["DSC"], "hd95": res["HD95"]}
 
