@@ -1,5 +1,5 @@
-"""Small shared helpers: argument checks with a "did you mean", atomic file writes, seeding, run
-folders, process-group set-up."""
+"""Small shared helpers: argument checks with a "did you mean", atomic file writes and their
+errors, seeding, process-group set-up."""
 
 from __future__ import annotations
 
