@@ -1,5 +1,5 @@
 """Builders: translate the :class:`~configs.Config` into the plain arguments that the model, loss,
-data, metrics, optimiser and trainer take. The only place (with ``main.py``) that reads the config."""
+data, metrics, optimiser and trainer take, so that none of those reads the config itself."""
 
 from __future__ import annotations
 
@@ -76,13 +76,9 @@ def _bare_model(cfg: Config) -> AuxNet:
     )
 
 
-def build_model(cfg: Config) -> AuxNet:
-    """The network, with MODEL_WEIGHTS loaded and only the MODEL's parts left trainable."""
-    return build_network(cfg)[0]
-
-
 def build_network(cfg: Config) -> tuple[AuxNet, Optional[LoadReport]]:
-    """:func:`build_model`, and the report of what MODEL_WEIGHTS loaded (None without weights)."""
+    """The network, with MODEL_WEIGHTS loaded and only the MODEL's parts left trainable, and the
+    report of what MODEL_WEIGHTS loaded (None without weights)."""
     net = _bare_model(cfg)
     if cfg.MODEL_WEIGHTS:
         # The heads may be missing from the file (a UNet checkpoint, or one made before the fill head

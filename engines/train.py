@@ -63,7 +63,7 @@ def train_fold(cfg: Config, ctx: DistContext, run: RunDir, fold: int) -> dict:
     except BaseException:
         trainer.logger.close()
         raise
-    if ctx.is_main and trainer.start_epoch < trainer.s.epochs:
+    if ctx.is_main and trainer.start_epoch < trainer.settings.epochs:
         save_config(cfg, run.config, resolved={"MIXED_PRECISION": resolve_precision(cfg.MIXED_PRECISION, ctx.device)[1],
                                                "CHANNELS_LAST": memory_format_of(cfg, ctx.device)[1]})
     if ctx.is_main:

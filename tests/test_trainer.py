@@ -13,7 +13,7 @@ import torch
 
 from configs import Config, load_config
 from conftest import torch_threads
-from engines.builders import build_data, build_model, build_trainer, loss_options, lr_factor
+from engines.builders import build_data, build_network, build_trainer, loss_options, lr_factor
 from engines.checkpoint import read_checkpoint
 from engines.run_dir import RunDir
 from model.AuxNet import STAGES
@@ -83,7 +83,7 @@ def bare_weights(tmp_path_factory):
     """A bare state_dict of the tiny AuxNet-EDC network (what MODEL_WEIGHTS may point at)."""
     path = tmp_path_factory.mktemp("weights") / "edc.pth"
     torch.manual_seed(0)
-    torch.save(build_model(tiny_config(path.parent)).state_dict(), path)
+    torch.save(build_network(tiny_config(path.parent))[0].state_dict(), path)
     return path
 
 
@@ -138,7 +138,7 @@ def test_whole_image_distances_reach_the_boundary_term(new_trainer):
         out, loss = trainer.ddp(image, mask, label, fill, sdm)
     expected = (torch.sigmoid(out.seg.float()) * sdm).mean()
     assert loss.terms["Boundary"].item() == pytest.approx(expected.item(), rel=1e-5)
-    plain = new_trainer("LOSS=SoftDICE_Boundary", run=RunDir(trainer.s.run.root.parent / "plain"))
+    plain = new_trainer("LOSS=SoftDICE_Boundary", run=RunDir(trainer.settings.run.root.parent / "plain"))
     assert plain.to_device(next(iter(plain.train_loader)))[-1] is None  # SDM_SCOPE=tile: no maps
 
 
@@ -313,12 +313,12 @@ def test_cls_term_only_when_the_stage_trains_the_head(model):
 
 
 @pytest.mark.parametrize("model", list(STAGES))
-def test_build_model_applies_the_stage_table(model, tmp_path, bare_weights):
+def test_build_network_applies_the_stage_table(model, tmp_path, bare_weights):
     stage = STAGES[model]
     weights = [f"MODEL_WEIGHTS={bare_weights}"] if stage.needs_weights else []
     metric = ["EVAL_METRIC=TTR"] if not stage.decodes else []
     cfg = tiny_config(tmp_path, f"MODEL={model}", *weights, *metric)
-    net = build_model(cfg)
+    net = build_network(cfg)[0]
     assert (net.head is not None) == stage.has_head and (net.fill_head is not None) == stage.has_head
     for part, params in parts_of(net).items():
         assert all(p.requires_grad == (part in stage.trains) for p in params), part

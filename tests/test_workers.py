@@ -63,7 +63,7 @@ def test_any_num_workers_draws_the_same_batches_and_learns_the_same_weights(tmp_
 def test_a_run_resumed_with_other_num_workers_is_bit_identical(tmp_path):
     straight = make_trainer(tiny_config(tmp_path, *SETTINGS, "NUM_WORKERS=0"), RunDir(tmp_path / "straight"))
     first = make_trainer(tiny_config(tmp_path, *SETTINGS, "NUM_WORKERS=2"), RunDir(tmp_path / "resumed"))
-    first.s.epochs = 1  # stopped after epoch 0 (the schedule stays that of two epochs)
+    first.settings.epochs = 1  # stopped after epoch 0 (the schedule stays that of two epochs)
     resumed = None
     try:
         straight.fit()
@@ -76,7 +76,7 @@ def test_a_run_resumed_with_other_num_workers_is_bit_identical(tmp_path):
             if trainer is not None:
                 trainer.logger.close()
     assert resumed.resumed and resumed.start_epoch == 2
-    a, b = read_checkpoint(straight.s.run.last)["model"], read_checkpoint(resumed.s.run.last)["model"]
+    a, b = read_checkpoint(straight.settings.run.last)["model"], read_checkpoint(resumed.settings.run.last)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
