@@ -2,11 +2,11 @@
 
 Part 1 (one run, side by side, on one synthetic scene of ``--size`` px a side, default 4096):
 
-* (a) ``plain``  -- :class:`engines.predictor.Predictor`, ``gating=False``;
+* (a) ``plain``  -- :class:`engines.sliding_window.Predictor`, ``gating=False``;
 * (b) ``monai``  -- ``monai.inferers.sliding_window_inference(mode="gaussian", sigma_scale=0.125)``
   with the same network (encoder + decoder, sigmoid / softmax probabilities, the checkpoint's
   autocast precision and memory format) on the same normalised image;
-* (c) ``gated``  -- :class:`~engines.predictor.Predictor`, ``gating=True``, ``CLS_THRESHOLD`` 0.5.
+* (c) ``gated``  -- :class:`~engines.sliding_window.Predictor`, ``gating=True``, ``CLS_THRESHOLD`` 0.5.
 
 All three use 128-px windows (the checkpoint's INPUT_SIZE), 64 px overlap and 16 windows per
 forward pass. With ``(size - tile)`` divisible by the step (4096 is), MONAI's windows start exactly
@@ -35,7 +35,7 @@ children of a small wrapper process) are reported.
 Ratios and goals are printed under the table. Beside the measured gated speed-up comes one that
 does not drift with other processes' load: the speed-up (c) would have at (a)'s measured
 per-window encoder and decoder cost (windows counted per part: with gating, the heads see only the
-cells of :class:`engines.predictor.GatePlan`, so the encoder runs on far fewer windows than (a)).
+cells of :class:`engines.sliding_window.GatePlan`, so the encoder runs on far fewer windows than (a)).
 
 Threads: ``--threads N`` sets OMP_NUM_THREADS for every subprocess (training, workers, the CLI).
 On a CPU shared with other processes, torch's default of one thread per core made every op wait
@@ -275,7 +275,7 @@ def run_config(job: dict) -> dict:
     from engines.evaluate import eval_config
     from engines.forward import autocast_for, image_to
     from engines.predict import build_predictor, prediction_network
-    from engines.predictor import ArrayImage, PredictStats
+    from engines.sliding_window import ArrayImage, PredictStats
     from utils.image_io import dtype_intensity_range
 
     torch.manual_seed(0)

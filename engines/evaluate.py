@@ -32,7 +32,7 @@ from engines.checkpoint import CheckpointError, read_checkpoint, resolve_weights
 from engines.forward import autocast_for, evaluate_model
 from engines.launch import launch_plan, main_first
 from engines.predict import build_predictor, prediction_network, resolve_gating
-from engines.predictor import ArrayImage, Predictor
+from engines.sliding_window import ArrayImage, Predictor
 from engines.run_dir import EvalFiles, RunDir, eval_outputs
 from model.AuxNet import AuxNet
 from utils.hardware import AMP_DTYPES

@@ -53,7 +53,7 @@ from engines.builders import build_network, memory_format_of, precision_of
 from engines.checkpoint import CheckpointError, resolve_weights_path, stored_split
 from engines.forward import place
 from engines.launch import launch_plan
-from engines.predictor import Predictor
+from engines.sliding_window import Predictor
 from model.AuxNet import AuxNet
 from utils.image_io import InputScaling
 from utils.raster import SUPPORTED_SUFFIXES, RasterError, open_image

@@ -16,7 +16,7 @@ from PIL import Image
 import utils.raster as raster
 from configs import load_config
 from engines.predict import build_predictor, predict, prediction_network
-from engines.predictor import ArrayImage
+from engines.sliding_window import ArrayImage
 from test_cli import TINY, run_cli
 from utils.dataset import build_datasets
 from utils.image_io import RANGE_PERCENTILES, DatasetError, InputScaling, load_folder

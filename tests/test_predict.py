@@ -12,7 +12,7 @@ from PIL import Image
 
 from configs import load_config
 from engines.predict import predict
-from engines.predictor import ArrayImage, Predictor, cover_indices
+from engines.sliding_window import ArrayImage, Predictor, cover_indices
 from model.AuxNet import AuxNet
 from model.losses import build_loss
 from utils.tiling import NO_FILL, fill_label, gaussian_importance_map, window_starts
@@ -229,7 +229,7 @@ def test_a_checkpoint_that_cannot_gate_falls_back_to_gating_false_unless_gating_
 
 
 def test_decoded_windows_outweigh_filled_ones_where_they_overlap():
-    from engines.predictor import FILL_BLEND_WEIGHT
+    from engines.sliding_window import FILL_BLEND_WEIGHT
 
     net = tiny_net(seed=6)
     image = np.random.default_rng(7).random((32, 64, 1)).astype(np.float32)

@@ -18,7 +18,7 @@ import torch
 
 from conftest import torch_threads
 from engines.forward import NonFiniteOutput
-from engines.predictor import ArrayImage, Predictor
+from engines.sliding_window import ArrayImage, Predictor
 from engines.run_dir import RunDir
 from engines.SegTrainer import TrainingDiverged
 from engines.train import write_summary
