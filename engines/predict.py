@@ -54,9 +54,9 @@ from engines.forward import place
 from engines.launch import launch_plan
 from engines.predictor import Predictor
 from model.AuxNet import AuxNet
+from utils.hardware import Runtime
 from utils.image_io import InputScaling
 from utils.raster import SUPPORTED_SUFFIXES, RasterError, open_image
-from utils.hardware import Runtime
 from utils.raster_write import MaskWriter, overlay_png
 from utils.util import DistContext, RunError, atomic_write_text, make_writable_folder
 
@@ -246,8 +246,7 @@ def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, runtime: Runtime, 
         )
     return Predictor(net, tile=cfg.INPUT_SIZE, overlap=cfg.predict_overlap, batch_size=cfg.BATCH_SIZE,
                      device=runtime.device, amp_dtype=runtime.amp_dtype, channels_last=runtime.channels_last,
-                     gating=gating,
-                     cls_threshold=cfg.CLS_THRESHOLD, tta=cfg.TTA, progress=progress)
+                     gating=gating, cls_threshold=cfg.CLS_THRESHOLD, tta=cfg.TTA, progress=progress)
 
 
 def predict(cfg: Config) -> int:

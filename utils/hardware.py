@@ -306,6 +306,16 @@ def time_memory_formats(
     return best
 
 
+def _first_tensor(out) -> torch.Tensor:
+    """The first tensor of a model's output (a tensor, or a tuple such as AuxNetOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for item in out:
+        if isinstance(item, torch.Tensor):
+            return item
+    raise TypeError(f"model output {type(out).__name__} holds no tensor")
+
+
 # --------------------------------------------------------------------------------------------------
 # The runtime: every decision above, taken once per process
 
@@ -385,15 +395,8 @@ def resolve_runtime(
                    notes=MappingProxyType({"MIXED_PRECISION": precision_reason, "CHANNELS_LAST": decision[1]}))
 
 
-def _first_tensor(out) -> torch.Tensor:
-    """The first tensor of a model's output (a tensor, or a tuple such as AuxNetOutput)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for item in out:
-        if isinstance(item, torch.Tensor):
-            return item
-    raise TypeError(f"model output {type(out).__name__} holds no tensor")
-
+# --------------------------------------------------------------------------------------------------
+# torch.compile
 
 def compile_problem(device: torch.device) -> Optional[str]:
     """Why ``torch.compile`` (inductor) cannot build kernels for ``device`` here, or None if it can.
