@@ -272,11 +272,13 @@ def run_config(job: dict) -> dict:
     import torch
 
     from configs import load_config
+    from engines.builders import build_runtime
     from engines.evaluate import eval_config
     from engines.forward import autocast_for, image_to
     from engines.predict import build_predictor, prediction_network
     from engines.sliding_window import ArrayImage, PredictStats
     from utils.image_io import dtype_intensity_range
+    from utils.util import DistContext
 
     torch.manual_seed(0)
     gating = job["mode"] == "gated"
@@ -286,7 +288,8 @@ def run_config(job: dict) -> dict:
     if cfg.INPUT_SIZE != TILE:
         raise SystemExit(f"the checkpoint's INPUT_SIZE is {cfg.INPUT_SIZE}; this bench compares {TILE}-px windows")
     device = torch.device("cpu")
-    predictor = build_predictor(cfg, *prediction_network(cfg, device), device, gating)
+    runtime = build_runtime(cfg, DistContext(device=device))  # as `main.py predict` resolves it
+    predictor = build_predictor(cfg, *prediction_network(cfg, runtime), runtime, gating)
     net, amp, channels_last = predictor.net, predictor.amp_dtype, predictor.channels_last
     raw = np.load(job["image"])
     image = ArrayImage(raw, *dtype_intensity_range(raw.dtype))  # uint8 / 255, as open_image reads a file

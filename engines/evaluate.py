@@ -27,7 +27,7 @@ import torch.distributed as dist
 from configs import Config, ConfigError
 from configs.config_parser import EVAL_KEYS, PREDICT_KEYS, config_for_checkpoint, parse_overrides, precision_note
 from configs.validator import validate
-from engines.builders import build_data, build_loaders, build_metrics, memory_format_of, precision_of
+from engines.builders import build_data, build_loaders, build_metrics
 from engines.checkpoint import CheckpointError, read_checkpoint, resolve_weights_path, saved_run, stored_split
 from engines.forward import autocast_for, evaluate_model
 from engines.launch import launch_plan, main_first
@@ -35,7 +35,7 @@ from engines.predict import build_predictor, prediction_network, resolve_gating
 from engines.sliding_window import ArrayImage, Predictor
 from engines.run_dir import EvalFiles, RunDir, eval_outputs
 from model.AuxNet import AuxNet
-from utils.hardware import AMP_DTYPES
+from utils.hardware import Runtime
 from utils.image_io import ImageSet, file_digest
 from utils.util import DistContext, RunError, atomic_write_json, atomic_write_text
 
@@ -98,7 +98,7 @@ def checkpoint_test_ids(ckpt: Path) -> tuple[Optional[list[str]], Optional[Path]
                    "copy its run's tts.json next to it, or evaluate it in its run folder")
 
 
-def evaluate(cfg: Config, ctx: DistContext, run: RunDir) -> None:
+def evaluate(cfg: Config, ctx: DistContext, runtime: Runtime, run: RunDir) -> None:
     """Evaluate MODEL_WEIGHTS on its own test split (stored in it): a summary JSON (with the settings)
     and per-tile and per-image CSVs beside it (see :func:`write_eval` for their names)."""
     test_ids, split_file = checkpoint_test_ids(resolve_weights_path(cfg.MODEL_WEIGHTS))
@@ -106,20 +106,19 @@ def evaluate(cfg: Config, ctx: DistContext, run: RunDir) -> None:
     splits = main_first(ctx, lambda: build_data(cfg, split_file, cfg.DEFAULT_FOLD, test_ids=test_ids,
                                                 scene_sdm=False, hashes=hashes))  # nothing trains: no distance maps
     _, test_loader = build_loaders(cfg, splits, ctx)
-    net, can_gate = prediction_network(cfg, ctx.device)
-    dtype = precision_of(cfg, ctx.device)
-    channels_last = memory_format_of(cfg, ctx.device)[0]
+    net, can_gate = prediction_network(cfg, runtime)
 
     def autocast():
-        return autocast_for(ctx.device, dtype)
+        return autocast_for(runtime.device, runtime.amp_dtype)
 
-    metrics = evaluate_model(net, test_loader, build_metrics(cfg, ctx.device)(), ctx.device, autocast, channels_last)
+    metrics = evaluate_model(net, test_loader, build_metrics(cfg, ctx.device)(), ctx.device, autocast,
+                             runtime.channels_last)
     summary = metrics.compute()
     rows = metrics.gather_per_image()
     ckpt = resolve_weights_path(cfg.MODEL_WEIGHTS)
-    whole = whole_image_evaluation(cfg, ctx, splits, net, can_gate)
+    whole = whole_image_evaluation(cfg, ctx, runtime, splits, net, can_gate)
     if ctx.is_main:
-        settings = eval_settings(cfg, ctx.device, dtype, channels_last)
+        settings = eval_settings(cfg, runtime)
         files = write_eval(ckpt, settings, {
             "checkpoint": str(ckpt), "fold": cfg.DEFAULT_FOLD, "tiles": len(rows),
             "test_images": list(splits.test_ids), "metrics": summary,
@@ -142,16 +141,14 @@ RUNTIME_EVAL_KEYS = frozenset({
 })
 
 
-def eval_settings(cfg: Config, device: torch.device, dtype: Optional[torch.dtype],
-                  channels_last: bool) -> dict[str, Any]:
+def eval_settings(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     """What decides an eval's numbers: the checkpoint's content (its BLAKE2b hash, :func:`utils.image_io.file_digest`; the network, data and
     split come from it), each evaluation option that can change a result (thresholds, metrics,
     GATING, TILE_OVERLAP, TTA, DATASET_DIR as an absolute path), and the device type, precision and
     memory format the eval really ran with.
 
     Args:
-        dtype: the autocast dtype used (None = fp32), as :func:`engines.builders.precision_of` gives it.
-        channels_last: the memory format used.
+        runtime: the device, precision and memory format the eval ran with.
 
     Returns:
         A JSON-ready dict; two evals with equal settings give the same numbers.
@@ -159,10 +156,8 @@ def eval_settings(cfg: Config, device: torch.device, dtype: Optional[torch.dtype
     options = {key: getattr(cfg, key) for key in sorted(EVAL_KEYS - RUNTIME_EVAL_KEYS)}
     if "DATASET_DIR" in options and options["DATASET_DIR"] != "synthetic":
         options["DATASET_DIR"] = str(Path(options["DATASET_DIR"]).resolve())
-    precision = next(name for name, amp in AMP_DTYPES.items() if amp == dtype)
     settings = {"checkpoint_digest": file_digest(resolve_weights_path(cfg.MODEL_WEIGHTS)), **options,
-                "device": device.type, "precision": precision,
-                "memory_format": "channels_last" if channels_last else "contiguous"}
+                "device": runtime.device.type, "precision": runtime.precision, "memory_format": runtime.memory_format}
     return json.loads(json.dumps(settings))  # as read back from the JSON (tuples become lists, ...)
 
 
@@ -247,13 +242,14 @@ def settings_difference(earlier: Optional[dict[str, Any]], now: dict[str, Any]) 
                      else f"{k}={earlier.get(k)!r}" for k in keys)
 
 
-def whole_image_evaluation(cfg: Config, ctx: DistContext, splits, net: AuxNet, can_gate: bool) -> dict[str, dict]:
+def whole_image_evaluation(cfg: Config, ctx: DistContext, runtime: Runtime, splits, net: AuxNet,
+                           can_gate: bool) -> dict[str, dict]:
     """The test split's whole images predicted by ``net`` (see :func:`engines.predict.prediction_network`)
     without gating and, where its run trained the head and GATING is on, with gating:
     ``{"ungated": {"summary", "images"}, "gated": ...}``."""
     report = {}
     for mode in ("ungated", "gated") if cfg.GATING and cfg.trains_classifier and can_gate else ("ungated",):
-        predictor = build_predictor(cfg, net, can_gate, ctx.device, gating=mode == "gated")
+        predictor = build_predictor(cfg, net, can_gate, runtime, gating=mode == "gated")
         summary, rows = evaluate_whole_images(predictor, splits.test.images, splits.test_ids,
                                               build_metrics(cfg, ctx.device)(), ctx, cfg.SEG_THRESHOLD)
         report[mode] = {"summary": summary, "images": rows}

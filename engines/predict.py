@@ -45,20 +45,20 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from configs import Config, ConfigError
-from engines.builders import build_network, memory_format_of, precision_of
+from engines.builders import build_network, build_runtime
 from engines.checkpoint import CheckpointError, resolve_weights_path, stored_split
 from engines.forward import place
 from engines.launch import launch_plan
 from engines.sliding_window import Predictor
 from model.AuxNet import AuxNet
+from utils.hardware import Runtime
 from utils.image_io import InputScaling
 from utils.raster import SUPPORTED_SUFFIXES, RasterError, open_image
 from utils.raster_write import MaskWriter, overlay_png
-from utils.util import RunError, atomic_write_text, make_writable_folder
+from utils.util import DistContext, RunError, atomic_write_text, make_writable_folder
 
 #: Hidden temporary files of an interrupted write into a predict folder: ``atomic_write`` and
 #: raster_write's temporary outputs (``tempfile.mkstemp`` names: ``.<output name>.<8 random>.tmp``)
@@ -195,13 +195,13 @@ def output_names(files: list[Path]) -> dict[Path, str]:
     return names
 
 
-def prediction_network(cfg: Config, device: torch.device) -> tuple[AuxNet, bool]:
-    """The network of MODEL_WEIGHTS on ``device``, and whether it can gate: it has heads, and its
+def prediction_network(cfg: Config, runtime: Runtime) -> tuple[AuxNet, bool]:
+    """The network of MODEL_WEIGHTS on the runtime's device, and whether it can gate: it has heads, and its
     fill head was loaded (a checkpoint made before the fill head existed has none)."""
     net, report = build_network(cfg)
     fill_loaded = report is not None and not any(k.startswith("fill_head.") for k in report.initialised)
     can_gate = net.head is not None and fill_loaded
-    return place(net, device, memory_format_of(cfg, device)[0]), can_gate
+    return place(net, runtime.device, runtime.channels_last), can_gate
 
 
 def gating_unavailable(cfg: Config, weights: Mapping[str, Any]) -> Optional[str]:
@@ -232,9 +232,9 @@ def resolve_gating(cfg: Config, weights: Mapping[str, Any], typed: bool) -> Conf
     return dataclasses.replace(cfg, GATING=False)
 
 
-def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, device: torch.device, gating: bool,
+def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, runtime: Runtime, gating: bool,
                     progress: bool = False) -> Predictor:
-    """A :class:`Predictor` of ``net`` with the configuration's tile, overlap, batch and precision.
+    """A :class:`Predictor` of ``net`` with the configuration's tile, overlap and batch, run as ``runtime`` says.
 
     Raises:
         CheckpointError: gating asked of a network that cannot gate (see :func:`prediction_network`).
@@ -245,9 +245,8 @@ def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, device: torch.devi
             "gated prediction existed), so tiles cannot be gated: use GATING=false, or retrain"
         )
     return Predictor(net, tile=cfg.INPUT_SIZE, overlap=cfg.predict_overlap, batch_size=cfg.BATCH_SIZE,
-                     device=device, amp_dtype=precision_of(cfg, device),
-                     channels_last=memory_format_of(cfg, device)[0], gating=gating,
-                     cls_threshold=cfg.CLS_THRESHOLD, tta=cfg.TTA, progress=progress)
+                     device=runtime.device, amp_dtype=runtime.amp_dtype, channels_last=runtime.channels_last,
+                     gating=gating, cls_threshold=cfg.CLS_THRESHOLD, tta=cfg.TTA, progress=progress)
 
 
 def predict(cfg: Config) -> int:
@@ -255,8 +254,9 @@ def predict(cfg: Config) -> int:
     try:
         files = check_inputs(cfg)
         out = output_dir(cfg)
-        device = launch_plan(cfg)[1][0]  # one process: the first device a training run would use
-        predictor = build_predictor(cfg, *prediction_network(cfg, device), device, cfg.GATING, progress=True)
+        # one process: the first device a training run would use, resolved as a launched rank resolves it
+        runtime = build_runtime(cfg, DistContext(device=launch_plan(cfg)[1][0]))
+        predictor = build_predictor(cfg, *prediction_network(cfg, runtime), runtime, cfg.GATING, progress=True)
         inputs = training_inputs(cfg)
         made = prepare_output(out)  # last: nothing is created before everything else was checked
     except (ConfigError, RunError) as err:

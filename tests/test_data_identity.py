@@ -15,6 +15,7 @@ from PIL import Image
 
 import utils.raster as raster
 from configs import load_config
+from engines.builders import build_runtime
 from engines.predict import build_predictor, predict, prediction_network
 from engines.sliding_window import ArrayImage
 from test_cli import TINY, run_cli
@@ -22,6 +23,7 @@ from utils.dataset import build_datasets
 from utils.image_io import RANGE_PERCENTILES, DatasetError, InputScaling, load_folder
 from utils.raster import open_image
 from utils.splits import resolve_split
+from utils.util import DistContext
 from bench.folder_datasets import ensure_folder_dataset
 
 CPU = torch.device("cpu")
@@ -264,8 +266,9 @@ def test_a_checkpoint_without_the_record_scales_by_the_dtype_as_before(trained, 
     tifffile.imwrite(tmp_path / "s0.tif", raw)
     mask = _predict(tmp_path / "old.pth", tmp_path / "s0.tif", tmp_path / "out")
     cfg = _predict_cfg(tmp_path / "old.pth")
-    net, can_gate = prediction_network(cfg, CPU)
-    predictor = build_predictor(cfg, net, can_gate, CPU, gating=False)
+    runtime = build_runtime(cfg, DistContext())  # as predict resolves it
+    net, can_gate = prediction_network(cfg, runtime)
+    predictor = build_predictor(cfg, net, can_gate, runtime, gating=False)
     probs, _ = predictor.predict_array(ArrayImage(raw, 0.0, 65535.0))  # today's scaling: the dtype's range
     assert np.array_equal(mask, predictor.labels(probs, cfg.SEG_THRESHOLD))
     assert "warning" not in capsys.readouterr().out

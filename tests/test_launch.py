@@ -87,7 +87,7 @@ def _launch(tmp_path, command, *overrides):
 
 
 def test_a_new_run_that_trained_nothing_is_removed_whatever_ends_it(tmp_path):
-    def broken(cfg, ctx, run):
+    def broken(cfg, ctx, runtime, run):
         run.split.write_text("{}")  # some files are written, then a bug (not a RunError) strikes
         raise ZeroDivisionError("a bug")
 
@@ -95,7 +95,7 @@ def test_a_new_run_that_trained_nothing_is_removed_whatever_ends_it(tmp_path):
         _launch(tmp_path, broken)
     assert not (tmp_path / "out" / "x").exists()
 
-    def interrupted(cfg, ctx, run):
+    def interrupted(cfg, ctx, runtime, run):
         run.split.write_text("{}")
         raise KeyboardInterrupt
 
@@ -106,7 +106,7 @@ def test_a_new_run_that_trained_nothing_is_removed_whatever_ends_it(tmp_path):
 
 
 def test_an_interrupted_run_with_a_checkpoint_says_how_to_resume_and_releases_its_lock(tmp_path):
-    def one_epoch_then_ctrl_c(cfg, ctx, run):
+    def one_epoch_then_ctrl_c(cfg, ctx, runtime, run):
         run.last.write_bytes(b"a checkpoint")
         raise KeyboardInterrupt
 

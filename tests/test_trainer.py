@@ -13,7 +13,7 @@ import torch
 
 from configs import Config, load_config
 from conftest import torch_threads
-from engines.builders import build_data, build_network, build_trainer, loss_options, lr_factor
+from engines.builders import build_data, build_network, build_runtime, build_trainer, loss_options, lr_factor
 from engines.checkpoint import read_checkpoint
 from engines.run_dir import RunDir
 from model.AuxNet import STAGES
@@ -35,7 +35,9 @@ def make_trainer(cfg: Config, run: RunDir):
     """What ``engines.train.train_fold`` builds for fold 0, in this process on the CPU."""
     seed_everything(cfg.SEED)
     splits = build_data(cfg, run.split, fold=0)
-    return build_trainer(cfg, DistContext(), run, splits, fold=0)
+    with torch_threads(1):  # the runtime sets a launched rank's threads: keep this test's one thread
+        runtime = build_runtime(cfg, DistContext())
+    return build_trainer(cfg, DistContext(), runtime, run, splits, fold=0)
 
 
 def fit(trainer) -> dict:

@@ -120,15 +120,3 @@ def test_cpu_threads_honour_omp_num_threads_and_the_cpu_affinity(monkeypatch, om
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: affinity, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert cpu_threads(local) == threads
-
-
-def test_a_training_process_keeps_the_thread_count_the_user_set(monkeypatch):
-    from utils.util import init_distributed
-
-    before = torch.get_num_threads()
-    try:
-        monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        init_distributed(0, 1, 0, torch.device("cpu"))
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)

@@ -248,9 +248,8 @@ def init_distributed(
 ) -> DistContext:
     """Join the process group (NCCL on CUDA, gloo on CPU) when ``world_size > 1``.
 
-    MASTER_ADDR / MASTER_PORT must already be in the environment. Each CPU process gets
-    :func:`cpu_threads` threads, so processes do not oversubscribe the cores (the local count:
-    ``LOCAL_WORLD_SIZE`` under torchrun, else every process is local).
+    MASTER_ADDR / MASTER_PORT must already be in the environment. (The process's threads are
+    part of its runtime: ``engines.builders.build_runtime``.)
     """
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -259,8 +258,6 @@ def init_distributed(
         dist.init_process_group(
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(local_processes(world_size)))
     return DistContext(rank, world_size, local_rank, device)
 
 
