@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from test_cli import CLI_ENV, ROOT, TINY, cli_command, run_cli
+from conftest import CLI_ENV, ROOT, TINY, cli_command, run_cli
 
 #: Dropout on, so that the random streams of the network matter too.
 ARGS = [*TINY, "TRAIN_EPOCHS=2", "SEG_DROPOUT=0.2", "EXP_ID=exact"]

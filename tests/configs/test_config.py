@@ -263,7 +263,7 @@ def test_non_finite_numbers_in_a_file_are_reported_with_the_other_problems(tmp_p
 
 
 def test_the_cli_refuses_nan_before_making_a_run_folder(tmp_path):
-    from test_cli import TINY, run_cli
+    from conftest import TINY, run_cli
 
     proc = run_cli(*TINY, "TRAIN_EPOCHS=1", "SEG_THRESHOLD=.nan", f"RESULTS_DIR={tmp_path / 'out'}", "GPUs=[]",
                    check=False)

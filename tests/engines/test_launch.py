@@ -20,13 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import torch_threads
+from conftest import ROOT, TINY, run_cli, tiny_config, torch_threads
 from engines.checkpoint import CheckpointError, read_checkpoint, restore_training
 from engines.evaluate import checkpoint_test_ids
 from engines.launch import Interrupted, RunLock, launch
 from engines.run_dir import RunDir
-from test_cli import ROOT, TINY, run_cli
-from test_trainer import tiny_config
 from utils.util import RunError
 
 #: The CLI's tiny run on the CPU in fp32 (an epoch in well under a second on one free core).

@@ -14,9 +14,9 @@ import pytest
 import tifffile
 from PIL import Image
 
+from conftest import predict_config
 from engines import predict as predict_module
 from engines.predict import predict
-from test_predict import _predict_cfg, checkpoint  # noqa: F401 (the module's checkpoint fixture)
 from utils.raster_write import MaskWriter
 
 
@@ -50,7 +50,7 @@ def _records(out: Path) -> list[dict]:
 
 
 def _run(checkpoint, inputs, out, *extra):
-    return predict(_predict_cfg(checkpoint, f"INPUT={inputs}", f"OUTPUT={out}", "GATING=false", *extra))
+    return predict(predict_config(checkpoint, f"INPUT={inputs}", f"OUTPUT={out}", "GATING=false", *extra))
 
 
 # ---- item 1: OUTPUT and INPUT
@@ -159,7 +159,7 @@ def test_without_output_every_predict_writes_a_fresh_folder_beside_the_checkpoin
     shutil.copy(checkpoint, weights)
     inputs = _images(tmp_path / "in", "a.png")
     for n in (1, 2):
-        assert predict(_predict_cfg(weights, f"INPUT={inputs}", "GATING=false")) == 0
+        assert predict(predict_config(weights, f"INPUT={inputs}", "GATING=false")) == 0
         assert len(_records(weights.parent / f"predict_{n}")) == 1
 
 

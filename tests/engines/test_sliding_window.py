@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from configs import load_config
+from conftest import predict_config
 from engines.predict import predict
 from engines.predictor import ArrayImage, Predictor, cover_indices
 from model.AuxNet import AuxNet
@@ -147,26 +148,6 @@ def test_gating_a_network_without_heads_is_refused():
         Predictor(net, tile=32, overlap=0, batch_size=2, device=CPU, gating=True)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A checkpoint of a tiny untrained network, with its configuration, as training saves it."""
-    folder = tmp_path_factory.mktemp("ckpt")
-    cfg = load_config(None, ["INPUT_SIZE=64", "UNET_DEPTH=3", "CONV_DEPTH=4", "MIXED_PRECISION=none",
-                             "CHANNELS_LAST=false"])
-    net = tiny_net(seed=4)
-    net = AuxNet(1, 1, 1, depth=3, base_width=4)
-    torch.save({"model": net.state_dict(), "config": cfg.to_dict(), "fold": 0}, folder / "best.pth")
-    return folder / "best.pth"
-
-
-def _predict_cfg(checkpoint, *overrides):
-    """The configuration of ``main.py predict`` on the CPU (``GPUs=[]``: predict takes a visible GPU)."""
-    from engines.evaluate import eval_config
-
-    args = [f"MODEL_WEIGHTS={checkpoint}", "GPUs=[]", *overrides]
-    return eval_config(load_config(None, args), args, "predict")
-
-
 def test_predict_a_folder_goes_on_past_a_bad_file_and_lists_it(checkpoint, tmp_path, capsys):
     rng = np.random.default_rng(5)
     folder = tmp_path / "in"
@@ -178,7 +159,7 @@ def test_predict_a_folder_goes_on_past_a_bad_file_and_lists_it(checkpoint, tmp_p
     Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "d_rgb.png")
     (folder / "notes.txt").write_text("ignored")
     out = tmp_path / "out"
-    status = predict(_predict_cfg(checkpoint, f"INPUT={folder}", f"OUTPUT={out}", "GATING=false",
+    status = predict(predict_config(checkpoint, f"INPUT={folder}", f"OUTPUT={out}", "GATING=false",
                                   "SAVE_PROBABILITIES=true"))
     printed = capsys.readouterr().out
     assert status == 2
@@ -212,7 +193,7 @@ def test_a_checkpoint_that_cannot_gate_falls_back_to_gating_false_unless_gating_
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "x.png")
     args = (f"INPUT={tmp_path / 'x.png'}", f"OUTPUT={tmp_path / 'o'}")
     # before: refused ("use GATING=false") although GATING was never typed, as the README says it falls back
-    cfg = _predict_cfg(old, *args)
+    cfg = predict_config(old, *args)
     notes = [line for line in capsys.readouterr().out.splitlines(keepends=True) if "MIXED_PRECISION" not in line]
     assert "".join(notes) == f"note: GATING=false for MODEL_WEIGHTS={old}: {why}, so every tile is decoded\n"
     assert cfg.GATING is False and predict(cfg) == 0
@@ -220,7 +201,7 @@ def test_a_checkpoint_that_cannot_gate_falls_back_to_gating_false_unless_gating_
                                           rf"{re.escape(why)}\. "
                                           r"Use GATING=false \(or leave it out\), or train its heads first with "
                                           rf"`main.py train MODEL=AuxNet-C MODEL_WEIGHTS={old}`"):
-        _predict_cfg(old, *args, "GATING=true")
+        predict_config(old, *args, "GATING=true")
     from engines.evaluate import eval_config  # eval falls back and refuses alike
 
     assert eval_config(load_config(None, [f"MODEL_WEIGHTS={old}"]), [f"MODEL_WEIGHTS={old}"]).GATING is False

@@ -11,31 +11,16 @@ import shutil
 import pytest
 import torch
 
-from configs import Config, load_config
-from conftest import torch_threads
-from engines.builders import build_data, build_model, build_trainer, loss_options, lr_factor
+from configs import Config
+from conftest import make_trainer, tiny_config, torch_threads
+from engines.builders import build_data, build_model, loss_options, lr_factor
 from engines.checkpoint import read_checkpoint
 from engines.run_dir import RunDir
 from model.AuxNet import STAGES
 from model.losses import LossOptions
-from utils.util import DistContext, seed_everything
 
-#: A run that trains in a few seconds: 3 training images of 128² (12 tiles of 64², 3 steps per
-#: epoch), 1 test image; a 3-level U-Net 8 maps wide.
-TINY = ["SYNTHETIC_IMAGES=4", "SYNTHETIC_SIZE=128", "INPUT_SIZE=64", "UNET_DEPTH=3", "CONV_DEPTH=8",
-        "BATCH_SIZE=4", "WARMUP_EPOCHS=0", "TRAIN_EPOCHS=2", "TEST_SPLIT=0.25"]
+#: :func:`conftest.tiny_config`'s run: 3 training images of 128² give 12 tiles of 64², 3 steps per epoch.
 STEPS_PER_EPOCH = 3
-
-
-def tiny_config(results_dir, *overrides: str) -> Config:
-    return load_config(None, [*TINY, f"RESULTS_DIR={results_dir}", *overrides])
-
-
-def make_trainer(cfg: Config, run: RunDir):
-    """What ``engines.train.train_fold`` builds for fold 0, in this process on the CPU."""
-    seed_everything(cfg.SEED)
-    splits = build_data(cfg, run.split, fold=0)
-    return build_trainer(cfg, DistContext(), run, splits, fold=0)
 
 
 def fit(trainer) -> dict:
@@ -61,21 +46,6 @@ def finished_run(tmp_path_factory):
     run.root.mkdir()
     trainer = make_trainer(cfg, run)
     return cfg, run, trainer, fit(trainer)
-
-
-@pytest.fixture
-def new_trainer(tmp_path):
-    """``new_trainer(*overrides, run=None)``: a trainer of the tiny config in ``tmp_path`` (run folder
-    ``tmp_path/run`` unless given); its logger is closed after the test."""
-    made = []
-
-    def make(*overrides: str, run: RunDir | None = None):
-        made.append(make_trainer(tiny_config(tmp_path, *overrides), run or RunDir(tmp_path / "run")))
-        return made[-1]
-
-    yield make
-    for trainer in made:
-        trainer.logger.close()
 
 
 @pytest.fixture(scope="module")
@@ -128,17 +98,17 @@ def test_two_epochs_write_last_best_summary_and_log_and_the_loss_falls(finished_
 # ----------------------------------------------------------------------------------- optimiser
 
 
-def test_whole_image_distances_reach_the_boundary_term(new_trainer):
+def test_whole_image_distances_reach_the_boundary_term(trainers):
     # SDM_SCOPE=image: the training batches carry each tile's cut of its image's distance maps,
     # and the step's Boundary term integrates the probabilities against them (not the tile's own)
-    trainer = new_trainer("LOSS=SoftDICE_Boundary", "SDM_SCOPE=image", "SDM_NORMALIZATION=none")
+    trainer = trainers("LOSS=SoftDICE_Boundary", "SDM_SCOPE=image", "SDM_NORMALIZATION=none")
     image, mask, label, fill, sdm = trainer.to_device(next(iter(trainer.train_loader)))
     assert sdm.shape == (4, 1, 64, 64)
     with torch.no_grad():
         out, loss = trainer.ddp(image, mask, label, fill, sdm)
     expected = (torch.sigmoid(out.seg.float()) * sdm).mean()
     assert loss.terms["Boundary"].item() == pytest.approx(expected.item(), rel=1e-5)
-    plain = new_trainer("LOSS=SoftDICE_Boundary", run=RunDir(trainer.s.run.root.parent / "plain"))
+    plain = trainers("LOSS=SoftDICE_Boundary", run=RunDir(trainer.s.run.root.parent / "plain"))
     assert plain.to_device(next(iter(plain.train_loader)))[-1] is None  # SDM_SCOPE=tile: no maps
 
 
@@ -150,16 +120,16 @@ def test_evaluation_data_computes_no_distance_maps(tmp_path):
     assert build_data(cfg, split, 0, scene_sdm=False).train.scene_sdm is None
 
 
-def test_network_params_get_l2_decay_and_a_static_loss_has_no_group(new_trainer):
-    trainer = new_trainer("L2_DECAY=0.05")
+def test_network_params_get_l2_decay_and_a_static_loss_has_no_group(trainers):
+    trainer = trainers("L2_DECAY=0.05")
     (group,) = trainer.optimizer.param_groups
     assert group["weight_decay"] == 0.05 and group["lr"] == Config().BASE_LR
     assert ids(group["params"]) == ids(trainer.step.net.parameters())
     assert list(trainer.step.loss.parameters()) == []
 
 
-def test_learnable_loss_weights_get_no_weight_decay(new_trainer):
-    trainer = new_trainer("ADAPTIVE_WEIGHTS=true", "L2_DECAY=0.05")
+def test_learnable_loss_weights_get_no_weight_decay(trainers):
+    trainer = trainers("ADAPTIVE_WEIGHTS=true", "L2_DECAY=0.05")
     net_group, loss_group = trainer.optimizer.param_groups
     assert net_group["weight_decay"] == 0.05 and ids(net_group["params"]) == ids(trainer.step.net.parameters())
     assert loss_group["weight_decay"] == 0.0
@@ -171,8 +141,8 @@ def test_learnable_loss_weights_get_no_weight_decay(new_trainer):
     assert any(not torch.equal(b, p) for b, p in zip(before, loss_group["params"]))
 
 
-def test_auxnet_c_from_weights_optimises_only_the_head_and_leaves_the_rest_as_loaded(new_trainer, bare_weights):
-    trainer = new_trainer("MODEL=AuxNet-C", f"MODEL_WEIGHTS={bare_weights}", "EVAL_METRIC=TTR")
+def test_auxnet_c_from_weights_optimises_only_the_head_and_leaves_the_rest_as_loaded(trainers, bare_weights):
+    trainer = trainers("MODEL=AuxNet-C", f"MODEL_WEIGHTS={bare_weights}", "EVAL_METRIC=TTR")
     net = trainer.step.net
     parts = parts_of(net)
     (group,) = trainer.optimizer.param_groups
@@ -192,12 +162,12 @@ def test_auxnet_c_from_weights_optimises_only_the_head_and_leaves_the_rest_as_lo
 # ----------------------------------------------------------------------------------- resume
 
 
-def test_resume_continues_after_the_last_epoch_with_the_optimiser_state(finished_run, new_trainer, tmp_path):
+def test_resume_continues_after_the_last_epoch_with_the_optimiser_state(finished_run, trainers, tmp_path):
     _, run, _, _ = finished_run
     copy = RunDir(tmp_path / "copy")
     shutil.copytree(run.root, copy.root)
     saved = read_checkpoint(copy.last)
-    trainer = new_trainer("TRAIN_EPOCHS=3", run=copy)
+    trainer = trainers("TRAIN_EPOCHS=3", run=copy)
 
     trainer.resume_if_possible()
     assert trainer.start_epoch == 2
@@ -216,13 +186,13 @@ def test_resume_continues_after_the_last_epoch_with_the_optimiser_state(finished
     assert read_checkpoint(copy.last)["epoch"] == 2
 
 
-def test_resume_with_more_epochs_stretches_the_decay_from_the_next_step(finished_run, new_trainer, tmp_path):
+def test_resume_with_more_epochs_stretches_the_decay_from_the_next_step(finished_run, trainers, tmp_path):
     # README: "A larger TRAIN_EPOCHS extends a finished run (the cosine decay is stretched from the
     # next step on)". The 2-epoch run ended at lr 0; its next step, 6 of 9, should use the 3-epoch decay.
     cfg, run, _, _ = finished_run
     copy = RunDir(tmp_path / "copy")
     shutil.copytree(run.root, copy.root)
-    trainer = new_trainer("TRAIN_EPOCHS=3", run=copy)
+    trainer = trainers("TRAIN_EPOCHS=3", run=copy)
     trainer.resume_if_possible()
     factor = lr_factor(2 * STEPS_PER_EPOCH, warmup=0, decay=3 * STEPS_PER_EPOCH, start=cfg.INIT_LR / cfg.BASE_LR)
     expected = cfg.BASE_LR * factor

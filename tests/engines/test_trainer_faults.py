@@ -16,13 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import torch_threads
+from conftest import TINY, fit_epochs, log_epochs, run_cli, torch_threads
 from engines.forward import NonFiniteOutput
 from engines.predictor import ArrayImage, Predictor
 from engines.run_dir import RunDir
 from engines.SegTrainer import TrainingDiverged
-from test_cli import TINY, run_cli
-from test_faults import fit_epochs, log_epochs, trainers  # noqa: F401  (trainers: a fixture)
 from utils.loggers import JsonLinesLogger
 from utils.util import WriteError
 

@@ -15,14 +15,13 @@ import time
 import pytest
 import torch
 
-from conftest import torch_threads
+from conftest import fit_epochs, log_epochs, tiny_config, torch_threads
 from engines.builders import build_model
-from engines.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from engines.checkpoint import CheckpointError, read_checkpoint
 from engines.launch import RunLock
 from engines.run_dir import RunDir
 from engines.SegTrainer import TrainingDiverged, epoch_seed, non_finite
 from model.metrics import DISTANCE_METRICS
-from test_trainer import make_trainer, tiny_config
 from utils.plots import curve_groups
 from utils.util import RunError
 
@@ -31,33 +30,6 @@ from utils.util import RunError
 def _one_thread():
     with torch_threads(1):
         yield
-
-
-@pytest.fixture
-def trainers(tmp_path):
-    """``trainers(*overrides, run=None)``: a tiny-config trainer (run folder ``tmp_path/run``); loggers closed after."""
-    made = []
-
-    def make(*overrides: str, run: RunDir | None = None):
-        run = run or RunDir(tmp_path / "run")
-        run.root.mkdir(exist_ok=True)
-        made.append(make_trainer(tiny_config(tmp_path, *overrides), run))
-        return made[-1]
-
-    yield make
-    for trainer in made:
-        trainer.logger.close()
-
-
-def log_epochs(run: RunDir) -> list[int]:
-    return [json.loads(line)["epoch"] for line in run.log.read_text().splitlines()]
-
-
-def fit_epochs(trainer, epochs: int):
-    """Fit until ``epochs`` epochs are done (the run's TRAIN_EPOCHS may be larger)."""
-    full, trainer.s.epochs = trainer.s.epochs, epochs
-    trainer.fit()
-    trainer.s.epochs = full
 
 
 # ----------------------------------------------------------------------------- bug 3: the NaN guard

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import torch_threads
+from conftest import make_trainer, tiny_config, torch_threads
 from engines.checkpoint import read_checkpoint
 from engines.run_dir import RunDir
-from test_trainer import make_trainer, tiny_config
 from utils.augment import build_augmentation, seed_augmentation
 
 # three workers on a two-core machine: torch's advice to use fewer is beside the point here

@@ -14,10 +14,9 @@ import torch
 from PIL import Image
 
 import utils.raster as raster
-from configs import load_config
+from conftest import ROOT, TINY, predict_config, run_cli
 from engines.predict import build_predictor, predict, prediction_network
 from engines.predictor import ArrayImage
-from test_cli import TINY, run_cli
 from utils.dataset import build_datasets
 from utils.image_io import RANGE_PERCENTILES, DatasetError, InputScaling, load_folder
 from utils.raster import open_image
@@ -140,7 +139,7 @@ def test_resolve_split_without_images_neither_records_nor_checks(tmp_path):
 
 
 def test_bench_fixed_splits_record_the_hashes_that_resume_checks(tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(ROOT / "bench"))
     import reproduce
 
     data = ensure_folder_dataset(tmp_path / "data" / "smoke", "smoke")
@@ -207,15 +206,8 @@ def trained(tmp_path_factory):
     return base / "results" / "identity" / "run_001", data
 
 
-def _predict_cfg(weights: Path, *overrides):
-    from engines.evaluate import eval_config
-
-    args = [f"MODEL_WEIGHTS={weights}", "GATING=false", *overrides]
-    return eval_config(load_config(None, args), args, "predict")
-
-
 def _predict(weights: Path, image: Path, out: Path) -> np.ndarray:
-    assert predict(_predict_cfg(weights, f"INPUT={image}", f"OUTPUT={out}")) == 0
+    assert predict(predict_config(weights, "GATING=false", f"INPUT={image}", f"OUTPUT={out}")) == 0
     return np.asarray(Image.open(out / f"{image.stem}_mask.png"))
 
 
@@ -263,7 +255,7 @@ def test_a_checkpoint_without_the_record_scales_by_the_dtype_as_before(trained, 
     raw = np.asarray(Image.open(data / "images" / "s0.png")).astype(np.uint16)
     tifffile.imwrite(tmp_path / "s0.tif", raw)
     mask = _predict(tmp_path / "old.pth", tmp_path / "s0.tif", tmp_path / "out")
-    cfg = _predict_cfg(tmp_path / "old.pth")
+    cfg = predict_config(tmp_path / "old.pth", "GATING=false")
     net, can_gate = prediction_network(cfg, CPU)
     predictor = build_predictor(cfg, net, can_gate, CPU, gating=False)
     probs, _ = predictor.predict_array(ArrayImage(raw, 0.0, 65535.0))  # today's scaling: the dtype's range
