@@ -1,6 +1,8 @@
 """In-process tests of the trainer (engines/SegTrainer.py) and its builders (engines/builders.py):
 a two-epoch CPU run on tiny synthetic data, the optimiser's parameter groups, resuming a run, the
-config → loss options table and the stage table."""
+config → loss options table and the stage table, GRAD_CLIP, EARLY_STOPPING, the per-rank seeds and
+the MODEL_WEIGHTS load report. Restarts after a kill: test_trainer_resume.py; faults:
+test_trainer_faults.py."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from conftest import make_trainer, tiny_config, torch_threads
 from engines.builders import build_data, build_model, loss_options, lr_factor
 from engines.checkpoint import read_checkpoint
 from engines.run_dir import RunDir
+from engines.SegTrainer import epoch_seed
 from model.AuxNet import STAGES
 from model.losses import LossOptions
 
@@ -297,3 +300,42 @@ def test_build_model_applies_the_stage_table(model, tmp_path, bare_weights):
         assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
     net.train()  # frozen parts stay in eval mode (their BatchNorm statistics do not move)
     assert net.inc.training == ("E" in stage.trains) and net.ups.training == ("D" in stage.trains)
+
+
+# ----------------------------------------------------------------------------------- options and seeds
+
+
+def test_every_rank_and_epoch_draws_its_own_seed():
+    seeds = {epoch_seed(42, epoch, rank) for epoch in range(20) for rank in range(8)}
+    assert len(seeds) == 160
+    assert epoch_seed(42, 3, 1) == epoch_seed(42, 3, 1)
+
+
+def test_grad_clip_bounds_the_gradient_norm(trainers):
+    trainer = trainers("GRAD_CLIP=0.001")
+    trainer.ddp.train()
+    trainer.optimise(next(iter(trainer.train_loader)))
+    grads = [p.grad for p in trainer.step.parameters() if p.grad is not None]
+    assert float(torch.nn.utils.get_total_norm(grads)) <= 0.001 * 1.0001
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(trainers, monkeypatch, capsys):
+    trainer = trainers("TRAIN_EPOCHS=6", "EARLY_STOPPING=2")
+
+    class Flat:
+        def compute(self):
+            return {"DSC": 0.5}
+
+    monkeypatch.setattr(trainer, "evaluate", lambda loader=None: Flat())
+    summary = trainer.fit()
+    assert [h["epoch"] for h in trainer.history] == [0, 1, 2] and summary["best_epoch"] == 0
+    assert "early stopping after epoch 2" in capsys.readouterr().out
+
+
+def test_auxnet_d_starts_from_a_unet_checkpoint_and_reports_the_new_frozen_head(trainers, tmp_path, capsys):
+    unet = build_model(tiny_config(tmp_path, "MODEL=UNet"))
+    torch.save(unet.state_dict(), tmp_path / "unet.pth")
+    trainer = trainers("MODEL=AuxNet-D", f"MODEL_WEIGHTS={tmp_path / 'unet.pth'}")
+    out = capsys.readouterr().out
+    assert "newly initialised" in out and "(head, fill_head)" in out and "frozen at their initialisation" in out
+    assert all(not p.requires_grad for p in trainer.step.net.head.parameters())
