@@ -302,6 +302,19 @@ def test_build_model_applies_the_stage_table(model, tmp_path, bare_weights):
     assert net.inc.training == ("E" in stage.trains) and net.ups.training == ("D" in stage.trains)
 
 
+def test_lr_schedule_warmup_then_cosine():
+    f = lambda s: lr_factor(s, warmup=10, decay=20, start=0.1)  # noqa: E731
+    assert f(0) == pytest.approx(0.1)
+    assert f(5) == pytest.approx(0.55)
+    assert f(10) == pytest.approx(1.0)
+    assert f(20) == pytest.approx(0.5)
+    assert f(30) == pytest.approx(0.0, abs=1e-12)
+    assert f(40) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(0, warmup=0, decay=4, start=0.1) == 1.0
+    values = [f(s) for s in range(10, 31)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
 # ----------------------------------------------------------------------------------- options and seeds
 
 
