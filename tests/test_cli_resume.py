@@ -1,6 +1,6 @@
-"""Issue #11: exact resume. A CLI run killed with SIGKILL (kill -9) after its first checkpoint, in
-the middle of the next epoch, and resumed, ends with weights bit-identical to an uninterrupted run's
-(on the CPU: augmentation, dropout and shuffling included)."""
+"""Exact resume through the command line: a run killed with SIGKILL (kill -9) after its first
+checkpoint, in the middle of the next epoch, and resumed, ends with weights bit-identical to an
+uninterrupted run's (on the CPU: augmentation, dropout and shuffling included)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 22 item 4: NUM_WORKERS changes nothing that is learned. Every random draw of a training
+"""NUM_WORKERS changes nothing that is learned. Every random draw of a training
 sample (its augmentation) comes from (SEED, fold, epoch, rank, sample index) alone, never from the
 loader worker that happens to load it, so 0, 2 or 3 workers give bit-identical batches and weights
 on the CPU, and a run resumed with another NUM_WORKERS continues exactly."""
