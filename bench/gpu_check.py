@@ -22,7 +22,7 @@ Rows, on ``--device`` (default ``cuda``):
   the ground truth.
 
 ``--device cpu --smoke`` runs every row small on the CPU (gloo for NCCL, one fp32 training run, a
-256² scene); ``tests/test_gpu_check.py`` runs it so that the script is known to work before a GPU
+256² scene); ``tests/bench/test_gpu_check.py`` runs it so that the script is known to work before a GPU
 ever runs it.
 
 Usage:

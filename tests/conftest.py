@@ -1,21 +1,36 @@
-"""Shared test helpers: random masks and label maps, and the reference distances that the SDF, loss
-and metric tests check against.
+"""Shared test helpers: random masks and label maps, the reference distances that the SDF, loss and
+metric tests check against, the command line's tiny run, a trainer in this process, and checkpoints
+written by the real writer.
 
-They are plain functions, imported by name (``from conftest import blobs``): tests/ has no
-``__init__.py``, so pytest's default ``prepend`` import mode puts tests/ on ``sys.path`` and this
-module is ``conftest`` both for pytest and for the test modules.
+The suite mirrors the packages: ``tests/configs``, ``tests/model``, ``tests/engines``, ``tests/utils``
+and ``tests/bench`` test those folders; ``tests/`` itself holds the command-line tests (``main.py``
+end to end) and the CUDA tests. No folder has an ``__init__.py``: pytest's default ``prepend``
+import mode puts each test file's folder and tests/ (this file's folder) on ``sys.path``, so this
+module is ``conftest`` both for pytest and for the test modules, helpers are imported by name
+(``from conftest import blobs``) from any folder, and test file names must be unique across folders.
+A test module never imports another one: what two of them share lives here.
 
 Two helpers with a similar purpose are kept apart where their recipes differ (so every test keeps its
 exact inputs): :func:`random_labels` / :func:`labels_with_every_class`, and :func:`blobs` (smooth
 random shapes) / :func:`random_box` (one rectangle).
 
-The one fixture, ``one_thread``, runs a test on one torch thread (see :func:`torch_threads`); tests
-marked ``cuda`` skip without a CUDA device.
+The fixtures: ``one_thread`` runs a test on one torch thread (see :func:`torch_threads`);
+``trainers`` makes tiny trainers in the test's folder; ``checkpoint`` is a tiny network's checkpoint
+as training writes it (:func:`write_checkpoint`). Tests marked ``cuda`` skip without a CUDA device.
+
+The project's modules are imported inside the helpers that use them, so that collecting a test of a
+low-level module (``utils/sdf.py``) does not import the trainer.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +192,146 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+#: The repository root, where main.py runs.
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The ISBI-2012 EM data (30 images of 512² and their membrane masks), where it is checked out beside
+#: the repository; the tests that use it skip without it.
+ISBI = ROOT.parent / "shared" / "data" / "isbi2012"
+
+#: A command-line run that trains in seconds: 3 training images of 128² (tiles of 64²), 1 test image,
+#: a 3-level U-Net 8 maps wide, no loader workers.
+TINY = ["SYNTHETIC_IMAGES=4", "SYNTHETIC_SIZE=128", "INPUT_SIZE=64", "UNET_DEPTH=3", "CONV_DEPTH=8",
+        "BATCH_SIZE=4", "WARMUP_EPOCHS=0", "BASE_LR=0.01", "TEST_SPLIT=0.25", "NUM_WORKERS=0"]
+
+#: The environment of a main.py run in a test.
+CLI_ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def cli_command(*args) -> list[str]:
+    """``python main.py *args`` on the CPU unless ``args`` name the GPUs: our users have GPUs, and
+    main.py takes every visible one by default, so a test that means the CPU says so (``GPUs=[]``)."""
+    pin = [] if any(a.startswith("GPUs=") for a in args) else ["GPUs=[]"]
+    return [sys.executable, "main.py", *args, *pin]
+
+
+def run_cli(*args, check=True, timeout=300):
+    """Run :func:`cli_command` ``(*args)`` in the repository root; with ``check``, a non-zero exit fails the test."""
+    proc = subprocess.run(cli_command(*args), cwd=ROOT, env=CLI_ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def eval_summary(proc) -> Path:
+    """The summary JSON an ``eval`` says it wrote (``evaluated ... -> <path>``)."""
+    return Path(re.search(r"^evaluated .* -> (\S+)$", proc.stdout, re.MULTILINE).group(1))
+
+
+# ----------------------------------------------------------------------------- a trainer in this process
+
+#: The in-process tiny run: :data:`TINY`'s data and network, 2 epochs, the default BASE_LR and workers.
+TINY_TRAINER = ["SYNTHETIC_IMAGES=4", "SYNTHETIC_SIZE=128", "INPUT_SIZE=64", "UNET_DEPTH=3", "CONV_DEPTH=8",
+                "BATCH_SIZE=4", "WARMUP_EPOCHS=0", "TRAIN_EPOCHS=2", "TEST_SPLIT=0.25"]
+
+
+def tiny_config(results_dir, *overrides: str):
+    """The :data:`TINY_TRAINER` configuration with its results under ``results_dir``."""
+    from configs import load_config
+
+    return load_config(None, [*TINY_TRAINER, f"RESULTS_DIR={results_dir}", *overrides])
+
+
+def make_trainer(cfg, run):
+    """What ``engines.train.train_fold`` builds for fold 0 of ``cfg`` in the run folder ``run`` (a
+    :class:`engines.run_dir.RunDir`), in this process on the CPU."""
+    from engines.builders import build_data, build_runtime, build_trainer
+    from utils.util import DistContext, seed_everything
+
+    seed_everything(cfg.SEED)
+    splits = build_data(cfg, run.split, fold=0)
+    with torch_threads(1):  # the runtime sets a launched rank's threads: keep the test's one thread
+        runtime = build_runtime(cfg, DistContext())
+    return build_trainer(cfg, DistContext(), runtime, run, splits, fold=0)
+
+
+@pytest.fixture
+def trainers(tmp_path):
+    """``trainers(*overrides, run=None)``: a trainer of :func:`tiny_config` in ``tmp_path`` (run folder
+    ``tmp_path/run`` unless given, made if missing); its logger is closed after the test."""
+    from engines.run_dir import RunDir
+
+    made = []
+
+    def make(*overrides: str, run=None):
+        run = run or RunDir(tmp_path / "run")
+        run.root.mkdir(parents=True, exist_ok=True)
+        made.append(make_trainer(tiny_config(tmp_path, *overrides), run))
+        return made[-1]
+
+    yield make
+    for trainer in made:
+        trainer.logger.close()
+
+
+def log_epochs(run) -> list[int]:
+    """The epochs of the lines of ``run``'s log.jsonl, in order."""
+    return [json.loads(line)["epoch"] for line in run.log.read_text().splitlines()]
+
+
+def fit_epochs(trainer, epochs: int):
+    """Fit until ``epochs`` epochs are done (the run's TRAIN_EPOCHS may be larger)."""
+    full, trainer.settings.epochs = trainer.settings.epochs, epochs
+    trainer.fit()
+    trainer.settings.epochs = full
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def write_checkpoint(path: Path, cfg, net=None, *, epoch: int = 0, split=None) -> Path:
+    """Write ``path`` with :func:`engines.checkpoint.save_checkpoint`, the writer training uses: ``net``
+    (default: the untrained network ``cfg`` builds), ``cfg``'s loss, a fresh optimiser, schedule and
+    (disabled) scaler, no history, fold 0 and ``split``. Tests that need an odd file (bare weights, a
+    damaged or old file) write that themselves.
+
+    Returns:
+        ``path``.
+    """
+    from engines.builders import build_loss, build_network
+    from engines.checkpoint import save_checkpoint
+
+    net = build_network(cfg)[0] if net is None else net
+    optimizer = torch.optim.AdamW(net.parameters())
+    save_checkpoint(path, epoch=epoch, net=net, loss=build_loss(cfg), optimizer=optimizer,
+                    scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                    scaler=torch.amp.GradScaler("cpu", enabled=False),
+                    best={"metric": cfg.EVAL_METRIC, "value": 0.0, "epoch": epoch}, history=[],
+                    config=cfg.to_dict(), fold=0, split=split)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The ``best.pth`` of a tiny untrained AuxNet-EDC (a 3-level U-Net 4 maps wide) in fp32, without a
+    split, as training writes it."""
+    from configs import load_config
+
+    cfg = load_config(None, ["INPUT_SIZE=64", "UNET_DEPTH=3", "CONV_DEPTH=4", "MIXED_PRECISION=none",
+                             "CHANNELS_LAST=false"])
+    torch.manual_seed(0)
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pth", cfg)
+
+
+def predict_config(weights: Path, *overrides: str):
+    """The configuration of ``main.py predict MODEL_WEIGHTS=weights *overrides`` on the CPU (``GPUs=[]``:
+    predict takes a visible GPU)."""
+    from configs import load_config
+    from engines.evaluate import eval_config
+
+    args = [f"MODEL_WEIGHTS={weights}", "GPUs=[]", *overrides]
+    return eval_config(load_config(None, args), args, "predict")

@@ -3,45 +3,16 @@
 import hashlib
 import json
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["SYNTHETIC_IMAGES=4", "SYNTHETIC_SIZE=128", "INPUT_SIZE=64", "UNET_DEPTH=3", "CONV_DEPTH=8",
-        "BATCH_SIZE=4", "WARMUP_EPOCHS=0", "BASE_LR=0.01", "TEST_SPLIT=0.25", "NUM_WORKERS=0"]
-
-
-#: The environment of a main.py run in a test.
-CLI_ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-
-
-def cli_command(*args) -> list[str]:
-    """``python main.py *args`` on the CPU unless ``args`` name the GPUs: our users have GPUs, and
-    main.py takes every visible one by default, so a test that means the CPU says so (``GPUs=[]``)."""
-    pin = [] if any(a.startswith("GPUs=") for a in args) else ["GPUs=[]"]
-    return [sys.executable, "main.py", *args, *pin]
-
-
-def run_cli(*args, check=True, timeout=300):
-    """Run :func:`cli_command` ``(*args)`` in the repository root; with ``check``, a non-zero exit fails the test."""
-    proc = subprocess.run(cli_command(*args), cwd=ROOT, env=CLI_ENV, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
+from conftest import ISBI, TINY, eval_summary, run_cli
 
 
 def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-
-
-def eval_summary(proc) -> Path:
-    """The summary JSON an ``eval`` says it wrote (``evaluated ... -> <path>``)."""
-    return Path(re.search(r"^evaluated .* -> (\S+)$", proc.stdout, re.MULTILINE).group(1))
 
 
 def test_bad_config_fails_fast_with_every_problem_and_leaves_nothing(tmp_path):
@@ -169,9 +140,6 @@ def test_resume_refuses_changed_options_and_keeps_the_run(trained_run):
     assert proc.returncode == 2
     assert "BASE_LR=0.5 but the run" in proc.stderr and "LOSS=SoftDICE but the run" in proc.stderr
     assert (trained_run / "config.yaml").read_text() == before and (trained_run / "last.pth").is_file()
-
-
-ISBI = ROOT.parent / "shared" / "data" / "isbi2012"
 
 
 @pytest.mark.skipif(not ISBI.is_dir(), reason=f"ISBI 2012 data not found at {ISBI}")

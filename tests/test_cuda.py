@@ -17,8 +17,7 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from conftest import blobs, random_labels, ref_sdm
-from test_cli import eval_summary, run_cli
+from conftest import ROOT, blobs, eval_summary, random_labels, ref_sdm, run_cli
 from engines.sliding_window import ArrayImage, Predictor
 from model.AuxNet import AuxNet
 from model.losses import build_loss
@@ -26,7 +25,6 @@ from model.metrics import SegmentationMetrics, surface_distances
 from utils.sdf import distance_transform, signed_distance_map
 
 pytestmark = pytest.mark.cuda
-ROOT = Path(__file__).resolve().parents[1]
 GPU = torch.device("cuda", 0)
 CPU = torch.device("cpu")
 

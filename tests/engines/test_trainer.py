@@ -1,6 +1,8 @@
 """In-process tests of the trainer (engines/SegTrainer.py) and its builders (engines/builders.py):
 a two-epoch CPU run on tiny synthetic data, the optimiser's parameter groups, resuming a run, the
-config → loss options table and the stage table."""
+config → loss options table and the stage table, GRAD_CLIP, EARLY_STOPPING, the per-rank seeds and
+the MODEL_WEIGHTS load report. Restarts after a kill: test_trainer_resume.py; faults:
+test_trainer_faults.py."""
 
 from __future__ import annotations
 
@@ -11,33 +13,17 @@ import shutil
 import pytest
 import torch
 
-from configs import Config, load_config
-from conftest import torch_threads
-from engines.builders import build_data, build_network, build_runtime, build_trainer, loss_options, lr_factor
+from configs import Config
+from conftest import make_trainer, tiny_config, torch_threads
+from engines.builders import build_data, build_network, loss_options, lr_factor
 from engines.checkpoint import read_checkpoint
 from engines.run_dir import RunDir
+from engines.SegTrainer import epoch_seed
 from model.AuxNet import STAGES
 from model.losses import LossOptions
-from utils.util import DistContext, seed_everything
 
-#: A run that trains in a few seconds: 3 training images of 128² (12 tiles of 64², 3 steps per
-#: epoch), 1 test image; a 3-level U-Net 8 maps wide.
-TINY = ["SYNTHETIC_IMAGES=4", "SYNTHETIC_SIZE=128", "INPUT_SIZE=64", "UNET_DEPTH=3", "CONV_DEPTH=8",
-        "BATCH_SIZE=4", "WARMUP_EPOCHS=0", "TRAIN_EPOCHS=2", "TEST_SPLIT=0.25"]
+#: :func:`conftest.tiny_config`'s run: 3 training images of 128² give 12 tiles of 64², 3 steps per epoch.
 STEPS_PER_EPOCH = 3
-
-
-def tiny_config(results_dir, *overrides: str) -> Config:
-    return load_config(None, [*TINY, f"RESULTS_DIR={results_dir}", *overrides])
-
-
-def make_trainer(cfg: Config, run: RunDir):
-    """What ``engines.train.train_fold`` builds for fold 0, in this process on the CPU."""
-    seed_everything(cfg.SEED)
-    splits = build_data(cfg, run.split, fold=0)
-    with torch_threads(1):  # the runtime sets a launched rank's threads: keep this test's one thread
-        runtime = build_runtime(cfg, DistContext())
-    return build_trainer(cfg, DistContext(), runtime, run, splits, fold=0)
 
 
 def fit(trainer) -> dict:
@@ -63,21 +49,6 @@ def finished_run(tmp_path_factory):
     run.root.mkdir()
     trainer = make_trainer(cfg, run)
     return cfg, run, trainer, fit(trainer)
-
-
-@pytest.fixture
-def new_trainer(tmp_path):
-    """``new_trainer(*overrides, run=None)``: a trainer of the tiny config in ``tmp_path`` (run folder
-    ``tmp_path/run`` unless given); its logger is closed after the test."""
-    made = []
-
-    def make(*overrides: str, run: RunDir | None = None):
-        made.append(make_trainer(tiny_config(tmp_path, *overrides), run or RunDir(tmp_path / "run")))
-        return made[-1]
-
-    yield make
-    for trainer in made:
-        trainer.logger.close()
 
 
 @pytest.fixture(scope="module")
@@ -130,17 +101,17 @@ def test_two_epochs_write_last_best_and_log_return_the_summary_and_the_loss_fall
 # ----------------------------------------------------------------------------------- optimiser
 
 
-def test_whole_image_distances_reach_the_boundary_term(new_trainer):
+def test_whole_image_distances_reach_the_boundary_term(trainers):
     # SDM_SCOPE=image: the training batches carry each tile's cut of its image's distance maps,
     # and the step's Boundary term integrates the probabilities against them (not the tile's own)
-    trainer = new_trainer("LOSS=SoftDICE_Boundary", "SDM_SCOPE=image", "SDM_NORMALIZATION=none")
+    trainer = trainers("LOSS=SoftDICE_Boundary", "SDM_SCOPE=image", "SDM_NORMALIZATION=none")
     image, mask, label, fill, sdm = trainer.to_device(next(iter(trainer.train_loader)))
     assert sdm.shape == (4, 1, 64, 64)
     with torch.no_grad():
         out, loss = trainer.ddp(image, mask, label, fill, sdm)
     expected = (torch.sigmoid(out.seg.float()) * sdm).mean()
     assert loss.terms["Boundary"].item() == pytest.approx(expected.item(), rel=1e-5)
-    plain = new_trainer("LOSS=SoftDICE_Boundary", run=RunDir(trainer.settings.run.root.parent / "plain"))
+    plain = trainers("LOSS=SoftDICE_Boundary", run=RunDir(trainer.settings.run.root.parent / "plain"))
     assert plain.to_device(next(iter(plain.train_loader)))[-1] is None  # SDM_SCOPE=tile: no maps
 
 
@@ -152,16 +123,16 @@ def test_evaluation_data_computes_no_distance_maps(tmp_path):
     assert build_data(cfg, split, 0, scene_sdm=False).train.scene_sdm is None
 
 
-def test_network_params_get_l2_decay_and_a_static_loss_has_no_group(new_trainer):
-    trainer = new_trainer("L2_DECAY=0.05")
+def test_network_params_get_l2_decay_and_a_static_loss_has_no_group(trainers):
+    trainer = trainers("L2_DECAY=0.05")
     (group,) = trainer.optimizer.param_groups
     assert group["weight_decay"] == 0.05 and group["lr"] == Config().BASE_LR
     assert ids(group["params"]) == ids(trainer.step.net.parameters())
     assert list(trainer.step.loss.parameters()) == []
 
 
-def test_learnable_loss_weights_get_no_weight_decay(new_trainer):
-    trainer = new_trainer("ADAPTIVE_WEIGHTS=true", "L2_DECAY=0.05")
+def test_learnable_loss_weights_get_no_weight_decay(trainers):
+    trainer = trainers("ADAPTIVE_WEIGHTS=true", "L2_DECAY=0.05")
     net_group, loss_group = trainer.optimizer.param_groups
     assert net_group["weight_decay"] == 0.05 and ids(net_group["params"]) == ids(trainer.step.net.parameters())
     assert loss_group["weight_decay"] == 0.0
@@ -173,8 +144,8 @@ def test_learnable_loss_weights_get_no_weight_decay(new_trainer):
     assert any(not torch.equal(b, p) for b, p in zip(before, loss_group["params"]))
 
 
-def test_auxnet_c_from_weights_optimises_only_the_head_and_leaves_the_rest_as_loaded(new_trainer, bare_weights):
-    trainer = new_trainer("MODEL=AuxNet-C", f"MODEL_WEIGHTS={bare_weights}", "EVAL_METRIC=TTR")
+def test_auxnet_c_from_weights_optimises_only_the_head_and_leaves_the_rest_as_loaded(trainers, bare_weights):
+    trainer = trainers("MODEL=AuxNet-C", f"MODEL_WEIGHTS={bare_weights}", "EVAL_METRIC=TTR")
     net = trainer.step.net
     parts = parts_of(net)
     (group,) = trainer.optimizer.param_groups
@@ -194,12 +165,12 @@ def test_auxnet_c_from_weights_optimises_only_the_head_and_leaves_the_rest_as_lo
 # ----------------------------------------------------------------------------------- resume
 
 
-def test_resume_continues_after_the_last_epoch_with_the_optimiser_state(finished_run, new_trainer, tmp_path):
+def test_resume_continues_after_the_last_epoch_with_the_optimiser_state(finished_run, trainers, tmp_path):
     _, run, _, _ = finished_run
     copy = RunDir(tmp_path / "copy")
     shutil.copytree(run.root, copy.root)
     saved = read_checkpoint(copy.last)
-    trainer = new_trainer("TRAIN_EPOCHS=3", run=copy)
+    trainer = trainers("TRAIN_EPOCHS=3", run=copy)
 
     trainer.resume_if_possible()
     assert trainer.start_epoch == 2
@@ -218,13 +189,13 @@ def test_resume_continues_after_the_last_epoch_with_the_optimiser_state(finished
     assert read_checkpoint(copy.last)["epoch"] == 2
 
 
-def test_resume_with_more_epochs_stretches_the_decay_from_the_next_step(finished_run, new_trainer, tmp_path):
+def test_resume_with_more_epochs_stretches_the_decay_from_the_next_step(finished_run, trainers, tmp_path):
     # README: "A larger TRAIN_EPOCHS extends a finished run (the cosine decay is stretched from the
     # next step on)". The 2-epoch run ended at lr 0; its next step, 6 of 9, should use the 3-epoch decay.
     cfg, run, _, _ = finished_run
     copy = RunDir(tmp_path / "copy")
     shutil.copytree(run.root, copy.root)
-    trainer = new_trainer("TRAIN_EPOCHS=3", run=copy)
+    trainer = trainers("TRAIN_EPOCHS=3", run=copy)
     trainer.resume_if_possible()
     factor = lr_factor(2 * STEPS_PER_EPOCH, warmup=0, decay=3 * STEPS_PER_EPOCH, start=cfg.INIT_LR / cfg.BASE_LR)
     expected = cfg.BASE_LR * factor
@@ -329,3 +300,55 @@ def test_build_network_applies_the_stage_table(model, tmp_path, bare_weights):
         assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
     net.train()  # frozen parts stay in eval mode (their BatchNorm statistics do not move)
     assert net.inc.training == ("E" in stage.trains) and net.ups.training == ("D" in stage.trains)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = lambda s: lr_factor(s, warmup=10, decay=20, start=0.1)  # noqa: E731
+    assert f(0) == pytest.approx(0.1)
+    assert f(5) == pytest.approx(0.55)
+    assert f(10) == pytest.approx(1.0)
+    assert f(20) == pytest.approx(0.5)
+    assert f(30) == pytest.approx(0.0, abs=1e-12)
+    assert f(40) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(0, warmup=0, decay=4, start=0.1) == 1.0
+    values = [f(s) for s in range(10, 31)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+# ----------------------------------------------------------------------------------- options and seeds
+
+
+def test_every_rank_and_epoch_draws_its_own_seed():
+    seeds = {epoch_seed(42, epoch, rank) for epoch in range(20) for rank in range(8)}
+    assert len(seeds) == 160
+    assert epoch_seed(42, 3, 1) == epoch_seed(42, 3, 1)
+
+
+def test_grad_clip_bounds_the_gradient_norm(trainers):
+    trainer = trainers("GRAD_CLIP=0.001")
+    trainer.ddp.train()
+    trainer.optimise(next(iter(trainer.train_loader)))
+    grads = [p.grad for p in trainer.step.parameters() if p.grad is not None]
+    assert float(torch.nn.utils.get_total_norm(grads)) <= 0.001 * 1.0001
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(trainers, monkeypatch, capsys):
+    trainer = trainers("TRAIN_EPOCHS=6", "EARLY_STOPPING=2")
+
+    class Flat:
+        def compute(self):
+            return {"DSC": 0.5}
+
+    monkeypatch.setattr(trainer, "evaluate", lambda loader=None: Flat())
+    summary = trainer.fit()
+    assert [h["epoch"] for h in trainer.history] == [0, 1, 2] and summary["best_epoch"] == 0
+    assert "early stopping after epoch 2" in capsys.readouterr().out
+
+
+def test_auxnet_d_starts_from_a_unet_checkpoint_and_reports_the_new_frozen_head(trainers, tmp_path, capsys):
+    unet = build_network(tiny_config(tmp_path, "MODEL=UNet"))[0]
+    torch.save(unet.state_dict(), tmp_path / "unet.pth")
+    trainer = trainers("MODEL=AuxNet-D", f"MODEL_WEIGHTS={tmp_path / 'unet.pth'}")
+    out = capsys.readouterr().out
+    assert "newly initialised" in out and "(head, fill_head)" in out and "frozen at their initialisation" in out
+    assert all(not p.requires_grad for p in trainer.step.net.head.parameters())

@@ -7,11 +7,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import reproduce  # noqa: E402

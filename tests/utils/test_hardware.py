@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT
 from model.AuxNet import AuxNet
 from utils import hardware
 from utils.hardware import (cpu_bf16_support, cpu_has_native_bf16, resolve_channels_last, resolve_precision,
@@ -82,7 +83,7 @@ def test_native_bf16_is_false_under_the_avx2_limits():
     code = ("from utils.hardware import cpu_has_native_bf16, resolve_precision; import torch; "
             "print(cpu_has_native_bf16(), resolve_precision('auto', torch.device('cpu'))[0])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
-                         cwd=Path(__file__).resolve().parents[1], check=True)
+                         cwd=ROOT, check=True)
     assert out.stdout.split() == ["False", "none"]
 
 

@@ -1,7 +1,8 @@
-"""Issue 22: what ends a command leaves nothing half-made and says one true line. An unreadable
-MODEL_WEIGHTS is refused before a run folder exists; any failure of a new run that trained nothing
-removes it; Ctrl-C exits with 130 and how to go on; two restarts racing for one stale run lock never
-both win; unreadable checkpoints say what the file is, never torch's advice to load it unsafely."""
+"""engines/launch.py: what ends a command leaves nothing half-made and says one true line. An
+unreadable MODEL_WEIGHTS is refused before a run folder exists; any failure of a new run that trained
+nothing removes it; Ctrl-C exits with 130 and how to go on; the run lock refuses a live holder, takes
+over a stale one (also without file locks) and two restarts racing for one stale lock never both win;
+unreadable checkpoints say what the file is, never torch's advice to load it unsafely."""
 
 from __future__ import annotations
 
@@ -20,13 +21,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import torch_threads
+from conftest import ROOT, TINY, run_cli, tiny_config, torch_threads
 from engines.checkpoint import CheckpointError, read_checkpoint, restore_training
 from engines.evaluate import checkpoint_test_ids
 from engines.launch import Interrupted, RunLock, launch
 from engines.run_dir import RunDir
-from test_cli import ROOT, TINY, run_cli
-from test_trainer import tiny_config
 from utils.util import RunError
 
 #: The CLI's tiny run on the CPU in fp32 (an epoch in well under a second on one free core).
@@ -193,6 +192,42 @@ def test_two_restarts_racing_for_one_stale_lock_never_both_win(tmp_path):
             p.join(60)
         assert results == [False, True], f"attempt {attempt}: {results}"  # before: both won, now and then
         assert not (root / ".lock").exists()
+
+
+def test_the_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, capsys):
+    lock = RunLock(tmp_path)
+    assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    with pytest.raises(RunError, match=rf"in use by another run \(pid {os.getpid()}"):
+        RunLock(tmp_path)
+    lock.release()
+    assert not (tmp_path / ".lock").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(f"{dead.pid}\n")
+    RunLock(tmp_path).release()  # stale: taken over
+    assert not (tmp_path / ".lock").exists()
+    assert f"taking over the lock {tmp_path / '.lock'} of pid {dead.pid}, which has ended" in capsys.readouterr().err
+    # a lock left by a killed run whose pid now belongs to another process (reused) is stale too:
+    # staleness is whether the file is locked, not whether its pid is alive (before: refused)
+    (tmp_path / ".lock").write_text(f"{os.getppid()}\n")
+    RunLock(tmp_path).release()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_the_run_lock_without_file_locks_relies_on_the_pid_and_says_so(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # a file system without flock (Lustre without -o flock)
+    lock = RunLock(tmp_path)
+    assert "has no file locks (No locks available): the run lock relies on the pid in it" in capsys.readouterr().err
+    with pytest.raises(RunError, match=rf"in use by another run \(pid {os.getpid()}"):
+        RunLock(tmp_path)
+    lock.release()
+    assert not (tmp_path / ".lock").exists()
 
 
 # ----------------------------------------------------------------------------- messages that say what is true

@@ -14,11 +14,10 @@ import torch
 from PIL import Image
 
 import utils.raster as raster
-from configs import load_config
+from conftest import ROOT, TINY, predict_config, run_cli
 from engines.builders import build_runtime
 from engines.predict import build_predictor, predict, prediction_network
 from engines.sliding_window import ArrayImage
-from test_cli import TINY, run_cli
 from utils.dataset import build_datasets
 from utils.image_io import RANGE_PERCENTILES, DatasetError, InputScaling, load_folder
 from utils.raster import open_image
@@ -142,7 +141,7 @@ def test_resolve_split_without_images_neither_records_nor_checks(tmp_path):
 
 
 def test_bench_fixed_splits_record_the_hashes_that_resume_checks(tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(ROOT / "bench"))
     import reproduce
 
     data = ensure_folder_dataset(tmp_path / "data" / "smoke", "smoke")
@@ -209,15 +208,8 @@ def trained(tmp_path_factory):
     return base / "results" / "identity" / "run_001", data
 
 
-def _predict_cfg(weights: Path, *overrides):
-    from engines.evaluate import eval_config
-
-    args = [f"MODEL_WEIGHTS={weights}", "GATING=false", *overrides]
-    return eval_config(load_config(None, args), args, "predict")
-
-
 def _predict(weights: Path, image: Path, out: Path) -> np.ndarray:
-    assert predict(_predict_cfg(weights, f"INPUT={image}", f"OUTPUT={out}")) == 0
+    assert predict(predict_config(weights, "GATING=false", f"INPUT={image}", f"OUTPUT={out}")) == 0
     return np.asarray(Image.open(out / f"{image.stem}_mask.png"))
 
 
@@ -265,7 +257,7 @@ def test_a_checkpoint_without_the_record_scales_by_the_dtype_as_before(trained, 
     raw = np.asarray(Image.open(data / "images" / "s0.png")).astype(np.uint16)
     tifffile.imwrite(tmp_path / "s0.tif", raw)
     mask = _predict(tmp_path / "old.pth", tmp_path / "s0.tif", tmp_path / "out")
-    cfg = _predict_cfg(tmp_path / "old.pth")
+    cfg = predict_config(tmp_path / "old.pth", "GATING=false")
     runtime = build_runtime(cfg, DistContext())  # as predict resolves it
     net, can_gate = prediction_network(cfg, runtime)
     predictor = build_predictor(cfg, net, can_gate, runtime, gating=False)

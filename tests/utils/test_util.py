@@ -1,14 +1,10 @@
-"""Atomic writes, run ids, the learning-rate schedule and the loggers."""
+"""utils/util.py: atomic writes (whole files, usual permissions, the previous file kept on a failure)."""
 
-import json
-import math
 import os
 
 import pytest
 import torch
 
-from utils.loggers import JsonLinesLogger, WandbLogger, build_loggers
-from engines.run_dir import next_run_id
 from utils.util import atomic_torch_save, atomic_write, atomic_write_text
 
 
@@ -49,54 +45,6 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
         atomic_torch_save({"epoch": 2, "x": Unpicklable()}, path)
     assert torch.load(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
-
-
-def test_next_run_id(tmp_path):
-    assert next_run_id(tmp_path) == "run_001"
-    (tmp_path / "run_001").mkdir()
-    (tmp_path / "run_007").mkdir()
-    (tmp_path / "run_x").mkdir()
-    assert next_run_id(tmp_path) == "run_008"
-
-
-def test_lr_schedule_warmup_then_cosine():
-    from engines.builders import lr_factor
-
-    f = lambda s: lr_factor(s, warmup=10, decay=20, start=0.1)  # noqa: E731
-    assert f(0) == pytest.approx(0.1)
-    assert f(5) == pytest.approx(0.55)
-    assert f(10) == pytest.approx(1.0)
-    assert f(20) == pytest.approx(0.5)
-    assert f(30) == pytest.approx(0.0, abs=1e-12)
-    assert f(40) == pytest.approx(0.0, abs=1e-12)
-    assert lr_factor(0, warmup=0, decay=4, start=0.1) == 1.0
-    values = [f(s) for s in range(10, 31)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
-
-
-def test_json_lines_logger(tmp_path):
-    log = JsonLinesLogger(tmp_path / "log.jsonl")
-    log.log({"loss": torch.tensor(0.5), "DSC": 0.9, "HD95": math.inf}, step=0)
-    log.log({"loss": 0.25}, step=1)
-    log.close()
-    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert lines == [{"epoch": 0, "loss": 0.5, "DSC": 0.9, "HD95": None}, {"epoch": 1, "loss": 0.25}]
-
-
-def test_only_the_main_process_logs(tmp_path):
-    assert build_loggers(tmp_path, is_main=False, local=True, wandb=True, project="p", name="n", config={}).loggers == []
-    assert not (tmp_path / "log.jsonl").exists()
-
-
-def test_wandb_logger_works_offline_without_a_key(tmp_path, monkeypatch):
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    logger = WandbLogger("auxnet-test", "run", {"SEED": 1}, tmp_path)
-    logger.log({"loss": 1.0}, step=0)
-    logger.close()
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
 @pytest.mark.parametrize("omp, affinity, local, threads", [

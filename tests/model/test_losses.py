@@ -1,6 +1,6 @@
 """Tests for the loss terms of model/losses/: hand-computed values on tiny tensors, SciPy / MONAI
 references on random inputs, gradients, empty targets, autocast, and the combined loss's weighting
-modes. The names, their rules and the builder: tests/test_loss_registry.py."""
+modes. The names, their rules and the builder: tests/model/test_loss_registry.py."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import yaml
 
 from configs import Config, ConfigError, load_config
 from configs.config_parser import DEFAULT_CONFIG, FIELDS
+from conftest import write_checkpoint
 
 
 def problems_of(*overrides, path=None):
@@ -174,12 +175,8 @@ def test_error_message_lists_every_problem_with_count():
         load_config(None, ["UNET_DEPTH=1", "BATCH_SIZE=0", "TRAIN_EPOCHS=0"])
 
 
-def test_weights_path_suffix_is_optional(tmp_path):
-    import torch
-
-    ckpt = tmp_path / "best.pth"
-    torch.save({"model": {}}, ckpt)
-    cfg = load_config(None, [f"MODEL_WEIGHTS={tmp_path / 'best'}", "MODEL=AuxNet-C", "EVAL_METRIC=TTR"])
+def test_weights_path_suffix_is_optional(checkpoint):
+    cfg = load_config(None, [f"MODEL_WEIGHTS={checkpoint.parent / 'best'}", "MODEL=AuxNet-C", "EVAL_METRIC=TTR"])
     assert cfg.MODEL_WEIGHTS.endswith("best")
 
 
@@ -261,7 +258,7 @@ def test_non_finite_numbers_in_a_file_are_reported_with_the_other_problems(tmp_p
 
 
 def test_the_cli_refuses_nan_before_making_a_run_folder(tmp_path):
-    from test_cli import TINY, run_cli
+    from conftest import TINY, run_cli
 
     proc = run_cli(*TINY, "TRAIN_EPOCHS=1", "SEG_THRESHOLD=.nan", f"RESULTS_DIR={tmp_path / 'out'}", "GPUs=[]",
                    check=False)
@@ -339,12 +336,9 @@ def test_the_resume_refusal_suggests_a_value_that_is_accepted(tmp_path, key, old
 # ---- a checkpoint evaluates on the machine the command runs on (issue 22)
 
 def _fp16_checkpoint(tmp_path):
-    import torch
-
-    path = tmp_path / "best.pth"
-    torch.save({"config": {**Config().to_dict(), "MIXED_PRECISION": "fp16", "CHANNELS_LAST": True},
-                "model": {}, "fold": 0}, path)
-    return path
+    """A tiny network's checkpoint trained (on a GPU) with MIXED_PRECISION=fp16 and CHANNELS_LAST=true."""
+    tiny = load_config(None, ["UNET_DEPTH=3", "CONV_DEPTH=4"])
+    return write_checkpoint(tmp_path / "best.pth", dataclasses.replace(tiny, MIXED_PRECISION="fp16", CHANNELS_LAST=True))
 
 
 @pytest.mark.parametrize("command", ["eval", "predict"])

@@ -1,6 +1,6 @@
-"""Issue #11: exact resume. A CLI run killed with SIGKILL (kill -9) after its first checkpoint, in
-the middle of the next epoch, and resumed, ends with weights bit-identical to an uninterrupted run's
-(on the CPU: augmentation, dropout and shuffling included)."""
+"""Exact resume through the command line: a run killed with SIGKILL (kill -9) after its first
+checkpoint, in the middle of the next epoch, and resumed, ends with weights bit-identical to an
+uninterrupted run's (on the CPU: augmentation, dropout and shuffling included)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from test_cli import CLI_ENV, ROOT, TINY, cli_command, run_cli
+from conftest import CLI_ENV, ROOT, TINY, cli_command, run_cli
 
 #: Dropout on, so that the random streams of the network matter too.
 ARGS = [*TINY, "TRAIN_EPOCHS=2", "SEG_DROPOUT=0.2", "EXP_ID=exact"]

@@ -1,4 +1,4 @@
-"""Issue 22 item 4: NUM_WORKERS changes nothing that is learned. Every random draw of a training
+"""NUM_WORKERS changes nothing that is learned. Every random draw of a training
 sample (its augmentation) comes from (SEED, fold, epoch, rank, sample index) alone, never from the
 loader worker that happens to load it, so 0, 2 or 3 workers give bit-identical batches and weights
 on the CPU, and a run resumed with another NUM_WORKERS continues exactly."""
@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import torch_threads
+from conftest import make_trainer, tiny_config, torch_threads
 from engines.checkpoint import read_checkpoint
 from engines.run_dir import RunDir
-from test_trainer import make_trainer, tiny_config
 from utils.augment import build_augmentation, seed_augmentation
 from utils.dataset import make_loader
 from utils.util import seed_everything

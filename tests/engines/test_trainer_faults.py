@@ -1,6 +1,8 @@
-"""Issue 22, training: a run whose outputs overflow while its weights stay finite stops with the
-epoch and the cause (item 7); a full disk while writing a checkpoint, log.jsonl or summary.json is
-one clean error naming the file and the fix, the previous checkpoint intact (item 10)."""
+"""Faults during training, in process: weights that become NaN or infinite stop the run with the
+step and leave the checkpoints as they were, and a non-finite network is never saved; a run whose
+outputs overflow while its weights stay finite stops with the epoch and the cause; a full disk while
+writing a checkpoint, log.jsonl or summary.json is one clean error naming the file and the fix, the
+previous checkpoint intact."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import contextlib
 import errno
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -16,14 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import torch_threads
+from conftest import TINY, fit_epochs, log_epochs, run_cli, tiny_config, torch_threads
+from engines.builders import build_network
+from engines.checkpoint import CheckpointError, read_checkpoint
 from engines.forward import NonFiniteOutput
 from engines.sliding_window import ArrayImage, Predictor
 from engines.run_dir import RunDir
-from engines.SegTrainer import TrainingDiverged
+from engines.SegTrainer import TrainingDiverged, non_finite
 from engines.train import write_summary
-from test_cli import TINY, run_cli
-from test_faults import fit_epochs, log_epochs, trainers  # noqa: F401  (trainers: a fixture)
 from utils.loggers import JsonLinesLogger
 from utils.util import WriteError
 
@@ -43,7 +46,49 @@ def overflowing(net) -> None:
             p.mul_(1000.0)
 
 
-# ----------------------------------------------------------------------------- item 7: outputs overflow
+# ----------------------------------------------------------------------------- non-finite weights: the NaN guard
+
+
+def test_a_huge_lr_stops_with_the_step_tiles_and_terms_and_leaves_the_checkpoints_untouched(trainers):
+    trainer = trainers("TRAIN_EPOCHS=4")
+    fit_epochs(trainer, 1)
+    run = trainer.settings.run
+    before = {p: p.read_bytes() for p in (run.last, run.best)}
+    # before the fix, BASE_LR=1e6 finished epochs with every BatchNorm running variance at inf, saved
+    # them and selected them as best; the loss itself stayed finite (1e12, 1e19)
+    trainer.scheduler.base_lrs = [1e6 for _ in trainer.scheduler.base_lrs]
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 1e6
+    with pytest.raises(TrainingDiverged) as err:
+        trainer.fit()
+    message = str(err.value)
+    assert "training diverged at step" in message and "(epoch 1)" in message
+    assert "tiles [" in message and "_y0" in message and "terms {" in message and "SoftDICE" in message
+    assert f"{run.last} is left as it was" in message and "BASE_LR" in message
+    assert {p: p.read_bytes() for p in (run.last, run.best)} == before
+    for path in (run.last, run.best):
+        state = read_checkpoint(path)
+        assert state["epoch"] == 0
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert log_epochs(run) == [0]
+
+
+def test_the_parameter_guard_names_a_non_finite_batchnorm_buffer():
+    net = build_network(tiny_config("unused"))[0]
+    assert non_finite(net) == []
+    net.inc[1].running_var[0] = math.inf
+    assert non_finite(net) == ["inc.1.running_var"]
+
+
+def test_a_non_finite_checkpoint_is_never_written(trainers, tmp_path):
+    trainer = trainers()
+    trainer.step.net.inc[1].running_var.fill_(math.inf)
+    with pytest.raises(CheckpointError, match="refusing to write .* NaN or infinity .*inc.1.running_var"):
+        trainer.save_checkpoint(0, improved=True)
+    assert not trainer.settings.run.last.exists() and not trainer.settings.run.best.exists()
+
+
+# ----------------------------------------------------------------------------- outputs overflow
 
 
 def test_outputs_that_overflow_stop_the_run_with_the_epoch_and_the_cause(trainers, monkeypatch):
@@ -91,7 +136,7 @@ def test_the_predictor_names_the_rows_and_blames_no_option(trainers):
         predictor.predict_array(image)
 
 
-# ----------------------------------------------------------------------------- item 10: a full disk
+# ----------------------------------------------------------------------------- a full disk
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 import utils.image_io as image_io
 import utils.synthetic as synthetic
-from conftest import random_box
+from conftest import ISBI, random_box
 from utils.augment import DEFAULT_AUGMENTATIONS, UNetElasticTransform, augmentation_problems, build_augmentation
 from utils.dataset import SceneSDM, TileDataset, build_datasets, make_loader
 from utils.image_io import DatasetError, ImageEntry, ImageSet, load_folder
@@ -23,8 +23,6 @@ from utils.raster import RasterError, open_image
 from utils.splits import make_folds, num_folds
 from utils.synthetic import SYNTHETIC_VERSION, generate_synthetic, load_synthetic
 from utils.tiling import boundary_label, tile_positions, tiles_of
-
-ISBI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012"
 
 
 def _build(source, tmp_path, **kw):

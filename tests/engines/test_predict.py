@@ -1,10 +1,13 @@
-"""What ``predict`` writes and where: it never replaces a file it did not make, never writes beside
-its inputs or into a used OUTPUT, keeps both results of inputs that share a stem, and a write error,
-a full disk or Ctrl-C leaves no partial output, temporary file or empty folder behind."""
+"""The ``predict`` command (engines/predict.py) and what it writes where: it goes on past a bad file
+and lists it, falls back to GATING=false for a checkpoint that cannot gate, never replaces a file it
+did not make, never writes beside its inputs or into a used OUTPUT, keeps both results of inputs that
+share a stem, and a write error, a full disk or Ctrl-C leaves no partial output, temporary file or
+empty folder behind. The sliding windows themselves: test_sliding_window.py."""
 
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,11 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
+from configs import load_config
+from conftest import predict_config
 from engines import predict as predict_module
 from engines.predict import predict
-from test_predict import _predict_cfg, checkpoint  # noqa: F401 (the module's checkpoint fixture)
+from model.AuxNet import AuxNet
 from utils.raster_write import MaskWriter
 
 
@@ -50,10 +56,74 @@ def _records(out: Path) -> list[dict]:
 
 
 def _run(checkpoint, inputs, out, *extra):
-    return predict(_predict_cfg(checkpoint, f"INPUT={inputs}", f"OUTPUT={out}", "GATING=false", *extra))
+    return predict(predict_config(checkpoint, f"INPUT={inputs}", f"OUTPUT={out}", "GATING=false", *extra))
 
 
-# ---- item 1: OUTPUT and INPUT
+# ---- a folder with a bad file, and a checkpoint that cannot gate
+
+
+def test_predict_a_folder_goes_on_past_a_bad_file_and_lists_it(checkpoint, tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 256, (90, 150), dtype=np.uint8)).save(folder / "a.png")
+    tifffile.imwrite(folder / "b16.tif", rng.integers(0, 65536, (130, 70), dtype=np.uint16), compression="zlib",
+                     tile=(32, 32))
+    (folder / "c.png").write_bytes(b"not a png at all")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "d_rgb.png")
+    (folder / "notes.txt").write_text("ignored")
+    out = tmp_path / "out"
+    status = predict(predict_config(checkpoint, f"INPUT={folder}", f"OUTPUT={out}", "GATING=false",
+                                  "SAVE_PROBABILITIES=true"))
+    printed = capsys.readouterr().out
+    assert status == 2
+    assert "2 image(s) failed" in printed and "c.png" in printed and "d_rgb.png" in printed and "INPUT_CHANNELS" in printed
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["image"].split("/")[-1] for r in records] == ["a.png", "b16.tif"]
+    mask = np.asarray(Image.open(out / "a_mask.png"))
+    assert mask.shape == (90, 150) and set(np.unique(mask)) <= {0, 1}
+    assert np.asarray(Image.open(out / "b16_mask.png")).shape == (130, 70)
+    prob = tifffile.imread(out / "b16_prob.tif")
+    assert prob.dtype == np.float16 and prob.shape[:2] == (130, 70)
+    assert ((prob.reshape(130, 70) > 0.5) == np.asarray(Image.open(out / "b16_mask.png"))).mean() > 0.99
+    assert (out / "a_overlay.png").is_file() and records[1]["tiles"] == records[1]["decoded"]
+
+
+@pytest.mark.parametrize("kind", ["UNet", "no fill head"])
+def test_a_checkpoint_that_cannot_gate_falls_back_to_gating_false_unless_gating_is_typed(checkpoint, tmp_path, capsys,
+                                                                                        kind):
+    from configs import ConfigError
+
+    state = torch.load(checkpoint, weights_only=True)
+    if kind == "UNet":
+        state["model"] = AuxNet(1, 1, 0, depth=3, base_width=4).state_dict()
+        state["config"] = {**state["config"], "MODEL": "UNet", "EVAL_METRIC": "DSC"}
+        why = "MODEL=UNet has no classifier head"
+    else:  # made before the fill head existed
+        state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("fill_head.")}
+        why = "it has no fill head (it was made before gated prediction existed)"
+    old = tmp_path / "old.pth"
+    torch.save(state, old)
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "x.png")
+    args = (f"INPUT={tmp_path / 'x.png'}", f"OUTPUT={tmp_path / 'o'}")
+    # before: refused ("use GATING=false") although GATING was never typed, as the README says it falls back
+    cfg = predict_config(old, *args)
+    notes = [line for line in capsys.readouterr().out.splitlines(keepends=True) if "MIXED_PRECISION" not in line]
+    assert "".join(notes) == f"note: GATING=false for MODEL_WEIGHTS={old}: {why}, so every tile is decoded\n"
+    assert cfg.GATING is False and predict(cfg) == 0
+    with pytest.raises(ConfigError, match=rf"GATING=true, but MODEL_WEIGHTS='{old}' cannot gate tiles: "
+                                          rf"{re.escape(why)}\. "
+                                          r"Use GATING=false \(or leave it out\), or train its heads first with "
+                                          rf"`main.py train MODEL=AuxNet-C MODEL_WEIGHTS={old}`"):
+        predict_config(old, *args, "GATING=true")
+    from engines.evaluate import eval_config  # eval falls back and refuses alike
+
+    assert eval_config(load_config(None, [f"MODEL_WEIGHTS={old}"]), [f"MODEL_WEIGHTS={old}"]).GATING is False
+    with pytest.raises(ConfigError, match="GATING=true, but"):
+        eval_config(load_config(None, [f"MODEL_WEIGHTS={old}", "GATING=true"]), [f"MODEL_WEIGHTS={old}", "GATING=true"])
+
+
+# ---- OUTPUT and INPUT
 
 
 def test_output_equal_to_the_input_folder_is_refused_and_the_inputs_stay(checkpoint, tmp_path, capsys):
@@ -110,7 +180,7 @@ def test_mask_writer_without_overwrite_leaves_an_existing_file_and_no_temporary_
     assert (tmp_path / "m.png").read_bytes() == b"keep"
 
 
-# ---- item 2: two inputs with one stem
+# ---- two inputs with one stem
 
 
 def test_two_inputs_with_one_stem_keep_both_results(checkpoint, tmp_path, capsys):
@@ -135,7 +205,7 @@ def test_output_names_stay_distinct_when_a_suffixed_name_is_taken():
         Path("scene_png.jpg"): "scene_png_2"}
 
 
-# ---- item 3: a used OUTPUT, and a fresh predict_<n>/ without one
+# ---- a used OUTPUT, and a fresh predict_<n>/ without one
 
 
 def test_a_used_output_is_refused_before_anything_is_predicted(checkpoint, tmp_path, capsys):
@@ -159,11 +229,11 @@ def test_without_output_every_predict_writes_a_fresh_folder_beside_the_checkpoin
     shutil.copy(checkpoint, weights)
     inputs = _images(tmp_path / "in", "a.png")
     for n in (1, 2):
-        assert predict(_predict_cfg(weights, f"INPUT={inputs}", "GATING=false")) == 0
+        assert predict(predict_config(weights, f"INPUT={inputs}", "GATING=false")) == 0
         assert len(_records(weights.parent / f"predict_{n}")) == 1
 
 
-# ---- item 14: leftovers of a killed predict, and folders of a predict that wrote nothing
+# ---- leftovers of a killed predict, and folders of a predict that wrote nothing
 
 LEFTOVERS = (".a_mask.png.k2j_9x0q.tmp", ".predictions.jsonl.ab12cd34.tmp", ".write_test.4242")
 
@@ -213,7 +283,7 @@ def test_a_predict_that_fails_on_every_file_leaves_no_folder_it_made(checkpoint,
     assert (tmp_path / "mine").is_dir() and not os.listdir(tmp_path / "mine")
 
 
-# ---- items 10, 11, 14: write errors, a full disk, Ctrl-C
+# ---- write errors, a full disk, Ctrl-C
 
 
 def _fail_fsync(monkeypatch, error, name_part: str, occurrence: int = 1):

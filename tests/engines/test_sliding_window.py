@@ -1,17 +1,11 @@
-"""Whole-image prediction: sliding windows against MONAI, odd sizes, gating with the fill head, the
-``predict`` command on a folder with a bad file, and large-file formats."""
-
-import json
-import re
+"""Whole-image prediction (engines/predictor.py and utils/tiling.py): sliding windows against MONAI,
+odd sizes, gating with the fill head, whole-image evaluation and test-time augmentation. The
+``predict`` command: test_predict.py."""
 
 import numpy as np
 import pytest
-import tifffile
 import torch
-from PIL import Image
 
-from configs import load_config
-from engines.predict import predict
 from engines.sliding_window import ArrayImage, Predictor, cover_indices
 from model.AuxNet import AuxNet
 from model.losses import build_loss
@@ -145,87 +139,6 @@ def test_gating_a_network_without_heads_is_refused():
     net = AuxNet(1, 1, 0, depth=3, base_width=4)
     with pytest.raises(ValueError, match="GATING=false"):
         Predictor(net, tile=32, overlap=0, batch_size=2, device=CPU, gating=True)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A checkpoint of a tiny untrained network, with its configuration, as training saves it."""
-    folder = tmp_path_factory.mktemp("ckpt")
-    cfg = load_config(None, ["INPUT_SIZE=64", "UNET_DEPTH=3", "CONV_DEPTH=4", "MIXED_PRECISION=none",
-                             "CHANNELS_LAST=false"])
-    net = tiny_net(seed=4)
-    net = AuxNet(1, 1, 1, depth=3, base_width=4)
-    torch.save({"model": net.state_dict(), "config": cfg.to_dict(), "fold": 0}, folder / "best.pth")
-    return folder / "best.pth"
-
-
-def _predict_cfg(checkpoint, *overrides):
-    """The configuration of ``main.py predict`` on the CPU (``GPUs=[]``: predict takes a visible GPU)."""
-    from engines.evaluate import eval_config
-
-    args = [f"MODEL_WEIGHTS={checkpoint}", "GPUs=[]", *overrides]
-    return eval_config(load_config(None, args), args, "predict")
-
-
-def test_predict_a_folder_goes_on_past_a_bad_file_and_lists_it(checkpoint, tmp_path, capsys):
-    rng = np.random.default_rng(5)
-    folder = tmp_path / "in"
-    folder.mkdir()
-    Image.fromarray(rng.integers(0, 256, (90, 150), dtype=np.uint8)).save(folder / "a.png")
-    tifffile.imwrite(folder / "b16.tif", rng.integers(0, 65536, (130, 70), dtype=np.uint16), compression="zlib",
-                     tile=(32, 32))
-    (folder / "c.png").write_bytes(b"not a png at all")
-    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "d_rgb.png")
-    (folder / "notes.txt").write_text("ignored")
-    out = tmp_path / "out"
-    status = predict(_predict_cfg(checkpoint, f"INPUT={folder}", f"OUTPUT={out}", "GATING=false",
-                                  "SAVE_PROBABILITIES=true"))
-    printed = capsys.readouterr().out
-    assert status == 2
-    assert "2 image(s) failed" in printed and "c.png" in printed and "d_rgb.png" in printed and "INPUT_CHANNELS" in printed
-    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert [r["image"].split("/")[-1] for r in records] == ["a.png", "b16.tif"]
-    mask = np.asarray(Image.open(out / "a_mask.png"))
-    assert mask.shape == (90, 150) and set(np.unique(mask)) <= {0, 1}
-    assert np.asarray(Image.open(out / "b16_mask.png")).shape == (130, 70)
-    prob = tifffile.imread(out / "b16_prob.tif")
-    assert prob.dtype == np.float16 and prob.shape[:2] == (130, 70)
-    assert ((prob.reshape(130, 70) > 0.5) == np.asarray(Image.open(out / "b16_mask.png"))).mean() > 0.99
-    assert (out / "a_overlay.png").is_file() and records[1]["tiles"] == records[1]["decoded"]
-
-
-@pytest.mark.parametrize("kind", ["UNet", "no fill head"])
-def test_a_checkpoint_that_cannot_gate_falls_back_to_gating_false_unless_gating_is_typed(checkpoint, tmp_path, capsys,
-                                                                                        kind):
-    from configs import ConfigError
-
-    state = torch.load(checkpoint, weights_only=True)
-    if kind == "UNet":
-        state["model"] = AuxNet(1, 1, 0, depth=3, base_width=4).state_dict()
-        state["config"] = {**state["config"], "MODEL": "UNet", "EVAL_METRIC": "DSC"}
-        why = "MODEL=UNet has no classifier head"
-    else:  # made before the fill head existed
-        state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("fill_head.")}
-        why = "it has no fill head (it was made before gated prediction existed)"
-    old = tmp_path / "old.pth"
-    torch.save(state, old)
-    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "x.png")
-    args = (f"INPUT={tmp_path / 'x.png'}", f"OUTPUT={tmp_path / 'o'}")
-    # before: refused ("use GATING=false") although GATING was never typed, as the README says it falls back
-    cfg = _predict_cfg(old, *args)
-    notes = [line for line in capsys.readouterr().out.splitlines(keepends=True) if "MIXED_PRECISION" not in line]
-    assert "".join(notes) == f"note: GATING=false for MODEL_WEIGHTS={old}: {why}, so every tile is decoded\n"
-    assert cfg.GATING is False and predict(cfg) == 0
-    with pytest.raises(ConfigError, match=rf"GATING=true, but MODEL_WEIGHTS='{old}' cannot gate tiles: "
-                                          rf"{re.escape(why)}\. "
-                                          r"Use GATING=false \(or leave it out\), or train its heads first with "
-                                          rf"`main.py train MODEL=AuxNet-C MODEL_WEIGHTS={old}`"):
-        _predict_cfg(old, *args, "GATING=true")
-    from engines.evaluate import eval_config  # eval falls back and refuses alike
-
-    assert eval_config(load_config(None, [f"MODEL_WEIGHTS={old}"]), [f"MODEL_WEIGHTS={old}"]).GATING is False
-    with pytest.raises(ConfigError, match="GATING=true, but"):
-        eval_config(load_config(None, [f"MODEL_WEIGHTS={old}", "GATING=true"]), [f"MODEL_WEIGHTS={old}", "GATING=true"])
 
 
 def test_decoded_windows_outweigh_filled_ones_where_they_overlap():
