@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from engines.checkpoint import CheckpointError, restore_training, save_checkpoint
 from engines.forward import NonFiniteOutput, autocast_for, evaluate_model, image_to, place
-from engines.run_dir import RunDir
 from model.AuxNet import AuxNet, AuxNetOutput
 from model.metrics import HIGHER_IS_BETTER
+from utils.run_paths import RunDir
 from utils.util import DistContext, RunError, atomic_write_json, writing
 
 

@@ -14,8 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from configs import Config
-from engines.checkpoint import LoadReport, load_weights, resolve_weights_path
-from engines.run_dir import RunDir
+from engines.checkpoint import LoadReport, load_weights
 from engines.figures import make_plotter
 from engines.SegTrainer import SegTrainer, TrainerSettings, TrainStep
 from model.AuxNet import AuxNet
@@ -27,6 +26,7 @@ from utils.dataset import SceneSDM, Splits, build_datasets, make_loader
 from utils.hardware import AMP_DTYPES, compile_problem, resolve_channels_last, resolve_precision
 from utils.image_io import DatasetError
 from utils.loggers import build_loggers
+from utils.run_paths import RunDir, cache_dir, resolve_weights_path
 from utils.splits import split_record
 from utils.util import DistContext, RunError
 
@@ -140,7 +140,7 @@ def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Opt
         return build_datasets(
             cfg.DATASET_DIR,
             split_file=split_file,
-            cache_dir=Path(cfg.RESULTS_DIR) / ".cache",
+            cache_dir=cache_dir(cfg.RESULTS_DIR),
             seed=cfg.SEED,
             input_size=cfg.INPUT_SIZE,
             input_channels=cfg.INPUT_CHANNELS,
@@ -156,7 +156,7 @@ def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Opt
             synthetic_size=cfg.SYNTHETIC_SIZE,
             test_ids=test_ids,
             hashes=hashes,
-            scene_sdm=(SceneSDM(cfg.SEG_CLASSES, cfg.SDM_DISTANCE, folder=Path(cfg.RESULTS_DIR) / ".cache")
+            scene_sdm=(SceneSDM(cfg.SEG_CLASSES, cfg.SDM_DISTANCE, folder=cache_dir(cfg.RESULTS_DIR))
                        if cfg.SDM_SCOPE == "image" and scene_sdm else None),
         )
 

@@ -44,20 +44,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from engines.run_dir import RunDir
+from utils.run_paths import RunDir
 from utils.util import RunError, atomic_torch_save
 
 
 class CheckpointError(RunError):
     """A checkpoint that cannot be read, or does not fit the network or run it is loaded into."""
-
-
-def resolve_weights_path(name: str) -> Optional[Path]:
-    """The checkpoint file MODEL_WEIGHTS names (``.pth`` may be omitted), or None if absent."""
-    for candidate in (Path(name), Path(name + ".pth")):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 #: What to do about an unreadable MODEL_WEIGHTS (the usual reader's fix; see :func:`read_checkpoint`).
@@ -78,7 +70,7 @@ def read_checkpoint(path: Path, map_location: Any = "cpu", fix: Optional[str] = 
             and ``fix``, when it is not a readable ``.pth``.
     """
     if path.is_dir():
-        hint = next((f"; did you mean {path / n}?" for n in ("best", "last") if (path / f"{n}.pth").is_file()), "")
+        hint = next((f"; did you mean {c.with_suffix('')}?" for c in RunDir(path).checkpoints()), "")
         raise CheckpointError(f"{path} is a folder, not a checkpoint{hint}")
     then = f"; {fix}" if fix else ""
     try:

@@ -28,15 +28,15 @@ from configs import Config, ConfigError
 from configs.config_parser import EVAL_KEYS, PREDICT_KEYS, config_for_checkpoint, parse_overrides, precision_note
 from configs.validator import validate
 from engines.builders import build_data, build_loaders, build_metrics, memory_format_of, precision_of
-from engines.checkpoint import CheckpointError, read_checkpoint, resolve_weights_path, saved_run, stored_split
+from engines.checkpoint import CheckpointError, read_checkpoint, saved_run, stored_split
 from engines.forward import autocast_for, evaluate_model
 from engines.launch import launch_plan, main_first
 from engines.predict import build_predictor, prediction_network, resolve_gating
 from engines.predictor import ArrayImage, Predictor
-from engines.run_dir import EvalFiles, RunDir, eval_outputs
 from model.AuxNet import AuxNet
 from utils.hardware import AMP_DTYPES
 from utils.image_io import ImageSet, file_digest
+from utils.run_paths import EvalFiles, RunDir, eval_outputs, resolve_weights_path
 from utils.util import DistContext, RunError, atomic_write_json, atomic_write_text
 
 

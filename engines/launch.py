@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from configs import Config, ConfigError
-from engines.run_dir import RunDir
+from utils.run_paths import RunDir
 from utils.util import DistContext, RunError, cleanup_distributed, init_distributed, make_writable_folder
 
 #: A command: ``command(cfg, ctx, run)`` on every rank.
@@ -179,7 +179,7 @@ class RunLock:
     """
 
     def __init__(self, root: Path):
-        self.root, self.path, self.fd, self.pid = Path(root), Path(root) / ".lock", None, os.getpid()
+        self.root, self.path, self.fd, self.pid = Path(root), RunDir(Path(root)).lock, None, os.getpid()
         while self.fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from configs import Config, ConfigError
 from engines.builders import build_network, memory_format_of, precision_of
-from engines.checkpoint import CheckpointError, resolve_weights_path, stored_split
+from engines.checkpoint import CheckpointError, stored_split
 from engines.forward import place
 from engines.launch import launch_plan
 from engines.predictor import Predictor
@@ -58,6 +58,7 @@ from model.AuxNet import AuxNet
 from utils.image_io import InputScaling
 from utils.raster import SUPPORTED_SUFFIXES, RasterError, open_image
 from utils.raster_write import MaskWriter, overlay_png
+from utils.run_paths import RunDir, resolve_weights_path
 from utils.util import RunError, atomic_write_text, make_writable_folder
 
 #: Hidden temporary files of an interrupted write into a predict folder: ``atomic_write`` and
@@ -106,9 +107,7 @@ def output_dir(cfg: Config) -> Path:
             temporary leftovers of a killed predict.
     """
     if not cfg.OUTPUT:
-        parent = resolve_weights_path(cfg.MODEL_WEIGHTS).resolve().parent
-        taken = [int(m.group(1)) for p in parent.glob("predict_*") if (m := re.fullmatch(r"predict_(\d+)", p.name))]
-        return parent / f"predict_{max(taken, default=0) + 1}"
+        return RunDir(resolve_weights_path(cfg.MODEL_WEIGHTS).resolve().parent).next_predictions()
     out = Path(cfg.OUTPUT)
     if not out.exists():
         return out

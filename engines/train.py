@@ -14,9 +14,9 @@ from engines.evaluate import whole_image_evaluation, whole_image_line
 from engines.forward import NonFiniteOutput
 from engines.launch import main_first
 from engines.predict import prediction_network
-from engines.run_dir import RunDir, run_dir_for
 from engines.SegTrainer import TrainingDiverged
 from utils.hardware import resolve_precision
+from utils.run_paths import RunDir, run_dir_for
 from utils.splits import num_folds
 from utils.util import DistContext, atomic_write_json, seed_everything, writing
 

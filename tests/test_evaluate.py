@@ -12,7 +12,7 @@ import torch
 from configs import load_config
 from engines import evaluate
 from engines.evaluate import RUNTIME_EVAL_KEYS, eval_settings, write_eval
-from engines.run_dir import eval_outputs
+from utils.run_paths import eval_outputs
 
 SUMMARY = {"metrics": {"DSC": 0.5}}
 

@@ -19,7 +19,7 @@ from conftest import torch_threads
 from engines.builders import build_model
 from engines.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from engines.launch import RunLock
-from engines.run_dir import RunDir
+from utils.run_paths import RunDir
 from engines.SegTrainer import TrainingDiverged, epoch_seed, non_finite
 from model.metrics import DISTANCE_METRICS
 from test_trainer import make_trainer, tiny_config

@@ -24,7 +24,7 @@ from conftest import torch_threads
 from engines.checkpoint import CheckpointError, read_checkpoint, restore_training
 from engines.evaluate import checkpoint_test_ids
 from engines.launch import Interrupted, RunLock, launch
-from engines.run_dir import RunDir
+from utils.run_paths import RunDir
 from test_cli import ROOT, TINY, run_cli
 from test_trainer import tiny_config
 from utils.util import RunError

@@ -19,7 +19,7 @@ import torch
 from conftest import torch_threads
 from engines.forward import NonFiniteOutput
 from engines.predictor import ArrayImage, Predictor
-from engines.run_dir import RunDir
+from utils.run_paths import RunDir
 from engines.SegTrainer import TrainingDiverged
 from test_cli import TINY, run_cli
 from test_faults import fit_epochs, log_epochs, trainers  # noqa: F401  (trainers: a fixture)

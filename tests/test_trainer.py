@@ -15,7 +15,7 @@ from configs import Config, load_config
 from conftest import torch_threads
 from engines.builders import build_data, build_model, build_trainer, loss_options, lr_factor
 from engines.checkpoint import read_checkpoint
-from engines.run_dir import RunDir
+from utils.run_paths import RunDir
 from model.AuxNet import STAGES
 from model.losses import LossOptions
 from utils.util import DistContext, seed_everything

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from utils.loggers import JsonLinesLogger, WandbLogger, build_loggers
-from engines.run_dir import next_run_id
+from utils.run_paths import next_run_id
 from utils.util import atomic_torch_save, atomic_write_text
 
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import torch_threads
 from engines.checkpoint import read_checkpoint
-from engines.run_dir import RunDir
+from utils.run_paths import RunDir
 from test_trainer import make_trainer, tiny_config
 from utils.augment import build_augmentation, seed_augmentation
 
