@@ -25,7 +25,7 @@ from utils.augment import augmentation_problems
 from utils.sdf import check_kernel_size
 from utils.run_paths import RunDir, resolve_weights_path
 from utils.splits import num_folds
-from utils.util import did_you_mean
+from utils.choices import did_you_mean
 
 
 class Problems(list):

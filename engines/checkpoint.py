@@ -44,6 +44,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from configs import Config
+from configs.config_parser import saved_values
+from configs.schema import setting
+from utils.hardware import resolve_precision
 from utils.run_paths import RunDir
 from utils.util import RunError, atomic_torch_save
 
@@ -172,6 +176,24 @@ def stored_split(path: Path) -> dict[str, Any]:
     """
     split = read_checkpoint(path).get("split")
     return split if isinstance(split, dict) else {}
+
+
+def precision_note(saved: dict[str, Any], cfg: Config, device: torch.device) -> Optional[str]:
+    """A note when the precision ``cfg`` resolves to on ``device`` is not the one the checkpoint's run
+    (``saved``) set explicitly, e.g. fp16 on its GPU, fp32 on this CPU; None when they agree.
+
+    A run made with ``auto`` recorded no precision (it was chosen for its machine), so there is
+    nothing to compare with.
+    """
+    trained = saved_values(saved).get("MIXED_PRECISION", "auto")
+    if trained == "auto":
+        return None
+    used = resolve_precision(cfg.MIXED_PRECISION, device)[0]
+    if used == trained:
+        return None
+    how = "auto" if cfg.MIXED_PRECISION == "auto" else "as asked on the command line"
+    return (f"note: the checkpoint was trained with {setting('MIXED_PRECISION', trained)}; this machine uses "
+            f"{'fp32' if used == 'none' else used} ({how})")
 
 
 @dataclass

@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 
 from configs import Config, ConfigError
-from configs.config_parser import EVAL_KEYS, PREDICT_KEYS, config_for_checkpoint, parse_overrides, precision_note
+from configs.config_parser import EVAL_KEYS, PREDICT_KEYS, config_for_checkpoint, parse_overrides
 from configs.validator import validate
 from engines.builders import build_data, build_loaders, build_metrics, memory_format_of, precision_of
-from engines.checkpoint import CheckpointError, read_checkpoint, saved_run, stored_split
+from engines.checkpoint import CheckpointError, precision_note, read_checkpoint, saved_run, stored_split
 from engines.forward import autocast_for, evaluate_model
 from engines.launch import launch_plan, main_first
 from engines.predict import build_predictor, prediction_network, resolve_gating
