@@ -57,6 +57,7 @@ class TrainerSettings:
     fold: int = 0
     seed: int = 0
     split: Optional[dict] = None
+    head_trained: bool = False  # the network's head is a trained one (see engines.checkpoint.head_is_trained)
     grad_clip: Optional[float] = None
     early_stopping: Optional[int] = None
     plot_every: int = 0
@@ -264,6 +265,7 @@ class SegTrainer:
             scheduler=self.scheduler, scaler=self.scaler,
             best={"metric": self.s.eval_metric, "value": self.best_value, "epoch": self.best_epoch},
             history=self.history, config=self.s.config, fold=self.s.fold, split=self.s.split,
+            head_trained=self.s.head_trained,
         )
         if improved and self.s.save_best:  # best first: last.pth never records a best.pth not yet written
             with writing(self.s.run.best):

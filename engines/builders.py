@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from configs import Config
-from engines.checkpoint import LoadReport, load_weights
+from engines.checkpoint import LoadReport, head_is_trained, network_of, new_network, read_checkpoint
 from engines.figures import make_plotter
 from engines.SegTrainer import SegTrainer, TrainerSettings, TrainStep
 from model.AuxNet import AuxNet
@@ -52,7 +52,7 @@ def memory_format_of(cfg: Config, device: torch.device) -> tuple[bool, str]:
     key = (cfg.CHANNELS_LAST, str(device), precision, shape, cfg.SEG_CLASSES, cfg.has_head and cfg.CLS_CLASSES,
            cfg.UNET_DEPTH, cfg.CONV_DEPTH)
     if key not in _MEMORY_FORMATS:
-        decision = [resolve_channels_last(cfg.CHANNELS_LAST, device, lambda: _bare_model(cfg), shape, precision)]
+        decision = [resolve_channels_last(cfg.CHANNELS_LAST, device, lambda: new_network(cfg), shape, precision)]
         if not isinstance(cfg.CHANNELS_LAST, bool) and dist.is_available() and dist.is_initialized():
             dist.broadcast_object_list(decision, src=0)
         _MEMORY_FORMATS[key] = decision[0]
@@ -63,36 +63,22 @@ def memory_format_of(cfg: Config, device: torch.device) -> tuple[bool, str]:
 _MEMORY_FORMATS: dict[tuple, tuple[bool, str]] = {}
 
 
-def _bare_model(cfg: Config) -> AuxNet:
-    """The configuration's network, freshly initialised."""
-    return AuxNet(
-        in_channels=cfg.INPUT_CHANNELS,
-        seg_classes=cfg.SEG_CLASSES,
-        cls_classes=cfg.CLS_CLASSES if cfg.has_head else 0,
-        depth=cfg.UNET_DEPTH,
-        base_width=cfg.CONV_DEPTH,
-        seg_dropout=cfg.SEG_DROPOUT,
-        cls_dropout=cfg.CLS_DROPOUT,
-    )
-
-
 def build_model(cfg: Config) -> AuxNet:
     """The network, with MODEL_WEIGHTS loaded and only the MODEL's parts left trainable."""
     return build_network(cfg)[0]
 
 
 def build_network(cfg: Config) -> tuple[AuxNet, Optional[LoadReport]]:
-    """:func:`build_model`, and the report of what MODEL_WEIGHTS loaded (None without weights)."""
-    net = _bare_model(cfg)
-    if cfg.MODEL_WEIGHTS:
-        # The heads may be missing from the file (a UNet checkpoint, or one made before the fill head
-        # existed): they start fresh, trained if the stage trains them, else frozen (the load report says which).
-        allow = ("fill_head.", "head.")
-        report = load_weights(net, resolve_weights_path(cfg.MODEL_WEIGHTS), allow_missing=allow)
-    else:
-        report = None
-    net.set_trainable(cfg.stage.trains)
-    return net, report
+    """:func:`build_model`, and the report of what MODEL_WEIGHTS loaded (None without weights).
+
+    The heads may be missing from the file (a UNet checkpoint, or one made before the fill head
+    existed): they start fresh, trained if the stage trains them, else frozen (the report says which).
+
+    Raises:
+        CheckpointError: MODEL_WEIGHTS cannot be read, or does not fit the network.
+    """
+    path = resolve_weights_path(cfg.MODEL_WEIGHTS) if cfg.MODEL_WEIGHTS else None
+    return network_of(cfg, path, read_checkpoint(path) if path is not None else None)
 
 
 def loss_options(cfg: Config) -> LossOptions:
@@ -243,6 +229,7 @@ def build_trainer(cfg: Config, ctx: DistContext, run: RunDir, splits: Splits, fo
         fold=fold,
         seed=cfg.SEED + fold,
         split=split_record(splits.train.images, splits.train_ids, splits.test_ids),
+        head_trained=head_is_trained(cfg, report),
         grad_clip=cfg.GRAD_CLIP,
         early_stopping=cfg.EARLY_STOPPING,
         plot_every=cfg.PLOT_EVERY,

@@ -348,17 +348,19 @@ def _fp16_checkpoint(tmp_path):
     import torch
 
     path = tmp_path / "best.pth"
+    from engines.checkpoint import new_network
+
     torch.save({"config": {**Config().to_dict(), "MIXED_PRECISION": "fp16", "CHANNELS_LAST": True},
-                "model": {}, "fold": 0}, path)
+                "model": new_network(Config()).state_dict(), "fold": 0}, path)
     return path
 
 
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_an_fp16_checkpoint_evaluates_on_a_cpu_only_machine(tmp_path, cpu_only, capsys, command):
-    from engines.evaluate import eval_config
+    from engines.checkpoint import load_for_inference
 
     args = [f"MODEL_WEIGHTS={_fp16_checkpoint(tmp_path)}"]
-    cfg = eval_config(load_config(None, args), args, command)
+    cfg = load_for_inference(load_config(None, args), args, command).cfg
     assert (cfg.MIXED_PRECISION, cfg.CHANNELS_LAST) == ("auto", "auto")
     notes = [line for line in capsys.readouterr().out.splitlines(keepends=True) if "MIXED_PRECISION" in line]
     assert notes == ["note: the checkpoint was trained with MIXED_PRECISION=fp16; this machine uses fp32 (auto)\n"]

@@ -15,7 +15,7 @@ from PIL import Image
 
 import utils.raster as raster
 from configs import load_config
-from engines.predict import build_predictor, predict, prediction_network
+from engines.predict import build_predictor, predict
 from engines.predictor import ArrayImage
 from test_cli import TINY, run_cli
 from utils.dataset import build_datasets
@@ -208,10 +208,11 @@ def trained(tmp_path_factory):
 
 
 def _predict_cfg(weights: Path, *overrides):
-    from engines.evaluate import eval_config
+    """The checkpoint as ``main.py predict`` reads it."""
+    from engines.checkpoint import load_for_inference
 
     args = [f"MODEL_WEIGHTS={weights}", "GATING=false", *overrides]
-    return eval_config(load_config(None, args), args, "predict")
+    return load_for_inference(load_config(None, args), args, "predict")
 
 
 def _predict(weights: Path, image: Path, out: Path) -> np.ndarray:
@@ -263,9 +264,9 @@ def test_a_checkpoint_without_the_record_scales_by_the_dtype_as_before(trained, 
     raw = np.asarray(Image.open(data / "images" / "s0.png")).astype(np.uint16)
     tifffile.imwrite(tmp_path / "s0.tif", raw)
     mask = _predict(tmp_path / "old.pth", tmp_path / "s0.tif", tmp_path / "out")
-    cfg = _predict_cfg(tmp_path / "old.pth")
-    net, can_gate = prediction_network(cfg, CPU)
-    predictor = build_predictor(cfg, net, can_gate, CPU, gating=False)
+    read = _predict_cfg(tmp_path / "old.pth")
+    cfg = read.cfg
+    predictor = build_predictor(cfg, read.net, read.can_gate, CPU, gating=False)
     probs, _ = predictor.predict_array(ArrayImage(raw, 0.0, 65535.0))  # today's scaling: the dtype's range
     assert np.array_equal(mask, predictor.labels(probs, cfg.SEG_THRESHOLD))
     assert "warning" not in capsys.readouterr().out

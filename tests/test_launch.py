@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from conftest import torch_threads
-from engines.checkpoint import CheckpointError, read_checkpoint, restore_training
+from configs import load_config
+from engines.checkpoint import CheckpointError, load_for_inference, read_checkpoint, restore_training
 from engines.evaluate import checkpoint_test_ids
 from engines.launch import Interrupted, RunLock, launch
 from utils.run_paths import RunDir
@@ -222,7 +223,8 @@ def test_eval_of_bare_weights_says_they_hold_no_configuration_or_split(trained, 
     with pytest.raises(RunError, match=rf"^{bare} holds only network weights \(no configuration and no train/test "
                                        r"split\), so its test images are unknown: evaluate the best.pth or last.pth "
                                        "that AuxNet saved in the run folder, or copy that run's tts.json next to it"):
-        checkpoint_test_ids(bare)
+        args = [*CLI, f"MODEL_WEIGHTS={bare}"]  # bare weights: the command line describes the network
+        checkpoint_test_ids(load_for_inference(load_config(None, args), args))
 
 
 def _numpy_checkpoint(path: Path) -> None:
