@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from utils.synthetic import _draw_ellipse, _draw_line
+from utils.synthetic import SYNTHETIC_CLASSES, _draw_ellipse, _draw_line
 from utils.util import atomic_write, atomic_write_json
 
 
@@ -24,7 +24,6 @@ FOLDER_DATASETS_VERSION = 1
 #: Per-dataset versions that differ from FOLDER_DATASETS_VERSION (a generator changed on its own;
 #: the others keep their version, seeds and folders).
 DATASET_VERSIONS = {"lines_ellipses": 2}
-LINES_ELLIPSES_CLASSES = {"background": 0, "line": 1, "ellipse": 2}
 
 
 def _truncated_normal(rng: np.random.Generator, mean: float, std: float, low: float, high: float,
@@ -95,7 +94,7 @@ def generate_lines_ellipses(
             theta, level = math.radians(int(rng.integers(0, 180))), rng.uniform(0.0, 0.7)
             radius = int(rng.integers(5, 20))
             _draw_ellipse(scene, classes[n], cy, cx, radius, radius * rng.uniform(0.5, 2.0), theta, level,
-                          LINES_ELLIPSES_CLASSES["ellipse"])
+                          SYNTHETIC_CLASSES["ellipse"])
         for _ in range(count):
             cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
             theta, level = -math.radians(int(rng.integers(0, 180))), rng.uniform(0.0, 0.7)
@@ -105,7 +104,7 @@ def generate_lines_ellipses(
             line = cv2.line(np.zeros((height, width), np.uint8), *ends, 1, thickness=1, lineType=cv2.LINE_8)
             inside = cv2.dilate(line, _disk(thickness)).astype(bool)
             scene[inside] = level
-            classes[n][inside] = LINES_ELLIPSES_CLASSES["line"]
+            classes[n][inside] = SYNTHETIC_CLASSES["line"]
         images[n] = np.clip(np.floor(scene * 255), 0, 255)
     return images, classes
 

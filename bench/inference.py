@@ -2,11 +2,11 @@
 
 Part 1 (one run, side by side, on one synthetic scene of ``--size`` px a side, default 4096):
 
-* (a) ``plain``  -- :class:`engines.predictor.Predictor`, ``gating=False``;
+* (a) ``plain``  -- :class:`engines.sliding_window.Predictor`, ``gating=False``;
 * (b) ``monai``  -- ``monai.inferers.sliding_window_inference(mode="gaussian", sigma_scale=0.125)``
   with the same network (encoder + decoder, sigmoid / softmax probabilities, the checkpoint's
   autocast precision and memory format) on the same normalised image;
-* (c) ``gated``  -- :class:`~engines.predictor.Predictor`, ``gating=True``, ``CLS_THRESHOLD`` 0.5.
+* (c) ``gated``  -- :class:`~engines.sliding_window.Predictor`, ``gating=True``, ``CLS_THRESHOLD`` 0.5.
 
 All three use 128-px windows (the checkpoint's INPUT_SIZE), 64 px overlap and 16 windows per
 forward pass. With ``(size - tile)`` divisible by the step (4096 is), MONAI's windows start exactly
@@ -35,7 +35,7 @@ children of a small wrapper process) are reported.
 Ratios and goals are printed under the table. Beside the measured gated speed-up comes one that
 does not drift with other processes' load: the speed-up (c) would have at (a)'s measured
 per-window encoder and decoder cost (windows counted per part: with gating, the heads see only the
-cells of :class:`engines.predictor.GatePlan`, so the encoder runs on far fewer windows than (a)).
+cells of :class:`engines.sliding_window.GatePlan`, so the encoder runs on far fewer windows than (a)).
 
 Threads: ``--threads N`` sets OMP_NUM_THREADS for every subprocess (training, workers, the CLI).
 On a CPU shared with other processes, torch's default of one thread per core made every op wait
@@ -272,12 +272,13 @@ def run_config(job: dict) -> dict:
     import torch
 
     from configs import load_config
-    from engines.builders import memory_format_of
-    from engines.checkpoint import load_for_inference
+    from engines.builders import build_runtime
     from engines.forward import autocast_for, image_to, place
+    from engines.inference import load_for_inference
     from engines.predict import build_predictor
-    from engines.predictor import ArrayImage, PredictStats
+    from engines.sliding_window import ArrayImage, PredictStats
     from utils.image_io import dtype_intensity_range
+    from utils.util import DistContext
 
     torch.manual_seed(0)
     gating = job["mode"] == "gated"
@@ -288,8 +289,9 @@ def run_config(job: dict) -> dict:
     if cfg.INPUT_SIZE != TILE:
         raise SystemExit(f"the checkpoint's INPUT_SIZE is {cfg.INPUT_SIZE}; this bench compares {TILE}-px windows")
     device = torch.device("cpu")
-    net = place(checkpoint.net, device, memory_format_of(cfg, device)[0])
-    predictor = build_predictor(cfg, net, checkpoint.can_gate, device, gating)
+    runtime = build_runtime(cfg, DistContext(device=device))  # as `main.py predict` resolves it
+    net = place(checkpoint.net, runtime.device, runtime.channels_last)
+    predictor = build_predictor(cfg, net, checkpoint.can_gate, runtime, gating)
     net, amp, channels_last = predictor.net, predictor.amp_dtype, predictor.channels_last
     raw = np.load(job["image"])
     image = ArrayImage(raw, *dtype_intensity_range(raw.dtype))  # uint8 / 255, as open_image reads a file
@@ -382,12 +384,12 @@ def scores(probs_path: Path, truth: np.ndarray, k: int, seg_threshold: float) ->
     """Dice and HD95 of the whole scene's prediction against the ground truth."""
     import torch
 
-    from model.metrics import SegmentationMetrics
+    from model.metrics import SegmentationMetrics, labels_from_scores
 
-    probs = np.load(probs_path, mmap_mode="r")
-    pred = (probs[..., 0] > seg_threshold) if k == 1 else probs.argmax(-1)
+    probs = torch.from_numpy(np.load(probs_path)).permute(2, 0, 1)[None]  # (1, K, H, W)
+    pred = labels_from_scores(probs, seg_threshold).to(torch.uint8)
     metrics = SegmentationMetrics(k, distance_metrics=True, seg_threshold=seg_threshold)
-    metrics.update_labels(torch.from_numpy(pred.astype(np.uint8))[None], torch.from_numpy(truth)[None])
+    metrics.update_labels(pred, torch.from_numpy(truth)[None])
     res = metrics.compute()
     return {"dice": res["DSC"], "hd95": res["HD95"]}
 

@@ -212,11 +212,6 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Co
 """Every option by name, in schema order."""
 
 
-def doc_of(key: str) -> str:
-    """The one-line doc of option ``key``."""
-    return FIELDS[key].metadata["doc"]
-
-
 #: Options whose command-line value is kept as typed, not parsed as YAML (``RUN_ID=001`` stays "001").
 TEXT_OPTIONS: frozenset[str] = frozenset(
     key for key, tp in typing.get_type_hints(Config).items() if tp in (str, Optional[str])

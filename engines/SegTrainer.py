@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -21,7 +19,7 @@ from engines.forward import NonFiniteOutput, autocast_for, evaluate_model, image
 from model.AuxNet import AuxNet, AuxNetOutput
 from model.metrics import HIGHER_IS_BETTER
 from utils.run_paths import RunDir
-from utils.util import DistContext, RunError, atomic_write_json, writing
+from utils.util import DistContext, RunError, seed_everything, writing
 
 
 class TrainStep(nn.Module):
@@ -61,7 +59,6 @@ class TrainerSettings:
     grad_clip: Optional[float] = None
     early_stopping: Optional[int] = None
     plot_every: int = 0
-    plot_tiles: int = 0
 
 
 class TrainingDiverged(RunError):
@@ -97,7 +94,7 @@ class SegTrainer:
         )
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.test_loader = train_loader, test_loader
-        self.make_metrics, self.logger, self.ctx, self.s = metrics, logger, ctx, settings
+        self.make_metrics, self.logger, self.ctx, self.settings = metrics, logger, ctx, settings
         use_scaler = settings.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_scaler)
         self.start_epoch, self.best_value, self.best_epoch = 0, None, None
@@ -109,7 +106,7 @@ class SegTrainer:
     def fit(self) -> dict[str, Any]:
         """Train for the configured epochs (resuming from ``last.pth`` if present); return a summary."""
         self.resume_if_possible()
-        for epoch in range(self.start_epoch, self.s.epochs):
+        for epoch in range(self.start_epoch, self.settings.epochs):
             started = time.perf_counter()
             self.seed_epoch(epoch)
             train_stats = self.train_epoch(epoch)
@@ -121,7 +118,7 @@ class SegTrainer:
             self.start_epoch = epoch + 1
             self.logger.log(record, step=epoch)
             stop = self.should_stop(epoch)
-            self.plot(epoch, final=stop or epoch == self.s.epochs - 1)
+            self.plot(epoch, final=stop or epoch == self.settings.epochs - 1)
             if stop:
                 break
         return self.summary()
@@ -129,10 +126,8 @@ class SegTrainer:
     # ------------------------------------------------------------------ steps
     def seed_epoch(self, epoch: int) -> None:
         """Seed every random stream of ``epoch`` (see :func:`epoch_seed`) and the sampler's epoch."""
-        seed = epoch_seed(self.s.seed, epoch, self.ctx.rank)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)  # CUDA too
+        seed = epoch_seed(self.settings.seed, epoch, self.ctx.rank)
+        seed_everything(seed)
         dataset = getattr(self.train_loader, "dataset", None)
         if hasattr(dataset, "reseed"):
             dataset.reseed(seed)  # each sample's augmentation: from (seed, its index), in any worker
@@ -177,9 +172,10 @@ class SegTrainer:
             self.diverged(f"the loss became {float(loss_out.total.detach())}", batch, loss_out, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss_out.total).backward()
-        if self.s.grad_clip:
+        if self.settings.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in self.step.parameters() if p.requires_grad], self.s.grad_clip)
+            trained = [p for p in self.step.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(trained, self.settings.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -214,29 +210,32 @@ class SegTrainer:
                      else f"a weight is {largest}")
             fixes = "Lower BASE_LR or set GRAD_CLIP" + {
                 None: "", torch.bfloat16: ", or set MIXED_PRECISION=none",
-                torch.float16: ", or set MIXED_PRECISION=bf16 or none (fp16 overflows above 65504)"}[self.s.amp_dtype]
+                torch.float16: ", or set MIXED_PRECISION=bf16 or none (fp16 overflows above 65504)",
+            }[self.settings.amp_dtype]
             raise TrainingDiverged(f"training diverged in epoch {epoch}: {err}; {cause}. {self.kept()}. {fixes}") from None
 
     def kept(self) -> str:
         """What a stopped run leaves: the last checkpoint, as it was, or none."""
-        return f"{self.s.run.last} is left as it was" if self.s.run.last.is_file() else "no checkpoint was written"
+        last = self.settings.run.last
+        return f"{last} is left as it was" if last.is_file() else "no checkpoint was written"
 
     def evaluate(self, loader=None):
         """Run the test split (this rank's shard) through the network; returns the metrics object,
         whose ``compute()`` all-reduces over ranks."""
         return evaluate_model(self.step.net, loader or self.test_loader, self.make_metrics(), self.ctx.device,
-                              self.autocast, self.s.channels_last)
+                              self.autocast, self.settings.channels_last)
 
     def track_best(self, epoch: int, eval_stats: dict[str, float]) -> bool:
         """Remember the best epoch by the evaluation metric; True when this epoch is the new best
         (a NaN or infinite value is never the best)."""
-        value = eval_stats.get(self.s.eval_metric, math.nan)
+        value = eval_stats.get(self.settings.eval_metric, math.nan)
         if not math.isfinite(value):
             if self.ctx.is_main:
-                tqdm.write(f"warning: epoch {epoch}: {self.s.eval_metric} is {value}; this epoch cannot be the best")
+                tqdm.write(f"warning: epoch {epoch}: {self.settings.eval_metric} is {value}; "
+                           "this epoch cannot be the best")
             return False
         better = self.best_value is None or (
-            value > self.best_value if HIGHER_IS_BETTER[self.s.eval_metric] else value < self.best_value
+            value > self.best_value if HIGHER_IS_BETTER[self.settings.eval_metric] else value < self.best_value
         )
         if better:
             self.best_value, self.best_epoch = value, epoch
@@ -244,11 +243,11 @@ class SegTrainer:
 
     def should_stop(self, epoch: int) -> bool:
         """EARLY_STOPPING: True when the best epoch is that many epochs behind ``epoch``."""
-        patience = self.s.early_stopping
+        patience = self.settings.early_stopping
         if not patience or epoch - (self.best_epoch if self.best_epoch is not None else -1) < patience:
             return False
         if self.ctx.is_main:
-            tqdm.write(f"early stopping after epoch {epoch}: {self.s.eval_metric} has not improved for "
+            tqdm.write(f"early stopping after epoch {epoch}: {self.settings.eval_metric} has not improved for "
                        f"{patience} epoch(s) (best: epoch {self.best_epoch})")
         return True
 
@@ -263,15 +262,15 @@ class SegTrainer:
         state = dict(
             epoch=epoch, net=self.step.net, loss=self.step.loss, optimizer=self.optimizer,
             scheduler=self.scheduler, scaler=self.scaler,
-            best={"metric": self.s.eval_metric, "value": self.best_value, "epoch": self.best_epoch},
-            history=self.history, config=self.s.config, fold=self.s.fold, split=self.s.split,
-            head_trained=self.s.head_trained,
+            best={"metric": self.settings.eval_metric, "value": self.best_value, "epoch": self.best_epoch},
+            history=self.history, config=self.settings.config, fold=self.settings.fold, split=self.settings.split,
+            head_trained=self.settings.head_trained,
         )
-        if improved and self.s.save_best:  # best first: last.pth never records a best.pth not yet written
-            with writing(self.s.run.best):
-                save_checkpoint(self.s.run.best, **state)
-        with writing(self.s.run.last):
-            save_checkpoint(self.s.run.last, **state)
+        if improved and self.settings.save_best:  # best first: last.pth never records a best.pth not yet written
+            with writing(self.settings.run.best):
+                save_checkpoint(self.settings.run.best, **state)
+        with writing(self.settings.run.last):
+            save_checkpoint(self.settings.run.last, **state)
 
     def resume_if_possible(self) -> bool:
         """Continue from ``last.pth`` in the run folder, if one exists (once; later calls do nothing).
@@ -285,20 +284,21 @@ class SegTrainer:
         """
         if self.resumed is not None:
             return self.resumed
-        leftovers = clean_leftovers(self.s.run) if self.ctx.is_main else []
-        path = self.s.run.last
+        run = self.settings.run
+        leftovers = clean_leftovers(run) if self.ctx.is_main else []
+        path = run.last
         if not path.is_file():
             self.resumed = False
-            if self.ctx.is_main and (leftovers or (self.s.run.log.is_file() and self.s.run.log.stat().st_size)):
-                tqdm.write(f"no finished checkpoint in {self.s.run.root} (removed {leftovers or 'nothing'}): "
+            if self.ctx.is_main and (leftovers or (run.log.is_file() and run.log.stat().st_size)):
+                tqdm.write(f"no finished checkpoint in {run.root} (removed {leftovers or 'nothing'}): "
                            "starting again from epoch 0")
             self.logger.rewind([])
             return False
         state = restore_training(path, net=self.step.net, loss=self.step.loss, optimizer=self.optimizer,
                                  scheduler=self.scheduler, scaler=self.scaler, device=self.ctx.device)
-        if state["epoch"] + 1 > self.s.epochs:
+        if state["epoch"] + 1 > self.settings.epochs:
             raise CheckpointError(
-                f"{path} has trained {state['epoch'] + 1} epochs, more than the {self.s.epochs} "
+                f"{path} has trained {state['epoch'] + 1} epochs, more than the {self.settings.epochs} "
                 "(WARMUP_EPOCHS + TRAIN_EPOCHS) asked for; resuming cannot shorten a run: raise TRAIN_EPOCHS "
                 "to extend it, or start a new run (another RUN_ID)")
         self.start_epoch = state["epoch"] + 1
@@ -307,30 +307,27 @@ class SegTrainer:
         self.logger.rewind(self.history)
         self.resumed = True
         if self.ctx.is_main:
-            tqdm.write(f"resuming {self.s.run.root} after epoch {state['epoch']}")
+            tqdm.write(f"resuming {self.settings.run.root} after epoch {state['epoch']}")
         return True
 
     def plot(self, epoch: int, final: bool) -> None:
         """The training curves and prediction overlays (main rank; every ``plot_every`` epochs and at the end)."""
         if self.plotter is None or not self.ctx.is_main:
             return
-        every = self.s.plot_every
+        every = self.settings.plot_every
         if final or (every and (epoch + 1) % every == 0):
-            with writing(self.s.run.root):
+            with writing(self.settings.run.root):
                 self.plotter(self.history, epoch)
 
     def summary(self) -> dict[str, Any]:
-        """Final and best epochs' metrics, written to ``summary.json`` (main rank)."""
-        summary = {
-            "eval_metric": self.s.eval_metric,
+        """The final and the best epoch's metrics (``engines.train`` adds the whole-image evaluation
+        and writes ``summary.json``)."""
+        return {
+            "eval_metric": self.settings.eval_metric,
             "best_epoch": self.best_epoch,
             "best": next((h for h in self.history if h["epoch"] == self.best_epoch), None),
             "final": self.history[-1] if self.history else None,
         }
-        if self.ctx.is_main:
-            with writing(self.s.run.summary):
-                atomic_write_json(self.s.run.summary, summary)
-        return summary
 
     # ------------------------------------------------------------------ helpers
     def all_reduce_means(self, sums: dict[str, float], batches: int) -> dict[str, float]:
@@ -345,12 +342,12 @@ class SegTrainer:
 
     def to_device(self, batch: dict[str, Any]):
         dev = self.ctx.device
-        image = image_to(batch["image"], dev, self.s.channels_last)
+        image = image_to(batch["image"], dev, self.settings.channels_last)
         sdm = batch["sdm"].to(dev, non_blocking=True) if "sdm" in batch else None
         return (image, *(batch[k].to(dev, non_blocking=True) for k in ("mask", "label", "fill")), sdm)
 
     def autocast(self):
-        return autocast_for(self.ctx.device, self.s.amp_dtype)
+        return autocast_for(self.ctx.device, self.settings.amp_dtype)
 
 
 def non_finite(module: nn.Module) -> list[str]:

@@ -1,5 +1,5 @@
 """Builders: translate the :class:`~configs.Config` into the plain arguments that the model, loss,
-data, metrics, optimiser and trainer take. The only place (with ``main.py``) that reads the config."""
+data, metrics, optimiser and trainer take, so that none of those reads the config itself."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import math
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from configs import Config
-from engines.checkpoint import LoadReport, head_is_trained, network_of, new_network, read_checkpoint
+from engines.checkpoint import LoadReport, head_is_trained, load_weights, read_checkpoint
 from engines.figures import make_plotter
 from engines.SegTrainer import SegTrainer, TrainerSettings, TrainStep
 from model.AuxNet import AuxNet
@@ -23,62 +23,76 @@ from model.losses import build_loss as make_loss
 from model.metrics import SegmentationMetrics
 from utils.augment import DEFAULT_AUGMENTATIONS
 from utils.dataset import SceneSDM, Splits, build_datasets, make_loader
-from utils.hardware import AMP_DTYPES, compile_problem, resolve_channels_last, resolve_precision
+from utils.hardware import Runtime, compile_problem, resolve_runtime
 from utils.image_io import DatasetError
 from utils.loggers import build_loggers
 from utils.run_paths import RunDir, cache_dir, resolve_weights_path
 from utils.splits import split_record
-from utils.util import DistContext, RunError
+from utils.util import DistContext, RunError, cpu_threads, local_processes
 
 
 
-def precision_of(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype MIXED_PRECISION resolves to on ``device`` (None = fp32); see
-    :func:`utils.hardware.resolve_precision` (``auto``: bf16 only where the hardware has it natively)."""
-    return AMP_DTYPES[resolve_precision(cfg.MIXED_PRECISION, device)[0]]
+def build_runtime(cfg: Config, ctx: DistContext) -> Runtime:
+    """This process's :class:`~utils.hardware.Runtime`: its CPU threads, and what MIXED_PRECISION and
+    CHANNELS_LAST resolve to on ``ctx.device`` (see :func:`utils.hardware.resolve_runtime`).
 
-
-def memory_format_of(cfg: Config, device: torch.device) -> tuple[bool, str]:
-    """Whether CHANNELS_LAST resolves to channels_last on ``device``, and why (see
-    :func:`utils.hardware.resolve_channels_last`).
-
-    Resolved once per process and setting; under DDP the first call is a collective one (every
-    rank calls it while building the trainer or the evaluation), and an ``auto`` or ``measure``
-    decision is rank 0's, so that every rank trains alike. Later calls (also main-rank-only ones,
-    such as the run's first line) return the same answer without timing or communicating again.
+    Called once per process: by the launcher on every rank, and by ``predict``. Under DDP it is a
+    collective call for an ``auto`` or ``measure`` memory format (rank 0's decision is every rank's),
+    and each CPU process gets :func:`~utils.util.cpu_threads` threads, so that processes do not
+    oversubscribe the cores (the local count: ``LOCAL_WORLD_SIZE`` under torchrun, else every
+    process is local).
     """
-    precision = resolve_precision(cfg.MIXED_PRECISION, device)[0]
-    shape = (cfg.BATCH_SIZE, cfg.INPUT_CHANNELS, cfg.INPUT_SIZE, cfg.INPUT_SIZE)
-    key = (cfg.CHANNELS_LAST, str(device), precision, shape, cfg.SEG_CLASSES, cfg.has_head and cfg.CLS_CLASSES,
-           cfg.UNET_DEPTH, cfg.CONV_DEPTH)
-    if key not in _MEMORY_FORMATS:
-        decision = [resolve_channels_last(cfg.CHANNELS_LAST, device, lambda: new_network(cfg), shape, precision)]
-        if not isinstance(cfg.CHANNELS_LAST, bool) and dist.is_available() and dist.is_initialized():
-            dist.broadcast_object_list(decision, src=0)
-        _MEMORY_FORMATS[key] = decision[0]
-    return _MEMORY_FORMATS[key]
+    threads = cpu_threads(local_processes(ctx.world_size)) if ctx.device.type == "cpu" else None
+    return resolve_runtime(ctx.device, cfg.MIXED_PRECISION, cfg.CHANNELS_LAST, partial(_bare_model, cfg),
+                           (cfg.BATCH_SIZE, cfg.INPUT_CHANNELS, cfg.INPUT_SIZE, cfg.INPUT_SIZE), threads=threads,
+                           agree=_main_rank_value if ctx.distributed else None)
 
 
-#: memory_format_of's decisions in this process, by setting, device, precision, input and network
-_MEMORY_FORMATS: dict[tuple, tuple[bool, str]] = {}
+def _main_rank_value(value):
+    """Rank 0's ``value`` on every rank (a collective call)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
-def build_model(cfg: Config) -> AuxNet:
-    """The network, with MODEL_WEIGHTS loaded and only the MODEL's parts left trainable."""
-    return build_network(cfg)[0]
+def _bare_model(cfg: Config) -> AuxNet:
+    """The configuration's network, freshly initialised."""
+    return AuxNet(
+        in_channels=cfg.INPUT_CHANNELS,
+        seg_classes=cfg.SEG_CLASSES,
+        cls_classes=cfg.CLS_CLASSES if cfg.has_head else 0,
+        depth=cfg.UNET_DEPTH,
+        base_width=cfg.CONV_DEPTH,
+        seg_dropout=cfg.SEG_DROPOUT,
+        cls_dropout=cfg.CLS_DROPOUT,
+    )
 
 
-def build_network(cfg: Config) -> tuple[AuxNet, Optional[LoadReport]]:
-    """:func:`build_model`, and the report of what MODEL_WEIGHTS loaded (None without weights).
+def build_network(cfg: Config, path: Optional[Path] = None,
+                  state: Optional[Mapping[str, Any]] = None) -> tuple[AuxNet, Optional[LoadReport]]:
+    """The network, with MODEL_WEIGHTS loaded and only the MODEL's parts left trainable, and the
+    report of what MODEL_WEIGHTS loaded (None without weights).
 
     The heads may be missing from the file (a UNet checkpoint, or one made before the fill head
     existed): they start fresh, trained if the stage trains them, else frozen (the report says which).
 
+    Args:
+        cfg: the configuration.
+        path, state: MODEL_WEIGHTS's file and its content, when the caller has read it already
+            (:func:`engines.inference.load_for_inference`); else it is read here.
+
     Raises:
         CheckpointError: MODEL_WEIGHTS cannot be read, or does not fit the network.
     """
-    path = resolve_weights_path(cfg.MODEL_WEIGHTS) if cfg.MODEL_WEIGHTS else None
-    return network_of(cfg, path, read_checkpoint(path) if path is not None else None)
+    net = _bare_model(cfg)
+    report = None
+    if cfg.MODEL_WEIGHTS:
+        if state is None:
+            path = resolve_weights_path(cfg.MODEL_WEIGHTS)
+            state = read_checkpoint(path)
+        report = load_weights(net, path, state, cfg.MODEL)
+    net.set_trainable(cfg.stage.trains)
+    return net, report
 
 
 def loss_options(cfg: Config) -> LossOptions:
@@ -205,7 +219,8 @@ def lr_factor(step: int, *, warmup: int, decay: int, start: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def build_trainer(cfg: Config, ctx: DistContext, run: RunDir, splits: Splits, fold: int = 0) -> SegTrainer:
+def build_trainer(cfg: Config, ctx: DistContext, runtime: Runtime, run: RunDir, splits: Splits,
+                  fold: int = 0) -> SegTrainer:
     net, report = build_network(cfg)
     if ctx.is_main and report is not None:
         print(load_report_line(cfg, report))
@@ -223,8 +238,8 @@ def build_trainer(cfg: Config, ctx: DistContext, run: RunDir, splits: Splits, fo
         epochs=cfg.WARMUP_EPOCHS + cfg.TRAIN_EPOCHS,
         eval_metric=cfg.EVAL_METRIC,
         save_best=cfg.SAVE_MODEL,
-        amp_dtype=precision_of(cfg, ctx.device),
-        channels_last=memory_format_of(cfg, ctx.device)[0],
+        amp_dtype=runtime.amp_dtype,
+        channels_last=runtime.channels_last,
         config=cfg.to_dict(),
         fold=fold,
         seed=cfg.SEED + fold,
@@ -237,8 +252,8 @@ def build_trainer(cfg: Config, ctx: DistContext, run: RunDir, splits: Splits, fo
     trainer = SegTrainer(step, optimizer, scheduler, train_loader, test_loader, build_metrics(cfg, ctx.device),
                          logger, ctx, settings)
     if ctx.is_main:
-        trainer.plotter = make_plotter(run.root, trainer.step.net, splits.test, ctx.device, settings.amp_dtype,
-                                       settings.channels_last, cfg.SEG_THRESHOLD, cfg.PLOT_TILES, logger.log_images)
+        trainer.plotter = make_plotter(run.root, trainer.step.net, splits.test, runtime, cfg.SEG_THRESHOLD,
+                                       cfg.PLOT_TILES, logger.log_images)
     return trainer
 
 

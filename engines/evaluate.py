@@ -27,25 +27,25 @@ import torch.distributed as dist
 
 from configs import Config
 from configs.config_parser import EVAL_KEYS
-from engines.builders import build_data, build_loaders, build_metrics, memory_format_of, precision_of
-from engines.checkpoint import Inference, load_for_inference
+from engines.builders import build_data, build_loaders, build_metrics
 from engines.forward import autocast_for, evaluate_model, place
+from engines.inference import Inference, load_for_inference
 from engines.launch import launch, main_first
 from engines.predict import build_predictor
-from engines.predictor import ArrayImage, Predictor
+from engines.sliding_window import ArrayImage, Predictor
 from model.AuxNet import AuxNet
-from utils.hardware import AMP_DTYPES
+from utils.hardware import Runtime
 from utils.image_io import ImageSet, file_digest
 from utils.run_paths import EvalFiles, RunDir, eval_outputs
 from utils.util import DistContext, RunError, atomic_write_json, atomic_write_text
 
 
 def run(cfg: Config, overrides: list[str]) -> int:
-    """``main.py eval``: read MODEL_WEIGHTS (once, :func:`engines.checkpoint.load_for_inference`) and
+    """``main.py eval``: read MODEL_WEIGHTS (once, :func:`engines.inference.load_for_inference`) and
     evaluate it on every rank; returns the exit status.
 
     Raises:
-        ConfigError: see :func:`~engines.checkpoint.load_for_inference`.
+        ConfigError: see :func:`~engines.inference.load_for_inference`.
         CheckpointError: its weights do not fit the network its configuration describes.
     """
     checkpoint = load_for_inference(cfg, overrides, "eval")
@@ -79,7 +79,7 @@ def checkpoint_test_ids(checkpoint: Inference) -> tuple[Optional[list[str]], Opt
                    "copy its run's tts.json next to it, or evaluate it in its run folder")
 
 
-def evaluate(checkpoint: Inference, cfg: Config, ctx: DistContext, run: RunDir) -> None:
+def evaluate(checkpoint: Inference, cfg: Config, ctx: DistContext, runtime: Runtime, run: RunDir) -> None:
     """Evaluate the checkpoint on its own test split (stored in it): a summary JSON (with the settings)
     and per-tile and per-image CSVs beside it (see :func:`write_eval` for their names)."""
     test_ids, split_file = checkpoint_test_ids(checkpoint)
@@ -87,20 +87,19 @@ def evaluate(checkpoint: Inference, cfg: Config, ctx: DistContext, run: RunDir) 
     splits = main_first(ctx, lambda: build_data(cfg, split_file, cfg.DEFAULT_FOLD, test_ids=test_ids,
                                                 scene_sdm=False, hashes=hashes))  # nothing trains: no distance maps
     _, test_loader = build_loaders(cfg, splits, ctx)
-    dtype = precision_of(cfg, ctx.device)
-    channels_last = memory_format_of(cfg, ctx.device)[0]
-    net = place(checkpoint.net, ctx.device, channels_last)
+    net = place(checkpoint.net, runtime.device, runtime.channels_last)
 
     def autocast():
-        return autocast_for(ctx.device, dtype)
+        return autocast_for(runtime.device, runtime.amp_dtype)
 
-    metrics = evaluate_model(net, test_loader, build_metrics(cfg, ctx.device)(), ctx.device, autocast, channels_last)
+    metrics = evaluate_model(net, test_loader, build_metrics(cfg, ctx.device)(), ctx.device, autocast,
+                             runtime.channels_last)
     summary = metrics.compute()
     rows = metrics.gather_per_image()
     ckpt = checkpoint.path
-    whole = whole_image_evaluation(cfg, ctx, splits, net, checkpoint.can_gate)
+    whole = whole_image_evaluation(cfg, ctx, runtime, splits, net, checkpoint.can_gate)
     if ctx.is_main:
-        settings = eval_settings(cfg, ckpt, ctx.device, dtype, channels_last)
+        settings = eval_settings(cfg, ckpt, runtime)
         files = write_eval(ckpt, settings, {
             "checkpoint": str(ckpt), "fold": cfg.DEFAULT_FOLD, "tiles": len(rows),
             "test_images": list(splits.test_ids), "metrics": summary,
@@ -123,8 +122,7 @@ RUNTIME_EVAL_KEYS = frozenset({
 })
 
 
-def eval_settings(cfg: Config, checkpoint: Path, device: torch.device, dtype: Optional[torch.dtype],
-                  channels_last: bool) -> dict[str, Any]:
+def eval_settings(cfg: Config, checkpoint: Path, runtime: Runtime) -> dict[str, Any]:
     """What decides an eval's numbers: the checkpoint's content (its BLAKE2b hash, :func:`utils.image_io.file_digest`; the network, data and
     split come from it), each evaluation option that can change a result (thresholds, metrics,
     GATING, TILE_OVERLAP, TTA, DATASET_DIR as an absolute path), and the device type, precision and
@@ -132,8 +130,7 @@ def eval_settings(cfg: Config, checkpoint: Path, device: torch.device, dtype: Op
 
     Args:
         checkpoint: the checkpoint file evaluated.
-        dtype: the autocast dtype used (None = fp32), as :func:`engines.builders.precision_of` gives it.
-        channels_last: the memory format used.
+        runtime: the device, precision and memory format the eval ran with.
 
     Returns:
         A JSON-ready dict; two evals with equal settings give the same numbers.
@@ -141,10 +138,8 @@ def eval_settings(cfg: Config, checkpoint: Path, device: torch.device, dtype: Op
     options = {key: getattr(cfg, key) for key in sorted(EVAL_KEYS - RUNTIME_EVAL_KEYS)}
     if "DATASET_DIR" in options and options["DATASET_DIR"] != "synthetic":
         options["DATASET_DIR"] = str(Path(options["DATASET_DIR"]).resolve())
-    precision = next(name for name, amp in AMP_DTYPES.items() if amp == dtype)
     settings = {"checkpoint_digest": file_digest(checkpoint), **options,
-                "device": device.type, "precision": precision,
-                "memory_format": "channels_last" if channels_last else "contiguous"}
+                "device": runtime.device.type, "precision": runtime.precision, "memory_format": runtime.memory_format}
     return json.loads(json.dumps(settings))  # as read back from the JSON (tuples become lists, ...)
 
 
@@ -229,13 +224,14 @@ def settings_difference(earlier: Optional[dict[str, Any]], now: dict[str, Any]) 
                      else f"{k}={earlier.get(k)!r}" for k in keys)
 
 
-def whole_image_evaluation(cfg: Config, ctx: DistContext, splits, net: AuxNet, can_gate: bool) -> dict[str, dict]:
-    """The test split's whole images predicted by ``net`` (see :func:`engines.checkpoint.load_for_inference`)
+def whole_image_evaluation(cfg: Config, ctx: DistContext, runtime: Runtime, splits, net: AuxNet,
+                           can_gate: bool) -> dict[str, dict]:
+    """The test split's whole images predicted by ``net`` (see :func:`engines.inference.load_for_inference`)
     without gating and, where its run trained the head and GATING is on, with gating:
     ``{"ungated": {"summary", "images"}, "gated": ...}``."""
     report = {}
     for mode in ("ungated", "gated") if cfg.GATING and cfg.trains_classifier and can_gate else ("ungated",):
-        predictor = build_predictor(cfg, net, can_gate, ctx.device, gating=mode == "gated")
+        predictor = build_predictor(cfg, net, can_gate, runtime, gating=mode == "gated")
         summary, rows = evaluate_whole_images(predictor, splits.test.images, splits.test_ids,
                                               build_metrics(cfg, ctx.device)(), ctx, cfg.SEG_THRESHOLD)
         report[mode] = {"summary": summary, "images": rows}

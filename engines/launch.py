@@ -1,7 +1,8 @@
 """Launching a command: one process per device (DDP), a ``torchrun`` launch, or this process alone.
 
-The main rank picks (and checks) the run folder and tells the others; every rank then runs the
-command. A :class:`~utils.util.RunError` (bad data files, an unusable checkpoint) ends every rank
+The main rank picks (and checks) the run folder and tells the others; every rank then resolves
+its :class:`~utils.hardware.Runtime` (threads, precision, memory format: once, together) and runs the
+command with it. A :class:`~utils.util.RunError` (bad data files, an unusable checkpoint) ends every rank
 with exit status 2; Ctrl-C ends them with :class:`Interrupted` (``main.py`` prints one line and exits
 with 130). Whatever ends it, a new run that trained nothing leaves no folder behind.
 """
@@ -25,11 +26,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from configs import Config, ConfigError
+from engines.builders import build_runtime
+from utils.hardware import Runtime
 from utils.run_paths import RunDir
 from utils.util import DistContext, RunError, cleanup_distributed, init_distributed, make_writable_folder
 
-#: A command: ``command(cfg, ctx, run)`` on every rank.
-Command = Callable[[Config, DistContext, RunDir], None]
+#: A command: ``command(cfg, ctx, runtime, run)`` on every rank.
+Command = Callable[[Config, DistContext, Runtime, RunDir], None]
 #: Picks the run folder on the main rank (may raise ConfigError): ``choose(cfg) -> RunDir``.
 Chooser = Callable[[Config], RunDir]
 
@@ -368,7 +371,8 @@ def _spawned(local_rank: int, world: int, devices, cfg: Config, run: RunDir, com
 
 
 def _run(ctx: DistContext, cfg: Config, run: RunDir, command: Command) -> None:
+    """Resolve this rank's runtime (with the other ranks: a collective call) and run ``command`` with it."""
     try:
-        command(cfg, ctx, run)
+        command(cfg, ctx, build_runtime(cfg, ctx), run)
     finally:
         cleanup_distributed()

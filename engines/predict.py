@@ -44,21 +44,22 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from configs import Config, ConfigError
-from engines.builders import memory_format_of, precision_of
-from engines.checkpoint import CheckpointError, Inference, load_for_inference
+from engines.builders import build_runtime
+from engines.checkpoint import CheckpointError
 from engines.forward import place
+from engines.inference import Inference, load_for_inference
 from engines.launch import launch_plan
-from engines.predictor import Predictor
+from engines.sliding_window import Predictor
 from model.AuxNet import AuxNet
+from utils.hardware import Runtime
 from utils.image_io import InputScaling
 from utils.raster import SUPPORTED_SUFFIXES, RasterError, open_image
 from utils.raster_write import MaskWriter, overlay_png
 from utils.run_paths import RunDir
-from utils.util import RunError, atomic_write_text, make_writable_folder
+from utils.util import DistContext, RunError, atomic_write_text, make_writable_folder
 
 #: Hidden temporary files of an interrupted write into a predict folder: ``atomic_write`` and
 #: raster_write's temporary outputs (``tempfile.mkstemp`` names: ``.<output name>.<8 random>.tmp``)
@@ -193,13 +194,13 @@ def output_names(files: list[Path]) -> dict[Path, str]:
     return names
 
 
-def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, device: torch.device, gating: bool,
+def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, runtime: Runtime, gating: bool,
                     progress: bool = False) -> Predictor:
-    """A :class:`Predictor` of ``net`` with the configuration's tile, overlap, batch and precision.
+    """A :class:`Predictor` of ``net`` with the configuration's tile, overlap and batch, run as ``runtime`` says.
 
     Raises:
         CheckpointError: gating asked of a network that cannot gate (see
-            :func:`engines.checkpoint.gating_unavailable`).
+            :func:`engines.inference.gating_unavailable`).
     """
     if gating and not can_gate:
         raise CheckpointError(
@@ -207,17 +208,16 @@ def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, device: torch.devi
             "gated prediction existed), so tiles cannot be gated: use GATING=false, or retrain"
         )
     return Predictor(net, tile=cfg.INPUT_SIZE, overlap=cfg.predict_overlap, batch_size=cfg.BATCH_SIZE,
-                     device=device, amp_dtype=precision_of(cfg, device),
-                     channels_last=memory_format_of(cfg, device)[0], gating=gating,
-                     cls_threshold=cfg.CLS_THRESHOLD, tta=cfg.TTA, progress=progress)
+                     device=runtime.device, amp_dtype=runtime.amp_dtype, channels_last=runtime.channels_last,
+                     gating=gating, cls_threshold=cfg.CLS_THRESHOLD, tta=cfg.TTA, progress=progress)
 
 
 def run(cfg: Config, overrides: list[str]) -> int:
-    """``main.py predict``: read MODEL_WEIGHTS (once, :func:`engines.checkpoint.load_for_inference`) and
+    """``main.py predict``: read MODEL_WEIGHTS (once, :func:`engines.inference.load_for_inference`) and
     :func:`predict` with it; returns the exit status.
 
     Raises:
-        ConfigError: see :func:`~engines.checkpoint.load_for_inference`.
+        ConfigError: see :func:`~engines.inference.load_for_inference`.
         CheckpointError: its weights do not fit the network its configuration describes.
     """
     return predict(load_for_inference(cfg, overrides, "predict"))
@@ -230,9 +230,10 @@ def predict(checkpoint: Inference) -> int:
     try:
         files = check_inputs(cfg)
         out = output_dir(cfg, checkpoint.path)
-        device = launch_plan(cfg)[1][0]  # one process: the first device a training run would use
-        net = place(checkpoint.net, device, memory_format_of(cfg, device)[0])
-        predictor = build_predictor(cfg, net, checkpoint.can_gate, device, cfg.GATING, progress=True)
+        # one process: the first device a training run would use, resolved as a launched rank resolves it
+        runtime = build_runtime(cfg, DistContext(device=launch_plan(cfg)[1][0]))
+        net = place(checkpoint.net, runtime.device, runtime.channels_last)
+        predictor = build_predictor(cfg, net, checkpoint.can_gate, runtime, cfg.GATING, progress=True)
         inputs = training_inputs(cfg, checkpoint.split)
         made = prepare_output(out)  # last: nothing is created before everything else was checked
     except (ConfigError, RunError) as err:

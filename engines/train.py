@@ -9,13 +9,13 @@ import torch.distributed as dist
 
 from configs import Config, ConfigError, save_config
 from configs.config_parser import read_yaml, resume_problems
-from engines.builders import build_data, build_network, build_trainer, memory_format_of
+from engines.builders import build_data, build_network, build_trainer
 from engines.evaluate import whole_image_evaluation, whole_image_line
-from engines.checkpoint import load_for_inference
 from engines.forward import NonFiniteOutput, place
+from engines.inference import load_for_inference
 from engines.launch import launch, main_first
 from engines.SegTrainer import TrainingDiverged
-from utils.hardware import resolve_precision
+from utils.hardware import Runtime
 from utils.run_paths import RunDir, run_dir_for
 from utils.splits import num_folds
 from utils.util import DistContext, atomic_write_json, seed_everything, writing
@@ -47,36 +47,34 @@ def choose_run(cfg: Config) -> RunDir:
     return run
 
 
-def train(cfg: Config, ctx: DistContext, run: RunDir) -> None:
+def train(cfg: Config, ctx: DistContext, runtime: Runtime, run: RunDir) -> None:
     """Train every fold of the configuration (one unless CROSS_VALIDATION) in ``run``.
 
     ``config.yaml`` is written only once a fold really starts training (its checkpoint, if any, and
     its data loaded), so a refused or failed resume leaves the run's configuration as it was."""
     folds = list(range(num_folds(cfg.TEST_SPLIT))) if cfg.CROSS_VALIDATION else [cfg.DEFAULT_FOLD]
-    summaries = {fold: train_fold(cfg, ctx, run, fold) for fold in folds}
+    summaries = {fold: train_fold(cfg, ctx, runtime, run, fold) for fold in folds}
     if ctx.is_main and cfg.CROSS_VALIDATION:
         write_cv_summary(run, summaries)
 
 
-def train_fold(cfg: Config, ctx: DistContext, run: RunDir, fold: int) -> dict:
+def train_fold(cfg: Config, ctx: DistContext, runtime: Runtime, run: RunDir, fold: int) -> dict:
     """Train one fold; returns its summary (best and final epoch)."""
     fold_dir = run.fold(fold, cfg.CROSS_VALIDATION)
     seed_everything(cfg.SEED + fold)
     splits = main_first(ctx, lambda: build_data(cfg, run.split, fold))
-    trainer = build_trainer(cfg, ctx, fold_dir, splits, fold)
+    trainer = build_trainer(cfg, ctx, runtime, fold_dir, splits, fold)
     try:
         trainer.resume_if_possible()
     except BaseException:
         trainer.logger.close()
         raise
-    if ctx.is_main and trainer.start_epoch < trainer.s.epochs:
-        save_config(cfg, run.config, resolved={"MIXED_PRECISION": resolve_precision(cfg.MIXED_PRECISION, ctx.device)[1],
-                                               "CHANNELS_LAST": memory_format_of(cfg, ctx.device)[1]})
+    if ctx.is_main and trainer.start_epoch < trainer.settings.epochs:
+        save_config(cfg, run.config, resolved=dict(runtime.notes))
     if ctx.is_main:
         print(f"run {fold_dir.root}  fold {fold}: {len(splits.train)} train / {len(splits.test)} test tiles, "
-              f"device {ctx.device}, {ctx.world_size} process(es), precision "
-              f"{resolve_precision(cfg.MIXED_PRECISION, ctx.device)[1]}, memory format "
-              f"{memory_format_of(cfg, ctx.device)[1]}" + (", torch.compile (COMPILE=true)" if cfg.COMPILE else ""))
+              f"device {ctx.device}, {ctx.world_size} process(es), {runtime.describe()}"
+              + (", torch.compile (COMPILE=true)" if cfg.COMPILE else ""))
     try:
         summary = trainer.fit()
     finally:
@@ -85,19 +83,29 @@ def train_fold(cfg: Config, ctx: DistContext, run: RunDir, fold: int) -> dict:
         dist.barrier()  # the main rank has written the last checkpoints
     weights = fold_dir.best if fold_dir.best.is_file() else fold_dir.last
     checkpoint = load_for_inference(dataclasses.replace(cfg, MODEL_WEIGHTS=str(weights)))
-    net = place(checkpoint.net, ctx.device, memory_format_of(cfg, ctx.device)[0])
+    net = place(checkpoint.net, runtime.device, runtime.channels_last)
     try:
-        whole = whole_image_evaluation(cfg, ctx, splits, net, checkpoint.can_gate)
+        whole = whole_image_evaluation(cfg, ctx, runtime, splits, net, checkpoint.can_gate)
     except NonFiniteOutput as err:  # the run's own checkpoint, not a MODEL_WEIGHTS the user gave
         raise TrainingDiverged(f"the whole-image evaluation of {weights} after training: {err}. The checkpoints "
                                "are kept; lower BASE_LR or set GRAD_CLIP, and train again") from None
     summary["whole_image"] = {"checkpoint": weights.name, **{m: r["summary"] for m, r in whole.items()}}
     if ctx.is_main:
-        with writing(fold_dir.summary):
-            atomic_write_json(fold_dir.summary, summary)
+        write_summary(fold_dir, summary)
         print(results_table(summary))
         print(whole_image_line(whole))
     return summary
+
+
+def write_summary(fold_dir: RunDir, summary: dict) -> None:
+    """``summary.json`` of a trained fold (its only writer): the best and final epochs and the
+    whole-image evaluation, written atomically.
+
+    Raises:
+        WriteError: the file cannot be written (a full disk…); no temporary file is left.
+    """
+    with writing(fold_dir.summary):
+        atomic_write_json(fold_dir.summary, summary)
 
 
 def write_cv_summary(run: RunDir, summaries: dict[int, dict]) -> None:

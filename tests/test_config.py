@@ -14,7 +14,6 @@ import yaml
 
 from configs import Config, ConfigError, load_config
 from configs.config_parser import DEFAULT_CONFIG, FIELDS
-from configs.schema import doc_of
 
 
 def problems_of(*overrides, path=None):
@@ -221,7 +220,6 @@ def test_schema_doc_is_the_yaml_comment_and_the_readme_meaning():
         if not doc:
             problems.append(f"{key}: no one-line doc in configs/schema.py")
             continue
-        assert doc == doc_of(key)
         if comments.get(key) != doc:
             problems.append(f"{key}: config.yaml comment {comments.get(key)!r} != schema doc {doc!r}")
         if meanings.get(key) != doc:
@@ -348,16 +346,16 @@ def _fp16_checkpoint(tmp_path):
     import torch
 
     path = tmp_path / "best.pth"
-    from engines.checkpoint import new_network
+    from engines.builders import build_network
 
     torch.save({"config": {**Config().to_dict(), "MIXED_PRECISION": "fp16", "CHANNELS_LAST": True},
-                "model": new_network(Config()).state_dict(), "fold": 0}, path)
+                "model": build_network(Config())[0].state_dict(), "fold": 0}, path)
     return path
 
 
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_an_fp16_checkpoint_evaluates_on_a_cpu_only_machine(tmp_path, cpu_only, capsys, command):
-    from engines.checkpoint import load_for_inference
+    from engines.inference import load_for_inference
 
     args = [f"MODEL_WEIGHTS={_fp16_checkpoint(tmp_path)}"]
     cfg = load_for_inference(load_config(None, args), args, command).cfg

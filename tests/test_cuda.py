@@ -19,7 +19,7 @@ import torch
 
 from conftest import blobs, random_labels, ref_sdm
 from test_cli import eval_summary, run_cli
-from engines.predictor import ArrayImage, Predictor
+from engines.sliding_window import ArrayImage, Predictor
 from model.AuxNet import AuxNet
 from model.losses import build_loss
 from model.metrics import SegmentationMetrics, surface_distances

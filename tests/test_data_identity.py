@@ -15,13 +15,16 @@ from PIL import Image
 
 import utils.raster as raster
 from configs import load_config
+from engines.builders import build_runtime
+from engines.forward import place
 from engines.predict import build_predictor, predict
-from engines.predictor import ArrayImage
+from engines.sliding_window import ArrayImage
 from test_cli import TINY, run_cli
 from utils.dataset import build_datasets
 from utils.image_io import RANGE_PERCENTILES, DatasetError, InputScaling, load_folder
 from utils.raster import open_image
 from utils.splits import resolve_split
+from utils.util import DistContext
 from bench.folder_datasets import ensure_folder_dataset
 
 CPU = torch.device("cpu")
@@ -209,7 +212,7 @@ def trained(tmp_path_factory):
 
 def _predict_cfg(weights: Path, *overrides):
     """The checkpoint as ``main.py predict`` reads it."""
-    from engines.checkpoint import load_for_inference
+    from engines.inference import load_for_inference
 
     args = [f"MODEL_WEIGHTS={weights}", "GATING=false", *overrides]
     return load_for_inference(load_config(None, args), args, "predict")
@@ -266,7 +269,9 @@ def test_a_checkpoint_without_the_record_scales_by_the_dtype_as_before(trained, 
     mask = _predict(tmp_path / "old.pth", tmp_path / "s0.tif", tmp_path / "out")
     read = _predict_cfg(tmp_path / "old.pth")
     cfg = read.cfg
-    predictor = build_predictor(cfg, read.net, read.can_gate, CPU, gating=False)
+    runtime = build_runtime(cfg, DistContext())  # as predict resolves it
+    net, can_gate = place(read.net, runtime.device, runtime.channels_last), read.can_gate
+    predictor = build_predictor(cfg, net, can_gate, runtime, gating=False)
     probs, _ = predictor.predict_array(ArrayImage(raw, 0.0, 65535.0))  # today's scaling: the dtype's range
     assert np.array_equal(mask, predictor.labels(probs, cfg.SEG_THRESHOLD))
     assert "warning" not in capsys.readouterr().out

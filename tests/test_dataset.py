@@ -19,6 +19,7 @@ from conftest import random_box
 from utils.augment import DEFAULT_AUGMENTATIONS, UNetElasticTransform, augmentation_problems, build_augmentation
 from utils.dataset import SceneSDM, TileDataset, build_datasets, make_loader
 from utils.image_io import DatasetError, ImageEntry, ImageSet, load_folder
+from utils.raster import RasterError, open_image
 from utils.splits import make_folds, num_folds
 from utils.synthetic import SYNTHETIC_VERSION, generate_synthetic, load_synthetic
 from utils.tiling import boundary_label, tile_positions, tiles_of
@@ -152,6 +153,25 @@ def test_tiff_16_bit_gray_with_tiff_mask_and_float_tiff(tmp_path):
     _write(tmp_path / "images" / "f.tif", (img / 30000.0).astype(np.float32))
     with pytest.raises(DatasetError, match=r"images/f.tif: unreadable .*float images must already lie in \[0, 1\]"):
         load_folder(tmp_path, input_channels=1, seg_classes=1, input_size=32)
+
+
+def test_the_dataset_reads_a_tiff_with_the_reader_prediction_uses(tmp_path):
+    # one TIFF reader (utils.tiff): the same pixels, the same stacking of pages, the same causes
+    rng = np.random.default_rng(6)
+    pages = rng.integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)  # two RGB pages: six channels
+    mask = random_box(rng, 40, 40)
+    _pair(tmp_path, "p", pages, mask, ext=".tif", mask_ext=".tif", compression="zlib", tile=(16, 16))
+    images = load_folder(tmp_path, input_channels=6, seg_classes=2, input_size=32)  # before: "not one 2-D image"
+    with open_image(tmp_path / "images" / "p.tif") as reader:
+        np.testing.assert_array_equal(images.get(0)[0], reader.read_window(0, 40, 0, 40))
+    cut = tmp_path / "images" / "p.tif"
+    cut.write_bytes(cut.read_bytes()[:-2000])
+    truncated = r"p.tif: file is truncated \(page 1 data ends at byte \d+, the file has \d+\)$"
+    with pytest.raises(RasterError, match=truncated) as err:
+        open_image(cut)
+    cause = str(err.value).removeprefix(f"{cut}: ")
+    with pytest.raises(DatasetError, match=rf"images/p.tif: unreadable \(ValueError: {re.escape(cause)}\)$"):
+        load_folder(tmp_path, input_channels=6, seg_classes=2, input_size=32)
 
 
 def test_jpeg_image_and_class_index_masks(tmp_path):

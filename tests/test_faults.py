@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import torch_threads
-from engines.builders import build_model
+from engines.builders import build_network
 from engines.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from engines.launch import RunLock
 from utils.run_paths import RunDir
@@ -55,9 +55,9 @@ def log_epochs(run: RunDir) -> list[int]:
 
 def fit_epochs(trainer, epochs: int):
     """Fit until ``epochs`` epochs are done (the run's TRAIN_EPOCHS may be larger)."""
-    full, trainer.s.epochs = trainer.s.epochs, epochs
+    full, trainer.settings.epochs = trainer.settings.epochs, epochs
     trainer.fit()
-    trainer.s.epochs = full
+    trainer.settings.epochs = full
 
 
 # ----------------------------------------------------------------------------- bug 3: the NaN guard
@@ -66,7 +66,7 @@ def fit_epochs(trainer, epochs: int):
 def test_a_huge_lr_stops_with_the_step_tiles_and_terms_and_leaves_the_checkpoints_untouched(trainers):
     trainer = trainers("TRAIN_EPOCHS=4")
     fit_epochs(trainer, 1)
-    run = trainer.s.run
+    run = trainer.settings.run
     before = {p: p.read_bytes() for p in (run.last, run.best)}
     # before the fix, BASE_LR=1e6 finished epochs with every BatchNorm running variance at inf, saved
     # them and selected them as best; the loss itself stayed finite (1e12, 1e19)
@@ -88,7 +88,7 @@ def test_a_huge_lr_stops_with_the_step_tiles_and_terms_and_leaves_the_checkpoint
 
 
 def test_the_parameter_guard_names_a_non_finite_batchnorm_buffer():
-    net = build_model(tiny_config("unused"))
+    net = build_network(tiny_config("unused"))[0]
     assert non_finite(net) == []
     net.inc[1].running_var[0] = math.inf
     assert non_finite(net) == ["inc.1.running_var"]
@@ -99,7 +99,7 @@ def test_a_non_finite_checkpoint_is_never_written(trainers, tmp_path):
     trainer.step.net.inc[1].running_var.fill_(math.inf)
     with pytest.raises(CheckpointError, match="refusing to write .* NaN or infinity .*inc.1.running_var"):
         trainer.save_checkpoint(0, improved=True)
-    assert not trainer.s.run.last.exists() and not trainer.s.run.best.exists()
+    assert not trainer.settings.run.last.exists() and not trainer.settings.run.best.exists()
 
 
 # ----------------------------------------------------------------------------- bug 2: the log after a crash
@@ -109,7 +109,7 @@ def test_a_kill_after_the_log_line_and_before_last_pth_does_not_duplicate_epochs
     first = trainers("TRAIN_EPOCHS=3")
     fit_epochs(first, 1)
     first.logger.close()
-    run = first.s.run
+    run = first.settings.run
     # killed after epoch 1's log line, before its last.pth (the old order): the log said 0, 1
     with run.log.open("a") as fh:
         fh.write(json.dumps({"epoch": 1, "loss": 9.0}) + "\n")
@@ -121,7 +121,7 @@ def test_a_kill_after_last_pth_and_before_the_log_line_does_not_lose_the_epoch(t
     first = trainers("TRAIN_EPOCHS=3")
     fit_epochs(first, 2)
     first.logger.close()
-    run = first.s.run
+    run = first.settings.run
     run.log.write_text(run.log.read_text().splitlines(keepends=True)[0])  # epoch 1's line never written
     trainers("TRAIN_EPOCHS=3").fit()
     assert log_epochs(run) == [0, 1, 2]
@@ -129,7 +129,7 @@ def test_a_kill_after_last_pth_and_before_the_log_line_does_not_lose_the_epoch(t
 
 def test_a_kill_during_the_first_checkpoint_write_is_cleaned_up_and_said(trainers, capsys):
     trainer = trainers()
-    run = trainer.s.run
+    run = trainer.settings.run
     leftover = run.root / ".last.pth.k2j3h4.tmp"
     leftover.write_bytes(b"half a checkpoint")
     run.log.write_text(json.dumps({"epoch": 0, "loss": 1.0}) + "\n")
@@ -142,7 +142,7 @@ def test_a_kill_during_the_first_checkpoint_write_is_cleaned_up_and_said(trainer
 
 def test_the_restart_message_names_the_removed_leftovers(trainers, capsys):
     trainer = trainers()
-    (trainer.s.run.root / ".last.pth.abc.tmp").write_bytes(b"x")
+    (trainer.settings.run.root / ".last.pth.abc.tmp").write_bytes(b"x")
     trainer.resume_if_possible()
     out = capsys.readouterr().out
     assert "no finished checkpoint" in out and ".last.pth.abc.tmp" in out and "starting again from epoch 0" in out
@@ -168,7 +168,7 @@ def test_resume_after_any_epoch_is_bit_identical_in_process(trainers, tmp_path):
     torch.manual_seed(12345)  # whatever the process drew in between must not matter
     resumed = trainers("TRAIN_EPOCHS=3", "SEG_DROPOUT=0.2", run=RunDir(tmp_path / "resumed"))
     resumed.fit()
-    a, b = read_checkpoint(straight.s.run.last), read_checkpoint(resumed.s.run.last)
+    a, b = read_checkpoint(straight.settings.run.last), read_checkpoint(resumed.settings.run.last)
     assert a["epoch"] == b["epoch"] == 2
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
@@ -207,7 +207,7 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(trainers
 
 
 def test_auxnet_d_starts_from_a_unet_checkpoint_and_reports_the_new_frozen_head(trainers, tmp_path, capsys):
-    unet = build_model(tiny_config(tmp_path, "MODEL=UNet"))
+    unet = build_network(tiny_config(tmp_path, "MODEL=UNet"))[0]
     torch.save(unet.state_dict(), tmp_path / "unet.pth")
     trainer = trainers("MODEL=AuxNet-D", f"MODEL_WEIGHTS={tmp_path / 'unet.pth'}")
     out = capsys.readouterr().out
@@ -221,7 +221,7 @@ def test_auxnet_d_starts_from_a_unet_checkpoint_and_reports_the_new_frozen_head(
 def test_curves_and_overlays_are_written_at_the_end_and_cheaply(trainers):
     trainer = trainers("ADAPTIVE_WEIGHTS=true")
     trainer.fit()
-    run = trainer.s.run
+    run = trainer.settings.run
     for name in ("curves.png", "overlays.png"):
         assert (run.root / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     started = time.perf_counter()

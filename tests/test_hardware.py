@@ -1,18 +1,24 @@
 """utils/hardware.py: bf16 detection on simulated CPUs and GPUs (the probes are monkeypatched), the
-precision and memory-format resolvers, and one real subprocess under the AVX2 limits users set."""
+precision and memory-format resolvers, one real subprocess under the AVX2 limits users set, and the
+Runtime: resolved once per process (the network timed at most once, for every command), the same on
+every DDP rank, remembered by no module."""
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from model.AuxNet import AuxNet
 from utils import hardware
-from utils.hardware import cpu_bf16_support, cpu_has_native_bf16, resolve_channels_last, resolve_precision
+from utils.hardware import (cpu_bf16_support, cpu_has_native_bf16, resolve_channels_last, resolve_precision,
+                            resolve_runtime)
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)
@@ -148,7 +154,6 @@ def test_auto_memory_format_on_cpu_follows_the_measured_rule(monkeypatch):
 
 
 def test_auto_memory_format_times_on_cpu_without_onednn(monkeypatch):
-    monkeypatch.setattr(hardware, "_CHANNELS_LAST_CACHE", {})
     monkeypatch.setattr(hardware, "_onednn_available", lambda: False)
     monkeypatch.setattr(hardware, "time_memory_formats", lambda *args: {False: 0.2, True: 0.3})
     assert resolve_channels_last("auto", CPU, tiny_model, (2, 1, 16, 16), "none") == (
@@ -156,31 +161,30 @@ def test_auto_memory_format_times_on_cpu_without_onednn(monkeypatch):
 
 
 def test_auto_memory_format_times_off_the_cpu(monkeypatch):
-    monkeypatch.setattr(hardware, "_CHANNELS_LAST_CACHE", {})
     monkeypatch.setattr(hardware, "time_memory_formats", lambda *args: {False: 0.3, True: 0.2})
     assert resolve_channels_last("auto", torch.device("meta"), tiny_model, (2, 1, 16, 16), "bf16") == (
         True, "auto: channels_last (0.2 s vs 0.3 s/step)")
 
 
-def test_measured_memory_format_picks_the_faster_and_caches(monkeypatch):
+def test_measured_memory_format_picks_the_faster_and_remembers_nothing(monkeypatch):
     calls = []
 
     def fake_timing(model, device, shape, precision, warmup, steps):
         calls.append(shape)
         return {False: 0.3, True: 0.2} if shape[0] == 2 else {False: 0.2, True: 0.3}
 
-    monkeypatch.setattr(hardware, "_CHANNELS_LAST_CACHE", {})
     monkeypatch.setattr(hardware, "time_memory_formats", fake_timing)
     assert resolve_channels_last("measure", CPU, tiny_model, (2, 1, 16, 16), "none") == (
         True, "measure: channels_last (0.2 s vs 0.3 s/step)")
     assert resolve_channels_last("measure", CPU, tiny_model, (2, 1, 16, 16), "none")[0] is True
     assert resolve_channels_last("measure", CPU, tiny_model, (4, 1, 16, 16), "none") == (
         False, "measure: contiguous (0.2 s vs 0.3 s/step)")
-    assert calls == [(2, 1, 16, 16), (4, 1, 16, 16)]  # the repeat was answered from the cache
+    # each call times: the decision is taken once per process by resolve_runtime, and kept by the caller
+    # (before: a module-level cache answered the repeat)
+    assert calls == [(2, 1, 16, 16), (2, 1, 16, 16), (4, 1, 16, 16)]
 
 
 def test_measured_memory_format_really_times_and_keeps_the_rng(monkeypatch):
-    monkeypatch.setattr(hardware, "_CHANNELS_LAST_CACHE", {})
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
@@ -209,27 +213,150 @@ def test_first_tensor_of_outputs():
         hardware._first_tensor((None, None))
 
 
-def test_the_memory_format_is_resolved_once_per_process_and_setting(monkeypatch, tmp_path):
-    """The run's first line and config.yaml are written by the main rank only: asking again must not
-    time again (nor, under DDP, start a collective the other ranks never join)."""
+# --- the Runtime: every decision once per process --------------------------------------------------
+
+def test_runtime_of_a_cpu_without_native_bf16(monkeypatch):
+    fake_cpu(monkeypatch, {"avx2"}, aten="AVX2")
+    monkeypatch.setattr(hardware, "time_memory_formats", lambda *args: pytest.fail("the CPU rule times nothing"))
+    before = torch.get_num_threads()
+    try:
+        runtime = resolve_runtime(CPU, "auto", "auto", tiny_model, (2, 1, 16, 16), threads=1)
+        assert torch.get_num_threads() == 1  # set before anything could be timed
+    finally:
+        torch.set_num_threads(before)
+    assert (runtime.device, runtime.amp_dtype, runtime.channels_last, runtime.threads) == (CPU, None, True, 1)
+    assert (runtime.precision, runtime.memory_format) == ("none", "channels_last")
+    assert dict(runtime.notes) == {"MIXED_PRECISION": "auto: fp32 (CPU without native bf16: AVX2)",
+                                   "CHANNELS_LAST": hardware._CPU_RULE}
+    assert runtime.describe() == f"precision auto: fp32 (CPU without native bf16: AVX2), memory format {hardware._CPU_RULE}"
+
+
+def test_runtime_of_an_amx_cpu_and_requested_choices(monkeypatch):
+    fake_cpu(monkeypatch, {"avx512_bf16", "amx_bf16"})
+    runtime = resolve_runtime(CPU, "auto", False, tiny_model, (2, 1, 16, 16))
+    assert (runtime.amp_dtype, runtime.channels_last) == (torch.bfloat16, False)
+    assert dict(runtime.notes) == {"MIXED_PRECISION": "auto: bf16 (CPU with native bf16: AMX-BF16)",
+                                   "CHANNELS_LAST": "contiguous (requested)"}
+    with pytest.raises(ValueError, match="precision fp16 needs a CUDA GPU"):
+        resolve_runtime(CPU, "fp16", "auto", tiny_model, (2, 1, 16, 16))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        runtime.channels_last = True
+
+
+def test_runtime_takes_rank_0s_memory_format_only_for_a_choice_it_did_not_type(monkeypatch):
+    monkeypatch.setattr(hardware, "time_memory_formats", lambda *args: {False: 0.2, True: 0.3})  # this rank: contiguous
+    asked = []
+
+    def rank_0s(decision):
+        asked.append(decision)
+        return True, "measure: channels_last (0.1 s vs 0.2 s/step)"
+
+    runtime = resolve_runtime(CPU, "none", "measure", tiny_model, (2, 1, 16, 16), agree=rank_0s)
+    assert asked == [(False, "measure: contiguous (0.2 s vs 0.3 s/step)")]
+    assert runtime.channels_last is True and runtime.notes["CHANNELS_LAST"] == "measure: channels_last (0.1 s vs 0.2 s/step)"
+    assert resolve_runtime(CPU, "none", False, tiny_model, (2, 1, 16, 16), agree=rank_0s).channels_last is False
+    assert len(asked) == 1  # a typed choice is the same on every rank: no collective
+
+
+def test_build_runtime_gives_a_cpu_process_the_thread_count_the_user_set(monkeypatch, tmp_path):
     from configs import load_config
-    from engines import builders
+    from engines.builders import build_runtime
+    from utils.util import DistContext
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        runtime = build_runtime(load_config(None, [f"RESULTS_DIR={tmp_path}", "GPUs=[]"]), DistContext())
+        assert torch.get_num_threads() == 1 and runtime.threads == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_build_runtime_decides_again_each_call(monkeypatch, tmp_path):
+    """No module remembers a decision: resolving twice times twice (a process resolves once, in the
+    launcher or in predict, and passes its Runtime down)."""
+    from configs import load_config
+    from engines.builders import build_runtime
+    from utils.util import DistContext
 
     calls = []
+    monkeypatch.setattr(hardware, "time_memory_formats", lambda model, device, shape, *args: calls.append(shape)
+                        or {False: 0.2, True: 0.1})
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    cfg = load_config(None, ["CHANNELS_LAST=measure", "BATCH_SIZE=3", "INPUT_SIZE=64", f"RESULTS_DIR={tmp_path}",
+                             "GPUs=[]"])
+    for _ in range(2):
+        assert build_runtime(cfg, DistContext()).channels_last is True
+    assert calls == [(3, cfg.INPUT_CHANNELS, 64, 64)] * 2
 
-    def fake(requested, device, make_model, shape, precision):
-        calls.append(requested)
-        return False, "measure: contiguous (timed)"
 
-    monkeypatch.setattr(builders, "resolve_channels_last", fake)
-    monkeypatch.setattr(builders, "_MEMORY_FORMATS", {})
-    cfg = load_config(None, ["CHANNELS_LAST=measure", f"RESULTS_DIR={tmp_path}"])
-    assert builders.memory_format_of(cfg, CPU) == (False, "measure: contiguous (timed)")
-    assert builders.memory_format_of(cfg, CPU) == (False, "measure: contiguous (timed)")
-    assert calls == ["measure"]
-    other = load_config(None, ["CHANNELS_LAST=true", f"RESULTS_DIR={tmp_path}"])
-    builders.memory_format_of(other, CPU)
-    assert calls == ["measure", True]
+TINY_RUN = ["SYNTHETIC_IMAGES=4", "SYNTHETIC_SIZE=128", "INPUT_SIZE=64", "UNET_DEPTH=3", "CONV_DEPTH=8",
+            "BATCH_SIZE=4", "WARMUP_EPOCHS=0", "BASE_LR=0.01", "NUM_WORKERS=0", "TRAIN_EPOCHS=1", "GPUs=[]",
+            "CHANNELS_LAST=measure"]
+MEASURED = "measure: channels_last (0.1 s vs 0.2 s/step)"
+
+
+def test_each_command_times_the_network_once_for_measure(monkeypatch, tmp_path, capsys):
+    """CHANNELS_LAST=measure: a cross-validated training (two folds, each with its plots and its final
+    whole-image evaluation), an eval and a predict each time the network once, and every part runs
+    (and the run's first line and config.yaml report) that one decision."""
+    from PIL import Image
+
+    import main
+
+    calls = []
+    monkeypatch.setattr(hardware, "time_memory_formats", lambda *args: calls.append(1) or {False: 0.2, True: 0.1})
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runtime sets the threads of this (test) process
+    before = torch.get_num_threads()
+    try:
+        assert main.main(["train", *TINY_RUN, "TEST_SPLIT=0.5", "CROSS_VALIDATION=true", f"RESULTS_DIR={tmp_path}",
+                          "EXP_ID=x"]) == 0
+        run = tmp_path / "x" / "run_001"
+        assert calls == [1]
+        first_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run ")]
+        assert len(first_lines) == 2 and all(line.endswith(f"memory format {MEASURED}") for line in first_lines)
+        assert f"# CHANNELS_LAST resolved here: {MEASURED}\n" in (run / "config.yaml").read_text()
+        weights = run / "fold_0" / "best.pth"
+        assert main.main(["eval", f"MODEL_WEIGHTS={weights}", "CHANNELS_LAST=measure", "GPUs=[]"]) == 0
+        assert calls == [1, 1]
+        summary = json.loads(next((run / "fold_0").glob("eval_best*.json")).read_text())
+        assert summary["settings"]["memory_format"] == "channels_last"
+        Image.fromarray((np.random.default_rng(0).random((80, 72)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+        assert main.main(["predict", f"MODEL_WEIGHTS={weights}", f"INPUT={tmp_path / 'a.png'}",
+                          f"OUTPUT={tmp_path / 'out'}", "CHANNELS_LAST=measure", "GPUs=[]"]) == 0
+        assert calls == [1, 1, 1]
+    finally:
+        torch.set_num_threads(before)
+
+
+def _rank_runtime(rank: int, port: int, out: Path) -> None:
+    """One rank of :func:`test_ddp_ranks_run_rank_0s_measured_memory_format`: each rank's timing
+    prefers another format; the Runtime must be rank 0's on both."""
+    from configs import load_config
+    from engines.builders import build_runtime
+    from utils.util import cleanup_distributed, init_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    hardware.time_memory_formats = lambda *args: {False: 0.2, True: 0.1} if rank == 0 else {False: 0.1, True: 0.2}
+    ctx = init_distributed(rank, 2, rank, CPU)
+    try:
+        runtime = build_runtime(load_config(None, ["CHANNELS_LAST=measure", f"RESULTS_DIR={out}", "GPUs=[]"]), ctx)
+    finally:
+        cleanup_distributed()
+    (out / f"rank{rank}.json").write_text(json.dumps([runtime.channels_last, runtime.notes["CHANNELS_LAST"]]))
+
+
+def test_ddp_ranks_run_rank_0s_measured_memory_format(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_runtime, args=(port, tmp_path), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [True, MEASURED]
 
 
 # --- COMPILE ------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engines.figures import predict_tiles
-from engines.predictor import Predictor
+from engines.sliding_window import Predictor
 from model.metrics import labels_from_scores, predict_labels
 
 CPU = torch.device("cpu")

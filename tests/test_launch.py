@@ -22,8 +22,9 @@ from PIL import Image
 
 from conftest import torch_threads
 from configs import load_config
-from engines.checkpoint import CheckpointError, load_for_inference, read_checkpoint, restore_training
+from engines.checkpoint import CheckpointError, read_checkpoint, restore_training
 from engines.evaluate import checkpoint_test_ids
+from engines.inference import load_for_inference
 from engines.launch import Interrupted, RunLock, launch
 from utils.run_paths import RunDir
 from test_cli import ROOT, TINY, run_cli
@@ -88,7 +89,7 @@ def _launch(tmp_path, command, *overrides):
 
 
 def test_a_new_run_that_trained_nothing_is_removed_whatever_ends_it(tmp_path):
-    def broken(cfg, ctx, run):
+    def broken(cfg, ctx, runtime, run):
         run.split.write_text("{}")  # some files are written, then a bug (not a RunError) strikes
         raise ZeroDivisionError("a bug")
 
@@ -96,7 +97,7 @@ def test_a_new_run_that_trained_nothing_is_removed_whatever_ends_it(tmp_path):
         _launch(tmp_path, broken)
     assert not (tmp_path / "out" / "x").exists()
 
-    def interrupted(cfg, ctx, run):
+    def interrupted(cfg, ctx, runtime, run):
         run.split.write_text("{}")
         raise KeyboardInterrupt
 
@@ -107,7 +108,7 @@ def test_a_new_run_that_trained_nothing_is_removed_whatever_ends_it(tmp_path):
 
 
 def test_an_interrupted_run_with_a_checkpoint_says_how_to_resume_and_releases_its_lock(tmp_path):
-    def one_epoch_then_ctrl_c(cfg, ctx, run):
+    def one_epoch_then_ctrl_c(cfg, ctx, runtime, run):
         run.last.write_bytes(b"a checkpoint")
         raise KeyboardInterrupt
 

@@ -20,7 +20,6 @@ from model.metrics import (
     HIGHER_IS_BETTER,
     METRIC_NAMES,
     SegmentationMetrics,
-    confusion_counts,
     image_diagonal,
     predict_classes,
     predict_labels,
@@ -184,17 +183,20 @@ def test_one_way_and_percentile_hand_case():
     assert d.hd95.item() == pytest.approx(4.8)  # the G->P direction is all zeros
 
 
-def test_confusion_counts_and_dice_iou_by_hand():
+def test_dice_and_iou_by_hand():
     pred = torch.tensor([[[1, 1, 0], [2, 2, 0], [0, 0, 0]]])
     target = torch.tensor([[[1, 0, 0], [2, 2, 2], [0, 0, 1]]])
-    tp, fp, fn = confusion_counts(pred, target, 3)
-    assert tp.tolist() == [[1, 2]] and fp.tolist() == [[1, 0]] and fn.tolist() == [[1, 1]]
-    tp, fp, fn = confusion_counts(pred, target, 3, include_background=True)
-    assert tp.tolist() == [[3, 1, 2]] and fp.tolist() == [[2, 1, 0]] and fn.tolist() == [[1, 1, 1]]
+    # classes 0, 1, 2: tp 3, 1, 2; fp 2, 1, 0; fn 1, 1, 1
+    m = SegmentationMetrics(3, distance_metrics=False, include_background=True)
+    m.update_labels(pred, target)
+    res = m.compute()
+    assert [res[f"DSC/{c}"] for c in range(3)] == pytest.approx([6 / 9, 2 / 4, 4 / 5])
+    assert [res[f"IoU/{c}"] for c in range(3)] == pytest.approx([3 / 6, 1 / 3, 2 / 3])
 
     m = SegmentationMetrics(3, distance_metrics=False)
     m.update_labels(pred, target)
     res = m.compute()
+    assert "DSC/0" not in res
     assert res["DSC/1"] == pytest.approx(2 / 4) and res["DSC/2"] == pytest.approx(4 / 5)
     assert res["IoU/1"] == pytest.approx(1 / 3) and res["IoU/2"] == pytest.approx(2 / 3)
     assert res["DSC"] == pytest.approx((0.5 + 0.8) / 2) and res["IoU"] == pytest.approx((1 / 3 + 2 / 3) / 2)
@@ -227,9 +229,6 @@ def test_pixel_accuracy_is_pooled_over_batches_and_matches_numpy():
     p_all, t_all = torch.cat(preds).numpy(), torch.cat(targets).numpy()
     assert m.compute()["ACC"] == pytest.approx(np.mean(p_all == t_all), rel=1e-12)
     np.testing.assert_allclose([r["ACC"] for r in m.per_image()], (p_all == t_all).mean(axis=(1, 2)), rtol=1e-12)
-    # the trace of the confusion matrix over all label classes
-    tp, _, _ = confusion_counts(torch.cat(preds), torch.cat(targets), 4, include_background=True)
-    assert m.compute()["ACC"] == pytest.approx(tp.sum().item() / p_all.size, rel=1e-12)
 
 
 def test_dice_is_pooled_over_the_set_not_averaged_per_batch():

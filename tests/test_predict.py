@@ -12,7 +12,7 @@ from PIL import Image
 
 from configs import load_config
 from engines.predict import predict
-from engines.predictor import ArrayImage, Predictor, cover_indices
+from engines.sliding_window import ArrayImage, Predictor, cover_indices
 from model.AuxNet import AuxNet
 from model.losses import build_loss
 from utils.tiling import NO_FILL, fill_label, gaussian_importance_map, window_starts
@@ -161,7 +161,7 @@ def checkpoint(tmp_path_factory):
 
 def _predict_cfg(checkpoint, *overrides):
     """The checkpoint as ``main.py predict`` reads it, on the CPU (``GPUs=[]``: predict takes a visible GPU)."""
-    from engines.checkpoint import load_for_inference
+    from engines.inference import load_for_inference
 
     args = [f"MODEL_WEIGHTS={checkpoint}", "GPUs=[]", *overrides]
     return load_for_inference(load_config(None, args), args, "predict")
@@ -221,7 +221,7 @@ def test_a_checkpoint_that_cannot_gate_falls_back_to_gating_false_unless_gating_
                                           r"Use GATING=false \(or leave it out\), or train its heads first with "
                                           rf"`main.py train MODEL=AuxNet-C MODEL_WEIGHTS={old}`"):
         _predict_cfg(old, *args, "GATING=true")
-    from engines.checkpoint import load_for_inference  # eval falls back and refuses alike
+    from engines.inference import load_for_inference  # eval falls back and refuses alike
 
     args = [f"MODEL_WEIGHTS={old}"]
     assert load_for_inference(load_config(None, args), args).cfg.GATING is False
@@ -242,7 +242,7 @@ UNTRAINED_HEAD = "its classifier head was never trained (MODEL=AuxNet-ED carries
 ])
 def test_only_a_checkpoint_whose_head_was_trained_gates(checkpoint, tmp_path, capsys, model, recorded, gates):
     from configs import ConfigError
-    from engines.checkpoint import load_for_inference
+    from engines.inference import load_for_inference
 
     state = torch.load(checkpoint, weights_only=True)
     state["config"] = {**state["config"], "MODEL": model}
@@ -283,7 +283,7 @@ def test_a_run_records_whether_its_head_is_trained():
 
 
 def test_decoded_windows_outweigh_filled_ones_where_they_overlap():
-    from engines.predictor import FILL_BLEND_WEIGHT
+    from engines.sliding_window import FILL_BLEND_WEIGHT
 
     net = tiny_net(seed=6)
     image = np.random.default_rng(7).random((32, 64, 1)).astype(np.float32)

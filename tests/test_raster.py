@@ -2,6 +2,8 @@
 errors for bad files, streaming mask writers (round trip, tiling, atomicity), overlay size, the
 memory bound of windowed reading, and the optional rasterio path (GeoTIFF, JPEG 2000)."""
 
+import errno
+import io
 import os
 import struct
 import tracemalloc
@@ -373,6 +375,19 @@ def test_failed_write_keeps_the_previous_output(tmp_path):
             raise RuntimeError("crash")
     assert (tmp_path / "m.tif").read_bytes() == before
     assert os.listdir(tmp_path) == ["m.tif"]
+
+
+def test_a_discarded_output_whose_file_cannot_be_closed_leaves_no_temporary_file(tmp_path, monkeypatch):
+    class CloseFails(io.FileIO):  # as a full disk refuses the buffered rest when the file is closed
+        def close(self):
+            super().close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: CloseFails(fd, "r+"))
+    writer = MaskWriter(tmp_path / "m.png", H, W)
+    with pytest.raises(OSError, match="No space left"):
+        writer.abort()
+    assert os.listdir(tmp_path) == []  # before: the hidden .m.png.<random>.tmp stayed
 
 
 GEO_TAGS = [

@@ -18,9 +18,10 @@ import torch
 
 from conftest import torch_threads
 from engines.forward import NonFiniteOutput
-from engines.predictor import ArrayImage, Predictor
+from engines.sliding_window import ArrayImage, Predictor
 from utils.run_paths import RunDir
 from engines.SegTrainer import TrainingDiverged
+from engines.train import write_summary
 from test_cli import TINY, run_cli
 from test_faults import fit_epochs, log_epochs, trainers  # noqa: F401  (trainers: a fixture)
 from utils.loggers import JsonLinesLogger
@@ -48,7 +49,7 @@ def overflowing(net) -> None:
 def test_outputs_that_overflow_stop_the_run_with_the_epoch_and_the_cause(trainers, monkeypatch):
     trainer = trainers("TRAIN_EPOCHS=3", "MIXED_PRECISION=none")
     fit_epochs(trainer, 1)
-    run = trainer.s.run
+    run = trainer.settings.run
     before = {p: p.read_bytes() for p in (run.last, run.best)}
     train_epoch = trainer.train_epoch
 
@@ -74,7 +75,7 @@ def test_a_first_epoch_that_overflows_leaves_no_checkpoint(trainers, monkeypatch
     with pytest.raises(TrainingDiverged, match=r"in epoch 0: .*grown to 1e\+03\. no checkpoint was written\. "
                                                r"Lower BASE_LR or set GRAD_CLIP, or set MIXED_PRECISION=none$"):
         trainer.fit()
-    assert not trainer.s.run.last.exists() and not trainer.s.run.best.exists()
+    assert not trainer.settings.run.last.exists() and not trainer.settings.run.best.exists()
 
 
 def test_the_predictor_names_the_rows_and_blames_no_option(trainers):
@@ -138,7 +139,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_clean_error_and_keeps_the_
         trainers, fill_disk, fails_in):
     trainer = trainers("TRAIN_EPOCHS=3")
     fit_epochs(trainer, 1)
-    run = trainer.s.run
+    run = trainer.settings.run
     before = {p: p.read_bytes() for p in (run.last, run.best)}
     fill_disk(fails_in)
     # before: torch's "RuntimeError: [enforce fail at inline_container.cc] . unexpected pos", exit 1
@@ -153,9 +154,9 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_clean_error_and_keeps_the_
 def test_a_full_disk_while_writing_the_summary_is_one_clean_error(trainers, fill_disk):
     trainer = trainers()
     fill_disk()
-    with pytest.raises(WriteError, match=full_disk_message(trainer.s.run.summary)):
-        trainer.summary()
-    assert leftovers(trainer.s.run) == [] and not trainer.s.run.summary.exists()
+    with pytest.raises(WriteError, match=full_disk_message(trainer.settings.run.summary)):
+        write_summary(trainer.settings.run, trainer.summary())
+    assert leftovers(trainer.settings.run) == [] and not trainer.settings.run.summary.exists()
 
 
 def test_a_full_disk_while_logging_names_log_jsonl_and_leaves_no_half_line(tmp_path, monkeypatch):
@@ -205,7 +206,7 @@ def test_a_really_full_disk_stops_the_checkpoint_log_and_summary_cleanly(trainer
     trainer = trainers("TRAIN_EPOCHS=3", run=RunDir(small_disk / "run"))
     try:
         fit_epochs(trainer, 1)  # two checkpoints of ~0.4 MB and the plots fit in 2 MiB
-        run = trainer.s.run
+        run = trainer.settings.run
         before = {p: p.read_bytes() for p in (run.last, run.best)}
         with open(small_disk / "filler", "wb", buffering=0) as fh:  # take the rest of the disk
             with pytest.raises(OSError, match="No space left on device"):
@@ -216,7 +217,7 @@ def test_a_really_full_disk_stops_the_checkpoint_log_and_summary_cleanly(trainer
         with pytest.raises(WriteError, match=full_disk_message(run.log)):
             trainer.logger.log({"loss": 0.5, "note": "x" * 8192}, step=1)
         with pytest.raises(WriteError, match=full_disk_message(run.summary)):
-            trainer.summary()
+            write_summary(run, trainer.summary())
         assert {p: p.read_bytes() for p in (run.last, run.best)} == before
         assert leftovers(run) == [] and log_epochs(run) == [0]
     finally:

@@ -2,13 +2,14 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
 
 from utils.loggers import JsonLinesLogger, WandbLogger, build_loggers
 from utils.run_paths import next_run_id
-from utils.util import atomic_torch_save, atomic_write_text
+from utils.util import atomic_torch_save, atomic_write, atomic_write_text
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
@@ -24,6 +25,16 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
 
     atomic_write_text(tmp_path / "f.txt", "x")  # mkstemp alone would leave 0600
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~_UMASK
+
+
+def test_atomic_write_can_refuse_to_replace_a_file(tmp_path):
+    path = tmp_path / "mask.png"
+    path.write_text("the user's")
+    with pytest.raises(FileExistsError, match="exists already and was not written by this command"):
+        atomic_write(path, lambda fh: fh.write(b"new"), overwrite=False)
+    assert path.read_text() == "the user's" and os.listdir(tmp_path) == ["mask.png"]
+    atomic_write(tmp_path / "new.png", lambda fh: fh.write(b"new"), overwrite=False)
+    assert (tmp_path / "new.png").read_bytes() == b"new"
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
@@ -109,15 +120,3 @@ def test_cpu_threads_honour_omp_num_threads_and_the_cpu_affinity(monkeypatch, om
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: affinity, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert cpu_threads(local) == threads
-
-
-def test_a_training_process_keeps_the_thread_count_the_user_set(monkeypatch):
-    from utils.util import init_distributed
-
-    before = torch.get_num_threads()
-    try:
-        monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        init_distributed(0, 1, 0, torch.device("cpu"))
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)

@@ -5,6 +5,8 @@ on the CPU, and a run resumed with another NUM_WORKERS continues exactly."""
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,8 @@ from engines.checkpoint import read_checkpoint
 from utils.run_paths import RunDir
 from test_trainer import make_trainer, tiny_config
 from utils.augment import build_augmentation, seed_augmentation
+from utils.dataset import make_loader
+from utils.util import seed_everything
 
 # three workers on a two-core machine: torch's advice to use fewer is beside the point here
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
@@ -59,7 +63,7 @@ def test_any_num_workers_draws_the_same_batches_and_learns_the_same_weights(tmp_
 def test_a_run_resumed_with_other_num_workers_is_bit_identical(tmp_path):
     straight = make_trainer(tiny_config(tmp_path, *SETTINGS, "NUM_WORKERS=0"), RunDir(tmp_path / "straight"))
     first = make_trainer(tiny_config(tmp_path, *SETTINGS, "NUM_WORKERS=2"), RunDir(tmp_path / "resumed"))
-    first.s.epochs = 1  # stopped after epoch 0 (the schedule stays that of two epochs)
+    first.settings.epochs = 1  # stopped after epoch 0 (the schedule stays that of two epochs)
     resumed = None
     try:
         straight.fit()
@@ -72,7 +76,7 @@ def test_a_run_resumed_with_other_num_workers_is_bit_identical(tmp_path):
             if trainer is not None:
                 trainer.logger.close()
     assert resumed.resumed and resumed.start_epoch == 2
-    a, b = read_checkpoint(straight.s.run.last)["model"], read_checkpoint(resumed.s.run.last)["model"]
+    a, b = read_checkpoint(straight.settings.run.last)["model"], read_checkpoint(resumed.settings.run.last)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -102,3 +106,21 @@ def test_a_sample_draws_the_same_augmentation_wherever_it_is_loaded():
     draw(3, 6), draw(9, 5)  # other samples drawn in between (another order, another worker)
     assert np.array_equal(draw(3, 5), first)
     assert not np.array_equal(draw(3, 6), first) and not np.array_equal(draw(4, 5), first)
+
+
+class _Draws(torch.utils.data.Dataset):
+    """One sample: the loader worker's torch seed and a draw from each global generator."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, k):
+        return torch.initial_seed(), random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_a_loader_worker_is_seeded_by_the_one_seeding_function():
+    loader = make_loader(_Draws(), batch_size=1, train=False, num_workers=1, seed=7, distributed=False,
+                         pin_memory=False)
+    (seed, *drawn), = [[v.item() for v in sample] for sample in loader]
+    seed_everything(seed)  # before: python's generator was seeded from seed % 2**32, unlike the others
+    assert seed >= 2**32 and drawn == [random.random(), float(np.random.rand()), float(torch.rand(()))]

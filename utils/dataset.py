@@ -39,7 +39,6 @@ Folder datasets, in short (details in :func:`load_folder`):
 from __future__ import annotations
 
 import hashlib
-import random
 import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ from utils.sdf import signed_distance_map
 from utils.splits import check_contents, num_folds, resolve_split
 from utils.synthetic import load_synthetic
 from utils.tiling import boundary_label, fill_label, tile_id, tiles_of
-from utils.util import atomic_write
+from utils.util import atomic_write, seed_everything
 
 if TYPE_CHECKING:
     import albumentations as A
@@ -438,13 +437,11 @@ class ShardSampler(Sampler[int]):
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Seed a DataLoader worker's global python and numpy generators from the loader's generator
-    (``torch.initial_seed()`` is already ``base_seed + worker_id``), so that a draw from them would
-    at least be reproducible. :class:`TileDataset` draws from none of them: its augmentation is
-    seeded per sample (see :meth:`TileDataset.reseed`), whichever worker loads the sample."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
+    """Seed a DataLoader worker's global python, numpy and torch generators from the loader's
+    generator (``torch.initial_seed()`` is already ``base_seed + worker_id``), so that a draw from
+    them would at least be reproducible. :class:`TileDataset` draws from none of them: its
+    augmentation is seeded per sample (see :meth:`TileDataset.reseed`), whichever worker loads the sample."""
+    seed_everything(torch.initial_seed())
 
 
 def make_loader(

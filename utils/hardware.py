@@ -10,7 +10,9 @@ rule measured on CPUs (channels_last was never slower for AuxNet, see the note a
 and times the actual model elsewhere, or anywhere with ``"measure"``.
 
 Each resolver returns ``(choice, reason)``; the reason is one short sentence for the run's first
-log line, e.g. ``"auto: fp32 (CPU without native bf16: AVX2)"``.
+log line, e.g. ``"auto: fp32 (CPU without native bf16: AVX2)"``. :func:`resolve_runtime` takes every
+such decision of a process once, into a frozen :class:`Runtime` that the launcher passes down; nothing
+here remembers a decision.
 
 This module imports nothing from the trainer or the config::
 
@@ -24,7 +26,9 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -203,9 +207,6 @@ CHANNELS_LAST_CHOICES = (True, False, "auto", "measure")
 # there.
 _CPU_RULE = "auto: channels_last (CPU with oneDNN: AuxNet measured 0.5-1.0x the contiguous step time)"
 
-# (device type, model signature, input shape, precision) -> (channels_last, reason)
-_CHANNELS_LAST_CACHE: dict[tuple, tuple[bool, str]] = {}
-
 
 def resolve_channels_last(
     requested: Union[bool, str],
@@ -223,11 +224,11 @@ def resolve_channels_last(
     without oneDNN) as ``"measure"``.
     ``"measure"`` times ``warmup`` + ``steps`` forward+backward passes of a fresh ``make_model()``
     on random input in each format, interleaved so that a slow moment of the machine hits both,
-    and picks the faster by each format's best step (contention only ever adds time). A measured
-    decision is cached in-process per (device type, model signature, input shape, precision), so
-    every fold of a run measures once; global RNG state (CPU and CUDA) is left as it was, so seeding
-    before or after this call gives the same run. Under DDP each rank measures on its own: let
-    rank 0 decide and broadcast, so that all ranks train alike.
+    and picks the faster by each format's best step (contention only ever adds time). Each call
+    times anew: take the decision once per process (:func:`resolve_runtime`). Global RNG state (CPU
+    and CUDA) is left as it was, so seeding before or after this call gives the same run. Under DDP
+    each rank measures on its own: let rank 0 decide and broadcast (``agree`` of
+    :func:`resolve_runtime`), so that all ranks train alike.
 
     Args:
         requested: True, False, "auto" or "measure".
@@ -254,21 +255,10 @@ def resolve_channels_last(
         return True, _CPU_RULE
     # fork_rng restores the CPU generator, and the CUDA one of ``device`` when it is a GPU
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        model = make_model()
-        key = (device.type, model_signature(model), tuple(input_shape), precision)
-        if key not in _CHANNELS_LAST_CACHE:
-            seconds = time_memory_formats(model, device, input_shape, precision, warmup, steps)
-            faster = seconds[True] < seconds[False]
-            reason = (f"{requested}: {'channels_last' if faster else 'contiguous'} "
-                      f"({seconds[faster]:.3g} s vs {seconds[not faster]:.3g} s/step)")
-            _CHANNELS_LAST_CACHE[key] = (faster, reason)
-    return _CHANNELS_LAST_CACHE[key]
-
-
-def model_signature(model: nn.Module) -> tuple:
-    """Class name and every parameter's name, shape and dtype: equal for models built alike."""
-    params = tuple((name, tuple(p.shape), str(p.dtype)) for name, p in model.named_parameters())
-    return (type(model).__qualname__, params)
+        seconds = time_memory_formats(make_model(), device, input_shape, precision, warmup, steps)
+    faster = seconds[True] < seconds[False]
+    return faster, (f"{requested}: {'channels_last' if faster else 'contiguous'} "
+                    f"({seconds[faster]:.3g} s vs {seconds[not faster]:.3g} s/step)")
 
 
 def time_memory_formats(
@@ -325,6 +315,88 @@ def _first_tensor(out) -> torch.Tensor:
             return item
     raise TypeError(f"model output {type(out).__name__} holds no tensor")
 
+
+# --------------------------------------------------------------------------------------------------
+# The runtime: every decision above, taken once per process
+
+@dataclass(frozen=True)
+class Runtime:
+    """How this process runs the network, decided once (:func:`resolve_runtime`) and passed down to
+    the trainer, the evaluations, the figures and predict, which read it and decide nothing.
+
+    Attributes:
+        device: where the network runs.
+        amp_dtype: the autocast dtype (None = fp32).
+        channels_last: whether the network and its inputs use the channels_last memory format.
+        threads: torch's CPU threads in this process (intra-op).
+        notes: why, per option: ``{"MIXED_PRECISION": reason, "CHANNELS_LAST": reason}`` (the run's
+            first line, and the comments of its config.yaml).
+    """
+
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    channels_last: bool
+    threads: int
+    notes: Mapping[str, str]
+
+    @property
+    def precision(self) -> str:
+        """The precision's name: "bf16", "fp16" or "none" (a key of :data:`AMP_DTYPES`)."""
+        return next(name for name, dtype in AMP_DTYPES.items() if dtype == self.amp_dtype)
+
+    @property
+    def memory_format(self) -> str:
+        return "channels_last" if self.channels_last else "contiguous"
+
+    def describe(self) -> str:
+        """The choices and their reasons, for the run's first line."""
+        return f"precision {self.notes['MIXED_PRECISION']}, memory format {self.notes['CHANNELS_LAST']}"
+
+
+def resolve_runtime(
+    device: torch.device,
+    precision: str,
+    channels_last: Union[bool, str],
+    make_model: Callable[[], nn.Module],
+    input_shape: Sequence[int],
+    threads: Optional[int] = None,
+    agree: Optional[Callable[[Any], Any]] = None,
+) -> Runtime:
+    """Take this process's runtime decisions, once: its CPU threads, precision and memory format.
+
+    Args:
+        device: where the network runs.
+        precision: the requested precision, one of :data:`PRECISIONS` (:func:`resolve_precision`).
+        channels_last: the requested memory format, one of :data:`CHANNELS_LAST_CHOICES`
+            (:func:`resolve_channels_last`).
+        make_model, input_shape: the network to time, and one batch's shape (B, C, H, W); used only
+            when the memory format is timed.
+        threads: torch's CPU threads for this process, set here before anything is timed (so the
+            timing runs as the run will); None leaves torch's setting.
+        agree: under DDP, a collective that returns rank 0's value of what every rank passes; called
+            (on every rank alike) for an ``auto`` or ``measure`` memory format, so that every rank
+            runs rank 0's choice.
+
+    Returns:
+        The :class:`Runtime`.
+
+    Raises:
+        ValueError: an unknown precision or memory format, or fp16 on a device without CUDA.
+    """
+    device = torch.device(device)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    chosen, precision_reason = resolve_precision(precision, device)
+    decision = resolve_channels_last(channels_last, device, make_model, input_shape, chosen)
+    if agree is not None and not isinstance(channels_last, bool):
+        decision = agree(decision)
+    return Runtime(device=device, amp_dtype=AMP_DTYPES[chosen], channels_last=decision[0],
+                   threads=torch.get_num_threads(),
+                   notes=MappingProxyType({"MIXED_PRECISION": precision_reason, "CHANNELS_LAST": decision[1]}))
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile
 
 def compile_problem(device: torch.device) -> Optional[str]:
     """Why ``torch.compile`` (inductor) cannot build kernels for ``device`` here, or None if it can.

@@ -2,7 +2,8 @@
 
 ``DATASET_DIR/images/*`` and ``DATASET_DIR/masks/*`` are matched by file stem:
 
-* images: PNG, JPEG (Pillow) or TIFF (tifffile); 8/16-bit integer, or float already in [0, 1];
+* images: PNG, JPEG (Pillow) or TIFF (:mod:`utils.tiff`, prediction's reader: a stack of pages gives
+  one channel per page sample); 8/16-bit integer, or float already in [0, 1];
   grayscale or multi-channel, the channel count must equal ``input_channels``;
 * masks: one channel of class indices 0 ... K-1, or binary 0/255. When *every* mask holds only the
   values 0 and 255 the dataset is read as binary and 255 becomes class 1 (so the ISBI 2012 EM
@@ -30,8 +31,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
-import tifffile
 from PIL import Image
+
+from utils.tiff import RasterError, read_tiff
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # Decoded folder datasets stay in memory while they take at most this fraction of the machine's
@@ -148,11 +150,23 @@ def recently_used(cache: OrderedDict, key: Any, load: Callable[[Any], Any], size
 
 
 def _read_image_file(path: Path) -> np.ndarray:
-    """Decode an image file as stored: (H, W), (H, W, C) or, for TIFF, whatever layout the file
-    declares (normalised by :func:`_to_hwc`). Errors from the decoders propagate."""
+    """Decode an image file as stored: (H, W) or (H, W, C) (normalised by :func:`_to_hwc`).
+    Errors from the decoders propagate."""
     if path.suffix.lower() in (".tif", ".tiff"):
         return _read_tiff(path)
     return read_pillow_image(path)
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """A whole TIFF ``(H, W, C)``, read as :mod:`utils.raster` reads its windows (:mod:`utils.tiff`).
+
+    Raises:
+        ValueError: the file cannot be read; the message gives the cause (the caller names the file).
+    """
+    try:
+        return read_tiff(path)
+    except RasterError as exc:
+        raise ValueError(str(exc).removeprefix(f"{path}: ")) from None
 
 
 def read_pillow_image(path: Path) -> np.ndarray:
@@ -181,6 +195,8 @@ def _read_mask_file(path: Path) -> np.ndarray:
     """Decode a mask file to a 2-D array of raw values (palette PNGs give their indices)."""
     if path.suffix.lower() in (".tif", ".tiff"):
         arr = _read_tiff(path)
+        if arr.shape[-1] == 1:
+            arr = arr[..., 0]
     else:
         with Image.open(path) as im:
             im.load()
@@ -198,21 +214,6 @@ def _read_mask_file(path: Path) -> np.ndarray:
     if arr.dtype.kind not in "ui":
         raise ValueError(f"a mask must hold integer class indices, got dtype {arr.dtype}")
     return arr
-
-
-def _read_tiff(path: Path) -> np.ndarray:
-    with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
-        arr = series.asarray()
-        axes = series.axes
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and axes.endswith("S"):
-        return arr  # contiguous samples: (H, W, C)
-    if arr.ndim == 3:
-        return np.moveaxis(arr, 0, -1)  # planar samples or pages (SYX, CYX, QYX, ...): (C, H, W)
-    if arr.ndim == 2:
-        return arr
-    raise ValueError(f"TIFF with axes {axes!r} and shape {arr.shape} is not one 2-D image")
 
 
 def _to_hwc(arr: np.ndarray, path: Path) -> np.ndarray:

@@ -4,7 +4,8 @@ Scenes may be tens of thousands of pixels a side (orbiter scenes, EM sections, m
 mosaics), so nothing here needs a whole large image in memory. :func:`open_image` returns an
 :class:`ImageReader`; windows come back ``(h, w, C)`` in the file's dtype:
 
-* TIFF / BigTIFF (tifffile), never loaded whole:
+* TIFF / BigTIFF (tifffile, through :mod:`utils.tiff`, which the training data loader reads with
+  too), never loaded whole:
 
   - uncompressed contiguous data is memory-mapped (``numpy.memmap`` at the data offset); a window
     touches only the file pages it covers, and those are page cache, not process memory;
@@ -15,7 +16,7 @@ mosaics), so nothing here needs a whole large image in memory. :func:`open_image
     file stored as a single compressed strip is decoded once (that strip is then the memory cost).
   - grayscale, RGB and multi-channel, planar or contiguous samples; 8/16/32-bit integer and float.
     A series of several pages (a stack written page by page) gives one channel per page sample,
-    as the training data loader reads it. Compressions tifffile decodes without extra packages
+    as the training data loader reads it (the same reader). Compressions tifffile decodes without extra packages
     include deflate/zlib and lzma; LZW and JPEG need ``pip install imagecodecs``.
 
 * GeoTIFF and JPEG 2000 (``.jp2``/``.j2k``) go through rasterio (GDAL) when it is installed; GDAL
@@ -45,19 +46,17 @@ Every problem with a file raises :class:`RasterError` naming the file and the ca
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
-import tifffile
 from PIL import Image
 
 from utils.image_io import (RANGE_PERCENTILES, RANGE_SAMPLE, InputScaling, dtype_intensity_range, percentile_range,
                             read_pillow_image, scaling_for, to_unit_range)
+from utils.tiff import RasterError, TiffImage, geotiff_tags
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 JP2_SUFFIXES = (".jp2", ".j2k")
@@ -76,15 +75,6 @@ SCAN_BAND_BYTES = 64 * 2**20
 # RANGE_SAMPLE_GRID x RANGE_SAMPLE_GRID grid of windows of this side (at most 1.6 M pixels read).
 RANGE_SAMPLE_SIDE = 256
 RANGE_SAMPLE_GRID = 5
-
-# GeoTIFF tags copied verbatim from a georeferenced input to the output mask: ModelPixelScale,
-# ModelTiepoint, ModelTransformation, GeoKeyDirectory, GeoDoubleParams, GeoAsciiParams.
-GEOTIFF_TAGS = (33550, 33922, 34264, 34735, 34736, 34737)
-
-
-class RasterError(ValueError):
-    """An image file cannot be read, or an output cannot be written; the message names the file."""
-
 
 @dataclass(frozen=True)
 class GeoRef:
@@ -332,27 +322,36 @@ def _refuse_16bit_colour_png(path: Path) -> None:
 
 # --- TIFF -------------------------------------------------------------------------------------
 def _open_tiff(path: Path, cache_bytes: int) -> ImageReader:
-    tif = None
-    try:
-        tif = tifffile.TiffFile(path)
-        first = tif.pages[0]
-        geotags = _geotiff_tags(first) if first.is_geotiff else ()
-        if geotags and _import_rasterio() is not None:
-            tif.close()
+    """A GeoTIFF through rasterio when it is installed, else any TIFF through :mod:`utils.tiff`."""
+    if _import_rasterio() is not None:
+        geotags = geotiff_tags(path)
+        if geotags:
             return _RasterioReader(path, geotags)
-        return _TiffReader(path, tif, _georef_from_tags(geotags) if geotags else None, cache_bytes)
-    except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
-        if tif is not None:
-            tif.close()
-        if isinstance(exc, RasterError):
+    return _TiffReader(TiffImage.open(path, cache_bytes))
+
+
+class _TiffReader(ImageReader):
+    """TIFF / BigTIFF read by :class:`utils.tiff.TiffImage` (memory-mapped, or decoded per segment)."""
+
+    def __init__(self, image: TiffImage):
+        self._image = image
+        georef = _georef_from_tags(image.geotags) if image.geotags else None
+        try:
+            super().__init__(image.path, image.height, image.width, image.channels, image.dtype, georef, image.layout)
+        except BaseException:  # an unsupported pixel type
+            image.close()
             raise
-        raise RasterError(f"{path}: cannot read TIFF: {exc}") from exc
 
+    @property
+    def cache(self):
+        """The decoded segments kept (bounded by ``cache_bytes``)."""
+        return self._image.cache
 
-def _geotiff_tags(page) -> tuple[tuple[int, int, Any], ...]:
-    return tuple(
-        (code, int(page.tags[code].dtype), page.tags[code].value) for code in GEOTIFF_TAGS if code in page.tags
-    )
+    def _read(self, y0, y1, x0, x1):
+        return self._image.read(y0, y1, x0, x1)
+
+    def close(self) -> None:
+        self._image.close()
 
 
 def _georef_from_tags(tags: tuple[tuple[int, int, Any], ...]) -> GeoRef:
@@ -375,187 +374,6 @@ def _georef_from_tags(tags: tuple[tuple[int, int, Any], ...]) -> GeoRef:
             if crs is None or key_id == 3072:
                 crs = f"EPSG:{value}"
     return GeoRef(crs=crs, transform=transform, tiff_tags=tags)
-
-
-class _SegmentCache:
-    """LRU of decoded segments bounded by bytes; the newest entry is always kept."""
-
-    def __init__(self, budget: int):
-        self.budget, self.nbytes = int(budget), 0
-        self._items: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-
-    def get(self, key: tuple[int, int]) -> Optional[np.ndarray]:
-        arr = self._items.get(key)
-        if arr is not None:
-            self._items.move_to_end(key)
-        return arr
-
-    def put(self, key: tuple[int, int], arr: np.ndarray) -> None:
-        self._items[key] = arr
-        self.nbytes += arr.nbytes
-        while self.nbytes > self.budget and len(self._items) > 1:
-            _, old = self._items.popitem(last=False)
-            self.nbytes -= old.nbytes
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.nbytes = 0
-
-
-class _MemmapPart:
-    """One uncompressed contiguous page, memory-mapped as (planes, 1, H, W, samples)."""
-
-    def __init__(self, path: Path, page, channel0: int):
-        file_dtype = np.dtype(page.parent.byteorder + page.dtype.char)
-        self.channel0 = channel0
-        self.array = np.memmap(path, dtype=file_dtype, mode="r", offset=page.dataoffsets[0], shape=page.shaped)
-
-    def read_into(self, out: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> None:
-        planes, samples = self.array.shape[0], self.array.shape[4]
-        block = self.array[:, 0, y0:y1, x0:x1, :]  # (planes, h, w, samples)
-        block = np.moveaxis(block, 0, 2).reshape(y1 - y0, x1 - x0, planes * samples)
-        out[..., self.channel0:self.channel0 + planes * samples] = block
-
-    def close(self) -> None:
-        self.array = None
-
-
-class _SegmentPart:
-    """One tiled or striped page, decoded per segment (tile or strip) through tifffile."""
-
-    def __init__(self, reader: "_TiffReader", page, index: int, channel0: int):
-        planes, _, height, width, samples = page.shaped
-        self.reader, self.index, self.channel0 = reader, index, channel0
-        self.planes, self.samples, self.height, self.width = planes, samples, height, width
-        if page.is_tiled:
-            self.seg_h, self.seg_w = page.tilelength, page.tilewidth
-        else:
-            self.seg_h, self.seg_w = min(page.rowsperstrip or height, height), width
-        self.down, self.across = math.ceil(height / self.seg_h), math.ceil(width / self.seg_w)
-        self.offsets, self.counts = page.dataoffsets, page.databytecounts
-        expected = planes * self.down * self.across
-        if len(self.offsets) != expected or len(self.counts) != expected:
-            raise RasterError(f"{reader.path}: page {index} has {len(self.offsets)} data segments, expected {expected}")
-        self.kind = "tile" if page.is_tiled else "strip"
-        self.nodata, self.jpegtables, self.dtype = page.nodata, page.jpegtables, page.dtype
-        self.decode = page.decode  # a closure; raises on first use when a codec is missing
-
-    def probe(self) -> None:
-        """Decode the first stored segment, so a missing codec or bad data fails on open."""
-        for i, count in enumerate(self.counts):
-            if count:
-                plane, rest = divmod(i, self.down * self.across)
-                r, c = divmod(rest, self.across)
-                self._segment(i, plane, r, c)
-                return
-
-    def read_into(self, out: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> None:
-        for r in range(y0 // self.seg_h, (y1 - 1) // self.seg_h + 1):
-            ys = r * self.seg_h
-            a0, a1 = max(y0, ys), min(y1, ys + self.seg_h)
-            for c in range(x0 // self.seg_w, (x1 - 1) // self.seg_w + 1):
-                xs = c * self.seg_w
-                b0, b1 = max(x0, xs), min(x1, xs + self.seg_w)
-                for p in range(self.planes):
-                    seg = self._segment(p * self.down * self.across + r * self.across + c, p, r, c)
-                    ch = self.channel0 + p * self.samples
-                    out[a0 - y0:a1 - y0, b0 - x0:b1 - x0, ch:ch + self.samples] = seg[a0 - ys:a1 - ys, b0 - xs:b1 - xs]
-
-    def _segment(self, i: int, plane: int, r: int, c: int) -> np.ndarray:
-        """Decoded segment ``i`` cropped to the image: ``(rows, cols, samples)``."""
-        key = (self.index, i)
-        seg = self.reader.cache.get(key)
-        if seg is not None:
-            return seg
-        ys, xs = r * self.seg_h, c * self.seg_w
-        rows, cols = min(self.seg_h, self.height - ys), min(self.seg_w, self.width - xs)
-        where = f"{self.kind} {i} of page {self.index}"
-        if self.counts[i] == 0:  # a segment never written (sparse file) holds the fill value
-            seg = np.full((rows, cols, self.samples), self.nodata, self.dtype)
-        else:
-            data = self.reader.read_bytes(self.offsets[i], self.counts[i], where)
-            try:
-                decoded, position, _ = self.decode(data, i, jpegtables=self.jpegtables)
-            except Exception as exc:  # codecs raise many types (zlib.error, ValueError, KeyError...)
-                hint = " (pip install imagecodecs)" if "imagecodecs" in str(exc) else ""
-                raise RasterError(f"{self.reader.path}: cannot decode {where}: {exc}{hint}") from exc
-            misplaced = decoded is None or tuple(position[:4]) != (plane, 0, ys, xs)
-            if misplaced or decoded.shape[1] < rows or decoded.shape[2] < cols:
-                got = None if decoded is None else decoded.shape
-                raise RasterError(f"{self.reader.path}: {where} is corrupt (decoded shape {got})")
-            # copy: the cache must not keep the padded tile or the decoder's buffer alive
-            seg = np.array(decoded[0, :rows, :cols], dtype=self.reader.dtype)
-        self.reader.cache.put(key, seg)
-        return seg
-
-    def close(self) -> None:
-        self.decode = None
-
-
-class _TiffReader(ImageReader):
-    """TIFF / BigTIFF read by tifffile: memory-mapped when uncompressed and contiguous, else
-    decoded per segment. The first series' pages are stacked as channels."""
-
-    def __init__(self, path: Path, tif: tifffile.TiffFile, georef: Optional[GeoRef], cache_bytes: int):
-        self._tif, self._fh = tif, None
-        self.cache = _SegmentCache(cache_bytes)
-        series = tif.series[0]
-        pages = [p.aspage() if p is not None else None for p in series.pages]
-        if not pages or any(p is None for p in pages):
-            raise RasterError(f"{path}: the TIFF's first image has missing pages")
-        first = pages[0]
-        if first.dtype is None:
-            raise RasterError(f"{path}: unsupported TIFF pixel type "
-                              f"(SampleFormat {first.sampleformat}, {first.bitspersample}-bit)")
-        height, width = first.shaped[2], first.shaped[3]
-        size = path.stat().st_size
-        self._parts: list[Union[_MemmapPart, _SegmentPart]] = []
-        channels = 0
-        for index, page in enumerate(pages):
-            planes, depth, h, w, samples = page.shaped
-            if depth != 1:
-                raise RasterError(f"{path}: volumetric TIFF pages (depth {depth}) are not supported")
-            if (h, w) != (height, width) or page.dtype != first.dtype:
-                raise RasterError(f"{path}: page {index} is {h}x{w} {page.dtype}, "
-                                  f"page 0 is {height}x{width} {first.dtype}")
-            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True) if n]
-            if page.is_final:
-                ends.append(page.dataoffsets[0] + page.nbytes)
-            if ends and max(ends) > size:
-                raise RasterError(f"{path}: file is truncated (page {index} data ends at byte {max(ends)}, "
-                                  f"the file has {size})")
-            part = _MemmapPart(path, page, channels) if page.is_final else _SegmentPart(self, page, index, channels)
-            self._parts.append(part)
-            channels += planes * samples
-        layout = "memmap" if all(isinstance(p, _MemmapPart) for p in self._parts) else "segments"
-        super().__init__(path, height, width, channels, first.dtype, georef, layout)
-        for part in self._parts:
-            if isinstance(part, _SegmentPart):
-                part.probe()
-
-    def read_bytes(self, offset: int, count: int, where: str) -> bytes:
-        if self._fh is None:
-            self._fh = open(self.path, "rb")
-        self._fh.seek(offset)
-        data = self._fh.read(count)
-        if len(data) != count:
-            raise RasterError(f"{self.path}: file is truncated ({where} needs {count} bytes at {offset})")
-        return data
-
-    def _read(self, y0, y1, x0, x1):
-        out = np.empty((y1 - y0, x1 - x0, self.channels), self.dtype)
-        for part in self._parts:
-            part.read_into(out, y0, y1, x0, x1)
-        return out
-
-    def close(self) -> None:
-        for part in self._parts:
-            part.close()
-        self.cache.clear()
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        self._tif.close()
 
 
 # --- rasterio (GeoTIFF, JPEG 2000) ------------------------------------------------------------

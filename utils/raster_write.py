@@ -3,31 +3,28 @@
 Writing (:class:`MaskWriter`) takes horizontal bands of rows, top to bottom. Small outputs are
 PNG; large ones (more than :data:`LARGE_MASK_PIXELS` pixels), ``.tif`` paths, outputs PNG cannot
 hold and georeferenced ones are tiled, deflate-compressed BigTIFFs streamed one tile row at a
-time. Outputs are written to a hidden temporary file beside the final path (``.<name>.<random>.tmp``)
-and renamed into place, so a crash never leaves a half-written file under the final name; the
-temporary file is removed on every exception (KeyboardInterrupt included). With ``overwrite=False``
-an existing file under the final name is never replaced (the write fails with FileExistsError and
-leaves it as it is). Reading is :mod:`utils.raster`.
+time. Outputs are written to a hidden temporary file beside the final path (``.<name>.<random>.tmp``,
+:class:`utils.util.AtomicFile`) and renamed into place, so a crash never leaves a half-written file
+under the final name; the temporary file is removed on every exception (KeyboardInterrupt included).
+With ``overwrite=False`` an existing file under the final name is never replaced (the write fails
+with FileExistsError and leaves it as it is). Reading is :mod:`utils.raster`.
 
 Every problem with a file raises :class:`~utils.raster.RasterError` naming the file and the cause.
 """
 
 from __future__ import annotations
 
-import errno
 import math
-import os
 import struct
-import tempfile
-import weakref
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 from PIL import Image
 
 from utils.raster import SCAN_BAND_BYTES, TIFF_SUFFIXES, GeoRef, ImageReader, RasterError
+from utils.util import AtomicFile, atomic_write
 
 # Masks above this many pixels are written as tiled BigTIFF instead of PNG (PNG is buffered whole).
 LARGE_MASK_PIXELS = 4096 * 4096
@@ -36,65 +33,6 @@ OUTPUT_TILE = 256
 # zlib level for written tiles: on masks, level 3 is ~3x faster than the default 6 and the output
 # is still a few percent of the raw size.
 ZLIB_LEVEL = 3
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-class _TempFile:
-    """A temporary file beside ``path`` that becomes ``path`` on :meth:`commit` (``os.replace`` is
-    atomic within a folder) or disappears on :meth:`discard`."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the output the usual permissions
-            self.fh = os.fdopen(fd, "w+b")
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        self.path, self.tmp = path, Path(tmp)
-        # removes the temporary file if the owner is dropped without commit/discard
-        self._finalizer = weakref.finalize(self, _remove_temp, self.fh, self.tmp)
-
-    def commit(self, overwrite: bool = True) -> None:
-        """Move the file into place; with ``overwrite=False`` a file already under :attr:`path` is
-        left as it is and FileExistsError is raised (the caller discards the temporary file).
-
-        The check comes just before the rename: only another process writing that very name in the
-        same instant could slip between them."""
-        if not self.fh.closed:
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
-            self.fh.close()
-        if not overwrite and os.path.lexists(self.path):
-            raise FileExistsError(errno.EEXIST, "exists already and was not written by this command; it is left "
-                                  "as it is", str(self.path))
-        os.replace(self.tmp, self.path)
-        self._finalizer.detach()
-
-    def discard(self) -> None:
-        self._finalizer()
-
-
-def _remove_temp(fh, tmp: Path) -> None:
-    fh.close()
-    tmp.unlink(missing_ok=True)
-
-
-def _atomic_save(path: Path, write: Callable[[Any], None], overwrite: bool = True) -> None:
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it to ``path``
-    (never over an existing file when ``overwrite`` is False)."""
-    temp = _TempFile(path)
-    try:
-        write(temp.fh)
-        temp.commit(overwrite)
-    except BaseException:
-        temp.discard()
-        raise
-
 
 # TIFF field types: struct format of one value
 _TIFF_TYPES = {1: "B", 2: "s", 3: "H", 4: "I", 6: "b", 7: "B", 8: "h", 9: "i", 11: "f", 12: "d", 16: "Q", 17: "q"}
@@ -289,7 +227,7 @@ class MaskWriter:
             self.path = base.with_name(base.name + (".tif" if as_tiff else ".png"))
         self._next_row = 0
         self.overwrite, self.committed = overwrite, False
-        self._temp = _TempFile(self.path)
+        self._temp = AtomicFile(self.path)
         try:
             if as_tiff and georef is not None and not georef.tiff_tags:
                 if self.dtype == np.float16:
@@ -481,5 +419,5 @@ def overlay_png(path: Union[str, Path], reader: ImageReader, mask: Any, num_clas
     colours = class_palette(num_classes).astype(np.float32)
     rgb[painted] = (1 - alpha) * rgb[painted] + alpha * colours[classes[painted]]
     picture = Image.fromarray(np.round(rgb).astype(np.uint8))
-    _atomic_save(Path(path), lambda fh: picture.save(fh, format="PNG"), overwrite)
+    atomic_write(Path(path), lambda fh: picture.save(fh, format="PNG"), overwrite)
     return out_h, out_w

@@ -15,6 +15,7 @@ from utils.util import atomic_write
 
 # Bump when the synthetic generator changes, so stale caches are not reused.
 SYNTHETIC_VERSION = 1
+#: The class of each kind of object, here and in bench.folder_datasets' lines_ellipses scenes.
 SYNTHETIC_CLASSES = {"background": 0, "line": 1, "ellipse": 2}
 
 

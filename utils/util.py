@@ -1,5 +1,5 @@
-"""Small shared helpers: argument checks with a "did you mean", atomic file writes, seeding, run
-folders, process-group set-up."""
+"""Small shared helpers: argument checks with a "did you mean", atomic file writes and their
+errors, seeding, process-group set-up."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import json
 import os
 import random
 import tempfile
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -30,21 +31,82 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+class AtomicFile:
+    """A hidden temporary file beside ``path`` (``.<name>.<random>.tmp``) that becomes ``path`` on
+    :meth:`commit` (flushed, fsynced, then renamed: ``os.replace`` is atomic within a folder) or
+    disappears on :meth:`discard`, on leaving a ``with`` block without a commit, or when dropped.
+    So a crash never leaves a half-written file under the final name. The one implementation of an
+    atomic write: :func:`atomic_write` for a file written at once, ``utils.raster_write`` for an
+    output streamed over time.
+
+    Attributes:
+        path: the final path.
+        tmp: the temporary file (a writer that needs a name, as GDAL does, closes :attr:`fh` and
+            writes this).
+        fh: the temporary file, open for binary reading and writing.
+    """
+
+    def __init__(self, path: Path):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+            self.fh = os.fdopen(fd, "w+b")
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        self.path, self.tmp = path, Path(tmp)
+        # removes the temporary file if the owner is dropped without commit/discard
+        self._finalizer = weakref.finalize(self, _remove_temp, self.fh, self.tmp)
+
+    def commit(self, overwrite: bool = True) -> None:
+        """Move the file into place; with ``overwrite=False`` a file already under :attr:`path` is
+        left as it is and FileExistsError is raised (discard the temporary file then).
+
+        The check comes just before the rename: only another process writing that very name in the
+        same instant could slip between them."""
+        if not self.fh.closed:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+        if not overwrite and os.path.lexists(self.path):
+            raise FileExistsError(errno.EEXIST, "exists already and was not written by this command; it is left "
+                                  "as it is", str(self.path))
+        os.replace(self.tmp, self.path)
+        self._finalizer.detach()
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (nothing once committed; idempotent)."""
+        self._finalizer()
+
+    def __enter__(self) -> "AtomicFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.discard()
+
+
+def _remove_temp(fh, tmp: Path) -> None:
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fh.close()  # may raise again (a full disk refuses the buffered rest): remove the file all the same
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, write: Callable[[Any], Any], overwrite: bool = True) -> None:
+    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it to ``path``
+    (see :class:`AtomicFile`); on any failure the temporary file is removed.
+
+    Args:
+        path: the file to write (its folder is created).
+        write: writes the content into the file object it is given.
+        overwrite: False: never replace an existing ``path`` (FileExistsError, the file left as it is).
+    """
+    with AtomicFile(path) as temp:
+        write(temp.fh)
+        temp.commit(overwrite)
 
 
 class WriteError(RunError):
@@ -130,6 +192,11 @@ def make_writable_folder(folder: Path, what: str, fix: str) -> Optional[Path]:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators (torch's CUDA ones too) from ``seed``.
+
+    The one seeding of the project: a run's start, each epoch (the trainer's epoch seed) and each
+    loader worker (its torch seed) call it. numpy takes ``seed`` modulo 2**32, its largest seed.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -158,9 +225,8 @@ def init_distributed(
 ) -> DistContext:
     """Join the process group (NCCL on CUDA, gloo on CPU) when ``world_size > 1``.
 
-    MASTER_ADDR / MASTER_PORT must already be in the environment. Each CPU process gets
-    :func:`cpu_threads` threads, so processes do not oversubscribe the cores (the local count:
-    ``LOCAL_WORLD_SIZE`` under torchrun, else every process is local).
+    MASTER_ADDR / MASTER_PORT must already be in the environment. (The process's threads are
+    part of its runtime: ``engines.builders.build_runtime``.)
     """
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -169,8 +235,6 @@ def init_distributed(
         dist.init_process_group(
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(local_processes(world_size)))
     return DistContext(rank, world_size, local_rank, device)
 
 

@@ -21,7 +21,7 @@ Modules
 * :mod:`model.metrics.names`: every metric name, which way is better, the distance metrics.
 * :mod:`model.metrics.labels`: the one rule from outputs to labels and classes; checks on label maps.
 * :mod:`model.metrics.surface`: the four surface distances per image and class (definitions there).
-* :mod:`model.metrics.accumulator`: :class:`SegmentationMetrics` and :func:`confusion_counts`
+* :mod:`model.metrics.accumulator`: :class:`SegmentationMetrics`
   (pixel accuracy, Dice, IoU, TTR and CMA definitions there).
 """
 
@@ -31,7 +31,6 @@ import importlib
 #: :mod:`model.metrics.names` (the metric names the configuration lists) needs no torch.
 _EXPORTS = {
     "SegmentationMetrics": "accumulator",
-    "confusion_counts": "accumulator",
     "labels_from_scores": "labels",
     "predict_classes": "labels",
     "predict_labels": "labels",

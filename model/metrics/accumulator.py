@@ -55,33 +55,8 @@ from utils.util import check_choice
 # --------------------------------------------------------------------------------- overlap
 
 
-def confusion_counts(
-    pred: torch.Tensor, target: torch.Tensor, num_classes: int, include_background: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """True positives, false positives and false negatives per image and class.
-
-    Args:
-        pred: predicted label map.
-        target: ground-truth label map.
-        num_classes: segmentation channels K (1 = binary labels {0, 1}; K >= 2 = labels 0 ... K-1).
-        include_background: also count class 0.
-
-    Shape:
-        pred, target: (B, H, W). Each output: (B, C), C = evaluated classes.
-
-    Returns:
-        ``(tp, fp, fn)``, int64 on the inputs' device.
-
-    Raises:
-        ValueError: bad shapes, dtypes or labels outside the class range.
-    """
-    num_classes = _check_num_classes(num_classes)
-    _check_label_maps(pred, target, max(num_classes, 2))
-    classes = _classes(num_classes, include_background)
-    return _confusion(label_masks(pred, classes), label_masks(target, classes))
-
-
 def _confusion(p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """True positives, false positives and false negatives of boolean masks ``(..., H, W)`` per leading index."""
     tp = (p & t).sum(dim=(-2, -1))
     fp = p.sum(dim=(-2, -1)) - tp
     fn = t.sum(dim=(-2, -1)) - tp
