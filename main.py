@@ -23,14 +23,12 @@ from tqdm import tqdm  # noqa: E402
 
 from configs import ConfigError, load_config  # noqa: E402
 from engines import evaluate, predict, train  # noqa: E402
-from engines.launch import INTERRUPTED, launch  # noqa: E402
+from engines.launch import INTERRUPTED  # noqa: E402
+from utils.util import RunError  # noqa: E402
 
-#: Each command: how to pick its run folder, and what every rank runs.
-COMMANDS = {
-    "train": (train.choose_run, train.train),
-    "eval": (evaluate.choose_run, evaluate.evaluate),
-    "predict": None,  # one process, no run folder: see engines/predict.py
-}
+#: Each command: ``run(cfg, overrides) -> exit status`` (train and eval launch one process per device,
+#: predict runs in this one).
+COMMANDS = {"train": train.run, "eval": evaluate.run, "predict": predict.run}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -57,18 +55,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Load the configuration and dispatch ``args.command``; returns the exit status."""
+    """Load the configuration and dispatch ``args.command``; returns the exit status (a problem found
+    before the command starts, in the configuration or MODEL_WEIGHTS, is one line and status 2)."""
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command in ("eval", "predict"):
-            cfg = evaluate.eval_config(cfg, args.overrides, args.command)
-    except ConfigError as err:
+        return COMMANDS[args.command](load_config(args.config, args.overrides), args.overrides)
+    except (ConfigError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.command == "predict":
-        return predict.predict(cfg)
-    choose, command = COMMANDS[args.command]
-    return launch(cfg, choose, command, exclusive=args.command == "train")
 
 
 if __name__ == "__main__":

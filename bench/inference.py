@@ -273,9 +273,9 @@ def run_config(job: dict) -> dict:
 
     from configs import load_config
     from engines.builders import build_runtime
-    from engines.evaluate import eval_config
-    from engines.forward import autocast_for, image_to
-    from engines.predict import build_predictor, prediction_network
+    from engines.forward import autocast_for, image_to, place
+    from engines.inference import load_for_inference
+    from engines.predict import build_predictor
     from engines.sliding_window import ArrayImage, PredictStats
     from utils.image_io import dtype_intensity_range
     from utils.util import DistContext
@@ -284,12 +284,14 @@ def run_config(job: dict) -> dict:
     gating = job["mode"] == "gated"
     overrides = [f"MODEL_WEIGHTS={job['weights']}", f"TILE_OVERLAP={OVERLAP}", f"BATCH_SIZE={BATCH}",
                  f"CLS_THRESHOLD={CLS_THRESHOLD}", f"GATING={'true' if gating else 'false'}"]
-    cfg = eval_config(load_config(None, overrides), overrides, "predict")  # as `main.py predict` does
+    checkpoint = load_for_inference(load_config(None, overrides), overrides, "predict")  # as `main.py predict` does
+    cfg = checkpoint.cfg
     if cfg.INPUT_SIZE != TILE:
         raise SystemExit(f"the checkpoint's INPUT_SIZE is {cfg.INPUT_SIZE}; this bench compares {TILE}-px windows")
     device = torch.device("cpu")
     runtime = build_runtime(cfg, DistContext(device=device))  # as `main.py predict` resolves it
-    predictor = build_predictor(cfg, *prediction_network(cfg, runtime), runtime, gating)
+    net = place(checkpoint.net, runtime.device, runtime.channels_last)
+    predictor = build_predictor(cfg, net, checkpoint.can_gate, runtime, gating)
     net, amp, channels_last = predictor.net, predictor.amp_dtype, predictor.channels_last
     raw = np.load(job["image"])
     image = ArrayImage(raw, *dtype_intensity_range(raw.dtype))  # uint8 / 255, as open_image reads a file

@@ -4,6 +4,12 @@ The schema (types, defaults, docs) lives in :mod:`configs.schema`. Loading colle
 (unknown key, wrong type) and hands them, together with the cross-field rules of
 :mod:`configs.validator`, to one :class:`ConfigError`. The rules for runs that already exist
 (resuming one, evaluating its checkpoint) are here too.
+
+Reading a configuration needs no torch: ``import configs`` and typing a YAML file (or a
+checkpoint's saved configuration) into a :class:`Config` (:func:`read_yaml`, :func:`load_yaml`,
+:func:`check_values`, :func:`config_for_checkpoint`) import only the standard library, PyYAML and
+torch-free modules. Validating it (:func:`load_config`) checks the machine and the loss registry,
+and writing it uses the atomic writes of :mod:`utils.util`: those import torch when they run.
 """
 
 from __future__ import annotations
@@ -15,13 +21,10 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import torch
 import yaml
 
 from configs.schema import FIELDS, TEXT_OPTIONS, Config, setting, yaml_text
-from configs.validator import validate
-from utils.hardware import resolve_precision
-from utils.util import atomic_write_text, did_you_mean
+from utils.choices import did_you_mean
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 
@@ -254,6 +257,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     file_problems = {key: msg for key, msg in file_problems.items() if key not in cli}
     problems += [*file_problems.values(), *cli_problems.values()]
     cfg = Config(**{**file_values, **cli_values})
+    # The rules check the machine and the loss registry, which need torch: imported when a
+    # configuration is validated, not when one is read (see the module docstring).
+    from configs.validator import validate
+
     # Rules that combine options skip those already reported: one problem is reported once.
     problems += validate(cfg, invalid=set(file_problems) | set(cli_problems))
     if problems:
@@ -264,6 +271,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 def save_config(cfg: Config, path: Path, resolved: Optional[dict[str, str]] = None) -> None:
     """Write the resolved configuration as YAML (atomically); ``resolved`` notes what an ``auto``
     option became on this machine, as trailing comments."""
+    from utils.util import atomic_write_text  # utils.util imports torch (see the module docstring)
+
     notes = "".join(f"# {key} resolved here: {why}\n" for key, why in (resolved or {}).items())
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False) + notes)
 
@@ -291,14 +300,16 @@ EVAL_KEYS = frozenset({
 PREDICT_KEYS = EVAL_KEYS | {"INPUT", "OUTPUT", "SAVE_PROBABILITIES"}
 
 
-def _typed(saved: dict[str, Any]) -> dict[str, Any]:
+def saved_values(saved: dict[str, Any]) -> dict[str, Any]:
+    """The options of a saved configuration (a run's ``config.yaml``, a checkpoint's) that are still
+    options and still valid, typed; the others are left out."""
     values, _ = check_values({k: v for k, v in saved.items() if k in FIELDS}, source="saved run")
     return values
 
 
 def resume_problems(saved: dict[str, Any], cfg: Config, where: Path) -> list[str]:
     """The options that differ from the run being resumed (its saved ``config.yaml``), each with the fix."""
-    old, new = _typed(saved), cfg.to_dict()
+    old, new = saved_values(saved), cfg.to_dict()
     return [
         f"{setting(key, new[key])} but the run in {where} was made with {setting(key, old[key])}: resuming cannot "
         f"change it; use {setting(key, old[key])}, or start a new run (another RUN_ID) with "
@@ -324,7 +335,7 @@ def config_for_checkpoint(saved: dict[str, Any], cfg: Config, given: typing.Iter
         ConfigError: an option in ``given`` (typed on the command line) that the checkpoint fixes
             and that differs from it.
     """
-    old, new = _typed(saved), cfg.to_dict()
+    old, new = saved_values(saved), cfg.to_dict()
     problems = [
         f"{setting(key, new[key])} but the checkpoint was trained with {setting(key, old[key])}: "
         "remove it from the command line"
@@ -336,21 +347,3 @@ def config_for_checkpoint(saved: dict[str, Any], cfg: Config, given: typing.Iter
     chosen = {k: new[k] for k in given if k in allowed}
     for_device = {k: FIELDS[k].default for k in DEVICE_KEYS if k not in given}
     return Config(**{**old, **for_device, **chosen, "MODEL_WEIGHTS": cfg.MODEL_WEIGHTS, "DEFAULT_FOLD": fold})
-
-
-def precision_note(saved: dict[str, Any], cfg: Config, device: torch.device) -> Optional[str]:
-    """A note when the precision ``cfg`` resolves to on ``device`` is not the one the checkpoint's run
-    (``saved``) set explicitly, e.g. fp16 on its GPU, fp32 on this CPU; None when they agree.
-
-    A run made with ``auto`` recorded no precision (it was chosen for its machine), so there is
-    nothing to compare with.
-    """
-    trained = _typed(saved).get("MIXED_PRECISION", "auto")
-    if trained == "auto":
-        return None
-    used = resolve_precision(cfg.MIXED_PRECISION, device)[0]
-    if used == trained:
-        return None
-    how = "auto" if cfg.MIXED_PRECISION == "auto" else "as asked on the command line"
-    return (f"note: the checkpoint was trained with {setting('MIXED_PRECISION', trained)}; this machine uses "
-            f"{'fp32' if used == 'none' else used} ({how})")

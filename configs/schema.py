@@ -3,7 +3,8 @@
 The dataclass is the single source of truth: `configs/config.yaml` repeats each default with the
 doc as its comment, and the README's configuration reference shows the same doc (tests compare all
 three). Choices come from the registries that own them (the model stages, the metric names), so a
-new stage or metric appears here without a second list.
+new stage or metric appears here without a second list; those modules import no torch, and neither
+does this one.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from model.AuxNet import STAGES, Stage
-from model.metrics import METRIC_NAMES
-from utils.sdf import DISTANCES
+from model.metrics.names import METRIC_NAMES
+from model.stages import STAGES, Stage
+from utils.sdf_choices import DISTANCES
 
 ModelName = Literal[tuple(STAGES)]  # type: ignore[valid-type]
 Composition = Literal["full", "boundary"]

@@ -18,14 +18,14 @@ from typing import Iterable
 import torch
 
 from configs.schema import FIELDS, STAGES, Config, setting
-from engines.checkpoint import resolve_weights_path
 from model.losses import loss_problems, parse_loss
 from model.metrics import DISTANCE_METRICS as DISTANCE_METRIC_NAMES
 from model.metrics import METRIC_NAMES
 from utils.augment import augmentation_problems
 from utils.sdf import check_kernel_size
+from utils.run_paths import RunDir, resolve_weights_path
 from utils.splits import num_folds
-from utils.util import did_you_mean
+from utils.choices import did_you_mean
 
 
 class Problems(list):
@@ -136,10 +136,10 @@ def _model_rules(cfg: Config, p: Problems) -> None:
         )
     if p.ok("MODEL_WEIGHTS") and cfg.MODEL_WEIGHTS and resolve_weights_path(cfg.MODEL_WEIGHTS) is None:
         folder = Path(cfg.MODEL_WEIGHTS)
-        inside = [n for n in ("best", "last") if (folder / f"{n}.pth").is_file()] if folder.is_dir() else []
+        inside = RunDir(folder).checkpoints() if folder.is_dir() else []
         if inside:
             p.add(f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r} is a run folder, not a checkpoint: use "
-                  + " or ".join(setting("MODEL_WEIGHTS", str(folder / n)) for n in inside), "MODEL_WEIGHTS")
+                  + " or ".join(setting("MODEL_WEIGHTS", str(c)) for c in inside), "MODEL_WEIGHTS")
         elif folder.is_dir():
             p.add(f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r} is a folder without best.pth or last.pth: point it at a "
                   ".pth file", "MODEL_WEIGHTS")

@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from engines.checkpoint import CheckpointError, restore_training, save_checkpoint
 from engines.forward import NonFiniteOutput, autocast_for, evaluate_model, image_to, place
-from engines.run_dir import RunDir
 from model.AuxNet import AuxNet, AuxNetOutput
 from model.metrics import HIGHER_IS_BETTER
+from utils.run_paths import RunDir
 from utils.util import DistContext, RunError, seed_everything, writing
 
 
@@ -55,6 +55,7 @@ class TrainerSettings:
     fold: int = 0
     seed: int = 0
     split: Optional[dict] = None
+    head_trained: bool = False  # the network's head is a trained one (see engines.checkpoint.head_is_trained)
     grad_clip: Optional[float] = None
     early_stopping: Optional[int] = None
     plot_every: int = 0
@@ -263,6 +264,7 @@ class SegTrainer:
             scheduler=self.scheduler, scaler=self.scaler,
             best={"metric": self.settings.eval_metric, "value": self.best_value, "epoch": self.best_epoch},
             history=self.history, config=self.settings.config, fold=self.settings.fold, split=self.settings.split,
+            head_trained=self.settings.head_trained,
         )
         if improved and self.settings.save_best:  # best first: last.pth never records a best.pth not yet written
             with writing(self.settings.run.best):

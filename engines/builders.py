@@ -7,15 +7,14 @@ import math
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from configs import Config
-from engines.checkpoint import LoadReport, load_weights, resolve_weights_path
-from engines.run_dir import RunDir
+from engines.checkpoint import LoadReport, head_is_trained, load_weights, read_checkpoint
 from engines.figures import make_plotter
 from engines.SegTrainer import SegTrainer, TrainerSettings, TrainStep
 from model.AuxNet import AuxNet
@@ -27,6 +26,7 @@ from utils.dataset import SceneSDM, Splits, build_datasets, make_loader
 from utils.hardware import Runtime, compile_problem, resolve_runtime
 from utils.image_io import DatasetError
 from utils.loggers import build_loggers
+from utils.run_paths import RunDir, cache_dir, resolve_weights_path
 from utils.splits import split_record
 from utils.util import DistContext, RunError, cpu_threads, local_processes
 
@@ -68,17 +68,29 @@ def _bare_model(cfg: Config) -> AuxNet:
     )
 
 
-def build_network(cfg: Config) -> tuple[AuxNet, Optional[LoadReport]]:
+def build_network(cfg: Config, path: Optional[Path] = None,
+                  state: Optional[Mapping[str, Any]] = None) -> tuple[AuxNet, Optional[LoadReport]]:
     """The network, with MODEL_WEIGHTS loaded and only the MODEL's parts left trainable, and the
-    report of what MODEL_WEIGHTS loaded (None without weights)."""
+    report of what MODEL_WEIGHTS loaded (None without weights).
+
+    The heads may be missing from the file (a UNet checkpoint, or one made before the fill head
+    existed): they start fresh, trained if the stage trains them, else frozen (the report says which).
+
+    Args:
+        cfg: the configuration.
+        path, state: MODEL_WEIGHTS's file and its content, when the caller has read it already
+            (:func:`engines.inference.load_for_inference`); else it is read here.
+
+    Raises:
+        CheckpointError: MODEL_WEIGHTS cannot be read, or does not fit the network.
+    """
     net = _bare_model(cfg)
+    report = None
     if cfg.MODEL_WEIGHTS:
-        # The heads may be missing from the file (a UNet checkpoint, or one made before the fill head
-        # existed): they start fresh, trained if the stage trains them, else frozen (the load report says which).
-        allow = ("fill_head.", "head.")
-        report = load_weights(net, resolve_weights_path(cfg.MODEL_WEIGHTS), allow_missing=allow)
-    else:
-        report = None
+        if state is None:
+            path = resolve_weights_path(cfg.MODEL_WEIGHTS)
+            state = read_checkpoint(path)
+        report = load_weights(net, path, state, cfg.MODEL)
     net.set_trainable(cfg.stage.trains)
     return net, report
 
@@ -128,7 +140,7 @@ def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Opt
         return build_datasets(
             cfg.DATASET_DIR,
             split_file=split_file,
-            cache_dir=Path(cfg.RESULTS_DIR) / ".cache",
+            cache_dir=cache_dir(cfg.RESULTS_DIR),
             seed=cfg.SEED,
             input_size=cfg.INPUT_SIZE,
             input_channels=cfg.INPUT_CHANNELS,
@@ -144,7 +156,7 @@ def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Opt
             synthetic_size=cfg.SYNTHETIC_SIZE,
             test_ids=test_ids,
             hashes=hashes,
-            scene_sdm=(SceneSDM(cfg.SEG_CLASSES, cfg.SDM_DISTANCE, folder=Path(cfg.RESULTS_DIR) / ".cache")
+            scene_sdm=(SceneSDM(cfg.SEG_CLASSES, cfg.SDM_DISTANCE, folder=cache_dir(cfg.RESULTS_DIR))
                        if cfg.SDM_SCOPE == "image" and scene_sdm else None),
         )
 
@@ -232,6 +244,7 @@ def build_trainer(cfg: Config, ctx: DistContext, runtime: Runtime, run: RunDir, 
         fold=fold,
         seed=cfg.SEED + fold,
         split=split_record(splits.train.images, splits.train_ids, splits.test_ids),
+        head_trained=head_is_trained(cfg, report),
         grad_clip=cfg.GRAD_CLIP,
         early_stopping=cfg.EARLY_STOPPING,
         plot_every=cfg.PLOT_EVERY,

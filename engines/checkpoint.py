@@ -10,6 +10,10 @@ A checkpoint is a ``.pth`` dict::
     history    one record per finished epoch
     config     the run's resolved configuration (a plain dict)
     fold       the fold it was trained on
+    head_trained  whether its classifier head was trained: by its run's MODEL, or loaded trained from
+               the MODEL_WEIGHTS it started from (:func:`head_is_trained`); an AuxNet-ED run carries
+               the head along untrained, and such a checkpoint does not gate tiles. Checkpoints made
+               before it was recorded are judged by their MODEL (:func:`head_trained`)
     split      the data of that fold (:func:`utils.splits.split_record`), so that ``eval`` scores the
                checkpoint on its own test images wherever the file is copied to, and ``predict``
                scales its inputs as training did:
@@ -28,6 +32,10 @@ Random streams are not stored: the trainer derives every one of them from (SEED,
 at the start of each epoch (:func:`engines.SegTrainer.epoch_seed`), so the checkpoint of epoch k
 determines epoch k+1 exactly. A checkpoint holding a NaN or an infinity is never written.
 
+``eval`` and ``predict`` open a checkpoint once (:func:`engines.inference.load_for_inference`): the
+configuration to run it with, its network, whether it can gate, and its split all come from that one
+read (and so does training's final whole-image evaluation of its own checkpoint).
+
 Every read uses ``torch.load(weights_only=True)``: a checkpoint from elsewhere cannot run code while
 it loads. Every write goes through a temporary file and a rename, so a crash never leaves half a
 checkpoint under the final name.
@@ -39,25 +47,19 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
-from engines.run_dir import RunDir
+from configs import Config
+from model.stages import STAGES
+from utils.run_paths import RunDir
 from utils.util import RunError, atomic_torch_save
 
 
 class CheckpointError(RunError):
     """A checkpoint that cannot be read, or does not fit the network or run it is loaded into."""
-
-
-def resolve_weights_path(name: str) -> Optional[Path]:
-    """The checkpoint file MODEL_WEIGHTS names (``.pth`` may be omitted), or None if absent."""
-    for candidate in (Path(name), Path(name + ".pth")):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 #: What to do about an unreadable MODEL_WEIGHTS (the usual reader's fix; see :func:`read_checkpoint`).
@@ -78,7 +80,7 @@ def read_checkpoint(path: Path, map_location: Any = "cpu", fix: Optional[str] = 
             and ``fix``, when it is not a readable ``.pth``.
     """
     if path.is_dir():
-        hint = next((f"; did you mean {path / n}?" for n in ("best", "last") if (path / f"{n}.pth").is_file()), "")
+        hint = next((f"; did you mean {c.with_suffix('')}?" for c in RunDir(path).checkpoints()), "")
         raise CheckpointError(f"{path} is a folder, not a checkpoint{hint}")
     then = f"; {fix}" if fix else ""
     try:
@@ -171,39 +173,58 @@ def saved_run(state: dict[str, Any]) -> tuple[Optional[dict[str, Any]], Optional
     return config, int(state.get("fold", config.get("DEFAULT_FOLD", 0)))
 
 
-def stored_split(path: Path) -> dict[str, Any]:
-    """The ``split`` record of a checkpoint (see the module docstring); ``{}`` for bare weights or a
-    checkpoint made before the split was stored.
-
-    Raises:
-        CheckpointError: naming the file, when it is not a readable ``.pth``.
-    """
-    split = read_checkpoint(path).get("split")
+def saved_split(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``split`` record of a checkpoint dict (see the module docstring); ``{}`` for bare weights or a
+    checkpoint made before the split was stored."""
+    split = state.get("split")
     return split if isinstance(split, dict) else {}
+
+
+def head_trained(state: Mapping[str, Any], model: str) -> bool:
+    """Whether the classifier head in a checkpoint dict was trained: as recorded (``head_trained``) or,
+    in a checkpoint made before that was recorded, told from its run's MODEL (``model`` for bare
+    weights, which name none): a stage that trains the head, or one that starts from a trained
+    network (AuxNet-D keeps the head it was given)."""
+    recorded = state.get("head_trained")
+    if isinstance(recorded, bool):
+        return recorded
+    config = state.get("config")
+    stage = STAGES.get(config.get("MODEL", model) if isinstance(config, dict) else model)
+    return stage is not None and stage.has_head and ("C" in stage.trains or stage.needs_weights)
+
+
+#: Parameter name prefixes a checkpoint may lack (a UNet's, or one made before the fill head existed):
+#: they keep their fresh initialisation (trained if the stage trains them, else frozen).
+HEADS = ("fill_head.", "head.")
 
 
 @dataclass
 class LoadReport:
-    """What :func:`load_weights` did: parameter names loaded, left as initialised, and ignored."""
+    """What :func:`load_weights` did: parameter names loaded, left as initialised, and ignored, and
+    whether the file's head was trained (:func:`head_trained`)."""
 
     loaded: list[str]
     initialised: list[str]
     ignored: list[str]
+    head_trained: bool = False
 
 
-def load_weights(net: nn.Module, path: Path, allow_missing: tuple[str, ...] = ()) -> LoadReport:
+def load_weights(net: nn.Module, path: Path, state: Mapping[str, Any], model: str,
+                 allow_missing: tuple[str, ...] = HEADS) -> LoadReport:
     """Load a checkpoint's network weights into ``net``.
 
     Args:
         net: the network.
-        path: a checkpoint (or bare state_dict) file.
+        path: the checkpoint file (for messages).
+        state: its content (:func:`read_checkpoint`).
+        model: the MODEL ``net`` is built for (judges the head of bare weights, see :func:`head_trained`).
         allow_missing: name prefixes (e.g. ``"head."``) that may be absent from the file; they keep
             their fresh initialisation.
 
     Raises:
         CheckpointError: naming the file and the mismatching parameters when the architecture differs.
     """
-    weights = read_checkpoint(path)["model"]
+    weights = state["model"]
     own = net.state_dict()
     missing = [k for k in own if k not in weights and not k.startswith(allow_missing)]
     shapes = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
@@ -218,12 +239,25 @@ def load_weights(net: nn.Module, path: Path, allow_missing: tuple[str, ...] = ()
         loaded=[k for k in own if k in weights],
         initialised=[k for k in own if k not in weights],
         ignored=[k for k in weights if k not in own],
+        head_trained=head_trained(state, model),
     )
+
+
+def head_is_trained(cfg: Config, report: Optional[LoadReport]) -> bool:
+    """Whether the head of a network trained as ``cfg`` is a trained one, for its checkpoints'
+    ``head_trained``: its MODEL trains the head, or the head was loaded, trained, from MODEL_WEIGHTS
+    (``report``)."""
+    if not cfg.has_head:
+        return False
+    if cfg.trains_classifier:
+        return True
+    return (report is not None and report.head_trained
+            and not any(k.startswith("head.") for k in report.initialised))
 
 
 def save_checkpoint(path: Path, *, epoch: int, net: nn.Module, loss: nn.Module, optimizer, scheduler, scaler,
                     best: dict[str, Any], history: list[dict[str, Any]], config: dict[str, Any], fold: int,
-                    split: Optional[dict[str, Any]] = None) -> None:
+                    split: Optional[dict[str, Any]] = None, head_trained: bool = False) -> None:
     """Write a training checkpoint atomically (see the module docstring for its content).
 
     Raises:
@@ -246,6 +280,7 @@ def save_checkpoint(path: Path, *, epoch: int, net: nn.Module, loss: nn.Module, 
         "config": config,
         "fold": fold,
         "split": split,
+        "head_trained": head_trained,
     }, path)
 
 

@@ -17,6 +17,7 @@ import io
 import itertools
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,73 +25,53 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from configs import Config, ConfigError
-from configs.config_parser import EVAL_KEYS, PREDICT_KEYS, config_for_checkpoint, parse_overrides, precision_note
-from configs.validator import validate
+from configs import Config
+from configs.config_parser import EVAL_KEYS
 from engines.builders import build_data, build_loaders, build_metrics
-from engines.checkpoint import CheckpointError, read_checkpoint, resolve_weights_path, saved_run, stored_split
-from engines.forward import autocast_for, evaluate_model
-from engines.launch import launch_plan, main_first
-from engines.predict import build_predictor, prediction_network, resolve_gating
+from engines.forward import autocast_for, evaluate_model, place
+from engines.inference import Inference, load_for_inference
+from engines.launch import launch, main_first
+from engines.predict import build_predictor
 from engines.sliding_window import ArrayImage, Predictor
-from engines.run_dir import EvalFiles, RunDir, eval_outputs
 from model.AuxNet import AuxNet
 from utils.hardware import Runtime
 from utils.image_io import ImageSet, file_digest
+from utils.run_paths import EvalFiles, RunDir, eval_outputs
 from utils.util import DistContext, RunError, atomic_write_json, atomic_write_text
 
 
-def eval_config(cfg: Config, overrides: list[str], command: str = "eval") -> Config:
-    """The configuration to evaluate MODEL_WEIGHTS with: its run's, plus the evaluation options given;
-    precision and memory format are chosen for this machine (see :data:`configs.config_parser.DEVICE_KEYS`),
-    with a note when the precision is not the one the run was trained with.
+def run(cfg: Config, overrides: list[str]) -> int:
+    """``main.py eval``: read MODEL_WEIGHTS (once, :func:`engines.inference.load_for_inference`) and
+    evaluate it on every rank; returns the exit status.
 
     Raises:
-        ConfigError: no MODEL_WEIGHTS, an unreadable checkpoint, options it fixes set otherwise, or
-            GATING=true typed for a network that cannot gate (see :func:`engines.predict.resolve_gating`).
+        ConfigError: see :func:`~engines.inference.load_for_inference`.
+        CheckpointError: its weights do not fit the network its configuration describes.
     """
-    if not cfg.MODEL_WEIGHTS:
-        raise ConfigError([f"`main.py {command}` needs a checkpoint: set MODEL_WEIGHTS=path/to/best.pth"])
-    path = resolve_weights_path(cfg.MODEL_WEIGHTS)
-    try:
-        state = read_checkpoint(path)
-    except CheckpointError as err:
-        raise ConfigError([f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r}: {err}"]) from None
-    given, _ = parse_overrides(overrides)
-    saved, fold = saved_run(state)
-    if saved is not None:  # else bare weights: the command line describes the network
-        cfg = config_for_checkpoint(saved, cfg, given, fold=fold,
-                                    allowed=PREDICT_KEYS if command == "predict" else EVAL_KEYS)
-        problems = validate(cfg)
-        if problems:
-            raise ConfigError(problems, source=f"the configuration saved in {path}")
-        note = precision_note(saved, cfg, launch_plan(cfg)[1][0])
-        if note:
-            print(note)
-    return resolve_gating(cfg, state["model"], typed="GATING" in given)
+    checkpoint = load_for_inference(cfg, overrides, "eval")
+    return launch(checkpoint.cfg, partial(choose_run, checkpoint), partial(evaluate, checkpoint))
 
 
-def choose_run(cfg: Config) -> RunDir:
+def choose_run(checkpoint: Inference, cfg: Config) -> RunDir:
     """The folder of the checkpoint: ``eval`` writes beside it, wherever it was copied or moved
     (never into RESULTS_DIR/EXP_ID/RUN_ID, which may be another run's)."""
-    return RunDir(resolve_weights_path(cfg.MODEL_WEIGHTS).resolve().parent)
+    return RunDir(checkpoint.path.resolve().parent)
 
 
-def checkpoint_test_ids(ckpt: Path) -> tuple[Optional[list[str]], Optional[Path]]:
+def checkpoint_test_ids(checkpoint: Inference) -> tuple[Optional[list[str]], Optional[Path]]:
     """(the test image ids stored in the checkpoint, None) or, for a checkpoint made before the
     split travelled with it, (None, the ``tts.json`` of its run folder: beside it, or one up for a fold).
 
     Raises:
         RunError: neither is there (evaluating on a split made now could score its training images).
     """
-    state = read_checkpoint(ckpt)
-    split = state.get("split")
-    if isinstance(split, dict) and split.get("test"):
-        return list(split["test"]), None
+    ckpt = checkpoint.path
+    if checkpoint.split.get("test"):
+        return list(checkpoint.split["test"]), None
     for folder in (ckpt.parent, ckpt.parent.parent):
         if RunDir(folder).split.is_file():
             return None, RunDir(folder).split
-    if "config" not in state:  # a bare state_dict: the run it came from is unknown
+    if not checkpoint.has_config:  # a bare state_dict: the run it came from is unknown
         raise RunError(f"{ckpt} holds only network weights (no configuration and no train/test split), so its "
                        "test images are unknown: evaluate the best.pth or last.pth that AuxNet saved in the run "
                        "folder, or copy that run's tts.json next to it and give its options on the command line")
@@ -98,15 +79,15 @@ def checkpoint_test_ids(ckpt: Path) -> tuple[Optional[list[str]], Optional[Path]
                    "copy its run's tts.json next to it, or evaluate it in its run folder")
 
 
-def evaluate(cfg: Config, ctx: DistContext, runtime: Runtime, run: RunDir) -> None:
-    """Evaluate MODEL_WEIGHTS on its own test split (stored in it): a summary JSON (with the settings)
+def evaluate(checkpoint: Inference, cfg: Config, ctx: DistContext, runtime: Runtime, run: RunDir) -> None:
+    """Evaluate the checkpoint on its own test split (stored in it): a summary JSON (with the settings)
     and per-tile and per-image CSVs beside it (see :func:`write_eval` for their names)."""
-    test_ids, split_file = checkpoint_test_ids(resolve_weights_path(cfg.MODEL_WEIGHTS))
-    hashes = stored_split(resolve_weights_path(cfg.MODEL_WEIGHTS)).get("hashes")  # images changed since: refused
+    test_ids, split_file = checkpoint_test_ids(checkpoint)
+    hashes = checkpoint.split.get("hashes")  # images changed since: refused
     splits = main_first(ctx, lambda: build_data(cfg, split_file, cfg.DEFAULT_FOLD, test_ids=test_ids,
                                                 scene_sdm=False, hashes=hashes))  # nothing trains: no distance maps
     _, test_loader = build_loaders(cfg, splits, ctx)
-    net, can_gate = prediction_network(cfg, runtime)
+    net = place(checkpoint.net, runtime.device, runtime.channels_last)
 
     def autocast():
         return autocast_for(runtime.device, runtime.amp_dtype)
@@ -115,10 +96,10 @@ def evaluate(cfg: Config, ctx: DistContext, runtime: Runtime, run: RunDir) -> No
                              runtime.channels_last)
     summary = metrics.compute()
     rows = metrics.gather_per_image()
-    ckpt = resolve_weights_path(cfg.MODEL_WEIGHTS)
-    whole = whole_image_evaluation(cfg, ctx, runtime, splits, net, can_gate)
+    ckpt = checkpoint.path
+    whole = whole_image_evaluation(cfg, ctx, runtime, splits, net, checkpoint.can_gate)
     if ctx.is_main:
-        settings = eval_settings(cfg, runtime)
+        settings = eval_settings(cfg, ckpt, runtime)
         files = write_eval(ckpt, settings, {
             "checkpoint": str(ckpt), "fold": cfg.DEFAULT_FOLD, "tiles": len(rows),
             "test_images": list(splits.test_ids), "metrics": summary,
@@ -141,13 +122,14 @@ RUNTIME_EVAL_KEYS = frozenset({
 })
 
 
-def eval_settings(cfg: Config, runtime: Runtime) -> dict[str, Any]:
+def eval_settings(cfg: Config, checkpoint: Path, runtime: Runtime) -> dict[str, Any]:
     """What decides an eval's numbers: the checkpoint's content (its BLAKE2b hash, :func:`utils.image_io.file_digest`; the network, data and
     split come from it), each evaluation option that can change a result (thresholds, metrics,
     GATING, TILE_OVERLAP, TTA, DATASET_DIR as an absolute path), and the device type, precision and
     memory format the eval really ran with.
 
     Args:
+        checkpoint: the checkpoint file evaluated.
         runtime: the device, precision and memory format the eval ran with.
 
     Returns:
@@ -156,7 +138,7 @@ def eval_settings(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     options = {key: getattr(cfg, key) for key in sorted(EVAL_KEYS - RUNTIME_EVAL_KEYS)}
     if "DATASET_DIR" in options and options["DATASET_DIR"] != "synthetic":
         options["DATASET_DIR"] = str(Path(options["DATASET_DIR"]).resolve())
-    settings = {"checkpoint_digest": file_digest(resolve_weights_path(cfg.MODEL_WEIGHTS)), **options,
+    settings = {"checkpoint_digest": file_digest(checkpoint), **options,
                 "device": runtime.device.type, "precision": runtime.precision, "memory_format": runtime.memory_format}
     return json.loads(json.dumps(settings))  # as read back from the JSON (tuples become lists, ...)
 
@@ -244,7 +226,7 @@ def settings_difference(earlier: Optional[dict[str, Any]], now: dict[str, Any]) 
 
 def whole_image_evaluation(cfg: Config, ctx: DistContext, runtime: Runtime, splits, net: AuxNet,
                            can_gate: bool) -> dict[str, dict]:
-    """The test split's whole images predicted by ``net`` (see :func:`engines.predict.prediction_network`)
+    """The test split's whole images predicted by ``net`` (see :func:`engines.inference.load_for_inference`)
     without gating and, where its run trained the head and GATING is on, with gating:
     ``{"ungated": {"summary", "images"}, "gated": ...}``."""
     report = {}

@@ -15,6 +15,7 @@ from model.AuxNet import AuxNet
 from model.metrics import DISTANCE_METRICS, predict_labels
 from utils.hardware import Runtime
 from utils.plots import plot_curves, plot_overlays
+from utils.run_paths import RunDir
 from utils.sdf import signed_distance_map
 
 
@@ -57,14 +58,15 @@ def make_plotter(run_root: Path, net: AuxNet, test_set, runtime: Runtime, seg_th
     """``plot(history, epoch)``: write ``curves.png`` and ``overlays.png`` to ``run_root`` (and hand
     them to ``log_images(files, step)``, e.g. W&B); the overlays are predicted as ``runtime`` says."""
     indices = fixed_tiles(test_set, tiles)
+    run = RunDir(Path(run_root))
 
     def plot(history: list[dict[str, Any]], epoch: int) -> dict[str, Path]:
-        files = {"curves": plot_curves(history, run_root / "curves.png", distance_metrics=DISTANCE_METRICS)}
+        files = {"curves": plot_curves(history, run.curves, distance_metrics=DISTANCE_METRICS)}
         if indices:
             shown = predict_tiles(net, test_set, indices, runtime.device, runtime.amp_dtype, runtime.channels_last,
                                   seg_threshold)
             files["overlays"] = plot_overlays(shown["images"], shown["truths"], shown["preds"], shown["errors"],
-                                              shown["ids"], run_root / "overlays.png")
+                                              shown["ids"], run.overlays)
         if log_images is not None:
             log_images(files, epoch)
         return files

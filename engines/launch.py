@@ -27,8 +27,8 @@ import torch.multiprocessing as mp
 
 from configs import Config, ConfigError
 from engines.builders import build_runtime
-from engines.run_dir import RunDir
 from utils.hardware import Runtime
+from utils.run_paths import RunDir
 from utils.util import DistContext, RunError, cleanup_distributed, init_distributed, make_writable_folder
 
 #: A command: ``command(cfg, ctx, runtime, run)`` on every rank.
@@ -182,7 +182,7 @@ class RunLock:
     """
 
     def __init__(self, root: Path):
-        self.root, self.path, self.fd, self.pid = Path(root), Path(root) / ".lock", None, os.getpid()
+        self.root, self.path, self.fd, self.pid = Path(root), RunDir(Path(root)).lock, None, os.getpid()
         while self.fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

@@ -34,7 +34,6 @@ What predict writes, and where (it never destroys a file):
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -48,9 +47,10 @@ import numpy as np
 from tqdm import tqdm
 
 from configs import Config, ConfigError
-from engines.builders import build_network, build_runtime
-from engines.checkpoint import CheckpointError, resolve_weights_path, stored_split
+from engines.builders import build_runtime
+from engines.checkpoint import CheckpointError
 from engines.forward import place
+from engines.inference import Inference, load_for_inference
 from engines.launch import launch_plan
 from engines.sliding_window import Predictor
 from model.AuxNet import AuxNet
@@ -58,6 +58,7 @@ from utils.hardware import Runtime
 from utils.image_io import InputScaling
 from utils.raster import SUPPORTED_SUFFIXES, RasterError, open_image
 from utils.raster_write import MaskWriter, overlay_png
+from utils.run_paths import RunDir
 from utils.util import DistContext, RunError, atomic_write_text, make_writable_folder
 
 #: Hidden temporary files of an interrupted write into a predict folder: ``atomic_write`` and
@@ -96,8 +97,8 @@ def check_inputs(cfg: Config) -> list[Path]:
     return files
 
 
-def output_dir(cfg: Config) -> Path:
-    """OUTPUT, checked new or empty, or the next free ``predict_<n>/`` beside the checkpoint.
+def output_dir(cfg: Config, checkpoint: Path) -> Path:
+    """OUTPUT, checked new or empty, or the next free ``predict_<n>/`` beside the ``checkpoint`` file.
 
     Nothing is created or removed here (see :func:`prepare_output`).
 
@@ -106,9 +107,7 @@ def output_dir(cfg: Config) -> Path:
             temporary leftovers of a killed predict.
     """
     if not cfg.OUTPUT:
-        parent = resolve_weights_path(cfg.MODEL_WEIGHTS).resolve().parent
-        taken = [int(m.group(1)) for p in parent.glob("predict_*") if (m := re.fullmatch(r"predict_(\d+)", p.name))]
-        return parent / f"predict_{max(taken, default=0) + 1}"
+        return RunDir(checkpoint.resolve().parent).next_predictions()
     out = Path(cfg.OUTPUT)
     if not out.exists():
         return out
@@ -195,49 +194,13 @@ def output_names(files: list[Path]) -> dict[Path, str]:
     return names
 
 
-def prediction_network(cfg: Config, runtime: Runtime) -> tuple[AuxNet, bool]:
-    """The network of MODEL_WEIGHTS on the runtime's device, and whether it can gate: it has heads, and its
-    fill head was loaded (a checkpoint made before the fill head existed has none)."""
-    net, report = build_network(cfg)
-    fill_loaded = report is not None and not any(k.startswith("fill_head.") for k in report.initialised)
-    can_gate = net.head is not None and fill_loaded
-    return place(net, runtime.device, runtime.channels_last), can_gate
-
-
-def gating_unavailable(cfg: Config, weights: Mapping[str, Any]) -> Optional[str]:
-    """Why the network of ``cfg`` with the checkpoint's ``weights`` cannot gate, or None when it can
-    (the same rule as :func:`prediction_network`, told from the file before the network is built)."""
-    if not cfg.has_head:
-        return f"MODEL={cfg.MODEL} has no classifier head"
-    if not any(k.startswith("fill_head.") for k in weights):
-        return "it has no fill head (it was made before gated prediction existed)"
-    return None
-
-
-def resolve_gating(cfg: Config, weights: Mapping[str, Any], typed: bool) -> Config:
-    """``cfg`` with GATING off, and a one-line note, when its checkpoint cannot gate and GATING was
-    not typed on the command line (a UNet is then predicted as it can be); unchanged otherwise.
-
-    Raises:
-        ConfigError: GATING=true typed for a checkpoint that cannot gate, naming the fix.
-    """
-    why = gating_unavailable(cfg, weights) if cfg.GATING else None
-    if why is None:
-        return cfg
-    if typed:
-        raise ConfigError([f"GATING=true, but MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r} cannot gate tiles: {why}. Use "
-                           "GATING=false (or leave it out), or train its heads first with `main.py train "
-                           f"MODEL=AuxNet-C MODEL_WEIGHTS={cfg.MODEL_WEIGHTS}`"], source="the command line")
-    print(f"note: GATING=false for MODEL_WEIGHTS={cfg.MODEL_WEIGHTS}: {why}, so every tile is decoded")
-    return dataclasses.replace(cfg, GATING=False)
-
-
 def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, runtime: Runtime, gating: bool,
                     progress: bool = False) -> Predictor:
     """A :class:`Predictor` of ``net`` with the configuration's tile, overlap and batch, run as ``runtime`` says.
 
     Raises:
-        CheckpointError: gating asked of a network that cannot gate (see :func:`prediction_network`).
+        CheckpointError: gating asked of a network that cannot gate (see
+            :func:`engines.inference.gating_unavailable`).
     """
     if gating and not can_gate:
         raise CheckpointError(
@@ -249,15 +212,29 @@ def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, runtime: Runtime, 
                      gating=gating, cls_threshold=cfg.CLS_THRESHOLD, tta=cfg.TTA, progress=progress)
 
 
-def predict(cfg: Config) -> int:
-    """Segment every image of INPUT into OUTPUT; returns the exit status (2 when any image failed)."""
+def run(cfg: Config, overrides: list[str]) -> int:
+    """``main.py predict``: read MODEL_WEIGHTS (once, :func:`engines.inference.load_for_inference`) and
+    :func:`predict` with it; returns the exit status.
+
+    Raises:
+        ConfigError: see :func:`~engines.inference.load_for_inference`.
+        CheckpointError: its weights do not fit the network its configuration describes.
+    """
+    return predict(load_for_inference(cfg, overrides, "predict"))
+
+
+def predict(checkpoint: Inference) -> int:
+    """Segment every image of INPUT into OUTPUT with the checkpoint; returns the exit status (2 when
+    any image failed)."""
+    cfg = checkpoint.cfg
     try:
         files = check_inputs(cfg)
-        out = output_dir(cfg)
+        out = output_dir(cfg, checkpoint.path)
         # one process: the first device a training run would use, resolved as a launched rank resolves it
         runtime = build_runtime(cfg, DistContext(device=launch_plan(cfg)[1][0]))
-        predictor = build_predictor(cfg, *prediction_network(cfg, runtime), runtime, cfg.GATING, progress=True)
-        inputs = training_inputs(cfg)
+        net = place(checkpoint.net, runtime.device, runtime.channels_last)
+        predictor = build_predictor(cfg, net, checkpoint.can_gate, runtime, cfg.GATING, progress=True)
+        inputs = training_inputs(cfg, checkpoint.split)
         made = prepare_output(out)  # last: nothing is created before everything else was checked
     except (ConfigError, RunError) as err:
         print(f"error: {err}", flush=True)
@@ -307,15 +284,15 @@ def predict_files(cfg: Config, predictor: Predictor, files: list[Path], out: Pat
     return len(records), failures, ""
 
 
-def training_inputs(cfg: Config) -> Optional[InputScaling]:
-    """How MODEL_WEIGHTS's training scaled its inputs (None for a checkpoint made before that was stored).
+def training_inputs(cfg: Config, split: Mapping[str, Any]) -> Optional[InputScaling]:
+    """How MODEL_WEIGHTS's training scaled its inputs, from its ``split`` record (None for a checkpoint
+    made before that was stored).
 
     Raises:
         CheckpointError: the checkpoint's record is malformed.
     """
-    path = resolve_weights_path(cfg.MODEL_WEIGHTS)
     try:
-        return InputScaling.from_dict(stored_split(path).get("inputs"))
+        return InputScaling.from_dict(split.get("inputs"))
     except ValueError as err:
         raise CheckpointError(f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r} is damaged: its split holds a {err}; use "
                               "another checkpoint of the run (last.pth or best.pth), or retrain") from err

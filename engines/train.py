@@ -11,17 +11,23 @@ from configs import Config, ConfigError, save_config
 from configs.config_parser import read_yaml, resume_problems
 from engines.builders import build_data, build_network, build_trainer
 from engines.evaluate import whole_image_evaluation, whole_image_line
-from engines.forward import NonFiniteOutput
-from engines.launch import main_first
-from engines.predict import prediction_network
-from engines.run_dir import RunDir, run_dir_for
+from engines.forward import NonFiniteOutput, place
+from engines.inference import load_for_inference
+from engines.launch import launch, main_first
 from engines.SegTrainer import TrainingDiverged
 from utils.hardware import Runtime
+from utils.run_paths import RunDir, run_dir_for
 from utils.splits import num_folds
 from utils.util import DistContext, atomic_write_json, seed_everything, writing
 
 #: The metrics of the results table, in order.
 TABLE_KEYS = ("ACC", "DSC", "IoU", "TTR", "ASD", "AD", "HD95", "D95", "CMA", "loss")
+
+
+def run(cfg: Config, overrides: list[str]) -> int:
+    """``main.py train``: train in the run folder :func:`choose_run` picks, holding its lock; returns the
+    exit status. (``overrides`` are already in ``cfg``.)"""
+    return launch(cfg, choose_run, train, exclusive=True)
 
 
 def choose_run(cfg: Config) -> RunDir:
@@ -76,9 +82,10 @@ def train_fold(cfg: Config, ctx: DistContext, runtime: Runtime, run: RunDir, fol
     if ctx.distributed:
         dist.barrier()  # the main rank has written the last checkpoints
     weights = fold_dir.best if fold_dir.best.is_file() else fold_dir.last
-    net, can_gate = prediction_network(dataclasses.replace(cfg, MODEL_WEIGHTS=str(weights)), runtime)
+    checkpoint = load_for_inference(dataclasses.replace(cfg, MODEL_WEIGHTS=str(weights)))
+    net = place(checkpoint.net, runtime.device, runtime.channels_last)
     try:
-        whole = whole_image_evaluation(cfg, ctx, runtime, splits, net, can_gate)
+        whole = whole_image_evaluation(cfg, ctx, runtime, splits, net, checkpoint.can_gate)
     except NonFiniteOutput as err:  # the run's own checkpoint, not a MODEL_WEIGHTS the user gave
         raise TrainingDiverged(f"the whole-image evaluation of {weights} after training: {err}. The checkpoints "
                                "are kept; lower BASE_LR or set GRAD_CLIP, and train again") from None

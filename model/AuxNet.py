@@ -11,7 +11,8 @@
 Width doubles per level from ``base_width``; ``depth`` counts levels including the bottleneck, so
 the input side must be divisible by 2^(depth-1). The head answers "does this tile contain an object
 boundary?"; the fill head answers "if not, which class is the whole tile?", so that prediction can
-skip the decoder on tiles without a boundary and fill them with that class. In AuxNet's staged training (``STAGES``) it can be trained jointly with the U-Net, or
+skip the decoder on tiles without a boundary and fill them with that class. In AuxNet's staged training
+(:data:`model.stages.STAGES`) it can be trained jointly with the U-Net, or
 alone on a frozen encoder.
 """
 
@@ -22,33 +23,6 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-
-class Stage(NamedTuple):
-    """What one MODEL value means for training.
-
-    Attributes:
-        trains: the parts that learn, a subset of "EDC" (encoder, decoder, classifier head).
-        has_head: the network carries the classifier head.
-        decodes: the training forward pass runs the decoder (the loss scores segmentation).
-        needs_weights: starts from a trained network (MODEL_WEIGHTS is required).
-        summary: one line for messages and docs.
-    """
-
-    trains: str
-    has_head: bool
-    decodes: bool
-    needs_weights: bool
-    summary: str
-
-
-#: Every MODEL value: the one table that decides what trains.
-STAGES: dict[str, Stage] = {
-    "AuxNet-EDC": Stage("EDC", True, True, False, "encoder, decoder and head together"),
-    "AuxNet-ED": Stage("ED", True, True, False, "the segmentation U-Net; the head is carried along untrained"),
-    "AuxNet-C": Stage("C", True, False, True, "only the head, on a trained network"),
-    "AuxNet-D": Stage("D", True, True, True, "only the decoder, encoder frozen, on a trained network"),
-    "UNet": Stage("ED", False, True, False, "a plain U-Net without a head"),
-}
 
 
 class AuxNetOutput(NamedTuple):

@@ -248,7 +248,7 @@ def tiny_config(results_dir, *overrides: str):
 
 def make_trainer(cfg, run):
     """What ``engines.train.train_fold`` builds for fold 0 of ``cfg`` in the run folder ``run`` (a
-    :class:`engines.run_dir.RunDir`), in this process on the CPU."""
+    :class:`utils.run_paths.RunDir`), in this process on the CPU."""
     from engines.builders import build_data, build_runtime, build_trainer
     from utils.util import DistContext, seed_everything
 
@@ -263,7 +263,7 @@ def make_trainer(cfg, run):
 def trainers(tmp_path):
     """``trainers(*overrides, run=None)``: a trainer of :func:`tiny_config` in ``tmp_path`` (run folder
     ``tmp_path/run`` unless given, made if missing); its logger is closed after the test."""
-    from engines.run_dir import RunDir
+    from utils.run_paths import RunDir
 
     made = []
 
@@ -303,7 +303,7 @@ def write_checkpoint(path: Path, cfg, net=None, *, epoch: int = 0, split=None) -
         ``path``.
     """
     from engines.builders import build_loss, build_network
-    from engines.checkpoint import save_checkpoint
+    from engines.checkpoint import head_is_trained, save_checkpoint
 
     net = build_network(cfg)[0] if net is None else net
     optimizer = torch.optim.AdamW(net.parameters())
@@ -311,7 +311,7 @@ def write_checkpoint(path: Path, cfg, net=None, *, epoch: int = 0, split=None) -
                     scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
                     scaler=torch.amp.GradScaler("cpu", enabled=False),
                     best={"metric": cfg.EVAL_METRIC, "value": 0.0, "epoch": epoch}, history=[],
-                    config=cfg.to_dict(), fold=0, split=split)
+                    config=cfg.to_dict(), fold=0, split=split, head_trained=head_is_trained(cfg, None))
     return path
 
 
@@ -328,10 +328,11 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def predict_config(weights: Path, *overrides: str):
-    """The configuration of ``main.py predict MODEL_WEIGHTS=weights *overrides`` on the CPU (``GPUs=[]``:
-    predict takes a visible GPU)."""
+    """``main.py predict MODEL_WEIGHTS=weights *overrides`` on the CPU (``GPUs=[]``: predict takes a
+    visible GPU), read as predict reads it: an :class:`engines.inference.Inference` (configuration,
+    network, gating ability, split)."""
     from configs import load_config
-    from engines.evaluate import eval_config
+    from engines.inference import load_for_inference
 
     args = [f"MODEL_WEIGHTS={weights}", "GPUs=[]", *overrides]
-    return eval_config(load_config(None, args), args, "predict")
+    return load_for_inference(load_config(None, args), args, "predict")

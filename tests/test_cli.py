@@ -5,8 +5,10 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import ISBI, TINY, eval_summary, run_cli
 
@@ -265,3 +267,32 @@ def test_misleading_config_messages_are_fixed(trained_run, tmp_path):
     assert proc.returncode == 2
     assert f"is a run folder, not a checkpoint: use MODEL_WEIGHTS={trained_run / 'best'}" in proc.stderr
     assert "INPUT_SIZE=0 is out of range" in proc.stderr and "not divisible" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_eval_and_predict_open_the_checkpoint_once(trained_run, tmp_path, monkeypatch, command):
+    """``main.py eval`` and ``predict`` read MODEL_WEIGHTS with one ``torch.load`` (in this process, on
+    the CPU). Before: eval read it 4 times (configuration, test split, hashes, weights), predict 3."""
+    import main as cli
+    from conftest import torch_threads
+
+    best = tmp_path / "best.pth"  # eval writes beside the checkpoint: not into the shared run
+    best.write_bytes((trained_run / "best.pth").read_bytes())
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 80), dtype=np.uint8)).save(tmp_path / "scene.png")
+    argv = {"eval": ["eval", f"MODEL_WEIGHTS={best}", "GPUs=[]"],
+            "predict": ["predict", f"MODEL_WEIGHTS={best}", f"INPUT={tmp_path / 'scene.png'}",
+                        f"OUTPUT={tmp_path / 'out'}", "GPUs=[]"]}[command]
+    reads, load = [], torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(str(f))
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    with torch_threads(torch.get_num_threads()):  # a launch sets the CPU threads of this process
+        assert cli.main(argv) == 0
+    assert reads == [str(best)]
+
+
+def test_a_checkpoint_records_that_its_head_was_trained(trained_run):
+    assert torch.load(trained_run / "best.pth", weights_only=True)["head_trained"] is True  # MODEL=AuxNet-EDC

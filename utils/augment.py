@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from albumentations.augmentations.geometric.distortion import BaseDistortion  # noqa: E402
 from albumentations.core.transforms_interface import BaseTransformInitSchema  # noqa: E402
 
-from utils.util import did_you_mean  # noqa: E402
+from utils.choices import did_you_mean  # noqa: E402
 
 
 class UNetElasticTransform(BaseDistortion):

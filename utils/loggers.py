@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from tqdm import tqdm
 
+from utils.run_paths import RunDir
 from utils.util import WriteError, atomic_write_text, writing
 
 
@@ -133,7 +134,7 @@ def build_loggers(
         return MultiLogger([])
     loggers: list = [ConsoleLogger()]
     if local:
-        loggers.append(JsonLinesLogger(Path(run_dir) / "log.jsonl"))
+        loggers.append(JsonLinesLogger(RunDir(Path(run_dir)).log))
     if wandb:
         loggers.append(WandbLogger(project, name, config, Path(run_dir)))
     return MultiLogger(loggers)
@@ -142,7 +143,7 @@ def build_loggers(
 def wandb_run_id(run_dir: Path) -> str:
     """The W&B run id of a run folder, kept in ``wandb_id.txt`` so that a resumed run continues the
     same W&B run (made and written on first use)."""
-    path = Path(run_dir) / "wandb_id.txt"
+    path = RunDir(Path(run_dir)).wandb_id
     if path.is_file():
         return path.read_text().strip()
     run_id = secrets.token_hex(8)

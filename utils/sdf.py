@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from utils.sdf_conv import conv_distance, offset_length
+from utils.sdf_choices import DISTANCES, NORMALIZATIONS
 from utils.sdf_exact import BACKENDS, exact_distance, exact_sdm_cpu, exact_torch, resolve_backend
-from utils.util import check_choice
+from utils.choices import check_choice
 
 __all__ = [
     "BACKENDS",
@@ -57,9 +58,7 @@ __all__ = [
     "spacing_pair",
 ]
 
-DISTANCES = ("euclidean", "manhattan", "chebyshev")
 METHODS = ("exact", "conv")
-NORMALIZATIONS = (None, "minmax", "dynamic_max", "static_max")
 BOUNDARY_METHODS = ("erosion", "sobel")
 TARGETS = ("foreground", "boundary")
 

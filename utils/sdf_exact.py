@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.util import check_choice
+from utils.choices import check_choice
 
 #: Backends of the exact method (``backend`` of :func:`utils.sdf.distance_transform`).
 BACKENDS = ("auto", "torch", "edt", "scipy")

@@ -1,9 +1,8 @@
-"""Small shared helpers: argument checks with a "did you mean", atomic file writes and their
+"""Small shared helpers: atomic file writes and their
 errors, seeding, process-group set-up."""
 
 from __future__ import annotations
 
-import difflib
 import errno
 import json
 import os
@@ -14,40 +13,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 
+
 class RunError(RuntimeError):
     """A problem with what a run reads (data files, split, checkpoint), found after the config was
     validated. ``main.py`` prints it without a traceback and exits with status 2."""
-
-
-def did_you_mean(name: str, choices: Iterable[str], *, cutoff: float = 0.6, ignore_case: bool = False) -> str:
-    """`` (did you mean 'X'?)`` for the closest choice, or an empty string.
-
-    Args:
-        name: what the user wrote.
-        choices: the valid names.
-        cutoff: the least similarity (:func:`difflib.get_close_matches`) worth suggesting.
-        ignore_case: compare lower-cased (for names whose case users get wrong, as ``softdice``);
-            the suggestion keeps the choice's own case.
-    """
-    by_key = {(str(c).lower() if ignore_case else str(c)): str(c) for c in choices}
-    key = str(name).lower() if ignore_case else str(name)
-    close = difflib.get_close_matches(key, list(by_key), n=1, cutoff=cutoff)
-    return f" (did you mean {by_key[close[0]]!r}?)" if close else ""
-
-
-def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
-    """Raise a ValueError naming ``name``, the valid choices and the closest one unless ``value`` is one of them."""
-    choices = list(choices)
-    if value not in choices:
-        hint = did_you_mean(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ""
-        raise ValueError(f"{name}={value!r} is not one of {choices}{hint}")
 
 
 _UMASK = os.umask(0)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from model.losses.base import SegLoss, check_positive, check_seg_inputs, check_target_sdm
 from model.losses.classification import ClassificationLoss
-from utils.util import check_choice
+from utils.choices import check_choice
 
 WEIGHTINGS = ("static", "adaptive", "schedule")
 

@@ -12,7 +12,7 @@ from model.losses.base import (
     LossOptions, SegLoss, check_positive, class_probabilities, foreground_channels, has_boundary, one_hot,
 )
 from utils.sdf import DISTANCES, NORMALIZATIONS, check_kernel_size, normalize_sdm, signed_distance_map
-from utils.util import check_choice
+from utils.choices import check_choice
 
 
 def _sdm_options(o: LossOptions) -> dict:

@@ -16,7 +16,7 @@ from model.losses.base import (
     LossOptions, SegLoss, check_positive, foreground_channels, has_boundary, one_hot, pixel_nll,
 )
 from utils.sdf import DISTANCES, distance_transform, signed_distance_map
-from utils.util import check_choice
+from utils.choices import check_choice
 
 
 class BCELoss(SegLoss):

@@ -19,7 +19,7 @@ from model.losses.distance import BoundaryLoss, ClampedSDMMAELoss, SDMMAELoss, S
 from model.losses.pixel import BCELoss, CELoss, FocalLoss, WeightedBCELoss, WeightedCELoss
 from model.losses.region import GeneralizedDiceLoss, HardDiceLoss, IoULoss, SoftDiceLoss
 from model.losses.skeleton import SoftClDiceLoss
-from utils.util import did_you_mean
+from utils.choices import did_you_mean
 
 LOSSES: dict[str, type[SegLoss]] = {
     cls.name: cls

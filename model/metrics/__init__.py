@@ -25,23 +25,29 @@ Modules
   (pixel accuracy, Dice, IoU, TTR and CMA definitions there).
 """
 
-from model.metrics.accumulator import SegmentationMetrics
-from model.metrics.labels import labels_from_scores, predict_classes, predict_labels
-from model.metrics.names import CMA_METRICS, DISTANCE_METRICS, HIGHER_IS_BETTER, METRIC_NAMES
-from model.metrics.surface import DISTANCE_BACKENDS, SurfaceDistances, image_diagonal, surface_distances
+import importlib
 
-__all__ = [
-    "CMA_METRICS",
-    "DISTANCE_BACKENDS",
-    "DISTANCE_METRICS",
-    "HIGHER_IS_BETTER",
-    "METRIC_NAMES",
-    "SegmentationMetrics",
-    "SurfaceDistances",
-    "image_diagonal",
-    "labels_from_scores",
-    "predict_classes",
-    "predict_labels",
-    "surface_distances",
-]
+#: Each re-exported name: the module that defines it. Imported on first use (PEP 562), so that
+#: :mod:`model.metrics.names` (the metric names the configuration lists) needs no torch.
+_EXPORTS = {
+    "SegmentationMetrics": "accumulator",
+    "labels_from_scores": "labels",
+    "predict_classes": "labels",
+    "predict_labels": "labels",
+    "CMA_METRICS": "names",
+    "DISTANCE_METRICS": "names",
+    "HIGHER_IS_BETTER": "names",
+    "METRIC_NAMES": "names",
+    "DISTANCE_BACKENDS": "surface",
+    "SurfaceDistances": "surface",
+    "image_diagonal": "surface",
+    "surface_distances": "surface",
+}
 
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

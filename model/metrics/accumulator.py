@@ -49,7 +49,7 @@ from model.metrics.labels import (
 from model.metrics.names import CMA_METRICS, DISTANCE_METRICS
 from model.metrics.surface import DISTANCE_BACKENDS, _distances_from_masks, image_diagonal
 from utils.sdf import label_masks, spacing_pair
-from utils.util import check_choice
+from utils.choices import check_choice
 
 
 # --------------------------------------------------------------------------------- overlap

@@ -64,7 +64,7 @@ from scipy.spatial import cKDTree
 
 from model.metrics.labels import _check_label_maps, _check_num_classes, _classes
 from utils.sdf import boundary, label_masks, spacing_pair
-from utils.util import check_choice
+from utils.choices import check_choice
 
 #: Backends of :func:`surface_distances`.
 DISTANCE_BACKENDS: tuple[str, ...] = ("auto", "kdtree", "torch")

@@ -1,8 +1,12 @@
 """Config loading, command-line overrides and every validator rule."""
 
 import dataclasses
+import json
 import re
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -343,10 +347,10 @@ def _fp16_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_an_fp16_checkpoint_evaluates_on_a_cpu_only_machine(tmp_path, cpu_only, capsys, command):
-    from engines.evaluate import eval_config
+    from engines.inference import load_for_inference
 
     args = [f"MODEL_WEIGHTS={_fp16_checkpoint(tmp_path)}"]
-    cfg = eval_config(load_config(None, args), args, command)
+    cfg = load_for_inference(load_config(None, args), args, command).cfg
     assert (cfg.MIXED_PRECISION, cfg.CHANNELS_LAST) == ("auto", "auto")
     notes = [line for line in capsys.readouterr().out.splitlines(keepends=True) if "MIXED_PRECISION" in line]
     assert notes == ["note: the checkpoint was trained with MIXED_PRECISION=fp16; this machine uses fp32 (auto)\n"]
@@ -365,3 +369,34 @@ def test_fp16_with_the_cpu_forced_is_refused_even_where_a_gpu_is_visible(monkeyp
     assert problems_of("MIXED_PRECISION=fp16", "GPUs=[]") == [
         "MIXED_PRECISION=fp16 needs a CUDA GPU but GPUs=[] runs on the CPU: use MIXED_PRECISION=auto, bf16 "
         "(CPU and recent GPUs) or none"]
+
+
+#: Reads a YAML file into a Config in a fresh interpreter and says what it imported (see the test).
+_READ_YAML = """
+import json, sys
+from configs import Config, load_config
+from configs.config_parser import check_values, config_for_checkpoint, read_yaml
+values, problems = check_values(read_yaml(sys.argv[1]), source=sys.argv[1])
+cfg = Config(**values)
+saved = config_for_checkpoint(cfg.to_dict(), Config(), given=["GATING"], fold=1)
+print(json.dumps({"torch": "torch" in sys.modules, "problems": list(problems), "model": cfg.MODEL,
+                  "trains": cfg.stage.trains, "distance": cfg.SDM_DISTANCE, "metric": cfg.EVAL_METRIC,
+                  "fold": saved.DEFAULT_FOLD}))
+"""
+
+
+def test_reading_a_yaml_needs_no_torch(tmp_path):
+    """Reading a configuration imports no torch. "Reading" is: ``import configs`` (its ``Config``
+    and ``load_config``), reading a YAML file (``read_yaml``), typing its values into a ``Config``
+    (``check_values``, whose MODEL, SDM_DISTANCE and EVAL_METRIC choices come from their owners),
+    its derived views (``stage``), and typing a checkpoint's saved configuration
+    (``config_for_checkpoint``). Validating one (``load_config``) checks the machine and the loss
+    registry, and may import torch."""
+    path = tmp_path / "run.yaml"
+    path.write_text("MODEL: AuxNet-ED\nSDM_DISTANCE: manhattan\nEVAL_METRIC: IoU\nBASE_LR: 0.01\n")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _READ_YAML, str(path)], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"torch": False, "problems": [], "model": "AuxNet-ED", "trains": "ED",
+                                       "distance": "manhattan", "metric": "IoU", "fold": 1}

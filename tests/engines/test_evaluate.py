@@ -13,7 +13,7 @@ from configs import load_config
 from engines import evaluate
 from engines.evaluate import RUNTIME_EVAL_KEYS, eval_settings, write_eval
 from utils.hardware import Runtime
-from engines.run_dir import eval_outputs
+from utils.run_paths import eval_outputs
 
 SUMMARY = {"metrics": {"DSC": 0.5}}
 
@@ -37,7 +37,7 @@ def test_the_settings_are_the_options_that_change_the_numbers_as_resolved(ckpt, 
     cfg = load_config(None, [f"MODEL_WEIGHTS={ckpt}", "TTA=d4", "SEG_THRESHOLD=0.3", "DATASET_DIR=data",
                              "BATCH_SIZE=3", "GPUs=[]"])
     runtime = Runtime(torch.device("cpu"), torch.bfloat16, True, threads=1, notes={})
-    got = eval_settings(cfg, runtime)
+    got = eval_settings(cfg, ckpt, runtime)
     assert got["checkpoint_digest"] == hashlib.blake2b(b"weights", digest_size=16).hexdigest()
     assert (got["TTA"], got["SEG_THRESHOLD"], got["DATASET_DIR"]) == ("d4", 0.3, str(tmp_path / "data"))
     assert (got["device"], got["precision"], got["memory_format"]) == ("cpu", "bf16", "channels_last")

@@ -21,11 +21,13 @@ import pytest
 import torch
 from PIL import Image
 
+from configs import load_config
 from conftest import ROOT, TINY, run_cli, tiny_config, torch_threads
 from engines.checkpoint import CheckpointError, read_checkpoint, restore_training
 from engines.evaluate import checkpoint_test_ids
+from engines.inference import load_for_inference
 from engines.launch import Interrupted, RunLock, launch
-from engines.run_dir import RunDir
+from utils.run_paths import RunDir
 from utils.util import RunError
 
 #: The CLI's tiny run on the CPU in fp32 (an epoch in well under a second on one free core).
@@ -257,7 +259,8 @@ def test_eval_of_bare_weights_says_they_hold_no_configuration_or_split(trained, 
     with pytest.raises(RunError, match=rf"^{bare} holds only network weights \(no configuration and no train/test "
                                        r"split\), so its test images are unknown: evaluate the best.pth or last.pth "
                                        "that AuxNet saved in the run folder, or copy that run's tts.json next to it"):
-        checkpoint_test_ids(bare)
+        args = [*CLI, f"MODEL_WEIGHTS={bare}"]  # bare weights: the command line describes the network
+        checkpoint_test_ids(load_for_inference(load_config(None, args), args))
 
 
 def _numpy_checkpoint(path: Path) -> None:

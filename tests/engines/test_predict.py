@@ -107,20 +107,76 @@ def test_a_checkpoint_that_cannot_gate_falls_back_to_gating_false_unless_gating_
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "x.png")
     args = (f"INPUT={tmp_path / 'x.png'}", f"OUTPUT={tmp_path / 'o'}")
     # before: refused ("use GATING=false") although GATING was never typed, as the README says it falls back
-    cfg = predict_config(old, *args)
+    read = predict_config(old, *args)
     notes = [line for line in capsys.readouterr().out.splitlines(keepends=True) if "MIXED_PRECISION" not in line]
     assert "".join(notes) == f"note: GATING=false for MODEL_WEIGHTS={old}: {why}, so every tile is decoded\n"
-    assert cfg.GATING is False and predict(cfg) == 0
+    assert read.cfg.GATING is False and predict(read) == 0
     with pytest.raises(ConfigError, match=rf"GATING=true, but MODEL_WEIGHTS='{old}' cannot gate tiles: "
                                           rf"{re.escape(why)}\. "
                                           r"Use GATING=false \(or leave it out\), or train its heads first with "
                                           rf"`main.py train MODEL=AuxNet-C MODEL_WEIGHTS={old}`"):
         predict_config(old, *args, "GATING=true")
-    from engines.evaluate import eval_config  # eval falls back and refuses alike
+    from engines.inference import load_for_inference  # eval falls back and refuses alike
 
-    assert eval_config(load_config(None, [f"MODEL_WEIGHTS={old}"]), [f"MODEL_WEIGHTS={old}"]).GATING is False
+    args = [f"MODEL_WEIGHTS={old}"]
+    assert load_for_inference(load_config(None, args), args).cfg.GATING is False
     with pytest.raises(ConfigError, match="GATING=true, but"):
-        eval_config(load_config(None, [f"MODEL_WEIGHTS={old}", "GATING=true"]), [f"MODEL_WEIGHTS={old}", "GATING=true"])
+        load_for_inference(load_config(None, [*args, "GATING=true"]), [*args, "GATING=true"])
+
+
+#: Why an AuxNet-ED checkpoint does not gate (its head was carried along untrained).
+UNTRAINED_HEAD = "its classifier head was never trained (MODEL=AuxNet-ED carries it along untrained)"
+
+
+@pytest.mark.parametrize("model, recorded, gates", [
+    ("AuxNet-ED", False, False),  # an ED run: the head is carried along untrained
+    ("AuxNet-ED", None, False),  # made before head_trained was recorded: told from MODEL
+    ("AuxNet-ED", True, True),  # an ED run that started from a trained head (MODEL_WEIGHTS)
+    ("AuxNet-EDC", None, True),
+    ("AuxNet-D", None, True),  # AuxNet-D starts from a trained network and keeps its head
+])
+def test_only_a_checkpoint_whose_head_was_trained_gates(checkpoint, tmp_path, capsys, model, recorded, gates):
+    from configs import ConfigError
+    from engines.inference import load_for_inference
+
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"] = {**state["config"], "MODEL": model}
+    if recorded is None:
+        state.pop("head_trained", None)  # a checkpoint made before head_trained was recorded
+    else:
+        state["head_trained"] = recorded
+    path = tmp_path / "ckpt.pth"
+    torch.save(state, path)
+    args = [f"MODEL_WEIGHTS={path}", "GPUs=[]"]
+    read = load_for_inference(load_config(None, args), args, "predict")
+    notes = [line for line in capsys.readouterr().out.splitlines() if "MIXED_PRECISION" not in line]
+    # before: an ED checkpoint gated by default, its untrained head deciding which windows to decode
+    assert (read.can_gate, read.cfg.GATING) == (gates, gates)
+    if gates:
+        assert notes == []
+        return
+    assert notes == [f"note: GATING=false for MODEL_WEIGHTS={path}: {UNTRAINED_HEAD}, so every tile is decoded"]
+    with pytest.raises(ConfigError, match=re.escape(f"cannot gate tiles: {UNTRAINED_HEAD}. Use GATING=false")):
+        load_for_inference(load_config(None, [*args, "GATING=true"]), [*args, "GATING=true"], "predict")
+
+
+def test_a_run_records_whether_its_head_is_trained():
+    from engines.checkpoint import LoadReport, head_is_trained
+
+    def cfg(model):
+        return load_config(None, [f"MODEL={model}", "EVAL_METRIC=TTR" if model == "AuxNet-C" else "EVAL_METRIC=DSC",
+                                  "GPUs=[]"] + ([] if model in ("AuxNet-EDC", "AuxNet-ED", "UNet") else
+                                                [f"MODEL_WEIGHTS={__file__}"]))
+
+    def loaded(trained, head_initialised=False):
+        return LoadReport(loaded=[], initialised=["head.fc.weight"] if head_initialised else [], ignored=[],
+                          head_trained=trained)
+
+    assert head_is_trained(cfg("AuxNet-EDC"), None) and head_is_trained(cfg("AuxNet-C"), loaded(False))
+    assert not head_is_trained(cfg("AuxNet-ED"), None) and not head_is_trained(cfg("UNet"), None)
+    assert head_is_trained(cfg("AuxNet-ED"), loaded(True))  # started from a trained head
+    assert not head_is_trained(cfg("AuxNet-ED"), loaded(True, head_initialised=True))  # the file had none
+    assert head_is_trained(cfg("AuxNet-D"), loaded(True)) and not head_is_trained(cfg("AuxNet-D"), loaded(False))
 
 
 # ---- OUTPUT and INPUT

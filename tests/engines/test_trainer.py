@@ -17,9 +17,9 @@ from configs import Config
 from conftest import make_trainer, tiny_config, torch_threads
 from engines.builders import build_data, build_network, loss_options, lr_factor
 from engines.checkpoint import read_checkpoint
-from engines.run_dir import RunDir
+from utils.run_paths import RunDir
 from engines.SegTrainer import epoch_seed
-from model.AuxNet import STAGES
+from model.stages import STAGES
 from model.losses import LossOptions
 
 #: :func:`conftest.tiny_config`'s run: 3 training images of 128² give 12 tiles of 64², 3 steps per epoch.

@@ -24,7 +24,7 @@ from engines.builders import build_network
 from engines.checkpoint import CheckpointError, read_checkpoint
 from engines.forward import NonFiniteOutput
 from engines.sliding_window import ArrayImage, Predictor
-from engines.run_dir import RunDir
+from utils.run_paths import RunDir
 from engines.SegTrainer import TrainingDiverged, non_finite
 from engines.train import write_summary
 from utils.loggers import JsonLinesLogger

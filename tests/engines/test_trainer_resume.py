@@ -13,7 +13,7 @@ import torch
 
 from conftest import fit_epochs, log_epochs, torch_threads
 from engines.checkpoint import CheckpointError, read_checkpoint
-from engines.run_dir import RunDir
+from utils.run_paths import RunDir
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -13,7 +13,7 @@ import torch
 
 from conftest import make_trainer, tiny_config, torch_threads
 from engines.checkpoint import read_checkpoint
-from engines.run_dir import RunDir
+from utils.run_paths import RunDir
 from utils.augment import build_augmentation, seed_augmentation
 from utils.dataset import make_loader
 from utils.util import seed_everything

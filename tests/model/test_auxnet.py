@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from model.AuxNet import STAGES, AuxNet
+from model.AuxNet import AuxNet
+from model.stages import STAGES
 
 
 @pytest.mark.parametrize("depth, width, in_ch, seg, cls, size",

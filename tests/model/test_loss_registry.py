@@ -59,7 +59,7 @@ def test_an_unknown_name_lists_every_valid_name():
     assert str(err.value) == f"unknown loss term 'Xyz'. Valid names: {VALID}"
     with pytest.raises(ValueError) as err:
         build_loss("softdice_Boundry")
-    # the hint ignores case and keeps the registry's spelling (utils.util.did_you_mean, cutoff 0.5)
+    # the hint ignores case and keeps the registry's spelling (utils.choices.did_you_mean, cutoff 0.5)
     assert str(err.value) == ("unknown loss term 'softdice' (did you mean 'SoftDICE'?); unknown loss term 'Boundry' "
                               f"(did you mean 'Boundary'?). Valid names: {VALID}")
     assert loss_problems(["Xyz"], 1) == [f"unknown loss term 'Xyz'; valid names: {VALID}"]

@@ -16,7 +16,8 @@ from PIL import Image
 import utils.raster as raster
 from conftest import ROOT, TINY, predict_config, run_cli
 from engines.builders import build_runtime
-from engines.predict import build_predictor, predict, prediction_network
+from engines.forward import place
+from engines.predict import build_predictor, predict
 from engines.sliding_window import ArrayImage
 from utils.dataset import build_datasets
 from utils.image_io import RANGE_PERCENTILES, DatasetError, InputScaling, load_folder
@@ -257,9 +258,10 @@ def test_a_checkpoint_without_the_record_scales_by_the_dtype_as_before(trained, 
     raw = np.asarray(Image.open(data / "images" / "s0.png")).astype(np.uint16)
     tifffile.imwrite(tmp_path / "s0.tif", raw)
     mask = _predict(tmp_path / "old.pth", tmp_path / "s0.tif", tmp_path / "out")
-    cfg = predict_config(tmp_path / "old.pth", "GATING=false")
+    read = predict_config(tmp_path / "old.pth", "GATING=false")
+    cfg = read.cfg
     runtime = build_runtime(cfg, DistContext())  # as predict resolves it
-    net, can_gate = prediction_network(cfg, runtime)
+    net, can_gate = place(read.net, runtime.device, runtime.channels_last), read.can_gate
     predictor = build_predictor(cfg, net, can_gate, runtime, gating=False)
     probs, _ = predictor.predict_array(ArrayImage(raw, 0.0, 65535.0))  # today's scaling: the dtype's range
     assert np.array_equal(mask, predictor.labels(probs, cfg.SEG_THRESHOLD))

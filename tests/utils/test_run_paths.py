@@ -1,6 +1,6 @@
-"""engines/run_dir.py: the names of a run's folders and files."""
+"""utils/run_paths.py: the names of a run's folders and files."""
 
-from engines.run_dir import next_run_id
+from utils.run_paths import next_run_id
 
 
 def test_next_run_id(tmp_path):
