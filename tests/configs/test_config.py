@@ -6,7 +6,6 @@ import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import yaml
 
 from configs import Config, ConfigError, load_config
 from configs.config_parser import DEFAULT_CONFIG, FIELDS
-from conftest import write_checkpoint
+from conftest import ROOT, write_checkpoint
 
 
 def problems_of(*overrides, path=None):
@@ -394,8 +393,7 @@ def test_reading_a_yaml_needs_no_torch(tmp_path):
     registry, and may import torch."""
     path = tmp_path / "run.yaml"
     path.write_text("MODEL: AuxNet-ED\nSDM_DISTANCE: manhattan\nEVAL_METRIC: IoU\nBASE_LR: 0.01\n")
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", _READ_YAML, str(path)], cwd=root, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", _READ_YAML, str(path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"torch": False, "problems": [], "model": "AuxNet-ED", "trains": "ED",
