@@ -25,7 +25,10 @@ def test_every_experiment_file_is_registered_and_a_valid_configuration(tmp_path)
         assert set(table["rows"]) <= set(reproduce.EXPERIMENTS)
     data = ensure_folder_dataset(tmp_path / "smoke", "smoke")
     for name, exp in reproduce.EXPERIMENTS.items():
-        overrides = [f"DATASET_DIR={data}"] if reproduce.dataset_dir(name, reproduce.Options())[1] else []
+        # The configuration is checked, not its data: a folder dataset (generated, or ISBI 2012 under
+        # ../shared, which a user's clone lacks) is stood in for by a small generated one.
+        folder = reproduce.dataset_dir(name, reproduce.Options())[0] != "synthetic"
+        overrides = [f"DATASET_DIR={data}"] if folder else []
         if exp.after:
             (tmp_path / "w.pth").touch()  # the validator checks that the file exists
             overrides.append(f"MODEL_WEIGHTS={tmp_path / 'w.pth'}")
