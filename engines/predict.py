@@ -7,7 +7,9 @@ The network, classes and input scaling come from the checkpoint's configuration.
 writes ``<stem>_mask.png`` (or a tiled ``.tif`` for large scenes and georeferenced inputs, keeping
 the georeferencing), ``<stem>_overlay.png`` (downsampled for large scenes), optionally
 ``<stem>_prob.tif`` (float16 probabilities), and one JSON line in ``predictions.jsonl``. A folder
-goes on past a bad file and lists every failure at the end (exit status 2).
+goes on past a bad file and lists every failure at the end (exit status 2). This module predicts in
+one process; over several (``torchrun``, ``GPUs=[0,1]``, ``CPU_PROCESSES=N``) the files are shared
+among them, with these rules and writers: see :mod:`engines.predict_ddp`.
 
 What predict writes, and where (it never destroys a file):
 
