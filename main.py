@@ -22,13 +22,13 @@ import sys  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from configs import ConfigError, load_config  # noqa: E402
-from engines import evaluate, predict, train  # noqa: E402
+from engines import evaluate, predict_ddp, train  # noqa: E402
 from engines.launch import INTERRUPTED  # noqa: E402
 from utils.util import RunError  # noqa: E402
 
-#: Each command: ``run(cfg, overrides) -> exit status`` (train and eval launch one process per device,
-#: predict runs in this one).
-COMMANDS = {"train": train.run, "eval": evaluate.run, "predict": predict.run}
+#: Each command: ``run(cfg, overrides) -> exit status`` (each runs one process per device, or joins a
+#: ``torchrun`` launch).
+COMMANDS = {"train": train.run, "eval": evaluate.run, "predict": predict_ddp.run}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -31,8 +31,8 @@ from utils.hardware import Runtime
 from utils.run_paths import RunDir
 from utils.util import DistContext, RunError, cleanup_distributed, init_distributed, make_writable_folder
 
-#: A command: ``command(cfg, ctx, runtime, run)`` on every rank.
-Command = Callable[[Config, DistContext, Runtime, RunDir], None]
+#: A command: ``command(cfg, ctx, runtime, run)`` on every rank; returns its exit status (None: 0).
+Command = Callable[[Config, DistContext, Runtime, RunDir], Optional[int]]
 #: Picks the run folder on the main rank (may raise ConfigError): ``choose(cfg) -> RunDir``.
 Chooser = Callable[[Config], RunDir]
 
@@ -60,7 +60,7 @@ def launch(cfg: Config, choose: Chooser, command: Command, exclusive: bool = Fal
     Raises:
         Interrupted: Ctrl-C, here or in a spawned process (after the clean-up).
     """
-    ctx = _join_torchrun(cfg) if "WORLD_SIZE" in os.environ and "RANK" in os.environ else None
+    ctx = join_torchrun(cfg)
     is_main = ctx is None or ctx.is_main
     run_named = bool(cfg.RUN_ID)  # else the same command would start the next run_NNN
     decision: list = [None, None, False]  # run folder, error, created now
@@ -94,7 +94,7 @@ def launch(cfg: Config, choose: Chooser, command: Command, exclusive: bool = Fal
     run, new_run = RunDir(Path(decision[0])), decision[2]
     cfg.EXP_ID, cfg.RUN_ID = run.root.parent.name, run.root.name
     try:
-        _run_everywhere(cfg, run, command, ctx)
+        run_everywhere(cfg, run, command, ctx)
     except BaseException as err:
         status = exit_status(err)
         with _ignoring_interrupts():
@@ -309,19 +309,36 @@ def main_first(ctx: DistContext, make):
     return result if ctx.is_main else make()
 
 
-def _join_torchrun(cfg: Config) -> DistContext:
-    """Join the process group of a ``torchrun`` launch (before the run folder is chosen)."""
+def join_torchrun(cfg: Config) -> Optional[DistContext]:
+    """Join the process group of a ``torchrun`` launch (before the run folder is chosen); None when
+    this process was not started by ``torchrun``."""
+    if not under_torchrun():
+        return None
     _, devices = launch_plan(cfg)
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = devices[local % len(devices)] if devices[0].type == "cuda" else torch.device("cpu")
     return init_distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local, device)
 
 
-def _run_everywhere(cfg: Config, run: RunDir, command: Command, ctx: Optional[DistContext]) -> None:
-    """Run ``command`` in this process, in ``torchrun``'s (``ctx``), or in one spawned process per device."""
+def under_torchrun() -> bool:
+    """Whether ``torchrun`` (``torch.distributed.run``) started this process."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def processes(cfg: Config) -> int:
+    """How many processes run a command: ``torchrun``'s world size, else one per device (:func:`launch_plan`)."""
+    return int(os.environ["WORLD_SIZE"]) if under_torchrun() else launch_plan(cfg)[0]
+
+
+def run_everywhere(cfg: Config, run: RunDir, command: Command, ctx: Optional[DistContext]) -> int:
+    """Run ``command`` in this process, in ``torchrun``'s (``ctx``), or in one spawned process per device.
+
+    Returns:
+        The command's exit status (0 when it returns None); a spawned process that ends with another
+        status raises ``torch.multiprocessing.ProcessExitedException`` (see :func:`exit_status`).
+    """
     if ctx is not None:
-        _run(ctx, cfg, run, command)
-        return
+        return _run(ctx, cfg, run, command)
     os.environ.setdefault("MASTER_ADDR", cfg.MASTER_ADDR)
     if cfg.MASTER_PORT is not None:
         os.environ.setdefault("MASTER_PORT", str(cfg.MASTER_PORT))
@@ -336,8 +353,8 @@ def _run_everywhere(cfg: Config, run: RunDir, command: Command, ctx: Optional[Di
         except KeyboardInterrupt:
             _stop_workers(workers.processes)
             raise
-    else:
-        _run(init_distributed(0, 1, 0, devices[0]), cfg, run, command)
+        return 0
+    return _run(init_distributed(0, 1, 0, devices[0]), cfg, run, command)
 
 
 def _stop_workers(processes, grace_s: float = 5.0, wait_s: float = 60.0) -> None:
@@ -361,18 +378,21 @@ def _stop_workers(processes, grace_s: float = 5.0, wait_s: float = 60.0) -> None
 def _spawned(local_rank: int, world: int, devices, cfg: Config, run: RunDir, command: Command) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored while the process started (main.py)
     try:
-        _run(init_distributed(local_rank, world, local_rank, devices[local_rank]), cfg, run, command)
+        status = _run(init_distributed(local_rank, world, local_rank, devices[local_rank]), cfg, run, command)
     except RunError as err:
         if local_rank == 0:
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(INTERRUPTED)  # quietly: the launching process reports it, once
+    if status:
+        sys.exit(status)  # the launching process reads it from the exit code
 
 
-def _run(ctx: DistContext, cfg: Config, run: RunDir, command: Command) -> None:
-    """Resolve this rank's runtime (with the other ranks: a collective call) and run ``command`` with it."""
+def _run(ctx: DistContext, cfg: Config, run: RunDir, command: Command) -> int:
+    """Resolve this rank's runtime (with the other ranks: a collective call) and run ``command`` with it;
+    returns its exit status."""
     try:
-        command(cfg, ctx, build_runtime(cfg, ctx), run)
+        return command(cfg, ctx, build_runtime(cfg, ctx), run) or 0
     finally:
         cleanup_distributed()

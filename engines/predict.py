@@ -7,7 +7,9 @@ The network, classes and input scaling come from the checkpoint's configuration.
 writes ``<stem>_mask.png`` (or a tiled ``.tif`` for large scenes and georeferenced inputs, keeping
 the georeferencing), ``<stem>_overlay.png`` (downsampled for large scenes), optionally
 ``<stem>_prob.tif`` (float16 probabilities), and one JSON line in ``predictions.jsonl``. A folder
-goes on past a bad file and lists every failure at the end (exit status 2).
+goes on past a bad file and lists every failure at the end (exit status 2). This module predicts in
+one process; over several (``torchrun``, ``GPUs=[0,1]``, ``CPU_PROCESSES=N``) the files are shared
+among them, with these rules and writers: see :mod:`engines.predict_ddp`.
 
 What predict writes, and where (it never destroys a file):
 
@@ -50,7 +52,7 @@ from configs import Config, ConfigError
 from engines.builders import build_runtime
 from engines.checkpoint import CheckpointError
 from engines.forward import place
-from engines.inference import Inference, load_for_inference
+from engines.inference import Inference
 from engines.launch import launch_plan
 from engines.sliding_window import Predictor
 from model.AuxNet import AuxNet
@@ -199,6 +201,18 @@ def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, runtime: Runtime, 
     """A :class:`Predictor` of ``net`` with the configuration's tile, overlap and batch, run as ``runtime`` says.
 
     Raises:
+        CheckpointError: see :func:`check_gating`.
+    """
+    check_gating(cfg, can_gate, gating)
+    return Predictor(net, tile=cfg.INPUT_SIZE, overlap=cfg.predict_overlap, batch_size=cfg.BATCH_SIZE,
+                     device=runtime.device, amp_dtype=runtime.amp_dtype, channels_last=runtime.channels_last,
+                     gating=gating, cls_threshold=cfg.CLS_THRESHOLD, tta=cfg.TTA, progress=progress)
+
+
+def check_gating(cfg: Config, can_gate: bool, gating: bool) -> None:
+    """Refuse ``gating`` of a network that cannot gate.
+
+    Raises:
         CheckpointError: gating asked of a network that cannot gate (see
             :func:`engines.inference.gating_unavailable`).
     """
@@ -207,25 +221,12 @@ def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, runtime: Runtime, 
             f"MODEL_WEIGHTS={cfg.MODEL_WEIGHTS!r} has no fill head (a UNet, or a checkpoint made before "
             "gated prediction existed), so tiles cannot be gated: use GATING=false, or retrain"
         )
-    return Predictor(net, tile=cfg.INPUT_SIZE, overlap=cfg.predict_overlap, batch_size=cfg.BATCH_SIZE,
-                     device=runtime.device, amp_dtype=runtime.amp_dtype, channels_last=runtime.channels_last,
-                     gating=gating, cls_threshold=cfg.CLS_THRESHOLD, tta=cfg.TTA, progress=progress)
-
-
-def run(cfg: Config, overrides: list[str]) -> int:
-    """``main.py predict``: read MODEL_WEIGHTS (once, :func:`engines.inference.load_for_inference`) and
-    :func:`predict` with it; returns the exit status.
-
-    Raises:
-        ConfigError: see :func:`~engines.inference.load_for_inference`.
-        CheckpointError: its weights do not fit the network its configuration describes.
-    """
-    return predict(load_for_inference(cfg, overrides, "predict"))
 
 
 def predict(checkpoint: Inference) -> int:
-    """Segment every image of INPUT into OUTPUT with the checkpoint; returns the exit status (2 when
-    any image failed)."""
+    """Segment every image of INPUT into OUTPUT with the checkpoint, in this process; returns the exit
+    status (2 when any image failed). (``main.py predict`` starts here for one process, see
+    :func:`engines.predict_ddp.run`.)"""
     cfg = checkpoint.cfg
     try:
         files = check_inputs(cfg)
@@ -243,11 +244,17 @@ def predict(checkpoint: Inference) -> int:
         done, failures, stopped = predict_files(cfg, predictor, files, out, inputs)
     finally:
         remove_if_empty(out, made)
-    print(f"predicted {done} of {len(files)} image(s) into {out}")
+    return report(done, len(files), out, failures, [stopped] if stopped else [])
+
+
+def report(done: int, total: int, out: Path, failures: list[str], stopped: list[str]) -> int:
+    """Print what a predict did (how many images, every failure, why it stopped early); returns the exit
+    status (2 when any image failed)."""
+    print(f"predicted {done} of {total} image(s) into {out}")
     if failures:
         print(f"error: {len(failures)} image(s) failed:\n" + "\n".join(f"  - {f}" for f in failures))
-    if stopped:
-        print(f"error: {stopped}")
+    for why in stopped:
+        print(f"error: {why}")
     return 2 if failures else 0
 
 
@@ -269,19 +276,43 @@ def predict_files(cfg: Config, predictor: Predictor, files: list[Path], out: Pat
             except BaseException:
                 remove_outputs([record["mask"], record["overlay"], record["probabilities"]])
                 raise
-        except (RasterError, RunError, OSError) as err:
-            failures.append(_failure_message(path, out, err))
-            tqdm.write(f"failed: {failures[-1]}")
-            if isinstance(err, OSError) and err.errno in _FOLDER_ERRORS:
-                return len(records), failures, (
-                    f"stopped: cannot write into {out} ({os.strerror(err.errno)}): {_FOLDER_ERRORS[err.errno]}; "
-                    f"{len(files) - i - 1} image(s) were not predicted")
+        except PREDICT_ERRORS as err:
+            failures.append(failure(path, out, err))
+            if stops_folder(err):
+                return len(records), failures, stop_message(out, err, len(files) - i - 1)
             continue
         records.append(record)
-        tqdm.write(f"{path.name}: {record['height']}x{record['width']} px, {record['tiles']} tiles, "
-                   f"{record['decoded']} decoded, {record['gated_off']} gated off, {record['seconds']:.2f} s "
-                   f"({record['tiles_per_s']} tiles/s) -> {record['mask']}")
+        tqdm.write(done_line(path, record))
     return len(records), failures, ""
+
+
+#: What fails one image (and is listed at the end) rather than the whole predict.
+PREDICT_ERRORS = (RasterError, RunError, OSError)
+
+
+def failure(path: Path, out: Path, err: Exception) -> str:
+    """The failure message of the input ``path`` (printed now, listed at the end)."""
+    message = _failure_message(path, out, err)
+    tqdm.write(f"failed: {message}")
+    return message
+
+
+def stops_folder(err: Exception) -> bool:
+    """Whether every later output in the folder would fail as ``err`` did (a full disk, a read-only file system...)."""
+    return isinstance(err, OSError) and err.errno in _FOLDER_ERRORS
+
+
+def stop_message(out: Path, err: OSError, left: int) -> str:
+    """Why the predict stopped early (``err``, see :func:`stops_folder`), and that ``left`` images were not predicted."""
+    return (f"stopped: cannot write into {out} ({os.strerror(err.errno)}): {_FOLDER_ERRORS[err.errno]}; "
+            f"{left} image(s) were not predicted")
+
+
+def done_line(path: Path, record: dict) -> str:
+    """The line printed for an image predicted."""
+    return (f"{path.name}: {record['height']}x{record['width']} px, {record['tiles']} tiles, "
+            f"{record['decoded']} decoded, {record['gated_off']} gated off, {record['seconds']:.2f} s "
+            f"({record['tiles_per_s']} tiles/s) -> {record['mask']}")
 
 
 def training_inputs(cfg: Config, split: Mapping[str, Any]) -> Optional[InputScaling]:
