@@ -164,8 +164,8 @@ class Config:
     )
     SAVE_PROBABILITIES: bool = opt(False, "predict: also write the class probabilities (float16 TIFF)")
     # distributed
-    GPUs: Optional[list[int]] = opt(None, "GPU indices to train on, one process each (null = all visible; [] = CPU)")
-    CPU_PROCESSES: int = opt(1, "processes for CPU-only training (gloo DDP when > 1)")
+    GPUs: Optional[list[int]] = opt(None, "GPU indices to run on (train, eval, predict), one process each (null = all visible; [] = CPU)")
+    CPU_PROCESSES: int = opt(1, "processes on the CPU for train, eval and predict (gloo DDP when > 1)")
     MASTER_ADDR: str = opt("localhost", "rendezvous address for multi-process training")
     MASTER_PORT: Optional[Union[int, str]] = opt(None, "rendezvous port (null = a free one, chosen at launch)")
     NCCL_P2P_DISABLE: bool = opt(False, "set NCCL_P2P_DISABLE=1 (work-around for GPUs without working peer-to-peer)")
