@@ -189,10 +189,9 @@ def fold_batchnorm(net: N) -> N:
     In eval mode BatchNorm is the affine map ``y = (x - μ)·γ/√(var + ε) + β`` per channel, so the
     pair is one convolution with weight ``w·γ/√(var + ε)`` and bias ``(b - μ)·γ/√(var + ε) + β``
     (computed in float64, stored in the weight's dtype): the outputs equal the unfolded network's to
-    float rounding, and inference skips a pass over every feature map (BatchNorm cost ~40 % of the
-    convolutions' time in a CPU profile of prediction). ``net`` itself, its mode and its state_dict
-    are left as they are (checkpoints keep the training layout); the copy is for inference only:
-    training it would no longer normalise by batch statistics.
+    float rounding, and inference skips a pass over every feature map. ``net`` itself, its mode and
+    its state_dict are left as they are (checkpoints keep the training layout); the copy is for
+    inference only: training it would no longer normalise by batch statistics.
 
     Args:
         net: any module (an :class:`AuxNet`, or one holding its blocks).
