@@ -18,12 +18,13 @@ alone on a frozen encoder.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import copy
+from typing import NamedTuple, Optional, TypeVar
 
 import torch
 from torch import nn
 
-
+N = TypeVar("N", bound=nn.Module)
 
 class AuxNetOutput(NamedTuple):
     """Raw logits: ``seg`` (B, K, H, W) or None when decoding is skipped; ``cls`` (B, J) and
@@ -179,3 +180,52 @@ class AuxNet(nn.Module):
         for module in getattr(self, "_frozen", []):
             module.eval()
         return self
+
+
+def fold_batchnorm(net: N) -> N:
+    """An inference copy of ``net`` (eval mode) in which every BatchNorm that follows a convolution
+    in an ``nn.Sequential`` (each :class:`ConvBlock`) is folded into that convolution.
+
+    In eval mode BatchNorm is the affine map ``y = (x - μ)·γ/√(var + ε) + β`` per channel, so the
+    pair is one convolution with weight ``w·γ/√(var + ε)`` and bias ``(b - μ)·γ/√(var + ε) + β``
+    (computed in float64, stored in the weight's dtype): the outputs equal the unfolded network's to
+    float rounding, and inference skips a pass over every feature map. ``net`` itself, its mode and
+    its state_dict are left as they are (checkpoints keep the training layout); the copy is for
+    inference only: training it would no longer normalise by batch statistics.
+
+    Args:
+        net: any module (an :class:`AuxNet`, or one holding its blocks).
+
+    Returns:
+        The folded copy, in eval mode, on ``net``'s device, its weights in their memory format.
+
+    Raises:
+        ValueError: a BatchNorm to fold keeps no running statistics (it normalises by each batch's
+            own statistics even in eval mode, which no convolution can express).
+    """
+    folded = copy.deepcopy(net).eval()
+    for seq in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
+        for i in reversed(range(1, len(seq))):  # from the end, so deleting keeps the earlier indices
+            if isinstance(seq[i], nn.BatchNorm2d) and isinstance(seq[i - 1], nn.Conv2d):
+                seq[i - 1] = _fold_conv_bn(seq[i - 1], seq[i])
+                del seq[i]  # nn.Sequential renumbers the layers after it
+    return folded
+
+
+@torch.no_grad()
+def _fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """One convolution that computes ``bn(conv(x))`` of the eval-mode BatchNorm ``bn``."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"{bn} keeps no running statistics (track_running_stats=False): it cannot be folded "
+                         "into the convolution before it")
+    weight = conv.weight
+    scale = (bn.running_var.double() + bn.eps).rsqrt()
+    shift = -bn.running_mean.double() * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight.double(), shift * bn.weight.double() + bn.bias.double()
+    bias = conv.bias.double() * scale + shift if conv.bias is not None else shift
+    fused = copy.deepcopy(conv)
+    # elementwise product with the weight first keeps its memory format (channels_last stays so)
+    fused.weight = nn.Parameter((weight.double() * scale.view(-1, 1, 1, 1)).to(weight.dtype), requires_grad=False)
+    fused.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=False)
+    return fused

@@ -121,6 +121,43 @@ def test_the_fill_class_is_learned_and_gated_tiles_are_filled_with_it(classes):
     assert (labels[:, :128] == 0).all() and (labels[:, 128:] == k - 1).all()
 
 
+@pytest.mark.parametrize("gating, classes", [(False, 1), (True, 1), (True, 3)])
+def test_the_folded_network_predicts_what_the_network_predicts(monkeypatch, gating, classes):
+    """The predictor runs a copy of the network with BatchNorm folded into the convolutions, under
+    inference mode: the same probabilities (to fp32 rounding), labels and gating decisions as the
+    network itself, which keeps its mode and weights."""
+    import copy
+
+    import engines.sliding_window as sliding_window
+
+    net = tiny_net(seed=4, seg_classes=classes).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = np.random.default_rng(5)
+    image = rng.random((150, 170, 1)).astype(np.float32) * 0.2
+    image[30:90, 40:120] += 0.7
+    with torch.no_grad():  # a threshold that gates off about half the windows, whatever the random head says
+        windows = torch.from_numpy(image.transpose(2, 0, 1)[None, :, :128, :160]).unfold(2, 32, 32).unfold(3, 32, 32)
+        cls = copy.deepcopy(net).eval()(windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, 1, 32, 32), decode=False).cls
+    options = dict(tile=32, overlap=16, batch_size=4, device=CPU, gating=gating,
+                   cls_threshold=torch.sigmoid(cls).median().item())
+    folded = Predictor(net, **options)
+    modes = []
+    folded.net.inc.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    probs, stats = folded.predict_array(ArrayImage(image))
+    assert net.training and all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.net.modules())
+    assert modes and all(modes)
+
+    monkeypatch.setattr(sliding_window, "fold_batchnorm", lambda n: copy.deepcopy(n).eval())
+    plain = Predictor(net, **options)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.net.modules())
+    ref, ref_stats = plain.predict_array(ArrayImage(image))
+    assert np.abs(probs - ref).max() <= 1e-5
+    np.testing.assert_array_equal(folded.labels(probs), plain.labels(ref))
+    assert stats.as_dict() | {"seconds": 0, "tiles_per_s": 0} == ref_stats.as_dict() | {"seconds": 0, "tiles_per_s": 0}
+    assert 0 < stats.decoded < stats.tiles if gating else stats.decoded == stats.tiles
+
+
 def test_fill_label_and_the_ignored_tiles():
     assert fill_label(np.full((4, 4), 2)) == 2
     mixed = np.zeros((4, 4), int)

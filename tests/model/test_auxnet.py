@@ -1,9 +1,9 @@
-"""AuxNet shapes, modes and freezing."""
+"""AuxNet shapes, modes and freezing; BatchNorm folded for inference."""
 
 import pytest
 import torch
 
-from model.AuxNet import AuxNet
+from model.AuxNet import AuxNet, fold_batchnorm
 from model.stages import STAGES
 
 
@@ -78,3 +78,75 @@ def test_encode_classify_decode_equal_the_forward_pass():
     # decoding a subset of the tiles from the shared encoder output gives those tiles' segmentation
     part = net.decode([s[[0, 2]] for s in skips], bottleneck[[0, 2]])
     assert torch.allclose(part, out.seg[[0, 2]], atol=1e-6)
+
+
+def _with_statistics(net: AuxNet, seed: int) -> AuxNet:
+    """``net`` with random BatchNorm statistics and affine parameters (folding the defaults, mean 0
+    and variance 1, would test little)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=gen) * 2 + 0.1)
+                m.weight.copy_(torch.randn(n, generator=gen) * 0.5 + 1)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.3)
+    return net
+
+
+def _assert_close(folded: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal to 1e-5 of the output's scale (fp32 rounding of the folded weights, not a change of model)."""
+    torch.testing.assert_close(folded, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("depth", [3, 4, 5])
+@pytest.mark.parametrize("model", list(STAGES))
+def test_folded_batchnorm_gives_the_outputs_of_the_network(model, depth):
+    stage = STAGES[model]
+    seg, cls = (1, 3, 2)[depth - 3], (1 if depth % 2 else 2) if stage.has_head else 0
+    torch.manual_seed(depth)
+    net = _with_statistics(AuxNet(2, seg, cls, depth=depth, base_width=4), seed=depth)
+    net.set_trainable(stage.trains)
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = fold_batchnorm(net)
+    # the training network is untouched: its mode, and every parameter and statistic
+    assert net.training and net.inc.training == ("E" in stage.trains)
+    after = net.state_dict()
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert not folded.training and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 4 * depth - 2
+
+    net.eval()
+    x = torch.randn(3, 2, 32, 48)
+    with torch.no_grad():
+        ref, out = net(x), folded(x)
+        for name in ("seg", "cls", "fill"):
+            r, o = getattr(ref, name), getattr(out, name)
+            assert (r is None) == (o is None) == (name != "seg" and not stage.has_head)
+            if r is not None:
+                _assert_close(o, r)
+        skips, bottleneck = folded.encode(x)
+        ref_skips, ref_bottleneck = net.encode(x)
+        for s, r in zip([*skips, bottleneck], [*ref_skips, ref_bottleneck]):
+            _assert_close(s, r)
+        _assert_close(folded.decode(skips, bottleneck), ref.seg)
+        if stage.has_head:
+            cls_logits, fill = folded.classify(bottleneck)
+            _assert_close(cls_logits, ref.cls)
+            _assert_close(fill, ref.fill)
+
+
+def test_folding_keeps_the_memory_format_and_refuses_batchnorm_without_statistics():
+    net = _with_statistics(AuxNet(1, 1, 1, depth=3, base_width=4), seed=0).to(memory_format=torch.channels_last)
+    folded = fold_batchnorm(net)
+    assert folded.inc[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not folded.inc[0].weight.requires_grad and folded.inc[0].bias is not None
+    x = torch.randn(2, 1, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        _assert_close(folded(x).seg, net.eval()(x).seg)
+    blind = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2, track_running_stats=False))
+    with pytest.raises(ValueError, match="keeps no running statistics \\(track_running_stats=False\\): "
+                                         "it cannot be folded into the convolution before it"):
+        fold_batchnorm(blind)
