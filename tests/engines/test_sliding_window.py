@@ -121,6 +121,19 @@ def test_the_fill_class_is_learned_and_gated_tiles_are_filled_with_it(classes):
     assert (labels[:, :128] == 0).all() and (labels[:, 128:] == k - 1).all()
 
 
+def test_batchnorm_is_folded_only_without_autocast():
+    """Folding is exact in fp32 only: under bf16 autocast the folded bias would be rounded to bf16
+    (probabilities moved by ~0.02 on the default network), so the predictor keeps BatchNorm there,
+    in its own eval copy (the caller's network keeps its mode)."""
+    net = tiny_net(seed=4).train()
+    options = dict(tile=32, overlap=16, batch_size=4, device=CPU)
+    has_bn = [any(isinstance(m, torch.nn.BatchNorm2d) for m in Predictor(net, amp_dtype=dtype, **options).net.modules())
+              for dtype in (None, torch.bfloat16)]
+    assert has_bn == [False, True]
+    bf16 = Predictor(net, amp_dtype=torch.bfloat16, **options)
+    assert bf16.net is not net and not bf16.net.training and net.training
+
+
 @pytest.mark.parametrize("gating, classes", [(False, 1), (True, 1), (True, 3)])
 def test_the_folded_network_predicts_what_the_network_predicts(monkeypatch, gating, classes):
     """The predictor runs a copy of the network with BatchNorm folded into the convolutions, under
