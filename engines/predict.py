@@ -43,7 +43,7 @@ import re
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -260,30 +260,58 @@ def report(done: int, total: int, out: Path, failures: list[str], stopped: list[
 
 def predict_files(cfg: Config, predictor: Predictor, files: list[Path], out: Path,
                   inputs: Optional[InputScaling] = None) -> tuple[int, list[str], str]:
-    """Predict each file into ``out`` (scaled as training scaled ``inputs``), recording each finished one in ``predictions.jsonl``.
+    """Predict each file into ``out`` (scaled as training scaled ``inputs``), recording each finished
+    one in ``predictions.jsonl`` (rewritten atomically after each image).
 
     Returns:
         (images predicted, one message per failed image, why the folder stopped early or "").
     """
-    names = output_names(files)
-    records: list[dict] = []
-    failures: list[str] = []
-    for i, path in enumerate(files):
+    jsonl = out / "predictions.jsonl"
+    records, failures, stopped = predict_each(
+        cfg, predictor, files, range(len(files)), output_names(files), out, inputs,
+        finished=lambda earlier, record: write_records(jsonl, [*earlier, record]))
+    return len(records), list(failures.values()), stopped
+
+
+#: What :func:`predict_each` returns: (the records of the images predicted, by input index; the
+#: failure message of each image that failed, by input index; why it stopped early, or "").
+Results = tuple[dict[int, dict], dict[int, str], str]
+
+
+def predict_each(cfg: Config, predictor: Predictor, files: list[Path], mine: Iterable[int], names: dict[Path, str],
+                 out: Path, inputs: Optional[InputScaling],
+                 finished: Optional[Callable[[list[dict], dict], None]] = None) -> Results:
+    """Predict ``files[i]`` for each ``i`` of ``mine`` into ``out``, its outputs named after ``names``
+    (:func:`output_names`). An image that fails is listed and the others go on, unless no later output
+    could be written (:func:`stops_folder`). The one loop of one process and of each rank
+    (:mod:`engines.predict_ddp`).
+
+    Args:
+        finished: called with the earlier records and each new one once its outputs are written (one
+            process records it in ``predictions.jsonl``); if it raises, that image fails and its
+            outputs are removed.
+    """
+    mine = list(mine)
+    records: dict[int, dict] = {}
+    failures: dict[int, str] = {}
+    for n, i in enumerate(mine):
+        path = files[i]
         try:
             record = predict_file(cfg, predictor, path, out, names[path], inputs)
-            try:
-                write_records(out / "predictions.jsonl", records + [record])
-            except BaseException:
-                remove_outputs([record["mask"], record["overlay"], record["probabilities"]])
-                raise
+            if finished is not None:
+                try:
+                    finished(list(records.values()), record)
+                except BaseException:
+                    remove_outputs([record["mask"], record["overlay"], record["probabilities"]])
+                    raise
         except PREDICT_ERRORS as err:
-            failures.append(failure(path, out, err))
+            failures[i] = failure(path, out, err)
             if stops_folder(err):
-                return len(records), failures, stop_message(out, err, len(files) - i - 1)
+                return records, failures, stop_message(out, err, len(mine) - n - 1)
             continue
-        records.append(record)
+        records[i] = record
         tqdm.write(done_line(path, record))
-    return len(records), failures, ""
+    return records, failures, ""
 
 
 #: What fails one image (and is listed at the end) rather than the whole predict.

@@ -30,17 +30,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch.distributed as dist
-from tqdm import tqdm
 
 from configs import Config, ConfigError
 from engines.forward import place
 from engines.inference import Inference, load_for_inference
 from engines.launch import (INTERRUPTED, Interrupted, choose_port, exit_status, join_torchrun, processes,
                             run_everywhere)
-from engines.predict import (PREDICT_ERRORS, build_predictor, check_gating, check_inputs, done_line, failure,
-                             output_dir, output_names, predict, predict_file, prepare_output, remove_if_empty,
-                             report, stop_message, stops_folder, training_inputs, write_records)
-from engines.sliding_window import Predictor
+from engines.predict import (Results, build_predictor, check_gating, check_inputs, output_dir, output_names,
+                             predict, predict_each, prepare_output, remove_if_empty, report, training_inputs,
+                             write_records)
 from utils.hardware import Runtime
 from utils.image_io import InputScaling
 from utils.run_paths import RunDir
@@ -169,7 +167,8 @@ def predict_share(checkpoint: Inference, shared: Plan, cfg: Config, ctx: DistCon
     results; rank 0 writes ``predictions.jsonl`` and the summary. Returns rank 0's exit status."""
     net = place(checkpoint.net, runtime.device, runtime.channels_last)
     predictor = build_predictor(cfg, net, checkpoint.can_gate, runtime, cfg.GATING, progress=ctx.is_main)
-    results = predict_files(cfg, predictor, shared, shared.shares[ctx.rank], run.root)
+    results = predict_each(cfg, predictor, shared.files, shared.shares[ctx.rank], shared.names, run.root,
+                           shared.inputs)
     everyone = [results]
     if ctx.distributed:
         everyone = [None] * ctx.world_size
@@ -178,27 +177,6 @@ def predict_share(checkpoint: Inference, shared: Plan, cfg: Config, ctx: DistCon
     if ctx.distributed:
         dist.broadcast_object_list(status, src=0)
     return status[0]
-
-
-#: One rank's results: (its records by input index, its failures by input index, why it stopped early or "").
-Results = tuple[dict[int, dict], dict[int, str], str]
-
-
-def predict_files(cfg: Config, predictor: Predictor, shared: Plan, mine: list[int], out: Path) -> Results:
-    """Predict the files ``mine`` (indices into ``shared.files``) into ``out``; an image that fails is
-    listed and the rank goes on, unless no later output could be written (a full disk)."""
-    records, failures = {}, {}
-    for n, i in enumerate(mine):
-        path = shared.files[i]
-        try:
-            records[i] = predict_file(cfg, predictor, path, out, shared.names[path], shared.inputs)
-        except PREDICT_ERRORS as err:
-            failures[i] = failure(path, out, err)
-            if stops_folder(err):
-                return records, failures, stop_message(out, err, len(mine) - n - 1)
-            continue
-        tqdm.write(done_line(path, records[i]))
-    return records, failures, ""
 
 
 def finish(shared: Plan, out: Path, everyone: list[Results]) -> int:
