@@ -213,21 +213,35 @@ def command(name: str, seed: int, opts: Options) -> list[str]:
 
 
 def write_split(folder: Path, name: str, seed: int, opts: Options) -> None:
-    """``tts.json`` with the experiment's test images as fold 0 and the other images in the other
-    K - 1 folds (K = round(1/TEST_SPLIT) of the config), in the format of :mod:`utils.splits`."""
+    """``tts.json`` with the experiment's test images as fold 0 (see :func:`write_fixed_split`)."""
     test = list(EXPERIMENTS[name].test_ids or ())
     data_dir, _ = dataset_dir(name, opts)
-    images_dir = (ROOT / data_dir / "images").resolve()
+    k = num_folds(float(read_experiment(name).get("TEST_SPLIT", 0.2)))
+    try:
+        write_fixed_split(folder, ROOT / data_dir / "images", test, k, seed)
+    except ValueError as err:
+        raise SystemExit(f"{name}: {err}") from None
+
+
+def write_fixed_split(folder: Path, images_dir: Path, test: list[str], num_folds: int, seed: int) -> None:
+    """``folder/tts.json`` with the images ``test`` (file stems) as fold 0 and the other images of
+    ``images_dir`` in the other ``num_folds - 1`` folds, in the format of :mod:`utils.splits`; ``main.py``
+    then trains fold 0 of it as it reuses any existing split.
+
+    Raises:
+        ValueError: a test image is not in ``images_dir``.
+    """
+    images_dir = Path(images_dir).resolve()
     files = {p.stem: p for p in images_dir.iterdir() if not p.name.startswith(".")}
     ids = sorted(files)
     missing = sorted(set(test) - set(ids))
     if missing:
-        raise SystemExit(f"{name}: test images {missing} are not in {images_dir}")
-    k = num_folds(float(read_experiment(name).get("TEST_SPLIT", 0.2)))
+        raise ValueError(f"test images {missing} are not in {images_dir}")
     rest = [i for i in ids if i not in test]
-    folds = [test] + [sorted(map(str, part)) for part in np.array_split(np.array(rest, dtype=object), k - 1)]
+    folds = [list(test)] + [sorted(map(str, part))
+                            for part in np.array_split(np.array(rest, dtype=object), num_folds - 1)]
     atomic_write_json(folder / "tts.json", {
-        "source": str(images_dir.parent), "seed": seed, "num_folds": k, "cross_validation": False,
+        "source": str(images_dir.parent), "seed": seed, "num_folds": num_folds, "cross_validation": False,
         "images": ids, "folds": [{"test": f} for f in folds], "hashes": {i: file_digest(files[i]) for i in ids},
     })
 

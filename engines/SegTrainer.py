@@ -110,8 +110,10 @@ class SegTrainer:
             started = time.perf_counter()
             self.seed_epoch(epoch)
             train_stats = self.train_epoch(epoch)
+            trained = time.perf_counter()
             eval_stats = self.evaluate_epoch(epoch)
-            record = {**train_stats, **eval_stats, "time_s": time.perf_counter() - started}
+            record = {**train_stats, **eval_stats, "train_s": trained - started,
+                      "time_s": time.perf_counter() - started}
             improved = self.track_best(epoch, eval_stats)
             self.history.append({"epoch": epoch, **record})
             self.save_checkpoint(epoch, improved)  # before the log line: a kill between them is rewound

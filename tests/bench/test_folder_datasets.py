@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from bench.folder_datasets import (
     DATASET_VERSIONS,
     FOLDER_DATASETS,
     FOLDER_DATASETS_VERSION,
+    classes_from_instances,
     ensure_folder_dataset,
     generate_hard_boundaries,
+    generate_touching_blobs,
     generate_lines_ellipses,
     single_class_fraction,
 )
@@ -89,3 +92,34 @@ def test_a_dataset_version_of_its_own_is_in_the_manifest(tmp_path):
     (folder / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
     with pytest.raises(ValueError, match="different dataset"):
         ensure_folder_dataset(folder, "lines_ellipses", seed=0)
+
+
+def test_classes_from_instances_on_a_hand_made_map():
+    # two touching 3x3 cells (1 and 2) and a lone 3x3 cell (3) whose centre is its only interior pixel
+    inst = np.zeros((5, 11), np.int32)
+    inst[1:4, 1:4], inst[1:4, 4:7], inst[1:4, 8:11] = 1, 2, 3
+    expected = np.array([
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 2, 2, 2, 2, 2, 2, 0, 2, 2, 2],
+        [0, 2, 1, 2, 2, 1, 2, 0, 2, 1, 2],
+        [0, 2, 2, 2, 2, 2, 2, 0, 2, 2, 2],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    ], np.uint8)
+    expected[2, 10] = 1  # cell 3 meets the image border there: pixels past the border do not count
+    assert np.array_equal(classes_from_instances(inst), expected)
+
+
+def test_touching_blobs_have_outlines_between_touching_cells():
+    images, classes = generate_touching_blobs(3, 2, size=256)
+    assert images.shape == classes.shape == (2, 256, 256) and images.dtype == classes.dtype == np.uint8
+    again = generate_touching_blobs(3, 2, size=256)
+    assert np.array_equal(images, again[0]) and np.array_equal(classes, again[1])
+    for c in classes:
+        assert set(np.unique(c)) == {0, 1, 2}
+        # an interior pixel never has background among its 8 neighbours (the outline lies between)
+        near_background = ndimage.binary_dilation(c == 0, np.ones((3, 3), bool))
+        assert not (near_background & (c == 1)).any()
+        # cells touch: some outline pixels have no background within 1 px (a line between two cells)
+        assert ((c == 2) & ~near_background).sum() > 100
+    # cells are brighter than the background
+    assert images[classes > 0].mean() > images[classes == 0].mean() + 20

@@ -1,0 +1,539 @@
+"""AuxNet beside its peers, at equal budget: the same splits, tiles, epochs, schedule, precision and
+augmentation, scored by one metric code on the same pixels of whole test images.
+
+Rows (``--rows``):
+
+* ``auxnet``: AuxNet trained **through the framework's own train command** (``python main.py``) with
+  the default recipe plus only what the task needs (its data, classes, tile size); scored from the
+  final epoch's ``last.pth`` with the framework's own predictor (Gaussian-weighted windows at 50 %
+  overlap), ungated; ``auxnet`` also reports the same checkpoint's gated prediction (the head skips
+  the decoder on windows it calls boundary-free) as the row ``AuxNet default, gated``.
+* ``basicunet``: MONAI ``BasicUNet(features=(8, 16, 32, 64, 128, 8))`` (0.488 M parameters, as
+  AuxNet's 0.483 M) and ``unet``: MONAI ``UNet(channels=(12, 24, 48, 96, 192), strides 2,
+  num_res_units=1)`` (0.473 M); both with MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` on
+  ``max(K, 2)`` output channels, AdamW at the same rates, the same warm-up and cosine per step, the
+  same tiles, batches, augmentation and autocast/channels_last as the framework's runtime chooses,
+  fed by the framework's own loader (so every network sees the same tiles in the same order);
+  predicted with MONAI's ``sliding_window_inference`` (Gaussian, 50 % overlap).
+* ``smp``: segmentation_models_pytorch ``Unet`` where it imports (it needs torchvision; where it
+  does not import, the table says why).
+* ablations of AuxNet (each a config option, see :data:`ABLATIONS`): ``--rows ablations``.
+
+Tasks (``--tasks``, see :data:`TASKS`): ``touching_blobs`` (3 classes from instance labels:
+background, cell interior, cell boundary), ``hard_boundaries`` (binary, thin touching structures),
+``lines_ellipses`` (3 classes), ``isbi2012`` (EM membranes; 3-fold cross-validation over the 30
+slices, so nothing is chosen on a test slice; needs the data folder, skipped with its reason
+without it). Each seed is one replicate: a fresh training of every row; on ISBI seed number ``i``
+(in the order given) trains fold ``i`` of the 3.
+
+Every run is kept in ``--results-dir/<task>/<row>/seed<seed>/result.json`` and reused when the same
+command (and, for AuxNet, the same configuration) made it, unless ``--force``; the tables
+(mean ± sample std over the seeds, wall time, parameters) go to ``--out`` (markdown) and are printed.
+
+Usage:
+    python bench/peers.py                                   # every task, AuxNet and its peers, 3 seeds
+    python bench/peers.py --tasks touching_blobs --rows ablations
+    python bench/peers.py --tables-only                     # rewrite the tables from the runs on disk
+    python bench/peers.py --tasks touching_blobs --epochs 1 --seeds 42 --results-dir /tmp/p --out /tmp/p.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.folder_datasets import FOLDER_DATASETS, ensure_folder_dataset  # noqa: E402
+from bench.reproduce import git_commit, machine, write_fixed_split  # noqa: E402
+from configs import load_config  # noqa: E402
+from engines.builders import build_data, build_loaders, build_runtime, lr_factor  # noqa: E402
+from engines.forward import autocast_for, image_to, place  # noqa: E402
+from engines.inference import load_for_inference  # noqa: E402
+from engines.predict import build_predictor  # noqa: E402
+from engines.SegTrainer import epoch_seed  # noqa: E402
+from engines.sliding_window import ArrayImage  # noqa: E402
+from model.metrics import SegmentationMetrics  # noqa: E402
+from utils.image_io import to_unit_range  # noqa: E402
+from utils.util import DistContext, atomic_write_json, atomic_write_text, seed_everything  # noqa: E402
+
+DATA_SEED = 0  # every generated dataset is drawn from seed 0; the training SEED varies
+SEEDS = (42, 1, 2)
+ISBI_DIR = ROOT.parent / "shared" / "data" / "isbi2012"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One benchmark task.
+
+    Attributes:
+        title: the table's title.
+        data: a generated dataset's name (:data:`bench.folder_datasets.FOLDER_DATASETS`) or a folder.
+        seg_classes: SEG_CLASSES of the runs (1 = binary).
+        scored: the classes whose mean Dice / IoU the table reports (their names by index).
+        boundary: the class whose IoU, HD95 and ASD the table reports (the task's boundary class).
+        overrides: what the task needs beyond the default recipe (``KEY=VALUE``).
+        test_ids: the fixed test images, or None for cross-validation folds (see ``folds``).
+        folds: cross-validation: seed number i tests fold i of this many (contiguous blocks of ids).
+    """
+
+    title: str
+    data: str
+    seg_classes: int
+    scored: dict[int, str]
+    boundary: int
+    overrides: tuple[str, ...] = ()
+    test_ids: Optional[tuple[str, ...]] = None
+    folds: int = 0
+
+
+TASKS: dict[str, Task] = {
+    "touching_blobs": Task(
+        "Touching cells, 3 classes from instance labels (18 training / 6 test images of 512²)",
+        "touching_blobs", 3, {1: "interior", 2: "boundary"}, 2, ("LOSS=CE_SoftDICE",),
+        test_ids=tuple(f"{n:03d}" for n in range(18, 24))),
+    "hard_boundaries": Task(
+        "Hard boundaries, binary: thin, touching, low-contrast structures (9 training / 15 test scenes of 768²)",
+        "hard_boundaries", 1, {1: "object"}, 1, (), test_ids=tuple(f"{n:03d}" for n in range(9, 24))),
+    "lines_ellipses": Task(
+        "Lines and ellipses, 3 classes (50 training / 10 test images of 400×200, 96-px tiles)",
+        "lines_ellipses", 3, {1: "line", 2: "ellipse"}, 1,
+        ("LOSS=CE_SoftDICE", "INPUT_SIZE=96", "TILE_OVERLAP=48"), test_ids=tuple(f"{n:03d}" for n in range(50, 60))),
+    "isbi2012": Task(
+        "ISBI 2012 EM membranes, 3-fold cross-validation over the 30 slices (20 training / 10 test each)",
+        str(ISBI_DIR), 1, {0: "membrane", 1: "cell"}, 0, (), folds=3),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row: AuxNet with ``overrides`` (``peer`` None) or a peer network by name."""
+
+    label: str
+    overrides: tuple[str, ...] = ()
+    peer: Optional[str] = None
+    #: LOSS terms added to the task's own LOSS (boundary-aware ablations), e.g. ("Boundary",).
+    extra_terms: tuple[str, ...] = ()
+    #: LOSS term of the task's own LOSS replaced: (old, new), e.g. ("CE", "wCE").
+    swap_term: Optional[tuple[str, str]] = None
+
+
+PEERS: dict[str, Row] = {
+    "auxnet": Row("AuxNet default"),
+    "basicunet": Row("MONAI BasicUNet + DiceCE", peer="basicunet"),
+    "unet": Row("MONAI UNet + DiceCE", peer="unet"),
+    "smp": Row("SMP Unet + DiceCE", peer="smp"),
+}
+
+#: AuxNet's ablations: one option changed from the default recipe per row.
+ABLATIONS: dict[str, Row] = {
+    "norm_instance": Row("NORM=instance", ("NORM=instance",)),
+    "norm_group": Row("NORM=group", ("NORM=group",)),
+    "leaky_relu": Row("ACTIVATION=leaky_relu", ("ACTIVATION=leaky_relu",)),
+    "instance_leaky": Row("NORM=instance, ACTIVATION=leaky_relu", ("NORM=instance", "ACTIVATION=leaky_relu")),
+    "dice_background": Row("INCLUDE_BACKGROUND=true (Dice also of the background)", ("INCLUDE_BACKGROUND=true",)),
+    "cls_0": Row("CLS_WEIGHT=0 (head carried, not trained)", ("CLS_WEIGHT=0",)),
+    "aug_flips": Row("AUGMENTATIONS=flips", ("AUGMENTATIONS=flips",)),
+    "aug_none": Row("AUGMENTATIONS=none", ("AUGMENTATIONS=none",)),
+    "boundary": Row("+ Boundary, α schedule", ("ADAPTIVE_WEIGHTS=schedule",), extra_terms=("Boundary",)),
+    "cldice": Row("+ clDice", extra_terms=("clDice",)),
+    "smae": Row("+ sMAE", extra_terms=("sMAE",)),
+    "wce": Row("wCE / wBCE instead of CE / BCE", swap_term=("CE", "wCE")),
+}
+ROWS: dict[str, Row] = {**PEERS, **ABLATIONS}
+ROW_SETS = {"peers": list(PEERS), "ablations": ["auxnet", *ABLATIONS]}
+
+
+# ------------------------------------------------------------------------------------ runs
+
+
+@dataclass
+class Run:
+    """One (task, row, seed): where it lives and what it trains on."""
+
+    task_name: str
+    row_name: str
+    seed: int
+    replicate: int  # the seed's position: the fold on a cross-validated task
+    results: Path
+    epochs: Optional[int] = None
+    task: Task = field(init=False)
+    row: Row = field(init=False)
+
+    def __post_init__(self):
+        self.task, self.row = TASKS[self.task_name], ROWS[self.row_name]
+
+    @property
+    def folder(self) -> Path:
+        return self.results / self.task_name / self.row_name / (f"seed{self.seed}" + (
+            f"_e{self.epochs}" if self.epochs is not None else ""))
+
+    @property
+    def data_dir(self) -> Path:
+        return (self.results / "data" / self.task.data) if self.task.data in FOLDER_DATASETS else Path(self.task.data)
+
+    def test_ids(self, ids: list[str]) -> list[str]:
+        if self.task.test_ids is not None:
+            return list(self.task.test_ids)
+        return [str(x) for x in np.array_split(np.array(sorted(ids), dtype=object), self.task.folds)[self.replicate]]
+
+    def loss(self) -> str:
+        """The run's LOSS: the task's, or the default's, with the row's terms added or swapped."""
+        given = dict(o.split("=", 1) for o in self.task.overrides)
+        terms = given.get("LOSS", load_config(None, []).LOSS).split("_")
+        if self.row.swap_term:
+            old, new = self.row.swap_term
+            binary = self.task.seg_classes == 1
+            old, new = ("BCE", "wBCE") if binary else (old, new)
+            terms = [new if t == old else t for t in terms]
+        return "_".join(terms + list(self.row.extra_terms))
+
+    def overrides(self) -> list[str]:
+        """The ``KEY=VALUE`` options of the run (for AuxNet: its command line; for a peer: its loader)."""
+        out = [f"DATASET_DIR={self.data_dir}", f"SEG_CLASSES={self.task.seg_classes}", f"SEED={self.seed}",
+               *[o for o in self.task.overrides if not o.startswith("LOSS=")], f"LOSS={self.loss()}",
+               *self.row.overrides, f"RESULTS_DIR={self.folder.parent.parent}", f"EXP_ID={self.row_name}",
+               f"RUN_ID={self.folder.name}",
+               "SAVE_MODEL=false", "DISTANCE_METRICS=false", "PLOT_TILES=0",
+               f"TEST_SPLIT={1 / (self.task.folds or 4):.6f}"]
+        if self.epochs is not None:
+            out += [f"TRAIN_EPOCHS={self.epochs}", "WARMUP_EPOCHS=0"]
+        return out
+
+    def command(self) -> list[str]:
+        return ["python", "main.py", *self.overrides()]
+
+
+def prepare(run: Run) -> Optional[str]:
+    """Write the run's data (generated) and ``tts.json``; the reason it cannot run, or None."""
+    if run.task.data in FOLDER_DATASETS:
+        ensure_folder_dataset(run.data_dir, run.task.data, DATA_SEED)
+    elif not (run.data_dir / "images").is_dir():
+        return (f"{run.data_dir} is missing: the ISBI 2012 training slices (images/ and masks/) are not on this "
+                "machine")
+    images_dir = run.data_dir / "images"
+    ids = sorted(p.stem for p in images_dir.iterdir() if not p.name.startswith("."))
+    run.folder.mkdir(parents=True, exist_ok=True)
+    write_fixed_split(run.folder, images_dir, run.test_ids(ids), num_folds=run.task.folds or 4, seed=run.seed)
+    return None
+
+
+def train_auxnet(run: Run) -> dict:
+    """Train through ``main.py``; returns the wall time and the training time of the epochs."""
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    start = time.perf_counter()
+    with open(run.folder / "train.log", "w") as log:
+        done = subprocess.run([sys.executable, *run.command()[1:]], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if done.returncode != 0 or not (run.folder / "last.pth").is_file():
+        tail = (run.folder / "train.log").read_text().strip().splitlines()[-6:]
+        raise RuntimeError(f"main.py exited {done.returncode}:\n  " + "\n  ".join(tail))
+    epochs = [json.loads(line) for line in (run.folder / "log.jsonl").read_text().splitlines() if line.strip()]
+    return {"wall_s": wall, "train_s": sum(e.get("train_s", e.get("time_s", 0.0)) for e in epochs)}
+
+
+def score_auxnet(run: Run) -> dict[str, dict]:
+    """Whole test images predicted from ``last.pth`` with the framework's predictor, ungated and gated."""
+    cfg = load_config(None, [*run.overrides(), f"MODEL_WEIGHTS={run.folder / 'last.pth'}"])
+    checkpoint = load_for_inference(cfg, overrides=[], command="eval")
+    ctx = DistContext(device=bench_device(cfg))
+    runtime = build_runtime(checkpoint.cfg, ctx)
+    splits = build_data(checkpoint.cfg, run.folder / "tts.json", fold=0, scene_sdm=False)
+    out = {}
+    for mode in ("ungated", "gated") if checkpoint.can_gate else ("ungated",):
+        predictor = build_predictor(checkpoint.cfg, checkpoint.net, checkpoint.can_gate, runtime,
+                                    gating=mode == "gated")
+
+        def predict(raw, entry, predictor=predictor):
+            probs, stats = predictor.predict_array(ArrayImage(raw, entry.offset, entry.scale))
+            return predictor.labels(probs, checkpoint.cfg.SEG_THRESHOLD), stats.decoded / max(stats.tiles, 1)
+
+        out[mode] = score(run, splits, predict)
+    out["params"] = sum(p.numel() for p in checkpoint.net.parameters())
+    return out
+
+
+def bench_device(cfg) -> torch.device:
+    """Where ``main.py`` trains a run of ``cfg`` (its first GPU, or the CPU): every row runs there."""
+    if cfg.GPUs == [] or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", (cfg.GPUs or [0])[0])
+
+
+def peer_network(name: str, out_channels: int) -> torch.nn.Module:
+    """A peer network (2-D, one input channel).
+
+    Raises:
+        ImportError: its library does not import here (the message says why).
+    """
+    if name == "basicunet":
+        from monai.networks.nets import BasicUNet
+
+        return BasicUNet(spatial_dims=2, in_channels=1, out_channels=out_channels, features=(8, 16, 32, 64, 128, 8))
+    if name == "unet":
+        from monai.networks.nets import UNet
+
+        return UNet(spatial_dims=2, in_channels=1, out_channels=out_channels, channels=(12, 24, 48, 96, 192),
+                    strides=(2, 2, 2, 2), num_res_units=1)
+    if name == "smp":
+        try:
+            import segmentation_models_pytorch as smp
+        except Exception as err:  # torchvision beside a CPU torch fails with RuntimeError, not ImportError
+            raise ImportError(f"segmentation_models_pytorch does not import: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:120]}") from None
+        return smp.Unet("resnet18", encoder_weights=None, in_channels=1, classes=out_channels)
+    raise ValueError(f"unknown peer {name!r}")
+
+
+def train_peer(run: Run) -> tuple[dict, Callable]:
+    """Train a peer on the framework's loader with the framework's schedule; returns the timings and
+    the whole-image predictor (MONAI ``sliding_window_inference``)."""
+    from monai.inferers import sliding_window_inference
+    from monai.losses import DiceCELoss
+
+    start = time.perf_counter()
+    cfg = load_config(None, run.overrides())
+    ctx = DistContext(device=bench_device(cfg))
+    runtime = build_runtime(cfg, ctx)
+    seed_everything(cfg.SEED)
+    net = place(peer_network(run.row.peer, max(cfg.SEG_CLASSES, 2)), ctx.device, runtime.channels_last)
+    splits = build_data(cfg, run.folder / "tts.json", fold=0, scene_sdm=False)
+    loader, _ = build_loaders(cfg, splits, ctx)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.BASE_LR, weight_decay=cfg.L2_DECAY)
+    schedule = partial(lr_factor, warmup=cfg.WARMUP_EPOCHS * len(loader), decay=cfg.TRAIN_EPOCHS * len(loader),
+                       start=cfg.INIT_LR / cfg.BASE_LR)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    train_s = 0.0
+    for epoch in range(cfg.WARMUP_EPOCHS + cfg.TRAIN_EPOCHS):
+        seed = epoch_seed(cfg.SEED, epoch, 0)  # the trainer's seeding: the same augmentation draws
+        seed_everything(seed)
+        loader.dataset.reseed(seed)
+        loader.sampler.set_epoch(epoch)
+        net.train()
+        began = time.perf_counter()
+        for batch in loader:
+            image = image_to(batch["image"], ctx.device, runtime.channels_last)
+            mask = batch["mask"].to(ctx.device)[:, None]
+            with autocast_for(ctx.device, runtime.amp_dtype):
+                logits = net(image)
+            loss = loss_fn(logits.float(), mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        train_s += time.perf_counter() - began
+    net.eval()
+
+    @torch.inference_mode()
+    def predict(raw, entry):
+        x = torch.from_numpy(to_unit_range(raw, entry.offset, entry.scale).transpose(2, 0, 1)[None].copy())
+        x = image_to(x, ctx.device, runtime.channels_last)
+        with autocast_for(ctx.device, runtime.amp_dtype):
+            logits = sliding_window_inference(x, (cfg.INPUT_SIZE,) * 2, cfg.BATCH_SIZE * 2, net, overlap=0.5,
+                                              mode="gaussian")
+        return logits.float().argmax(1)[0].cpu().numpy(), 1.0
+
+    timing = {"wall_s": time.perf_counter() - start, "train_s": train_s,
+              "params": sum(p.numel() for p in net.parameters())}
+    return timing, (predict, splits)
+
+
+def score(run: Run, splits, predict: Callable) -> dict:
+    """Per-class Dice, IoU and surface distances over the test split's whole images (one metric code
+    for every row: :class:`model.metrics.SegmentationMetrics`, background included)."""
+    metrics = SegmentationMetrics(run.task.seg_classes, distance_metrics=True, include_background=True)
+    images = splits.test.images
+    index = {image_id: i for i, image_id in enumerate(images.ids)}
+    decoded, started = [], time.perf_counter()
+    for image_id in splits.test_ids:
+        raw, mask = images.get(index[image_id])
+        pred, share = predict(raw, images.entries[index[image_id]])
+        decoded.append(share)
+        metrics.update_labels(torch.from_numpy(np.asarray(pred, dtype=np.int64))[None],
+                              torch.from_numpy(mask.astype(np.int64))[None], ids=[image_id])
+    return {**metrics.compute(), "predict_s": time.perf_counter() - started, "decoded": float(np.mean(decoded))}
+
+
+def run_one(run: Run, force: bool) -> Optional[dict]:
+    """Train and score one run (or reuse it); its result, or None when it cannot run here."""
+    path = run.folder / "result.json"
+    spec = {"command": shlex.join(run.command()), "peer": run.row.peer}
+    if path.is_file() and not force:
+        found = json.loads(path.read_text())
+        if found.get("spec") == spec:
+            return found
+    if run.row.peer:
+        try:
+            peer_network(run.row.peer, 2)
+        except ImportError as err:
+            return {"skipped": str(err)}
+    if run.folder.exists():
+        shutil.rmtree(run.folder)
+    reason = prepare(run)
+    if reason:
+        return {"skipped": reason}
+    print(f"{run.task_name} / {run.row.label} / seed {run.seed} ...", flush=True)
+    if run.row.peer:
+        timing, (predict, splits) = train_peer(run)
+        scores = {"ungated": score(run, splits, predict)}
+    else:
+        timing = train_auxnet(run)
+        scores = score_auxnet(run)
+        timing["params"] = scores.pop("params")
+    result = {"spec": spec, **timing, "scores": scores, "commit": git_commit(), "machine": machine(),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    atomic_write_json(path, result)
+    u = scores["ungated"]
+    print(f"  {timing['wall_s']:.0f} s; DSC {u['DSC']:.4f}, boundary IoU {u[f'IoU/{run.task.boundary}']:.4f}",
+          flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------ tables
+
+
+def mean_std(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def row_cells(task: Task, results: list[dict], mode: str) -> list[str]:
+    """The table cells of one row from its runs' results (one per seed)."""
+    scores = [r["scores"][mode] for r in results if mode in r.get("scores", {})]
+    if not scores:
+        return []
+    b = task.boundary
+    dsc = [statistics.mean(s[f"DSC/{c}"] for c in task.scored) for s in scores]
+    iou = [statistics.mean(s[f"IoU/{c}"] for c in task.scored) for s in scores]
+    cells = [mean_std(dsc), mean_std(iou)]
+    if len(task.scored) > 1:
+        cells += [" / ".join(f"{statistics.mean(s[f'DSC/{c}'] for s in scores):.4f}" for c in task.scored)]
+    cells += [mean_std([s[f"IoU/{b}"] for s in scores]), mean_std([s[f"HD95/{b}"] for s in scores], 2),
+              mean_std([s[f"ASD/{b}"] for s in scores], 2), mean_std([s["ACC"] for s in scores])]
+    wall = [r["wall_s"] for r in results]
+    train = [r["train_s"] for r in results]
+    predict = [s["predict_s"] for s in scores]
+    cells += [f"{results[0]['params'] / 1e6:.3f}", f"{statistics.mean(train):.0f} / {statistics.mean(wall):.0f}",
+              f"{statistics.mean(predict):.1f}", str(len(scores))]
+    return cells
+
+
+def task_table(name: str, rows: list[str], runs: dict[str, list[dict]], results_dir: Path) -> str:
+    task = TASKS[name]
+    names = list(task.scored.values())
+    head = ["model", f"Dice ({' + '.join(names)})", "IoU"]
+    if len(task.scored) > 1:
+        head += [f"Dice {' / '.join(names)}"]
+    bname = {**task.scored, 0: task.scored.get(0, "background")}[task.boundary]
+    head += [f"IoU {bname}", f"HD95 {bname} px", f"ASD {bname} px", "pixel acc.", "params M", "train / wall s",
+             "predict s", "seeds"]
+    lines = [f"### {task.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    skipped = []
+    for row_name in rows:
+        results = runs.get(row_name, [])
+        done = [r for r in results if "scores" in r]
+        if not done:
+            why = next((r["skipped"] for r in results if "skipped" in r), None)
+            if why:
+                skipped.append(f"{ROWS[row_name].label}: {why}")
+            continue
+        for mode in ("ungated", "gated"):
+            cells = row_cells(task, done, mode)
+            if cells:
+                label = ROWS[row_name].label + (", gated" if mode == "gated" else "")
+                lines.append("| " + " | ".join([label, *cells]) + " |")
+    if skipped:
+        lines += [""] + [f"- not run: {s}" for s in skipped]
+    return "\n".join(lines)
+
+
+def write_tables(tasks: list[str], rows: list[str], seeds: list[int], results_dir: Path, out: Path,
+                 epochs: Optional[int]) -> str:
+    parts = [f"Made by `python bench/peers.py` on {machine()} at commit {git_commit()}. Mean ± sample std over "
+             f"the seeds ({', '.join(map(str, seeds))}); whole test images; the final epoch's network "
+             "(nothing selected on the test images). HD95 and ASD are the mean over the test images; 'train / wall "
+             "s' is the training epochs' time and the whole command's; 'predict s' sums the test images."]
+    for name in tasks:
+        runs: dict[str, list[dict]] = {}
+        for row_name in rows:
+            for i, seed in enumerate(seeds):
+                path = Run(name, row_name, seed, i, results_dir, epochs).folder / "result.json"
+                if path.is_file():
+                    runs.setdefault(row_name, []).append(json.loads(path.read_text()))
+        parts.append(task_table(name, rows, runs, results_dir))
+    text = "\n\n".join(parts) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, text)
+    return text
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--rows", nargs="+", default=["peers"],
+                        help=f"row names or sets: {', '.join(ROW_SETS)}; rows: {', '.join(ROWS)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--epochs", type=int, default=None, help="shortened runs (no warm-up): a smoke test")
+    parser.add_argument("--results-dir", type=Path, default=ROOT / "saved" / "peers")
+    parser.add_argument("--out", type=Path, default=None, help="markdown tables (default: docs/peers.md, or "
+                        "RESULTS_DIR/peers.md for shortened runs)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of every run (default: the framework's choice, all cores); 1 keeps "
+                             "timings steady on a shared machine")
+    parser.add_argument("--tables-only", action="store_true")
+    parser.add_argument("--force", action="store_true", help="train again even where a finished run exists")
+    args = parser.parse_args(argv)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # main.py's runs and this process's runtime
+        torch.set_num_threads(args.threads)
+    rows = list(dict.fromkeys(r for name in args.rows for r in ROW_SETS.get(name, [name])))
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; valid: {', '.join([*ROW_SETS, *ROWS])}")
+    results_dir = args.results_dir.resolve()
+    out = args.out or (ROOT / "docs" / "peers.md" if args.epochs is None else results_dir / "peers.md")
+    failed = 0
+    if not args.tables_only:
+        for name in args.tasks:
+            for i, seed in enumerate(args.seeds):
+                for row_name in rows:
+                    run = Run(name, row_name, seed, i, results_dir, args.epochs)
+                    try:
+                        result = run_one(run, args.force)
+                    except Exception as err:  # one failed run is reported; the others go on
+                        failed += 1
+                        print(f"{name} / {row_name} / seed {seed}: FAILED: {err}", file=sys.stderr, flush=True)
+                        continue
+                    if result and "skipped" in result:
+                        print(f"{name} / {row_name}: skipped: {result['skipped']}", flush=True)
+                        break
+    print(write_tables(args.tasks, rows, args.seeds, results_dir, out, args.epochs))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
