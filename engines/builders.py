@@ -21,7 +21,7 @@ from model.AuxNet import AuxNet
 from model.losses import LossOptions
 from model.losses import build_loss as make_loss
 from model.metrics import SegmentationMetrics
-from utils.augment import DEFAULT_AUGMENTATIONS
+from utils.augment_presets import AUGMENTATION_PRESETS
 from utils.dataset import SceneSDM, Splits, build_datasets, make_loader
 from utils.hardware import Runtime, compile_problem, resolve_runtime
 from utils.image_io import DatasetError
@@ -65,6 +65,8 @@ def _bare_model(cfg: Config) -> AuxNet:
         base_width=cfg.CONV_DEPTH,
         seg_dropout=cfg.SEG_DROPOUT,
         cls_dropout=cfg.CLS_DROPOUT,
+        norm=cfg.NORM,
+        activation=cfg.ACTIVATION,
     )
 
 
@@ -134,8 +136,8 @@ def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Opt
     Raises:
         RunError: naming DATASET_DIR, for any bad, missing or mismatched file or split.
     """
-    augmentations = ({"default": DEFAULT_AUGMENTATIONS, "none": []}[cfg.AUGMENTATIONS]
-                     if isinstance(cfg.AUGMENTATIONS, str) else cfg.AUGMENTATIONS)
+    augmentations = (AUGMENTATION_PRESETS[cfg.AUGMENTATIONS] if isinstance(cfg.AUGMENTATIONS, str)
+                     else cfg.AUGMENTATIONS)
     with _dataset_errors(cfg):
         return build_datasets(
             cfg.DATASET_DIR,
