@@ -219,6 +219,13 @@ class Config:
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 """Every option by name, in schema order."""
 
+#: The value each option had before it existed: what a saved configuration (a checkpoint's, a run's
+#: config.yaml) that lacks the key was made with, whatever the option's default is now. A checkpoint
+#: made before NORM and ACTIVATION existed has BatchNorm and ReLU. (Saved configurations hold every
+#: option of their time, so a later change of a default needs no entry; a new option does whenever
+#: its default is not what runs did before it existed.)
+LEGACY_VALUES: dict[str, Any] = {"NORM": "batch", "ACTIVATION": "relu"}
+
 
 #: Options whose command-line value is kept as typed, not parsed as YAML (``RUN_ID=001`` stays "001").
 TEXT_OPTIONS: frozenset[str] = frozenset(

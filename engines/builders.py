@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from configs import Config
-from engines.checkpoint import LoadReport, head_is_trained, load_weights, read_checkpoint
+from engines.checkpoint import LoadReport, check_layers, head_is_trained, load_weights, read_checkpoint
 from engines.figures import make_plotter
 from engines.SegTrainer import SegTrainer, TrainerSettings, TrainStep
 from model.AuxNet import AuxNet
@@ -84,7 +84,8 @@ def build_network(cfg: Config, path: Optional[Path] = None,
             (:func:`engines.inference.load_for_inference`); else it is read here.
 
     Raises:
-        CheckpointError: MODEL_WEIGHTS cannot be read, or does not fit the network.
+        CheckpointError: MODEL_WEIGHTS cannot be read, does not fit the network, or was trained with
+            another NORM or ACTIVATION.
     """
     net = _bare_model(cfg)
     report = None
@@ -92,6 +93,7 @@ def build_network(cfg: Config, path: Optional[Path] = None,
         if state is None:
             path = resolve_weights_path(cfg.MODEL_WEIGHTS)
             state = read_checkpoint(path)
+        check_layers(path, state, cfg.NORM, cfg.ACTIVATION)
         report = load_weights(net, path, state, cfg.MODEL)
     net.set_trainable(cfg.stage.trains)
     return net, report
