@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from configs.schema import FIELDS, TEXT_OPTIONS, Config, setting, yaml_text
+from configs.schema import FIELDS, LEGACY_VALUES, TEXT_OPTIONS, Config, setting, yaml_text
 from utils.choices import did_you_mean
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
@@ -302,9 +302,11 @@ PREDICT_KEYS = EVAL_KEYS | {"INPUT", "OUTPUT", "SAVE_PROBABILITIES"}
 
 def saved_values(saved: dict[str, Any]) -> dict[str, Any]:
     """The options of a saved configuration (a run's ``config.yaml``, a checkpoint's) that are still
-    options and still valid, typed; the others are left out."""
+    options and still valid, typed; the others are left out. An option it lacks because it was saved
+    before the option existed is the value runs had then (:data:`~configs.schema.LEGACY_VALUES`), not
+    today's default: a checkpoint without NORM has BatchNorm."""
     values, _ = check_values({k: v for k, v in saved.items() if k in FIELDS}, source="saved run")
-    return values
+    return {**{k: v for k, v in LEGACY_VALUES.items() if k not in saved}, **values}
 
 
 def resume_problems(saved: dict[str, Any], cfg: Config, where: Path) -> list[str]:

@@ -17,8 +17,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from model.layer_choices import ACTIVATIONS, DEFAULT_ACTIVATION, DEFAULT_NORM, NORMS
 from model.metrics.names import METRIC_NAMES
 from model.stages import STAGES, Stage
+from utils.augment_presets import AUGMENTATION_PRESETS
 from utils.sdf_choices import DISTANCES
 
 ModelName = Literal[tuple(STAGES)]  # type: ignore[valid-type]
@@ -26,6 +28,9 @@ Composition = Literal["full", "boundary"]
 Distance = Literal[DISTANCES]  # type: ignore[valid-type]
 Normalization = Literal["static_max", "dynamic_max", "minmax", "none"]
 MetricName = Literal[METRIC_NAMES]  # type: ignore[valid-type]
+NormName = Literal[NORMS]  # type: ignore[valid-type]
+ActivationName = Literal[ACTIVATIONS]  # type: ignore[valid-type]
+AugmentationPreset = Literal[tuple(AUGMENTATION_PRESETS)]  # type: ignore[valid-type]
 
 
 def opt(default: Any = dataclasses.MISSING, doc: str = "", *, default_factory: Any = dataclasses.MISSING):
@@ -58,9 +63,9 @@ class Config:
     )
     SYNTHETIC_IMAGES: int = opt(12, "synthetic data: number of large images to generate")
     SYNTHETIC_SIZE: int = opt(512, "synthetic data: side length of each generated image (pixels)")
-    AUGMENTATIONS: Union[Literal["default", "none"], list[dict]] = opt(
+    AUGMENTATIONS: Union[AugmentationPreset, list[dict]] = opt(
         "default",
-        "`default`, `none`, or a list of {name: Transform, p: prob, <param>: value}",
+        "`default`, `flips` (only the 8 flips and quarter turns), `none`, or a list of {name: Transform, p: prob, <param>: value}",
     )
     # model
     MODEL: ModelName = opt(
@@ -75,6 +80,9 @@ class Config:
     INPUT_CHANNELS: int = opt(1, "image channels")
     UNET_DEPTH: int = opt(4, "U-Net levels including the bottleneck")
     CONV_DEPTH: int = opt(16, "feature maps of the first level (doubles per level)")
+    # the defaults of NORM and ACTIVATION are model.layer_choices's (the network's own defaults too)
+    NORM: NormName = opt(DEFAULT_NORM, "batch | instance | group: normalisation in every conv block (group: gcd(8, width) groups)")
+    ACTIVATION: ActivationName = opt(DEFAULT_ACTIVATION, "relu | leaky_relu (slope 0.1): activation in every conv block")
     BATCH_SIZE: int = opt(8, "tiles per step and per process")
     # segmentation
     SEG_CLASSES: int = opt(1, "output channels: 1 = binary (sigmoid), >= 2 = classes incl. background (softmax)")
@@ -210,6 +218,13 @@ class Config:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 """Every option by name, in schema order."""
+
+#: The value each option had before it existed: what a saved configuration (a checkpoint's, a run's
+#: config.yaml) that lacks the key was made with, whatever the option's default is now. A checkpoint
+#: made before NORM and ACTIVATION existed has BatchNorm and ReLU. (Saved configurations hold every
+#: option of their time, so a later change of a default needs no entry; a new option does whenever
+#: its default is not what runs did before it existed.)
+LEGACY_VALUES: dict[str, Any] = {"NORM": "batch", "ACTIVATION": "relu"}
 
 
 #: Options whose command-line value is kept as typed, not parsed as YAML (``RUN_ID=001`` stays "001").

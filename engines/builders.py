@@ -14,14 +14,14 @@ import torch.distributed as dist
 from torch import nn
 
 from configs import Config
-from engines.checkpoint import LoadReport, head_is_trained, load_weights, read_checkpoint
+from engines.checkpoint import LoadReport, check_layers, head_is_trained, load_weights, read_checkpoint
 from engines.figures import make_plotter
 from engines.SegTrainer import SegTrainer, TrainerSettings, TrainStep
 from model.AuxNet import AuxNet
 from model.losses import LossOptions
 from model.losses import build_loss as make_loss
 from model.metrics import SegmentationMetrics
-from utils.augment import DEFAULT_AUGMENTATIONS
+from utils.augment_presets import AUGMENTATION_PRESETS
 from utils.dataset import SceneSDM, Splits, build_datasets, make_loader
 from utils.hardware import Runtime, compile_problem, resolve_runtime
 from utils.image_io import DatasetError
@@ -65,6 +65,8 @@ def _bare_model(cfg: Config) -> AuxNet:
         base_width=cfg.CONV_DEPTH,
         seg_dropout=cfg.SEG_DROPOUT,
         cls_dropout=cfg.CLS_DROPOUT,
+        norm=cfg.NORM,
+        activation=cfg.ACTIVATION,
     )
 
 
@@ -82,7 +84,8 @@ def build_network(cfg: Config, path: Optional[Path] = None,
             (:func:`engines.inference.load_for_inference`); else it is read here.
 
     Raises:
-        CheckpointError: MODEL_WEIGHTS cannot be read, or does not fit the network.
+        CheckpointError: MODEL_WEIGHTS cannot be read, does not fit the network, or was trained with
+            another NORM or ACTIVATION.
     """
     net = _bare_model(cfg)
     report = None
@@ -90,6 +93,7 @@ def build_network(cfg: Config, path: Optional[Path] = None,
         if state is None:
             path = resolve_weights_path(cfg.MODEL_WEIGHTS)
             state = read_checkpoint(path)
+        check_layers(path, state, cfg.NORM, cfg.ACTIVATION)
         report = load_weights(net, path, state, cfg.MODEL)
     net.set_trainable(cfg.stage.trains)
     return net, report
@@ -134,8 +138,8 @@ def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Opt
     Raises:
         RunError: naming DATASET_DIR, for any bad, missing or mismatched file or split.
     """
-    augmentations = ({"default": DEFAULT_AUGMENTATIONS, "none": []}[cfg.AUGMENTATIONS]
-                     if isinstance(cfg.AUGMENTATIONS, str) else cfg.AUGMENTATIONS)
+    augmentations = (AUGMENTATION_PRESETS[cfg.AUGMENTATIONS] if isinstance(cfg.AUGMENTATIONS, str)
+                     else cfg.AUGMENTATIONS)
     with _dataset_errors(cfg):
         return build_datasets(
             cfg.DATASET_DIR,

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from configs import Config
+from configs.config_parser import saved_values
 from model.stages import STAGES
 from utils.run_paths import RunDir
 from utils.util import RunError, atomic_torch_save
@@ -191,6 +192,41 @@ def head_trained(state: Mapping[str, Any], model: str) -> bool:
     config = state.get("config")
     stage = STAGES.get(config.get("MODEL", model) if isinstance(config, dict) else model)
     return stage is not None and stage.has_head and ("C" in stage.trains or stage.needs_weights)
+
+
+def check_layers(path: Path, state: Mapping[str, Any], norm: str, activation: str) -> None:
+    """Refuse a checkpoint whose network has other layers than NORM=``norm``, ACTIVATION=``activation``.
+
+    The layers are the saved configuration's (a checkpoint made before NORM and ACTIVATION existed has
+    BatchNorm and ReLU, see :func:`configs.config_parser.saved_values`); bare weights are judged by
+    their keys (BatchNorm keeps running statistics, InstanceNorm and GroupNorm do not). The state_dicts
+    of the norms differ, and so would loading: BatchNorm weights into an InstanceNorm network would
+    drop the statistics silently, and InstanceNorm's scale and shift fit GroupNorm's shape although
+    they mean something else.
+
+    Raises:
+        CheckpointError: naming the file, the option, both values and the fix.
+    """
+    config = state.get("config")
+    if isinstance(config, dict):
+        saved = saved_values(config)
+        made = {key: [saved[key]] for key in ("NORM", "ACTIVATION") if key in saved}
+    else:  # bare weights name no configuration: only BatchNorm's running statistics tell the norm apart
+        made = {"NORM": ["batch"] if any(k.endswith(".running_mean") for k in state["model"]) else ["instance", "group"]}
+    for key, asked in {"NORM": norm, "ACTIVATION": activation}.items():
+        if key in made and asked not in made[key]:
+            fix = " or ".join(f"{key}={value}" for value in made[key])
+            raise CheckpointError(
+                f"MODEL_WEIGHTS={str(path)!r} was trained with {fix}, but this run has {key}={asked}: "
+                f"{_LAYER_WHY[key]}; use {fix}, or leave MODEL_WEIGHTS out to train {key}={asked} from scratch")
+
+
+#: Why a network's weights do not carry over to another NORM or ACTIVATION (see :func:`check_layers`).
+_LAYER_WHY = {
+    "NORM": "the normalisation layers hold different weights (BatchNorm keeps running statistics, InstanceNorm "
+            "and GroupNorm normalise each sample by its own)",
+    "ACTIVATION": "its weights were learnt for the other activation",
+}
 
 
 #: Parameter name prefixes a checkpoint may lack (a UNet's, or one made before the fill head existed):

@@ -8,6 +8,8 @@
                                  ├ ClassifierHead ─▶ cls  (B, CLS_CLASSES)        "contains a boundary?"
                                  └ FillHead ───────▶ fill (B, max(SEG_CLASSES, 2)) "if not, which class?"
 
+Each Enc, Dec and the Bottleneck is a :class:`ConvBlock`, (3×3 conv → norm → activation) × 2, whose
+norm is BatchNorm, InstanceNorm or GroupNorm and activation ReLU or LeakyReLU (NORM, ACTIVATION).
 Width doubles per level from ``base_width``; ``depth`` counts levels including the bottleneck, so
 the input side must be divisible by 2^(depth-1). The head answers "does this tile contain an object
 boundary?"; the fill head answers "if not, which class is the whole tile?", so that prediction can
@@ -19,10 +21,14 @@ alone on a frozen encoder.
 from __future__ import annotations
 
 import copy
+import math
 from typing import NamedTuple, Optional, TypeVar
 
 import torch
 from torch import nn
+
+from model.layer_choices import ACTIVATIONS, DEFAULT_ACTIVATION, DEFAULT_NORM, GROUPS, LEAKY_SLOPE, NORMS
+from utils.choices import check_choice
 
 N = TypeVar("N", bound=nn.Module)
 
@@ -35,17 +41,47 @@ class AuxNetOutput(NamedTuple):
     fill: Optional[torch.Tensor] = None
 
 
-class ConvBlock(nn.Sequential):
-    """(3×3 conv → BatchNorm → ReLU) × 2, then spatial dropout."""
+def norm_layer(norm: str, ch: int) -> nn.Module:
+    """The normalisation layer ``norm`` (:data:`~model.layer_choices.NORMS`) of ``ch`` channels.
 
-    def __init__(self, in_ch: int, out_ch: int, dropout: float):
+    batch: BatchNorm2d, normalising by the batch's statistics in training and by their running
+    averages in eval mode. instance: InstanceNorm2d with a learnt scale and shift and no running
+    statistics (MONAI BasicUNet's default): every sample, in training and inference alike, is
+    normalised by its own per-channel statistics. group: GroupNorm of gcd(8, ch) groups (8 for
+    widths that are multiples of 8), each sample by its own statistics over those groups.
+    """
+    if norm == "batch":
+        return nn.BatchNorm2d(ch)
+    if norm == "instance":
+        return nn.InstanceNorm2d(ch, affine=True)
+    if norm == "group":
+        return nn.GroupNorm(math.gcd(GROUPS, ch), ch)
+    raise ValueError(f"norm={norm!r} is not one of {list(NORMS)}")
+
+
+def activation_layer(activation: str) -> nn.Module:
+    """The activation ``activation`` (:data:`~model.layer_choices.ACTIVATIONS`): ReLU, or LeakyReLU
+    with slope 0.1 for negative inputs (MONAI BasicUNet's)."""
+    if activation == "relu":
+        return nn.ReLU(inplace=True)
+    if activation == "leaky_relu":
+        return nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
+    raise ValueError(f"activation={activation!r} is not one of {list(ACTIVATIONS)}")
+
+
+class ConvBlock(nn.Sequential):
+    """(3×3 conv → norm → activation) × 2, then spatial dropout; norm is BatchNorm, InstanceNorm or
+    GroupNorm (:func:`norm_layer`), activation ReLU or LeakyReLU (:func:`activation_layer`)."""
+
+    def __init__(self, in_ch: int, out_ch: int, dropout: float, norm: str = DEFAULT_NORM,
+                 activation: str = DEFAULT_ACTIVATION):
         super().__init__(
             nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_ch),
-            nn.ReLU(inplace=True),
+            norm_layer(norm, out_ch),
+            activation_layer(activation),
             nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_ch),
-            nn.ReLU(inplace=True),
+            norm_layer(norm, out_ch),
+            activation_layer(activation),
             nn.Dropout2d(dropout) if dropout > 0 else nn.Identity(),
         )
 
@@ -53,17 +89,17 @@ class ConvBlock(nn.Sequential):
 class Down(nn.Sequential):
     """2×2 max-pool, then a ConvBlock: one level down the encoder."""
 
-    def __init__(self, in_ch: int, out_ch: int, dropout: float):
-        super().__init__(nn.MaxPool2d(2), ConvBlock(in_ch, out_ch, dropout))
+    def __init__(self, in_ch: int, out_ch: int, dropout: float, **layers: str):
+        super().__init__(nn.MaxPool2d(2), ConvBlock(in_ch, out_ch, dropout, **layers))
 
 
 class Up(nn.Module):
     """2×2 transposed conv, concatenate the skip connection, ConvBlock: one level up the decoder."""
 
-    def __init__(self, in_ch: int, out_ch: int, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, dropout: float, **layers: str):
         super().__init__()
         self.up = nn.ConvTranspose2d(in_ch, out_ch, 2, stride=2)
-        self.conv = ConvBlock(2 * out_ch, out_ch, dropout)
+        self.conv = ConvBlock(2 * out_ch, out_ch, dropout, **layers)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.conv(torch.cat([skip, self.up(x)], dim=1))
@@ -95,6 +131,8 @@ class AuxNet(nn.Module):
         base_width: feature maps of the first level; doubles per level.
         seg_dropout: spatial dropout after each encoder and decoder block.
         cls_dropout: dropout before the head's linear layer.
+        norm: the blocks' normalisation, one of :data:`~model.layer_choices.NORMS` (see :func:`norm_layer`).
+        activation: the blocks' activation, one of :data:`~model.layer_choices.ACTIVATIONS`.
 
     Shape:
         x: (B, in_channels, H, W) with H, W divisible by 2^(depth-1).
@@ -111,15 +149,21 @@ class AuxNet(nn.Module):
         base_width: int = 16,
         seg_dropout: float = 0.0,
         cls_dropout: float = 0.0,
+        norm: str = DEFAULT_NORM,
+        activation: str = DEFAULT_ACTIVATION,
     ):
         super().__init__()
         if depth < 2:
             raise ValueError(f"depth={depth}: a U-Net needs at least 2 levels")
+        check_choice("norm", norm, NORMS)
+        check_choice("activation", activation, ACTIVATIONS)
         widths = [base_width * 2**i for i in range(depth)]
         self.depth = depth
-        self.inc = ConvBlock(in_channels, widths[0], seg_dropout)
-        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], seg_dropout) for i in range(depth - 1))
-        self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], seg_dropout) for i in reversed(range(depth - 1)))
+        layers = {"norm": norm, "activation": activation}
+        self.inc = ConvBlock(in_channels, widths[0], seg_dropout, **layers)
+        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], seg_dropout, **layers) for i in range(depth - 1))
+        self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], seg_dropout, **layers)
+                                 for i in reversed(range(depth - 1)))
         self.outc = nn.Conv2d(widths[0], seg_classes, 1)
         self.head = ClassifierHead(widths[-1], cls_classes, cls_dropout) if cls_classes > 0 else None
         self.fill_head = FillHead(widths[-1], max(seg_classes, 2), cls_dropout) if cls_classes > 0 else None
@@ -167,7 +211,8 @@ class AuxNet(nn.Module):
         """Freeze everything but ``parts`` (a subset of "EDC": encoder, decoder, classifier head).
 
         Frozen parts also stay in eval mode (see :meth:`train`) so their BatchNorm statistics and
-        dropout do not change while the other parts learn.
+        dropout do not change while the other parts learn (InstanceNorm and GroupNorm keep no
+        statistics: they normalise each sample by its own in either mode).
         """
         groups = {"E": self.encoder_modules(), "D": self.decoder_modules(), "C": self.head_modules()}
         self._frozen = [m for key, mods in groups.items() if key not in parts for m in mods]
@@ -191,7 +236,9 @@ def fold_batchnorm(net: N) -> N:
     (computed in float64, stored in the weight's dtype): the outputs equal the unfolded network's to
     float rounding, and inference skips a pass over every feature map. ``net`` itself, its mode and
     its state_dict are left as they are (checkpoints keep the training layout); the copy is for
-    inference only: training it would no longer normalise by batch statistics.
+    inference only: training it would no longer normalise by batch statistics. InstanceNorm and
+    GroupNorm (NORM=instance, group) normalise each input by its own statistics, which no
+    convolution can express: they stay as they are, and the copy is ``net`` in eval mode.
 
     Args:
         net: any module (an :class:`AuxNet`, or one holding its blocks).

@@ -294,5 +294,23 @@ def test_eval_and_predict_open_the_checkpoint_once(trained_run, tmp_path, monkey
     assert reads == [str(best)]
 
 
+def test_instance_norm_leaky_relu_and_flips_train_evaluate_and_predict(tmp_path):
+    """NORM=instance ACTIVATION=leaky_relu AUGMENTATIONS=flips (issue 26's ablations) end to end on the
+    CPU: the run saves them, and eval and predict take them from the checkpoint (MODEL_WEIGHTS of
+    another NORM: test_checkpoint_layers.py)."""
+    run_cli(*TINY, "TRAIN_EPOCHS=1", f"RESULTS_DIR={tmp_path}", "EXP_ID=norm", "NORM=instance",
+            "ACTIVATION=leaky_relu", "AUGMENTATIONS=flips")
+    run = tmp_path / "norm" / "run_001"
+    state = torch.load(run / "best.pth", weights_only=True)
+    assert (state["config"]["NORM"], state["config"]["ACTIVATION"], state["config"]["AUGMENTATIONS"]) == (
+        "instance", "leaky_relu", "flips")
+    assert not any(k.endswith("running_mean") for k in state["model"])
+    summary = eval_summary(run_cli("eval", f"MODEL_WEIGHTS={run / 'best'}"))
+    assert 0.0 <= json.loads(summary.read_text())["metrics"]["DSC"] <= 1.0
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 80), dtype=np.uint8)).save(tmp_path / "x.png")
+    run_cli("predict", f"MODEL_WEIGHTS={run / 'best'}", f"INPUT={tmp_path / 'x.png'}", f"OUTPUT={tmp_path / 'out'}")
+    assert np.asarray(Image.open(tmp_path / "out" / "x_mask.png")).shape == (96, 80)
+
+
 def test_a_checkpoint_records_that_its_head_was_trained(trained_run):
     assert torch.load(trained_run / "best.pth", weights_only=True)["head_trained"] is True  # MODEL=AuxNet-EDC

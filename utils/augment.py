@@ -1,6 +1,7 @@
 """Training augmentation with albumentations: a registry of transforms users may list in
-AUGMENTATIONS (each parameter checked, with the valid choices), the U-Net paper's elastic
-deformation, and the default recipe. Geometric transforms move image and mask together."""
+AUGMENTATIONS (each parameter checked, with the valid choices) and the U-Net paper's elastic
+deformation. The named recipes (``default``, ``flips``, ``none``) are :mod:`utils.augment_presets`'s.
+Geometric transforms move image and mask together."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch  # noqa: E402
 from albumentations.augmentations.geometric.distortion import BaseDistortion  # noqa: E402
 from albumentations.core.transforms_interface import BaseTransformInitSchema  # noqa: E402
 
+from utils.augment_presets import DEFAULT_AUGMENTATIONS  # noqa: E402, F401  (re-exported: its importers' name)
 from utils.choices import did_you_mean  # noqa: E402
 
 
@@ -185,16 +187,6 @@ AUGMENTATIONS: dict[str, AugmentationSpec] = {
         "add Gaussian noise; std drawn from std_range (fraction of the value range 1.0)",
     ),
 }
-
-DEFAULT_AUGMENTATIONS: list[dict[str, Any]] = [
-    {"name": "HorizontalFlip", "p": 0.5},
-    {"name": "VerticalFlip", "p": 0.5},
-    {"name": "RandomRotate90", "p": 0.5},
-    {"name": "ShiftScaleRotate", "p": 0.3, "shift_limit": 0.05, "scale_limit": 0.1, "rotate_limit": 30},
-    {"name": "ElasticTransform", "p": 0.3, "sigma": 10.0, "grid_size": 3},
-    {"name": "RandomBrightnessContrast", "p": 0.3, "brightness_limit": 0.1, "contrast_limit": 0.1},
-    {"name": "GaussNoise", "p": 0.2, "std_range": [0.01, 0.04]},
-]
 
 
 def augmentation_problems(spec: Any) -> list[str]:

@@ -711,6 +711,7 @@ def test_one_bad_mask_in_a_0_255_dataset_is_the_only_one_named(tmp_path):
     ("[{name: HorizontalFlip, p: 1.0}, {name: RandomRotate90, p: 0.5}]", ["HorizontalFlip", "RandomRotate90"]),
     ("none", None),
     ("default", [type(t).__name__ for t in build_augmentation(DEFAULT_AUGMENTATIONS).transforms]),
+    ("flips", ["HorizontalFlip", "VerticalFlip", "RandomRotate90"]),
 ])
 def test_every_form_of_augmentations_reaches_the_training_set(tmp_path, value, names):
     from configs import load_config
@@ -722,6 +723,27 @@ def test_every_form_of_augmentations_reaches_the_training_set(tmp_path, value, n
     augment = splits.train.augment
     assert (augment is None) if names is None else [type(t).__name__ for t in augment.transforms] == names
     assert splits.test.augment is None
+
+
+def test_flips_give_the_8_flips_and_quarter_turns_and_nothing_else():
+    from utils.augment_presets import AUGMENTATION_PRESETS
+
+    augment = build_augmentation(AUGMENTATION_PRESETS["flips"], seed=0)
+    assert [(type(t).__name__, t.p) for t in augment.transforms] == [
+        ("HorizontalFlip", 0.5), ("VerticalFlip", 0.5), ("RandomRotate90", 0.5)]
+    image = np.arange(9, dtype=np.uint8).reshape(3, 3)  # no symmetry: each of the 8 maps gives another image
+    dihedral = {np.rot90(m, k).tobytes() for m in (image, image.T) for k in range(4)}
+    seen = {}
+    for n in range(400):
+        out = augment(image=image, mask=image)
+        assert np.array_equal(out["image"], out["mask"])  # image and mask move together
+        seen[out["image"].tobytes()] = seen.get(out["image"].tobytes(), 0) + 1
+    assert set(seen) == dihedral
+    # each transform fires half the time: the identity, the half turn and the two flips come 3/16 of the
+    # time (75 of 400; e.g. identity = no flip or both flips, then no turn: 1/4 * 5/8 + 1/4 * 1/8), the
+    # quarter turns and the two diagonal mirrors 1/16 (25 of 400)
+    often = {np.rot90(image, 2).tobytes(), image.tobytes(), image[::-1].tobytes(), image[:, ::-1].tobytes()}
+    assert all(55 <= seen[m] <= 95 for m in often) and all(10 <= seen[m] <= 40 for m in dihedral - often)
 
 
 # ------------------------------------------------------------------------- whole-image distances
