@@ -116,7 +116,7 @@ TASKS: dict[str, Task] = {
     "lines_ellipses": Task(
         "Lines and ellipses, 3 classes (50 training / 10 test images of 400×200, 96-px tiles)",
         "lines_ellipses", 3, {1: "line", 2: "ellipse"}, 1,
-        ("LOSS=CE_SoftDICE", "INPUT_SIZE=96", "TILE_OVERLAP=48"), test_ids=tuple(f"{n:03d}" for n in range(50, 60))),
+        ("LOSS=CE_SoftDICE", "INPUT_SIZE=96"), test_ids=tuple(f"{n:03d}" for n in range(50, 60))),
     "isbi2012": Task(
         "ISBI 2012 EM membranes, 3-fold cross-validation over the 30 slices (20 training / 10 test each)",
         str(ISBI_DIR), 1, {0: "membrane", 1: "cell"}, 0, (), folds=3),
