@@ -162,7 +162,11 @@ class Config:
         "none",
         "predict / whole-image eval: also decode mirrored tiles and average (flips = 4x, d4 = 8x the decoder time)",
     )
-    SAVE_PROBABILITIES: bool = opt(False, "predict: also write the class probabilities (float16 TIFF)")
+    SAVE_PROBABILITIES: bool = opt(False, "predict: also write the class probabilities (<stem>_prob.tif, one channel per class; binary: the foreground's)")
+    PROBABILITIES_DTYPE: Literal["uint8", "float32"] = opt(
+        "uint8",
+        "predict: uint8 (0-255 = probability x 255, opens in image viewers) | float32 (0-1, exact)",
+    )
     # distributed
     GPUs: Optional[list[int]] = opt(None, "GPU indices to run on (train, eval, predict), one process each (null = all visible; [] = CPU)")
     CPU_PROCESSES: int = opt(1, "processes on the CPU for train, eval and predict (gloo DDP when > 1)")

@@ -5,8 +5,9 @@
 
 The network, classes and input scaling come from the checkpoint's configuration. Per image it
 writes ``<stem>_mask.png`` (or a tiled ``.tif`` for large scenes and georeferenced inputs, keeping
-the georeferencing), ``<stem>_overlay.png`` (downsampled for large scenes), optionally
-``<stem>_prob.tif`` (float16 probabilities), and one JSON line in ``predictions.jsonl``. A folder
+the georeferencing; one foreground class as 0/255, more as class indices with a colour table),
+``<stem>_overlay.png`` (downsampled for large scenes), optionally ``<stem>_prob.tif`` (probabilities,
+uint8 0-255 or float32: PROBABILITIES_DTYPE), and one JSON line in ``predictions.jsonl``. A folder
 goes on past a bad file and lists every failure at the end (exit status 2). This module predicts in
 one process; over several (``torchrun``, ``GPUs=[0,1]``, ``CPU_PROCESSES=N``) the files are shared
 among them, with these rules and writers: see :mod:`engines.predict_ddp`.
@@ -59,7 +60,7 @@ from model.AuxNet import AuxNet
 from utils.hardware import Runtime
 from utils.image_io import InputScaling
 from utils.raster import SUPPORTED_SUFFIXES, RasterError, open_image
-from utils.raster_write import MaskWriter, overlay_png
+from utils.raster_write import ClassMask, MaskWriter, ProbabilityWriter, overlay_png
 from utils.run_paths import RunDir
 from utils.util import DistContext, RunError, atomic_write_text, make_writable_folder
 
@@ -413,7 +414,9 @@ def predict_file(cfg: Config, predictor: Predictor, path: Path, out: Path, name:
 
 def write_outputs(cfg: Config, predictor: Predictor, image, out: Path, name: str, classes: int) -> dict:
     """Predict ``image`` into ``<name>_mask``, ``<name>_overlay.png`` and (SAVE_PROBABILITIES)
-    ``<name>_prob.tif`` under ``out``; returns their part of the JSON record.
+    ``<name>_prob.tif`` under ``out``; returns their part of the JSON record. The mask opens in an
+    image viewer (``classes`` = 2: 0/255; more: a palette of class indices, see
+    :class:`~utils.raster_write.MaskWriter`); the probabilities are PROBABILITIES_DTYPE.
 
     No output replaces an existing file. On any failure (Ctrl-C included) the outputs this call
     already moved into place are removed and the temporary ones are discarded, so an image is
@@ -426,14 +429,14 @@ def write_outputs(cfg: Config, predictor: Predictor, image, out: Path, name: str
     try:
         with ExitStack() as writers:  # closed in reverse order; an error aborts both
             mask = writers.enter_context(MaskWriter(out / f"{name}_mask", image.height, image.width, np.uint8,
-                                                    like=image, overwrite=False))
+                                                    like=image, overwrite=False, classes=classes))
             if cfg.SAVE_PROBABILITIES:
-                prob = writers.enter_context(MaskWriter(out / f"{name}_prob.tif", image.height, image.width,
-                                                        np.float16, like=image, channels=predictor.channels,
-                                                        overwrite=False))
+                prob = writers.enter_context(ProbabilityWriter(out / f"{name}_prob.tif", image.height, image.width,
+                                                               predictor.channels, cfg.PROBABILITIES_DTYPE,
+                                                               like=image, overwrite=False))
             stats = predictor.run(image, mask, prob, cfg.SEG_THRESHOLD)
         overlay = out / f"{name}_overlay.png"
-        with open_image(mask.path) as written:
+        with ClassMask(mask.path, classes) as written:
             overlay_png(overlay, image, written, classes, overwrite=False)  # last: written whole or not at all
     except BaseException:
         remove_outputs([w.path for w in (mask, prob) if w is not None and w.committed])

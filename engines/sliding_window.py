@@ -172,12 +172,12 @@ class Predictor:
 
     def run(self, image, mask_writer, prob_writer=None, seg_threshold: float = 0.5) -> PredictStats:
         """Predict ``image`` band by band into writers (``write_rows(y0, rows)``): class indices
-        (H, W) uint8 into ``mask_writer``, probabilities (H, W, K) float16 into ``prob_writer``."""
+        (H, W) uint8 into ``mask_writer``, probabilities (H, W, K) float32 into ``prob_writer``."""
         stats = PredictStats()
         for y0, probs in self.bands(image, stats):
             mask_writer.write_rows(y0, self.labels(probs, seg_threshold))
             if prob_writer is not None:
-                prob_writer.write_rows(y0, probs.transpose(1, 2, 0).astype(np.float16))
+                prob_writer.write_rows(y0, probs.transpose(1, 2, 0))
         return stats
 
     def labels(self, probs: np.ndarray, seg_threshold: float = 0.5) -> np.ndarray:

@@ -81,12 +81,31 @@ def test_predict_a_folder_goes_on_past_a_bad_file_and_lists_it(checkpoint, tmp_p
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["image"].split("/")[-1] for r in records] == ["a.png", "b16.tif"]
     mask = np.asarray(Image.open(out / "a_mask.png"))
-    assert mask.shape == (90, 150) and set(np.unique(mask)) <= {0, 1}
+    assert mask.shape == (90, 150) and set(np.unique(mask)) <= {0, 255}  # one foreground class: 0/255 gray
     assert np.asarray(Image.open(out / "b16_mask.png")).shape == (130, 70)
-    prob = tifffile.imread(out / "b16_prob.tif")
-    assert prob.dtype == np.float16 and prob.shape[:2] == (130, 70)
-    assert ((prob.reshape(130, 70) > 0.5) == np.asarray(Image.open(out / "b16_mask.png"))).mean() > 0.99
+    prob = np.asarray(Image.open(out / "b16_prob.tif"))  # uint8 0-255 opens in Pillow
+    assert prob.dtype == np.uint8 and prob.shape == (130, 70)
+    assert ((prob > 127) == (np.asarray(Image.open(out / "b16_mask.png")) == 255)).mean() > 0.99
     assert (out / "a_overlay.png").is_file() and records[1]["tiles"] == records[1]["decoded"]
+
+
+def test_predict_writes_a_palette_mask_of_class_indices_and_float32_probabilities_on_request(tmp_path):
+    from conftest import write_checkpoint
+
+    cfg = load_config(None, ["INPUT_SIZE=64", "UNET_DEPTH=3", "CONV_DEPTH=4", "MIXED_PRECISION=none",
+                             "CHANNELS_LAST=false", "SEG_CLASSES=3", "LOSS=SoftDICE_CE"])
+    torch.manual_seed(0)
+    weights = write_checkpoint(tmp_path / "best.pth", cfg)
+    inputs = _images(tmp_path / "in", "a.png")
+    out = tmp_path / "out"
+    assert _run(weights, inputs, out, "SAVE_PROBABILITIES=true", "PROBABILITIES_DTYPE=float32") == 0
+    prob = tifffile.imread(out / "a_prob.tif")
+    assert prob.dtype == np.float32 and prob.shape == (64, 64, 3)
+    np.testing.assert_allclose(prob.sum(-1), 1.0, atol=1e-5)
+    with Image.open(out / "a_mask.png") as im:
+        assert im.mode == "P" and im.getpalette()[:9] == [0, 0, 0, 230, 159, 0, 86, 180, 233]
+        np.testing.assert_array_equal(np.asarray(im), prob.argmax(-1))  # the pixels are the class indices
+    assert (out / "a_overlay.png").is_file()
 
 
 @pytest.mark.parametrize("kind", ["UNet", "no fill head"])
