@@ -50,6 +50,10 @@ class Config:
     TEST_SET_COMPOSITION: Composition = opt("full", "full | boundary")
     TEST_SPLIT: float = opt(0.2, "fraction of images (not tiles) held out for testing")
     CROSS_VALIDATION: bool = opt(False, "train K = round(1/TEST_SPLIT) folds, one after another")
+    TEST_IDS: Optional[list[str]] = opt(
+        None,
+        "image stems that form the test split, e.g. [frame16, frame17] (null = drawn from SEED by TEST_SPLIT)",
+    )
     DEFAULT_FOLD: int = opt(0, "fold used when CROSS_VALIDATION is off (0 ... K-1)")
     NUM_WORKERS: int = opt(0, "DataLoader worker processes (0 = load in the training process)")
     TILE_OVERLAP: Optional[int] = opt(
@@ -155,7 +159,7 @@ class Config:
     PLOT_EVERY: int = opt(0, "write curves.png and overlays.png every N epochs (0 = only at the end of the run)")
     PLOT_TILES: int = opt(4, "test tiles shown in overlays.png (0 = no overlays)")
     # prediction
-    INPUT: Optional[str] = opt(None, "predict: an image file or a folder of images to segment")
+    INPUT: Optional[str] = opt(None, "predict: what to segment: an image file, a folder of images, a glob pattern ('scenes/*.tif') or a .txt list of paths")
     OUTPUT: Optional[str] = opt(None, "predict: output folder (null = predict_<n>/ beside the checkpoint)")
     GATING: bool = opt(True, "predict / whole-image eval: decode only the tiles the head says contain a boundary")
     TTA: Literal["none", "flips", "d4"] = opt(

@@ -1,6 +1,6 @@
 """The ``predict`` command: segment whole images of any size with a trained checkpoint.
 
-    python main.py predict MODEL_WEIGHTS=<run>/best INPUT=<image or folder> [OUTPUT=<folder>]
+    python main.py predict MODEL_WEIGHTS=<run>/best INPUT=<image, folder, 'glob*.tif' or list.txt> [OUTPUT=<folder>]
                            [GATING=true|false] [TTA=none|flips|d4] [TILE_OVERLAP=…] [BATCH_SIZE=…] [SAVE_PROBABILITIES=true]
 
 The network, classes and input scaling come from the checkpoint's configuration. Per image it
@@ -38,6 +38,7 @@ What predict writes, and where (it never destroys a file):
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import re
@@ -78,26 +79,73 @@ _FOLDER_ERRORS = {
 }
 
 
+#: Characters that make INPUT a glob pattern (``scenes/*.tif``) rather than a path.
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
 def check_inputs(cfg: Config) -> list[Path]:
-    """The image files INPUT names (a file, or every supported file of a folder, sorted).
+    """The image files INPUT names: a file; every supported file of a folder (its top level, sorted);
+    every file a glob pattern matches (``scenes/*.tif``, ``data/**/*.png``; sorted; quote it for the
+    shell); or every path a ``.txt`` list holds (one a line, in its order; blank lines and ``#``
+    comments skipped; relative paths are relative to the list's folder).
 
     Raises:
-        ConfigError: no INPUT, a missing path, or a folder without images.
+        ConfigError: no INPUT, a missing path, a pattern that matches no image, a folder without
+            images, or a list with a missing or unsupported entry (naming its line).
     """
     if not cfg.INPUT:
-        raise ConfigError(["`main.py predict` needs INPUT=<image file or folder>"])
+        raise ConfigError(["`main.py predict` needs INPUT=<image file, folder, glob pattern or .txt list>"])
     path = Path(cfg.INPUT)
+    if path.is_file() and path.suffix.lower() == ".txt":
+        return _listed_inputs(path, cfg.INPUT)
     if path.is_file():
         return [path]
-    if not path.is_dir():
-        raise ConfigError([f"INPUT={cfg.INPUT!r}: no such file or folder"])
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+    if path.is_dir():
+        found = [p for p in path.iterdir() if p.is_file()]
+        where = f"INPUT={cfg.INPUT!r} holds"
+    elif _GLOB_CHARS.search(cfg.INPUT):
+        found = [Path(p) for p in glob.glob(cfg.INPUT, recursive=True) if Path(p).is_file()]
+        where = f"INPUT={cfg.INPUT!r} (a glob pattern) matches"
+    else:
+        raise ConfigError([f"INPUT={cfg.INPUT!r}: no such file or folder (nor a glob pattern: use *, ? or [...])"])
+    files = sorted(p for p in found if p.suffix.lower() in SUPPORTED_SUFFIXES)
     if not files:
-        raise ConfigError([f"INPUT={cfg.INPUT!r} holds no image ({', '.join(SUPPORTED_SUFFIXES)})"])
-    skipped = [p.name for p in path.iterdir() if p.is_file() and p not in files and not p.name.startswith(".")]
+        raise ConfigError([f"{where} no image ({', '.join(SUPPORTED_SUFFIXES)})"])
+    skipped = [p.name for p in found if p not in files and not p.name.startswith(".")]
     if skipped:
         print(f"note: skipping {len(skipped)} file(s) that are not images: {', '.join(skipped[:5])}")
     return files
+
+
+def _listed_inputs(listing: Path, given: str) -> list[Path]:
+    """The image files a ``.txt`` list names (see :func:`check_inputs`).
+
+    Raises:
+        ConfigError: the list cannot be read, is empty, or names a missing or unsupported file
+            (every such line).
+    """
+    try:
+        lines = listing.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError([f"INPUT={given!r}: cannot read the list ({err})"]) from None
+    files, problems = [], []
+    for n, line in enumerate(lines, start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        file = Path(entry) if Path(entry).is_absolute() else listing.parent / entry
+        if not file.is_file():
+            problems.append(f"INPUT={given!r} line {n}: {file}: no such file; fix or remove the line")
+        elif file.suffix.lower() not in SUPPORTED_SUFFIXES:
+            problems.append(f"INPUT={given!r} line {n}: {file} is not an image ({', '.join(SUPPORTED_SUFFIXES)}); "
+                            "fix or remove the line")
+        else:
+            files.append(file)
+    if problems:
+        raise ConfigError(problems)
+    if not files:
+        raise ConfigError([f"INPUT={given!r} lists no image: write one image path a line"])
+    return list(dict.fromkeys(files))
 
 
 def output_dir(cfg: Config, checkpoint: Path) -> Path:

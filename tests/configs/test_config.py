@@ -160,6 +160,12 @@ def test_the_three_classic_mistakes_in_one_error():
         (["RUN_ID=../escape"], "must be a plain folder name"),
         (["MIXED_PRECISION=fp16"], "needs a CUDA GPU"),
         (["AUGMENTATIONS=[{name: HorizontalFlap, p: 0.5}]"], "HorizontalFlap"),
+        (["TEST_IDS=[f3, f4]", "CROSS_VALIDATION=true"],
+         "TEST_IDS fixes one test split, but CROSS_VALIDATION=true draws K folds: use CROSS_VALIDATION=false, or "
+         "TEST_IDS=null"),
+        (["TEST_IDS=[a, b]", "DEFAULT_FOLD=2"], "DEFAULT_FOLD=2 chooses a drawn fold, but TEST_IDS fixes the one split"),
+        (["TEST_IDS=[]"], "TEST_IDS=[] holds no image: list the stems of the test images, or use TEST_IDS=null"),
+        (["TEST_IDS=[a, b, a]"], "TEST_IDS lists a more than once: list each test image once"),
     ],
 )
 def test_validator_rules(overrides, expected, cpu_only):  # the GPU rows mean a machine without one

@@ -258,6 +258,58 @@ def test_mask_writer_without_overwrite_leaves_an_existing_file_and_no_temporary_
 # ---- two inputs with one stem
 
 
+# ---- INPUT: a file, a folder, a glob pattern or a .txt list
+
+
+def _inputs(given: str) -> list[str]:
+    from configs.schema import Config
+
+    return [str(p) for p in predict_module.check_inputs(Config(INPUT=given))]
+
+
+def test_input_takes_a_glob_pattern_or_a_txt_list(tmp_path, capsys, monkeypatch):
+    _images(tmp_path / "scenes", "b.tif", "a.tif", "c.png")
+    _images(tmp_path / "scenes" / "deep", "d.tif")
+    (tmp_path / "scenes" / "notes.tif.txt").write_text("not an image")
+    s = tmp_path / "scenes"
+    assert _inputs(f"{s}/*.tif") == [f"{s}/a.tif", f"{s}/b.tif"]
+    assert _inputs(f"{s}/**/*.tif") == [f"{s}/a.tif", f"{s}/b.tif", f"{s}/deep/d.tif"]
+    assert _inputs(f"{s}/[bc].*") == [f"{s}/b.tif", f"{s}/c.png"]
+    (s / "list.txt").write_text(f"# test scenes\nc.png\n\n  deep/d.tif\n{s}/a.tif\nc.png\n")
+    assert _inputs(f"{s}/list.txt") == [f"{s}/c.png", f"{s}/deep/d.tif", f"{s}/a.tif"]  # in its order, once each
+    monkeypatch.chdir(s)
+    assert _inputs("*.png") == ["c.png"]
+
+
+def test_an_input_pattern_or_list_that_names_no_image_is_one_clear_error(tmp_path):
+    from configs import ConfigError
+
+    _images(tmp_path, "a.png")
+    with pytest.raises(ConfigError, match=re.escape(f"INPUT='{tmp_path}/*.tif' (a glob pattern) matches no image "
+                                                    "(.png, .jpg, .jpeg, .tif, .tiff, .jp2, .j2k)")):
+        _inputs(f"{tmp_path}/*.tif")
+    with pytest.raises(ConfigError, match=re.escape(f"INPUT='{tmp_path}/scene.tif': no such file or folder (nor a "
+                                                    "glob pattern: use *, ? or [...])")):
+        _inputs(f"{tmp_path}/scene.tif")
+    (tmp_path / "list.txt").write_text("a.png\nmissing.tif\nlist.txt\n")
+    with pytest.raises(ConfigError) as err:
+        _inputs(f"{tmp_path}/list.txt")
+    assert err.value.problems == [
+        f"INPUT='{tmp_path}/list.txt' line 2: {tmp_path}/missing.tif: no such file; fix or remove the line",
+        f"INPUT='{tmp_path}/list.txt' line 3: {tmp_path}/list.txt is not an image (.png, .jpg, .jpeg, .tif, .tiff, "
+        ".jp2, .j2k); fix or remove the line"]
+    (tmp_path / "empty.txt").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="lists no image: write one image path a line"):
+        _inputs(f"{tmp_path}/empty.txt")
+
+
+def test_predict_segments_the_images_a_glob_pattern_matches(checkpoint, tmp_path):
+    inputs = _images(tmp_path / "in", "a.png", "b.tif", "c.png")
+    out = tmp_path / "out"
+    assert _run(checkpoint, f"{inputs}/*.png", out) == 0
+    assert [Path(r["image"]).name for r in _records(out)] == ["a.png", "c.png"]
+
+
 def test_two_inputs_with_one_stem_keep_both_results(checkpoint, tmp_path, capsys):
     inputs = _images(tmp_path / "in", "scene.png", "scene.tif", "other.png")
     out = tmp_path / "out"
