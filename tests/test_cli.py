@@ -35,8 +35,16 @@ def test_eval_needs_weights(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
-    run_cli(*TINY, "TRAIN_EPOCHS=2", f"RESULTS_DIR={results}", "EXP_ID=smoke")
+    proc = run_cli(*TINY, "TRAIN_EPOCHS=2", f"RESULTS_DIR={results}", "EXP_ID=smoke")
+    (results / "console.txt").write_text(proc.stdout + proc.stderr)  # what a redirected log holds
     return results / "smoke" / "run_001"
+
+
+def test_a_redirected_log_has_one_line_per_epoch_and_no_progress_bar(trained_run):
+    console = (trained_run.parents[1] / "console.txt").read_text()
+    assert "\r" not in console  # before: a carriage return per training step, in stderr
+    assert [line.split("]")[0] for line in console.splitlines() if line.startswith("[epoch")] == [
+        "[epoch   0", "[epoch   1"]
 
 
 def test_two_epoch_run_writes_everything_and_learns(trained_run):
