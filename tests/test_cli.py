@@ -27,6 +27,26 @@ def test_bad_config_fails_fast_with_every_problem_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_help_shows_the_commands_the_overrides_and_examples(capsys):
+    import main
+
+    for argv in (["--help"], ["eval", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            main.parse_args(argv)
+        assert done.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith("usage: python main.py [train | eval | predict] [--config FILE] [KEY=VALUE ...]\n")
+        assert "eval --config" not in text  # before: `eval --config FILE ...`, as if a config file were needed
+        for line in ("  eval     evaluate a checkpoint on its own test split: needs MODEL_WEIGHTS=<checkpoint>",
+                     "  predict  segment images with a checkpoint: needs MODEL_WEIGHTS=<checkpoint> and INPUT=<image, "
+                     "folder,",
+                     "  python main.py eval MODEL_WEIGHTS=saved/default/run_001/best",
+                     "  python main.py predict MODEL_WEIGHTS=saved/default/run_001/best INPUT='scenes/*.tif' "
+                     "OUTPUT=masks"):
+            assert line in text.splitlines()
+        assert "values are YAML: BATCH_SIZE=4 'GPUs=[0,1]'" in text
+
+
 def test_eval_needs_weights(tmp_path):
     proc = run_cli("eval", f"RESULTS_DIR={tmp_path}", check=False)
     assert proc.returncode == 2 and "MODEL_WEIGHTS" in proc.stderr
