@@ -117,8 +117,9 @@ def test_ddp_on_two_cpu_processes(tmp_path):
 
 
 def test_stage_c_trains_only_the_head_of_a_trained_network(trained_run, tmp_path):
-    run_cli(*TINY, "TRAIN_EPOCHS=1", f"RESULTS_DIR={tmp_path}", "MODEL=AuxNet-C", "EVAL_METRIC=TTR",
-            f"MODEL_WEIGHTS={trained_run / 'best'}")
+    proc = run_cli(*TINY, "TRAIN_EPOCHS=1", f"RESULTS_DIR={tmp_path}", "MODEL=AuxNet-C",  # EVAL_METRIC: TTR, chosen
+                   f"MODEL_WEIGHTS={trained_run / 'best'}")
+    assert "note: EVAL_METRIC=TTR: MODEL=AuxNet-C trains only the head" in proc.stderr
     before = torch.load(trained_run / "best.pth", weights_only=False)["model"]
     after = torch.load(tmp_path / "default" / "run_001" / "last.pth", weights_only=False)["model"]
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}

@@ -184,6 +184,28 @@ def test_error_message_lists_every_problem_with_count():
         load_config(None, ["UNET_DEPTH=1", "BATCH_SIZE=0", "TRAIN_EPOCHS=0"])
 
 
+def test_auxnet_c_chooses_ttr_with_a_note_when_eval_metric_is_left_at_its_default(checkpoint, tmp_path, capsys):
+    weights = f"MODEL_WEIGHTS={checkpoint}"
+    cfg = load_config(None, ["MODEL=AuxNet-C", weights])  # config.yaml holds the default EVAL_METRIC: DSC
+    assert cfg.EVAL_METRIC == "TTR"
+    assert capsys.readouterr().err == ("note: EVAL_METRIC=TTR: MODEL=AuxNet-C trains only the head, on a trained "
+                                       "network, so DSC cannot change; best.pth is the epoch whose head scores best\n")
+    own = tmp_path / "stage_c.yaml"
+    own.write_text("MODEL: AuxNet-C\n")  # a file without EVAL_METRIC: the same choice
+    assert load_config(own, [weights]).EVAL_METRIC == "TTR" and "note: EVAL_METRIC=TTR" in capsys.readouterr().err
+    # chosen: kept (a combined score of the head), or refused with the fix when it cannot change
+    assert load_config(None, ["MODEL=AuxNet-C", weights, "EVAL_METRIC=CMA", "CMA_COEFFICIENTS={TTR: 1}"]
+                       ).EVAL_METRIC == "CMA"
+    for typed in (["EVAL_METRIC=DSC"], ["EVAL_METRIC=IoU"]):
+        metric = typed[0].split("=")[1]
+        assert problems_of("MODEL=AuxNet-C", weights, *typed) == [
+            f"EVAL_METRIC={metric} scores segmentation, which MODEL=AuxNet-C does not train: use EVAL_METRIC=TTR"]
+    own.write_text("MODEL: AuxNet-C\nEVAL_METRIC: HD95\n")
+    assert "EVAL_METRIC=HD95 scores segmentation" in problems_of(weights, path=own)[0]
+    assert capsys.readouterr().err == ""  # no note for a configuration that does not run
+    assert load_config(None, []).EVAL_METRIC == "DSC"  # a model that decodes keeps the default
+
+
 def test_weights_path_suffix_is_optional(checkpoint):
     cfg = load_config(None, [f"MODEL_WEIGHTS={checkpoint.parent / 'best'}", "MODEL=AuxNet-C", "EVAL_METRIC=TTR"])
     assert cfg.MODEL_WEIGHTS.endswith("best")
