@@ -1,11 +1,17 @@
-"""AuxNet command line.
+"""AuxNet: boundary-aware semantic segmentation, configured by one YAML file.
 
-    python main.py [train] [--config FILE] [KEY=VALUE ...]     train (the default command)
-    python main.py eval --config FILE MODEL_WEIGHTS=... [...]   evaluate a checkpoint on the test split
-    python main.py predict MODEL_WEIGHTS=... INPUT=<image or folder> [OUTPUT=...] [GATING=true|false]
+commands:
+  train    train a network (the default command); a run folder that holds last.pth is resumed
+  eval     evaluate a checkpoint on its own test split: needs MODEL_WEIGHTS=<checkpoint>
+  predict  segment images with a checkpoint: needs MODEL_WEIGHTS=<checkpoint> and INPUT=<image, folder,
+           'glob*.tif' or list.txt>
 
-Spawns one process per GPU (or CPU_PROCESSES on the CPU) for DDP, or joins a ``torchrun`` launch.
-Every option can be set in the YAML file or as KEY=VALUE; see configs/config.yaml.
+Every option is a KEY=VALUE on the command line or a key of the --config file (configs/config.yaml
+lists them all, with their defaults and meanings). eval and predict take the network, data and split
+from the checkpoint: only the options that concern them (devices, thresholds, INPUT, OUTPUT, ...) are
+read from the command line.
+
+One process runs per GPU (or CPU_PROCESSES on the CPU, GPUs=[]), or each joins a torchrun launch.
 """
 
 from __future__ import annotations
@@ -31,12 +37,24 @@ from utils.util import RunError  # noqa: E402
 COMMANDS = {"train": train.run, "eval": evaluate.run, "predict": predict_ddp.run}
 
 
+USAGE = "python main.py [train | eval | predict] [--config FILE] [KEY=VALUE ...]"
+EXAMPLES = """examples:
+  python main.py                                            train the default job (synthetic data)
+  python main.py DATASET_DIR=data/cells TRAIN_EPOCHS=30     train on a folder holding images/ and masks/
+  python main.py --config configs/experiments/smoke.yaml    train with another configuration file
+  python main.py eval MODEL_WEIGHTS=saved/default/run_001/best
+  python main.py predict MODEL_WEIGHTS=saved/default/run_001/best INPUT='scenes/*.tif' OUTPUT=masks
+"""
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
-    parser = argparse.ArgumentParser(prog="main.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="main.py", usage=USAGE, description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML config (default: configs/config.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override any config option")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="the YAML configuration (default: configs/config.yaml); optional for every command")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="set an option; values are YAML: BATCH_SIZE=4 'GPUs=[0,1]' 'TEST_IDS=[f16, f17]'")
     args = parser.parse_args(argv)
     args.command = command
     return args

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -257,6 +258,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     file_problems = {key: msg for key, msg in file_problems.items() if key not in cli}
     problems += [*file_problems.values(), *cli_problems.values()]
     cfg = Config(**{**file_values, **cli_values})
+    notes = choose_for_model(cfg, typed=cli)
     # The rules check the machine and the loss registry, which need torch: imported when a
     # configuration is validated, not when one is read (see the module docstring).
     from configs.validator import validate
@@ -265,7 +267,28 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     problems += validate(cfg, invalid=set(file_problems) | set(cli_problems))
     if problems:
         raise ConfigError(problems, source=str(path))
+    for note in notes:  # only for a configuration that runs
+        print(f"note: {note}", file=sys.stderr)
     return cfg
+
+
+def choose_for_model(cfg: Config, typed: typing.Collection[str]) -> list[str]:
+    """Set, in place, the options that MODEL makes meaningless at their default and that the user did
+    not choose; returns one note per change.
+
+    EVAL_METRIC: a model that does not decode (AuxNet-C trains only the head) cannot change a
+    segmentation score, so the default DSC would keep the first epoch's checkpoint as best.pth;
+    TTR (the head's tile accuracy) is chosen instead. "Not chosen": not ``typed`` on the command line
+    and equal to the default (configs/config.yaml repeats every default, so a default read from a
+    file counts as unset). A segmentation metric typed, or another one set in a file, is kept: the
+    validator refuses it with the fix.
+    """
+    default = FIELDS["EVAL_METRIC"].default
+    if not cfg.stage.decodes and "EVAL_METRIC" not in typed and cfg.EVAL_METRIC == default:
+        cfg.EVAL_METRIC = "TTR"
+        return [f"EVAL_METRIC=TTR: MODEL={cfg.MODEL} trains {cfg.stage.summary}, so {default} cannot change; "
+                "best.pth is the epoch whose head scores best"]
+    return []
 
 
 def save_config(cfg: Config, path: Path, resolved: Optional[dict[str, str]] = None) -> None:
@@ -284,7 +307,7 @@ def save_config(cfg: Config, path: Path, resolved: Optional[dict[str, str]] = No
 RESUMABLE_KEYS = frozenset({
     "TRAIN_EPOCHS", "DATASET_DIR", "RESULTS_DIR", "NUM_WORKERS", "GPUs", "CPU_PROCESSES", "MASTER_ADDR",
     "MASTER_PORT", "NCCL_P2P_DISABLE", "LOG_WANDB", "LOG_LOCAL", "EXP_ID", "RUN_ID", "INPUT", "OUTPUT", "GATING",
-    "TTA", "SAVE_PROBABILITIES", "EARLY_STOPPING", "COMPILE", "PLOT_EVERY", "PLOT_TILES",
+    "TTA", "SAVE_PROBABILITIES", "PROBABILITIES_DTYPE", "EARLY_STOPPING", "COMPILE", "PLOT_EVERY", "PLOT_TILES",
 })
 
 #: Options ``eval`` takes from the command line; the others come from the checkpoint's run.
@@ -297,7 +320,7 @@ EVAL_KEYS = frozenset({
 })
 
 #: Options ``predict`` takes from the command line, beyond the evaluation options.
-PREDICT_KEYS = EVAL_KEYS | {"INPUT", "OUTPUT", "SAVE_PROBABILITIES"}
+PREDICT_KEYS = EVAL_KEYS | {"INPUT", "OUTPUT", "SAVE_PROBABILITIES", "PROBABILITIES_DTYPE"}
 
 
 def saved_values(saved: dict[str, Any]) -> dict[str, Any]:

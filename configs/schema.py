@@ -55,6 +55,10 @@ class Config:
     TEST_SET_COMPOSITION: Composition = opt("full", "full | boundary")
     TEST_SPLIT: float = opt(0.2, "fraction of images (not tiles) held out for testing")
     CROSS_VALIDATION: bool = opt(False, "train K = round(1/TEST_SPLIT) folds, one after another")
+    TEST_IDS: Optional[list[str]] = opt(
+        None,
+        "image stems that form the test split, e.g. [frame16, frame17] (null = drawn from SEED by TEST_SPLIT)",
+    )
     DEFAULT_FOLD: int = opt(0, "fold used when CROSS_VALIDATION is off (0 ... K-1)")
     NUM_WORKERS: int = opt(0, "DataLoader worker processes (0 = load in the training process)")
     TILE_OVERLAP: Optional[int] = opt(
@@ -163,14 +167,18 @@ class Config:
     PLOT_EVERY: int = opt(0, "write curves.png and overlays.png every N epochs (0 = only at the end of the run)")
     PLOT_TILES: int = opt(4, "test tiles shown in overlays.png (0 = no overlays)")
     # prediction
-    INPUT: Optional[str] = opt(None, "predict: an image file or a folder of images to segment")
+    INPUT: Optional[str] = opt(None, "predict: what to segment: an image file, a folder of images, a glob pattern ('scenes/*.tif') or a .txt list of paths")
     OUTPUT: Optional[str] = opt(None, "predict: output folder (null = predict_<n>/ beside the checkpoint)")
     GATING: bool = opt(True, "predict / whole-image eval: decode only the tiles the head says contain a boundary")
     TTA: Literal["none", "flips", "d4"] = opt(
         "none",
         "predict / whole-image eval: also decode mirrored tiles and average (flips = 4x, d4 = 8x the decoder time)",
     )
-    SAVE_PROBABILITIES: bool = opt(False, "predict: also write the class probabilities (float16 TIFF)")
+    SAVE_PROBABILITIES: bool = opt(False, "predict: also write the class probabilities (<stem>_prob.tif, one channel per class; binary: the foreground's)")
+    PROBABILITIES_DTYPE: Literal["uint8", "float32"] = opt(
+        "uint8",
+        "predict: uint8 (0-255 = probability x 255, opens in image viewers) | float32 (0-1, exact)",
+    )
     # distributed
     GPUs: Optional[list[int]] = opt(None, "GPU indices to run on (train, eval, predict), one process each (null = all visible; [] = CPU)")
     CPU_PROCESSES: int = opt(1, "processes on the CPU for train, eval and predict (gloo DDP when > 1)")

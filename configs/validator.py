@@ -89,6 +89,7 @@ def _data_rules(cfg: Config, p: Problems) -> None:
         elif p.ok("DEFAULT_FOLD") and not 0 <= cfg.DEFAULT_FOLD < folds:
             p.add(f"DEFAULT_FOLD={cfg.DEFAULT_FOLD} does not exist: TEST_SPLIT={cfg.TEST_SPLIT} gives folds "
                   f"0..{folds - 1}", "DEFAULT_FOLD")
+    _test_ids_rules(cfg, p)
     overlap = cfg.TILE_OVERLAP
     if overlap is not None and p.ok("TILE_OVERLAP"):
         if p.ok("INPUT_SIZE") and not 0 <= overlap < cfg.INPUT_SIZE:
@@ -118,6 +119,25 @@ def _data_rules(cfg: Config, p: Problems) -> None:
     if isinstance(cfg.AUGMENTATIONS, list):
         for msg in augmentation_problems(cfg.AUGMENTATIONS):
             p.add(f"AUGMENTATIONS: {msg}", "AUGMENTATIONS")
+
+
+def _test_ids_rules(cfg: Config, p: Problems) -> None:
+    """TEST_IDS fixes one split: not empty, no stem twice, no folds to draw or choose. (Whether each stem
+    is an image of DATASET_DIR is checked when the data is loaded: :func:`utils.splits.check_test_ids`.)"""
+    ids = cfg.TEST_IDS
+    if ids is None or not p.ok("TEST_IDS"):
+        return
+    if not ids:
+        p.add("TEST_IDS=[] holds no image: list the stems of the test images, or use TEST_IDS=null", "TEST_IDS")
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        p.add(f"TEST_IDS lists {', '.join(twice)} more than once: list each test image once", "TEST_IDS")
+    if cfg.CROSS_VALIDATION:
+        p.add("TEST_IDS fixes one test split, but CROSS_VALIDATION=true draws K folds: use CROSS_VALIDATION=false, "
+              "or TEST_IDS=null", "TEST_IDS")
+    elif p.ok("DEFAULT_FOLD") and cfg.DEFAULT_FOLD != 0:
+        p.add(f"DEFAULT_FOLD={cfg.DEFAULT_FOLD} chooses a drawn fold, but TEST_IDS fixes the one split: use "
+              "DEFAULT_FOLD=0, or TEST_IDS=null", "DEFAULT_FOLD")
 
 
 def _model_rules(cfg: Config, p: Problems) -> None:

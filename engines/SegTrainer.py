@@ -18,6 +18,7 @@ from engines.checkpoint import CheckpointError, restore_training, save_checkpoin
 from engines.forward import NonFiniteOutput, autocast_for, evaluate_model, image_to, place
 from model.AuxNet import AuxNet, AuxNetOutput
 from model.metrics import HIGHER_IS_BETTER
+from utils.loggers import progress_bars
 from utils.run_paths import RunDir
 from utils.util import DistContext, RunError, seed_everything, writing
 
@@ -148,8 +149,8 @@ class SegTrainer:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate of the epoch's first step
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
-        batches = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.ctx.is_main,
-                       dynamic_ncols=True)
+        batches = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False,
+                       disable=not (self.ctx.is_main and progress_bars()), dynamic_ncols=True)
         for n, batch in enumerate(batches, start=1):
             loss_out = self.optimise(batch, epoch)
             for name, value in {"loss": loss_out.total.detach(), **loss_out.terms}.items():

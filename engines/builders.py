@@ -159,6 +159,7 @@ def build_data(cfg: Config, split_file: Optional[Path], fold: int, test_ids: Opt
             synthetic_images=cfg.SYNTHETIC_IMAGES,
             synthetic_size=cfg.SYNTHETIC_SIZE,
             test_ids=test_ids,
+            fixed_test_ids=cfg.TEST_IDS,
             hashes=hashes,
             scene_sdm=(SceneSDM(cfg.SEG_CLASSES, cfg.SDM_DISTANCE, folder=cache_dir(cfg.RESULTS_DIR))
                        if cfg.SDM_SCOPE == "image" and scene_sdm else None),

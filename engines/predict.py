@@ -1,12 +1,13 @@
 """The ``predict`` command: segment whole images of any size with a trained checkpoint.
 
-    python main.py predict MODEL_WEIGHTS=<run>/best INPUT=<image or folder> [OUTPUT=<folder>]
+    python main.py predict MODEL_WEIGHTS=<run>/best INPUT=<image, folder, 'glob*.tif' or list.txt> [OUTPUT=<folder>]
                            [GATING=true|false] [TTA=none|flips|d4] [TILE_OVERLAP=…] [BATCH_SIZE=…] [SAVE_PROBABILITIES=true]
 
 The network, classes and input scaling come from the checkpoint's configuration. Per image it
 writes ``<stem>_mask.png`` (or a tiled ``.tif`` for large scenes and georeferenced inputs, keeping
-the georeferencing), ``<stem>_overlay.png`` (downsampled for large scenes), optionally
-``<stem>_prob.tif`` (float16 probabilities), and one JSON line in ``predictions.jsonl``. A folder
+the georeferencing; one foreground class as 0/255, more as class indices with a colour table),
+``<stem>_overlay.png`` (downsampled for large scenes), optionally ``<stem>_prob.tif`` (probabilities,
+uint8 0-255 or float32: PROBABILITIES_DTYPE), and one JSON line in ``predictions.jsonl``. A folder
 goes on past a bad file and lists every failure at the end (exit status 2). This module predicts in
 one process; over several (``torchrun``, ``GPUs=[0,1]``, ``CPU_PROCESSES=N``) the files are shared
 among them, with these rules and writers: see :mod:`engines.predict_ddp`.
@@ -37,6 +38,7 @@ What predict writes, and where (it never destroys a file):
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import re
@@ -59,7 +61,7 @@ from model.AuxNet import AuxNet
 from utils.hardware import Runtime
 from utils.image_io import InputScaling
 from utils.raster import SUPPORTED_SUFFIXES, RasterError, open_image
-from utils.raster_write import MaskWriter, overlay_png
+from utils.raster_write import ClassMask, MaskWriter, ProbabilityWriter, overlay_png
 from utils.run_paths import RunDir
 from utils.util import DistContext, RunError, atomic_write_text, make_writable_folder
 
@@ -77,26 +79,73 @@ _FOLDER_ERRORS = {
 }
 
 
+#: Characters that make INPUT a glob pattern (``scenes/*.tif``) rather than a path.
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
 def check_inputs(cfg: Config) -> list[Path]:
-    """The image files INPUT names (a file, or every supported file of a folder, sorted).
+    """The image files INPUT names: a file; every supported file of a folder (its top level, sorted);
+    every file a glob pattern matches (``scenes/*.tif``, ``data/**/*.png``; sorted; quote it for the
+    shell); or every path a ``.txt`` list holds (one a line, in its order; blank lines and ``#``
+    comments skipped; relative paths are relative to the list's folder).
 
     Raises:
-        ConfigError: no INPUT, a missing path, or a folder without images.
+        ConfigError: no INPUT, a missing path, a pattern that matches no image, a folder without
+            images, or a list with a missing or unsupported entry (naming its line).
     """
     if not cfg.INPUT:
-        raise ConfigError(["`main.py predict` needs INPUT=<image file or folder>"])
+        raise ConfigError(["`main.py predict` needs INPUT=<image file, folder, glob pattern or .txt list>"])
     path = Path(cfg.INPUT)
+    if path.is_file() and path.suffix.lower() == ".txt":
+        return _listed_inputs(path, cfg.INPUT)
     if path.is_file():
         return [path]
-    if not path.is_dir():
-        raise ConfigError([f"INPUT={cfg.INPUT!r}: no such file or folder"])
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+    if path.is_dir():
+        found = [p for p in path.iterdir() if p.is_file()]
+        where = f"INPUT={cfg.INPUT!r} holds"
+    elif _GLOB_CHARS.search(cfg.INPUT):
+        found = [Path(p) for p in glob.glob(cfg.INPUT, recursive=True) if Path(p).is_file()]
+        where = f"INPUT={cfg.INPUT!r} (a glob pattern) matches"
+    else:
+        raise ConfigError([f"INPUT={cfg.INPUT!r}: no such file or folder (nor a glob pattern: use *, ? or [...])"])
+    files = sorted(p for p in found if p.suffix.lower() in SUPPORTED_SUFFIXES)
     if not files:
-        raise ConfigError([f"INPUT={cfg.INPUT!r} holds no image ({', '.join(SUPPORTED_SUFFIXES)})"])
-    skipped = [p.name for p in path.iterdir() if p.is_file() and p not in files and not p.name.startswith(".")]
+        raise ConfigError([f"{where} no image ({', '.join(SUPPORTED_SUFFIXES)})"])
+    skipped = [p.name for p in found if p not in files and not p.name.startswith(".")]
     if skipped:
         print(f"note: skipping {len(skipped)} file(s) that are not images: {', '.join(skipped[:5])}")
     return files
+
+
+def _listed_inputs(listing: Path, given: str) -> list[Path]:
+    """The image files a ``.txt`` list names (see :func:`check_inputs`).
+
+    Raises:
+        ConfigError: the list cannot be read, is empty, or names a missing or unsupported file
+            (every such line).
+    """
+    try:
+        lines = listing.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError([f"INPUT={given!r}: cannot read the list ({err})"]) from None
+    files, problems = [], []
+    for n, line in enumerate(lines, start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        file = Path(entry) if Path(entry).is_absolute() else listing.parent / entry
+        if not file.is_file():
+            problems.append(f"INPUT={given!r} line {n}: {file}: no such file; fix or remove the line")
+        elif file.suffix.lower() not in SUPPORTED_SUFFIXES:
+            problems.append(f"INPUT={given!r} line {n}: {file} is not an image ({', '.join(SUPPORTED_SUFFIXES)}); "
+                            "fix or remove the line")
+        else:
+            files.append(file)
+    if problems:
+        raise ConfigError(problems)
+    if not files:
+        raise ConfigError([f"INPUT={given!r} lists no image: write one image path a line"])
+    return list(dict.fromkeys(files))
 
 
 def output_dir(cfg: Config, checkpoint: Path) -> Path:
@@ -413,7 +462,9 @@ def predict_file(cfg: Config, predictor: Predictor, path: Path, out: Path, name:
 
 def write_outputs(cfg: Config, predictor: Predictor, image, out: Path, name: str, classes: int) -> dict:
     """Predict ``image`` into ``<name>_mask``, ``<name>_overlay.png`` and (SAVE_PROBABILITIES)
-    ``<name>_prob.tif`` under ``out``; returns their part of the JSON record.
+    ``<name>_prob.tif`` under ``out``; returns their part of the JSON record. The mask opens in an
+    image viewer (``classes`` = 2: 0/255; more: a palette of class indices, see
+    :class:`~utils.raster_write.MaskWriter`); the probabilities are PROBABILITIES_DTYPE.
 
     No output replaces an existing file. On any failure (Ctrl-C included) the outputs this call
     already moved into place are removed and the temporary ones are discarded, so an image is
@@ -426,14 +477,14 @@ def write_outputs(cfg: Config, predictor: Predictor, image, out: Path, name: str
     try:
         with ExitStack() as writers:  # closed in reverse order; an error aborts both
             mask = writers.enter_context(MaskWriter(out / f"{name}_mask", image.height, image.width, np.uint8,
-                                                    like=image, overwrite=False))
+                                                    like=image, overwrite=False, classes=classes))
             if cfg.SAVE_PROBABILITIES:
-                prob = writers.enter_context(MaskWriter(out / f"{name}_prob.tif", image.height, image.width,
-                                                        np.float16, like=image, channels=predictor.channels,
-                                                        overwrite=False))
+                prob = writers.enter_context(ProbabilityWriter(out / f"{name}_prob.tif", image.height, image.width,
+                                                               predictor.channels, cfg.PROBABILITIES_DTYPE,
+                                                               like=image, overwrite=False))
             stats = predictor.run(image, mask, prob, cfg.SEG_THRESHOLD)
         overlay = out / f"{name}_overlay.png"
-        with open_image(mask.path) as written:
+        with ClassMask(mask.path, classes) as written:
             overlay_png(overlay, image, written, classes, overwrite=False)  # last: written whole or not at all
     except BaseException:
         remove_outputs([w.path for w in (mask, prob) if w is not None and w.committed])

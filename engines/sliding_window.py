@@ -43,6 +43,7 @@ from engines.forward import NonFiniteOutput, autocast_for, image_to
 from model.AuxNet import AuxNet, fold_batchnorm
 from model.metrics import labels_from_scores, predict_classes
 from utils.image_io import to_unit_range
+from utils.loggers import progress_bars
 from utils.tiling import gaussian_importance_map, window_starts
 
 #: Blend weight of a gated-off (filled) window relative to a decoded one.
@@ -172,12 +173,12 @@ class Predictor:
 
     def run(self, image, mask_writer, prob_writer=None, seg_threshold: float = 0.5) -> PredictStats:
         """Predict ``image`` band by band into writers (``write_rows(y0, rows)``): class indices
-        (H, W) uint8 into ``mask_writer``, probabilities (H, W, K) float16 into ``prob_writer``."""
+        (H, W) uint8 into ``mask_writer``, probabilities (H, W, K) float32 into ``prob_writer``."""
         stats = PredictStats()
         for y0, probs in self.bands(image, stats):
             mask_writer.write_rows(y0, self.labels(probs, seg_threshold))
             if prob_writer is not None:
-                prob_writer.write_rows(y0, probs.transpose(1, 2, 0).astype(np.float16))
+                prob_writer.write_rows(y0, probs.transpose(1, 2, 0))
         return stats
 
     def labels(self, probs: np.ndarray, seg_threshold: float = 0.5) -> np.ndarray:
@@ -204,7 +205,7 @@ class Predictor:
         acc = np.zeros((self.channels, t, wp), np.float32)  # rows [lo, lo + t) of the weighted sums
         wsum = np.zeros((t, wp), np.float32)
         lo = 0
-        bar = tqdm(total=len(ys) * len(xs), desc="tiles", unit="tile", leave=False, disable=not self.progress)
+        bar = tqdm(total=len(ys) * len(xs), desc="tiles", unit="tile", leave=False, disable=not (self.progress and progress_bars()))
         rows = _BandCache(lambda y: self._read_band(image, y, hp, wp))
         for i, y in enumerate(ys):
             if y > lo:  # no later window reaches rows < y: hand them out

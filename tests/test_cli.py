@@ -27,6 +27,26 @@ def test_bad_config_fails_fast_with_every_problem_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_help_shows_the_commands_the_overrides_and_examples(capsys):
+    import main
+
+    for argv in (["--help"], ["eval", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            main.parse_args(argv)
+        assert done.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith("usage: python main.py [train | eval | predict] [--config FILE] [KEY=VALUE ...]\n")
+        assert "eval --config" not in text  # before: `eval --config FILE ...`, as if a config file were needed
+        for line in ("  eval     evaluate a checkpoint on its own test split: needs MODEL_WEIGHTS=<checkpoint>",
+                     "  predict  segment images with a checkpoint: needs MODEL_WEIGHTS=<checkpoint> and INPUT=<image, "
+                     "folder,",
+                     "  python main.py eval MODEL_WEIGHTS=saved/default/run_001/best",
+                     "  python main.py predict MODEL_WEIGHTS=saved/default/run_001/best INPUT='scenes/*.tif' "
+                     "OUTPUT=masks"):
+            assert line in text.splitlines()
+        assert "values are YAML: BATCH_SIZE=4 'GPUs=[0,1]'" in text
+
+
 def test_eval_needs_weights(tmp_path):
     proc = run_cli("eval", f"RESULTS_DIR={tmp_path}", check=False)
     assert proc.returncode == 2 and "MODEL_WEIGHTS" in proc.stderr
@@ -35,8 +55,17 @@ def test_eval_needs_weights(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
-    run_cli(*TINY, "TRAIN_EPOCHS=2", f"RESULTS_DIR={results}", "EXP_ID=smoke")
+    proc = run_cli(*TINY, "TRAIN_EPOCHS=2", f"RESULTS_DIR={results}", "EXP_ID=smoke")
+    (results / "console.txt").write_text(proc.stdout + proc.stderr)  # what a redirected log holds
     return results / "smoke" / "run_001"
+
+
+def test_a_redirected_log_has_one_line_per_epoch_and_no_progress_bar(trained_run):
+    console = (trained_run.parents[1] / "console.txt").read_text()
+    # before: the bar redrawn at each step, as carriage returns (or, on some streams, a line each)
+    assert "\r" not in console and "it/s" not in console and "epoch 0:" not in console
+    assert [line.split("]")[0] for line in console.splitlines() if line.startswith("[epoch")] == [
+        "[epoch   0", "[epoch   1"]
 
 
 def test_two_epoch_run_writes_everything_and_learns(trained_run):
@@ -89,8 +118,9 @@ def test_ddp_on_two_cpu_processes(tmp_path):
 
 
 def test_stage_c_trains_only_the_head_of_a_trained_network(trained_run, tmp_path):
-    run_cli(*TINY, "TRAIN_EPOCHS=1", f"RESULTS_DIR={tmp_path}", "MODEL=AuxNet-C", "EVAL_METRIC=TTR",
-            f"MODEL_WEIGHTS={trained_run / 'best'}")
+    proc = run_cli(*TINY, "TRAIN_EPOCHS=1", f"RESULTS_DIR={tmp_path}", "MODEL=AuxNet-C",  # EVAL_METRIC: TTR, chosen
+                   f"MODEL_WEIGHTS={trained_run / 'best'}")
+    assert "note: EVAL_METRIC=TTR: MODEL=AuxNet-C trains only the head" in proc.stderr
     before = torch.load(trained_run / "best.pth", weights_only=False)["model"]
     after = torch.load(tmp_path / "default" / "run_001" / "last.pth", weights_only=False)["model"]
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}

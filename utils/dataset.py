@@ -54,7 +54,7 @@ from utils.augment import build_augmentation, seed_augmentation
 from utils.image_io import (LAZY_CACHE_IMAGES, DatasetError, ImageSet, load_folder, memory_budget, recently_used,
                             to_unit_range)
 from utils.sdf import signed_distance_map
-from utils.splits import check_contents, num_folds, resolve_split
+from utils.splits import check_contents, check_test_ids, num_folds, resolve_split
 from utils.synthetic import load_synthetic
 from utils.tiling import boundary_label, fill_label, tile_id, tiles_of
 from utils.util import atomic_write, seed_everything
@@ -292,6 +292,7 @@ def build_datasets(
     synthetic_images: int,
     synthetic_size: int,
     test_ids: Optional[Sequence[str]] = None,
+    fixed_test_ids: Optional[Sequence[str]] = None,
     hashes: Optional[Mapping[str, str]] = None,
     scene_sdm: Optional[SceneSDM] = None,
 ) -> Splits:
@@ -315,6 +316,8 @@ def build_datasets(
         synthetic_images, synthetic_size: number and side of the generated images.
         test_ids: the test images, given (a checkpoint's own split): ``split_file`` is then neither
             read nor written, and every other image is a training image.
+        fixed_test_ids: the test images the user chose (TEST_IDS): the one split, recorded in
+            ``split_file`` instead of K drawn folds (``fold`` must be 0).
         hashes: with ``test_ids``, the content hashes stored with them (None: a checkpoint made before
             hashes were recorded); an image whose file changed since is refused (:func:`check_contents`).
         scene_sdm: whole-image distance maps for the training tiles (``sdm``), or None.
@@ -361,9 +364,11 @@ def build_datasets(
         images = load_folder(root, input_channels=input_channels, seg_classes=seg_classes, input_size=input_size)
 
     if test_ids is None:
+        if fixed_test_ids is not None:
+            check_test_ids(fixed_test_ids, images.ids)
         folds = resolve_split(split_file, images.ids, seed=seed, k=k,
                               source=source if source == "synthetic" else str(Path(source).resolve()),
-                              cross_validation=cross_validation, images=images)
+                              cross_validation=cross_validation, images=images, test_ids=fixed_test_ids)
         test_ids = folds[fold]
     else:
         unknown = sorted(set(test_ids) - set(images.ids))

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,6 +16,13 @@ from tqdm import tqdm
 
 from utils.run_paths import RunDir
 from utils.util import WriteError, atomic_write_text, writing
+
+
+def progress_bars() -> bool:
+    """Whether progress bars are drawn: only when their stream (tqdm's, stderr) is a terminal. In a
+    log file or a pipe each redraw would be a carriage return and a line of text (about a hundred an
+    epoch); there the console logger's one line per epoch is the record."""
+    return sys.stderr.isatty()
 
 
 class ConsoleLogger:

@@ -9,6 +9,13 @@ under the final name; the temporary file is removed on every exception (Keyboard
 With ``overwrite=False`` an existing file under the final name is never replaced (the write fails
 with FileExistsError and leaves it as it is). Reading is :mod:`utils.raster`.
 
+Class masks (``MaskWriter(..., classes=K)``) are written so that an ordinary image viewer shows
+them: with one foreground class (K = 2) the foreground is stored as 255 and the background as 0
+(white on black); with more classes each pixel still holds its class index, and the file carries a
+colour table (a palette PNG, a palette TIFF / GeoTIFF) that gives each class the colour of
+:func:`class_palette` (background black). :class:`ClassMask` reads such a file back as class indices.
+Class probabilities (:class:`ProbabilityWriter`) are uint8 0-255 (probability x 255) or float32.
+
 Every problem with a file raises :class:`~utils.raster.RasterError` naming the file and the cause.
 """
 
@@ -23,13 +30,15 @@ from typing import Any, Optional, Union
 import numpy as np
 from PIL import Image
 
-from utils.raster import SCAN_BAND_BYTES, TIFF_SUFFIXES, GeoRef, ImageReader, RasterError
+from utils.raster import SCAN_BAND_BYTES, TIFF_SUFFIXES, GeoRef, ImageReader, RasterError, open_image
 from utils.util import AtomicFile, atomic_write
 
 # Masks above this many pixels are written as tiled BigTIFF instead of PNG (PNG is buffered whole).
 LARGE_MASK_PIXELS = 4096 * 4096
 # Tile side of written TIFFs (a common GIS / viewer block size).
 OUTPUT_TILE = 256
+# The value a two-class mask stores for its foreground (0 stays background): white in any viewer.
+BINARY_FOREGROUND = 255
 # zlib level for written tiles: on masks, level 3 is ~3x faster than the default 6 and the output
 # is still a few percent of the raw size.
 ZLIB_LEVEL = 3
@@ -59,10 +68,18 @@ class _TiledTiffSink:
     iterator, while prediction pushes row bands; a single-page tiled BigTIFF is a few fixed tags.
     """
 
-    def __init__(self, fh, height: int, width: int, channels: int, dtype: np.dtype, extratags):
+    def __init__(self, fh, height: int, width: int, channels: int, dtype: np.dtype, extratags,
+                 palette: Optional[np.ndarray] = None, nodata: Optional[int] = None):
         self.fh, self.height, self.width, self.channels = fh, height, width, channels
         self.dtype = dtype.newbyteorder("<")
-        self.extratags = extratags
+        self.extratags = list(extratags)
+        if palette is not None:  # ColorMap: every red, then every green, then every blue, as 16-bit values
+            table = np.zeros((2 ** (self.dtype.itemsize * 8), 3), np.uint16)
+            table[:len(palette)] = np.asarray(palette, np.uint16) * 257
+            self.extratags.append((320, 3, table.T.ravel()))
+        if nodata is not None:  # GDAL_NODATA, as GDAL writes it: the value as ASCII text
+            self.extratags.append((42113, 2, str(int(nodata))))
+        self.photometric = 3 if palette is not None else 1  # palette colours, else min-is-black data
         self.across = math.ceil(width / OUTPUT_TILE)
         self.band = np.zeros((OUTPUT_TILE, self.across * OUTPUT_TILE, channels), self.dtype)
         self.filled = 0  # rows of the current tile row already in self.band
@@ -99,7 +116,7 @@ class _TiledTiffSink:
             _encode_tag(257, 4, self.height),
             _encode_tag(258, 3, [bits] * c),
             _encode_tag(259, 3, 8),  # Adobe deflate
-            _encode_tag(262, 3, 1),  # min-is-black: values are data, not colours
+            _encode_tag(262, 3, self.photometric),
             _encode_tag(277, 3, c),
             _encode_tag(284, 3, 1),  # contiguous samples
             _encode_tag(322, 3, OUTPUT_TILE),
@@ -132,8 +149,9 @@ class _TiledTiffSink:
 class _PngSink:
     """Buffers the (small) mask and encodes it as PNG at the end."""
 
-    def __init__(self, fh, height: int, width: int, channels: int, dtype: np.dtype):
-        self.fh = fh
+    def __init__(self, fh, height: int, width: int, channels: int, dtype: np.dtype,
+                 palette: Optional[np.ndarray] = None):
+        self.fh, self.palette = fh, palette
         self.array = np.zeros((height, width, channels), dtype)
 
     def add_rows(self, y0: int, rows: np.ndarray) -> None:
@@ -141,14 +159,18 @@ class _PngSink:
 
     def finish(self) -> None:
         arr = self.array[..., 0] if self.array.shape[2] == 1 else self.array
-        Image.fromarray(arr).save(self.fh, format="PNG")
+        picture = Image.fromarray(arr)
+        if self.palette is not None:  # a "P" image: the pixels stay class indices, the palette colours them
+            picture.putpalette(np.asarray(self.palette, np.uint8).ravel().tolist())
+        picture.save(self.fh, format="PNG")
 
 
 class _RasterioSink:
     """A tiled, deflate-compressed GeoTIFF through rasterio, for georeferencing that exists only
     as crs/transform (e.g. from a JPEG 2000), which GDAL encodes as GeoTIFF keys."""
 
-    def __init__(self, tmp: Path, height: int, width: int, channels: int, dtype: np.dtype, georef: GeoRef):
+    def __init__(self, tmp: Path, height: int, width: int, channels: int, dtype: np.dtype, georef: GeoRef,
+                 palette: Optional[np.ndarray] = None, nodata: Optional[int] = None):
         import rasterio
         from affine import Affine  # a rasterio dependency
 
@@ -156,8 +178,10 @@ class _RasterioSink:
         self.ds = rasterio.open(
             tmp, "w", driver="GTiff", height=height, width=width, count=channels, dtype=dtype.name,
             crs=georef.crs, transform=Affine(*georef.transform), tiled=True, blockxsize=OUTPUT_TILE,
-            blockysize=OUTPUT_TILE, compress="deflate", BIGTIFF="YES",
+            blockysize=OUTPUT_TILE, compress="deflate", BIGTIFF="YES", nodata=nodata,
         )
+        if palette is not None:
+            self.ds.write_colormap(1, {k: (*map(int, rgb), 255) for k, rgb in enumerate(palette)})
 
     def add_rows(self, y0: int, rows: np.ndarray) -> None:
         from rasterio.windows import Window
@@ -197,19 +221,29 @@ class MaskWriter:
         channels: samples per pixel (e.g. K class probabilities).
         overwrite: replace a file already under :attr:`path` on :meth:`close`; when False,
             :meth:`close` raises FileExistsError instead and leaves that file as it is.
+        classes: the rows are class indices ``0 ... classes-1`` (uint8, one channel), written so that
+            a viewer shows them (see the module docstring): 2 classes as 0/255 gray, more as indices
+            with a colour table. None: the values are stored as given.
+        nodata: a TIFF output declares this value as "no data" (GDAL_NODATA); None: no declaration.
 
     Raises:
-        ValueError: bad size, dtype or channels, or ``like`` georeferenced with another size.
+        ValueError: bad size, dtype, channels or classes, or ``like`` georeferenced with another size.
     """
 
     def __init__(self, path: Union[str, Path], height: int, width: int, dtype: Any = np.uint8,
-                 like: Optional[ImageReader] = None, channels: int = 1, overwrite: bool = True):
+                 like: Optional[ImageReader] = None, channels: int = 1, overwrite: bool = True,
+                 classes: Optional[int] = None, nodata: Optional[int] = None):
         self.height, self.width, self.channels = int(height), int(width), int(channels)
         self.dtype = np.dtype(dtype)
         if self.height < 1 or self.width < 1 or self.channels < 1:
             raise ValueError(f"output size {height} x {width} x {channels} must be positive")
         if self.dtype.kind not in "uif" or self.dtype.itemsize > 8:
             raise ValueError(f"unsupported output dtype {self.dtype}")
+        if classes is not None and not (2 <= classes <= 256 and self.dtype == np.uint8 and self.channels == 1):
+            raise ValueError(f"a class mask holds 2 to 256 classes in one uint8 channel, not {classes} classes in "
+                             f"{self.channels} {self.dtype} channel(s)")
+        self.classes = classes
+        palette = class_palette(classes) if classes is not None and classes > 2 else None
         georef = like.georef if like is not None else None
         if georef is not None and (like.height, like.width) != (self.height, self.width):
             raise ValueError(
@@ -233,12 +267,14 @@ class MaskWriter:
                 if self.dtype == np.float16:
                     raise ValueError("a georeferenced float16 output is not supported by GDAL; use float32")
                 self._temp.fh.close()  # GDAL writes the temporary file by name
-                self._sink = _RasterioSink(self._temp.tmp, self.height, self.width, self.channels, self.dtype, georef)
+                self._sink = _RasterioSink(self._temp.tmp, self.height, self.width, self.channels, self.dtype, georef,
+                                           palette, nodata)
             elif as_tiff:
                 tags = georef.tiff_tags if georef is not None else ()
-                self._sink = _TiledTiffSink(self._temp.fh, self.height, self.width, self.channels, self.dtype, tags)
+                self._sink = _TiledTiffSink(self._temp.fh, self.height, self.width, self.channels, self.dtype, tags,
+                                            palette, nodata)
             else:
-                self._sink = _PngSink(self._temp.fh, self.height, self.width, self.channels, self.dtype)
+                self._sink = _PngSink(self._temp.fh, self.height, self.width, self.channels, self.dtype, palette)
         except BaseException:
             self._temp.discard()
             raise
@@ -265,8 +301,19 @@ class MaskWriter:
                 f"{self.path}: a band at row {y0} of shape {rows.shape} does not fit the "
                 f"{self.height} x {self.width} x {self.channels} output"
             )
-        self._sink.add_rows(y0, self._cast(rows))
+        rows = self._cast(rows)
+        if self.classes is not None:
+            rows = self._class_values(rows)
+        self._sink.add_rows(y0, rows)
         self._next_row += len(rows)
+
+    def _class_values(self, rows: np.ndarray) -> np.ndarray:
+        """Class indices as stored: checked below ``classes``; with 2 classes the foreground becomes
+        :data:`BINARY_FOREGROUND` (white)."""
+        top = int(rows.max()) if rows.size else 0
+        if top >= self.classes:
+            raise ValueError(f"{self.path}: class index {top} in a mask of {self.classes} classes [0, {self.classes})")
+        return rows * np.uint8(BINARY_FOREGROUND) if self.classes == 2 else rows
 
     def _cast(self, rows: np.ndarray) -> np.ndarray:
         if rows.dtype == self.dtype or rows.size == 0:
@@ -318,6 +365,75 @@ class MaskWriter:
             self.close()
         else:
             self.abort()
+
+
+class ProbabilityWriter(MaskWriter):
+    """Writes class probabilities in [0, 1], given as float rows, as uint8 ``round(255 p)`` (the
+    default: a TIFF that Pillow and image viewers open, to 1/510 of the value) or float32 (exact, for
+    analysis). Otherwise a :class:`MaskWriter`.
+
+    Raises:
+        ValueError: ``dtype`` is neither uint8 nor float32 (and see :class:`MaskWriter`).
+    """
+
+    DTYPES = ("uint8", "float32")
+
+    def __init__(self, path: Union[str, Path], height: int, width: int, channels: int, dtype: str = "uint8",
+                 like: Optional[ImageReader] = None, overwrite: bool = True):
+        if str(dtype) not in self.DTYPES:
+            raise ValueError(f"probabilities are written as {' or '.join(self.DTYPES)}, not {dtype}")
+        super().__init__(path, height, width, np.dtype(dtype), like=like, channels=channels, overwrite=overwrite)
+
+    def _cast(self, rows: np.ndarray) -> np.ndarray:
+        if self.dtype == np.uint8:
+            return np.round(np.clip(rows.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+        return rows.astype(np.float32)
+
+
+class ClassMask:
+    """The class indices of a mask :class:`MaskWriter` wrote with ``classes``, read by bands of rows
+    (what :func:`overlay_png` takes): ``mask[y0:y1, x0:x1]`` is an ``(h, w)`` array of indices.
+
+    A PNG (small by :data:`LARGE_MASK_PIXELS`) is decoded whole, as its raw values (a palette PNG's
+    indices, not its colours); a TIFF is read by window. Use it as a context manager.
+
+    Raises:
+        RasterError: the file cannot be read.
+    """
+
+    def __init__(self, path: Union[str, Path], classes: int):
+        path = Path(path)
+        self.classes, self._array, self._reader = classes, None, None
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            self._reader = open_image(path)
+            self.shape = (self._reader.height, self._reader.width)
+        else:
+            try:
+                with Image.open(path) as im:
+                    self._array = np.asarray(im)
+            except OSError as exc:
+                raise RasterError(f"{path}: cannot read the mask: {exc}") from exc
+            self.shape = self._array.shape[:2]
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = key
+        if self._reader is not None:
+            y0, y1, _ = rows.indices(self.shape[0])
+            x0, x1, _ = cols.indices(self.shape[1])
+            values = self._reader.read_window(y0, y1, x0, x1)[..., 0]
+        else:
+            values = self._array[rows, cols]
+        return values // BINARY_FOREGROUND if self.classes == 2 else values
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+    def __enter__(self) -> "ClassMask":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +488,8 @@ def overlay_png(path: Union[str, Path], reader: ImageReader, mask: Any, num_clas
         path: output PNG.
         reader: the image.
         mask: ``(H, W)`` class indices: a numpy array or memmap, anything sliced as
-            ``mask[y0:y1, x0:x1]``, or an :class:`ImageReader` of a written one-channel mask.
+            ``mask[y0:y1, x0:x1]`` (a :class:`ClassMask` of a written class mask), or an
+            :class:`ImageReader` of a written one-channel mask of raw indices.
         num_classes: number of classes K (mask values 0 ... K-1).
         max_side: longest side of the PNG.
         alpha: opacity of the class colours.

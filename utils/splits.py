@@ -9,6 +9,8 @@
     cross_validation  CROSS_VALIDATION when it was made
     images            every image id (file stem), sorted
     folds             [{"test": [image ids]}, ...]: fold f's test images (its training images are the others)
+    fixed             true when TEST_IDS chose the test images: then ``folds`` is that one split and
+                      ``num_folds`` is 1 (absent, i.e. false, for drawn folds)
     hashes            {image id: content hash} of every image file (:func:`utils.image_io.file_digest`,
                       BLAKE2b of the file's bytes); folder datasets only (synthetic data is a function
                       of the seed); absent from files made before hashes were recorded
@@ -65,9 +67,26 @@ def make_folds(image_ids: Sequence[str], k: int, seed: int) -> list[list[str]]:
     return [sorted(ids[i] for i in part) for part in np.array_split(order, k)]
 
 
+def check_test_ids(test_ids: Sequence[str], image_ids: Sequence[str]) -> None:
+    """Refuse TEST_IDS that name no image of the dataset, or leave none to train on.
+
+    Raises:
+        DatasetError: naming the unknown stems and a few valid ones.
+    """
+    known = set(image_ids)
+    unknown = sorted(set(test_ids) - known)
+    if unknown:
+        raise DatasetError(f"TEST_IDS names {len(unknown)} image(s) that are not in the dataset: {_preview(unknown)}; "
+                           f"give the stems of its images (file names without the suffix), e.g. "
+                           f"{_preview(sorted(known), 3)}")
+    if known <= set(test_ids):
+        raise DatasetError(f"TEST_IDS holds all {len(known)} images of the dataset, so none is left to train on: "
+                           "leave some out of TEST_IDS")
+
+
 def resolve_split(
     split_file: Path, image_ids: Sequence[str], *, seed: int, k: int, source: str, cross_validation: bool,
-    images: Optional[ImageSet] = None,
+    images: Optional[ImageSet] = None, test_ids: Optional[Sequence[str]] = None,
 ) -> list[list[str]]:
     """The folds of a run: read from ``split_file`` when it exists, else made and written there.
 
@@ -78,6 +97,8 @@ def resolve_split(
     Args:
         images: the dataset's images: their content hashes (:attr:`ImageSet.digests`, folder
             datasets) are written into a new file and checked against a reused one.
+        test_ids: the test images TEST_IDS fixes (checked by :func:`check_test_ids`): the one split
+            replaces the K drawn folds; a reused file must hold the same.
 
     Raises:
         DatasetError: the file is malformed, was made for a different number of folds, or no
@@ -87,8 +108,11 @@ def resolve_split(
     split_file = Path(split_file)
     ids = sorted(image_ids)
     digests = images.digests if images is not None else None
+    fixed = sorted(test_ids) if test_ids is not None else None
+    if fixed is not None:
+        k = 1
     if not split_file.is_file():
-        folds = make_folds(ids, k, seed)
+        folds = [fixed] if fixed is not None else make_folds(ids, k, seed)
         record = {
             "source": source,
             "seed": seed,
@@ -96,6 +120,7 @@ def resolve_split(
             "cross_validation": cross_validation,
             "images": ids,
             "folds": [{"test": fold} for fold in folds],
+            **({"fixed": True} if fixed is not None else {}),
             **({"hashes": digests} if digests is not None else {}),
         }
         # Atomic, and deterministic in (ids, k, seed): ranks racing to write it write the same file.
@@ -107,15 +132,22 @@ def resolve_split(
         stored = [str(i) for i in record["images"]]
         hashes = record.get("hashes")
         hashes = None if hashes is None else {str(i): str(h) for i, h in dict(hashes).items()}
+        was_fixed = bool(record.get("fixed", False))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DatasetError(
             f"split file {split_file} is unreadable ({type(e).__name__}: {e}); delete it to make a new split"
         ) from e
     flat = [i for f in folds for i in f]
-    if sorted(flat) != sorted(stored) or len(set(flat)) != len(flat):
+    # drawn folds partition the images; a fixed split is one test set among them
+    covered = set(flat) <= set(stored) if was_fixed else sorted(flat) == sorted(stored)
+    if not covered or len(set(flat)) != len(flat):
         raise DatasetError(
             f"split file {split_file} is corrupt: its folds do not partition its images; delete it to make a new split"
         )
+    if fixed is not None and folds != [fixed]:
+        held = f"the test set {_preview(folds[0])}" if len(folds) == 1 else f"{len(folds)} drawn folds"
+        raise DatasetError(f"split file {split_file} holds {held}, not TEST_IDS {_preview(fixed)}: use the TEST_IDS "
+                           "it was made with, or start a new run (another RUN_ID)")
     if len(folds) != k:
         raise DatasetError(
             f"split file {split_file} has {len(folds)} folds but TEST_SPLIT gives K={k}: use the TEST_SPLIT "

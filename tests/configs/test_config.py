@@ -160,6 +160,12 @@ def test_the_three_classic_mistakes_in_one_error():
         (["RUN_ID=../escape"], "must be a plain folder name"),
         (["MIXED_PRECISION=fp16"], "needs a CUDA GPU"),
         (["AUGMENTATIONS=[{name: HorizontalFlap, p: 0.5}]"], "HorizontalFlap"),
+        (["TEST_IDS=[f3, f4]", "CROSS_VALIDATION=true"],
+         "TEST_IDS fixes one test split, but CROSS_VALIDATION=true draws K folds: use CROSS_VALIDATION=false, or "
+         "TEST_IDS=null"),
+        (["TEST_IDS=[a, b]", "DEFAULT_FOLD=2"], "DEFAULT_FOLD=2 chooses a drawn fold, but TEST_IDS fixes the one split"),
+        (["TEST_IDS=[]"], "TEST_IDS=[] holds no image: list the stems of the test images, or use TEST_IDS=null"),
+        (["TEST_IDS=[a, b, a]"], "TEST_IDS lists a more than once: list each test image once"),
     ],
 )
 def test_validator_rules(overrides, expected, cpu_only):  # the GPU rows mean a machine without one
@@ -176,6 +182,28 @@ def test_gpus_that_are_not_there_are_named_on_a_machine_with_one_gpu(monkeypatch
 def test_error_message_lists_every_problem_with_count():
     with pytest.raises(ConfigError, match=r"3 problem\(s\)"):
         load_config(None, ["UNET_DEPTH=1", "BATCH_SIZE=0", "TRAIN_EPOCHS=0"])
+
+
+def test_auxnet_c_chooses_ttr_with_a_note_when_eval_metric_is_left_at_its_default(checkpoint, tmp_path, capsys):
+    weights = f"MODEL_WEIGHTS={checkpoint}"
+    cfg = load_config(None, ["MODEL=AuxNet-C", weights])  # config.yaml holds the default EVAL_METRIC: DSC
+    assert cfg.EVAL_METRIC == "TTR"
+    assert capsys.readouterr().err == ("note: EVAL_METRIC=TTR: MODEL=AuxNet-C trains only the head, on a trained "
+                                       "network, so DSC cannot change; best.pth is the epoch whose head scores best\n")
+    own = tmp_path / "stage_c.yaml"
+    own.write_text("MODEL: AuxNet-C\n")  # a file without EVAL_METRIC: the same choice
+    assert load_config(own, [weights]).EVAL_METRIC == "TTR" and "note: EVAL_METRIC=TTR" in capsys.readouterr().err
+    # chosen: kept (a combined score of the head), or refused with the fix when it cannot change
+    assert load_config(None, ["MODEL=AuxNet-C", weights, "EVAL_METRIC=CMA", "CMA_COEFFICIENTS={TTR: 1}"]
+                       ).EVAL_METRIC == "CMA"
+    for typed in (["EVAL_METRIC=DSC"], ["EVAL_METRIC=IoU"]):
+        metric = typed[0].split("=")[1]
+        assert problems_of("MODEL=AuxNet-C", weights, *typed) == [
+            f"EVAL_METRIC={metric} scores segmentation, which MODEL=AuxNet-C does not train: use EVAL_METRIC=TTR"]
+    own.write_text("MODEL: AuxNet-C\nEVAL_METRIC: HD95\n")
+    assert "EVAL_METRIC=HD95 scores segmentation" in problems_of(weights, path=own)[0]
+    assert capsys.readouterr().err == ""  # no note for a configuration that does not run
+    assert load_config(None, []).EVAL_METRIC == "DSC"  # a model that decodes keeps the default
 
 
 def test_weights_path_suffix_is_optional(checkpoint):

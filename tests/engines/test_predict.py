@@ -81,12 +81,31 @@ def test_predict_a_folder_goes_on_past_a_bad_file_and_lists_it(checkpoint, tmp_p
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["image"].split("/")[-1] for r in records] == ["a.png", "b16.tif"]
     mask = np.asarray(Image.open(out / "a_mask.png"))
-    assert mask.shape == (90, 150) and set(np.unique(mask)) <= {0, 1}
+    assert mask.shape == (90, 150) and set(np.unique(mask)) <= {0, 255}  # one foreground class: 0/255 gray
     assert np.asarray(Image.open(out / "b16_mask.png")).shape == (130, 70)
-    prob = tifffile.imread(out / "b16_prob.tif")
-    assert prob.dtype == np.float16 and prob.shape[:2] == (130, 70)
-    assert ((prob.reshape(130, 70) > 0.5) == np.asarray(Image.open(out / "b16_mask.png"))).mean() > 0.99
+    prob = np.asarray(Image.open(out / "b16_prob.tif"))  # uint8 0-255 opens in Pillow
+    assert prob.dtype == np.uint8 and prob.shape == (130, 70)
+    assert ((prob > 127) == (np.asarray(Image.open(out / "b16_mask.png")) == 255)).mean() > 0.99
     assert (out / "a_overlay.png").is_file() and records[1]["tiles"] == records[1]["decoded"]
+
+
+def test_predict_writes_a_palette_mask_of_class_indices_and_float32_probabilities_on_request(tmp_path):
+    from conftest import write_checkpoint
+
+    cfg = load_config(None, ["INPUT_SIZE=64", "UNET_DEPTH=3", "CONV_DEPTH=4", "MIXED_PRECISION=none",
+                             "CHANNELS_LAST=false", "SEG_CLASSES=3", "LOSS=SoftDICE_CE"])
+    torch.manual_seed(0)
+    weights = write_checkpoint(tmp_path / "best.pth", cfg)
+    inputs = _images(tmp_path / "in", "a.png")
+    out = tmp_path / "out"
+    assert _run(weights, inputs, out, "SAVE_PROBABILITIES=true", "PROBABILITIES_DTYPE=float32") == 0
+    prob = tifffile.imread(out / "a_prob.tif")
+    assert prob.dtype == np.float32 and prob.shape == (64, 64, 3)
+    np.testing.assert_allclose(prob.sum(-1), 1.0, atol=1e-5)
+    with Image.open(out / "a_mask.png") as im:
+        assert im.mode == "P" and im.getpalette()[:9] == [0, 0, 0, 230, 159, 0, 86, 180, 233]
+        np.testing.assert_array_equal(np.asarray(im), prob.argmax(-1))  # the pixels are the class indices
+    assert (out / "a_overlay.png").is_file()
 
 
 @pytest.mark.parametrize("kind", ["UNet", "no fill head"])
@@ -237,6 +256,58 @@ def test_mask_writer_without_overwrite_leaves_an_existing_file_and_no_temporary_
 
 
 # ---- two inputs with one stem
+
+
+# ---- INPUT: a file, a folder, a glob pattern or a .txt list
+
+
+def _inputs(given: str) -> list[str]:
+    from configs.schema import Config
+
+    return [str(p) for p in predict_module.check_inputs(Config(INPUT=given))]
+
+
+def test_input_takes_a_glob_pattern_or_a_txt_list(tmp_path, capsys, monkeypatch):
+    _images(tmp_path / "scenes", "b.tif", "a.tif", "c.png")
+    _images(tmp_path / "scenes" / "deep", "d.tif")
+    (tmp_path / "scenes" / "notes.tif.txt").write_text("not an image")
+    s = tmp_path / "scenes"
+    assert _inputs(f"{s}/*.tif") == [f"{s}/a.tif", f"{s}/b.tif"]
+    assert _inputs(f"{s}/**/*.tif") == [f"{s}/a.tif", f"{s}/b.tif", f"{s}/deep/d.tif"]
+    assert _inputs(f"{s}/[bc].*") == [f"{s}/b.tif", f"{s}/c.png"]
+    (s / "list.txt").write_text(f"# test scenes\nc.png\n\n  deep/d.tif\n{s}/a.tif\nc.png\n")
+    assert _inputs(f"{s}/list.txt") == [f"{s}/c.png", f"{s}/deep/d.tif", f"{s}/a.tif"]  # in its order, once each
+    monkeypatch.chdir(s)
+    assert _inputs("*.png") == ["c.png"]
+
+
+def test_an_input_pattern_or_list_that_names_no_image_is_one_clear_error(tmp_path):
+    from configs import ConfigError
+
+    _images(tmp_path, "a.png")
+    with pytest.raises(ConfigError, match=re.escape(f"INPUT='{tmp_path}/*.tif' (a glob pattern) matches no image "
+                                                    "(.png, .jpg, .jpeg, .tif, .tiff, .jp2, .j2k)")):
+        _inputs(f"{tmp_path}/*.tif")
+    with pytest.raises(ConfigError, match=re.escape(f"INPUT='{tmp_path}/scene.tif': no such file or folder (nor a "
+                                                    "glob pattern: use *, ? or [...])")):
+        _inputs(f"{tmp_path}/scene.tif")
+    (tmp_path / "list.txt").write_text("a.png\nmissing.tif\nlist.txt\n")
+    with pytest.raises(ConfigError) as err:
+        _inputs(f"{tmp_path}/list.txt")
+    assert err.value.problems == [
+        f"INPUT='{tmp_path}/list.txt' line 2: {tmp_path}/missing.tif: no such file; fix or remove the line",
+        f"INPUT='{tmp_path}/list.txt' line 3: {tmp_path}/list.txt is not an image (.png, .jpg, .jpeg, .tif, .tiff, "
+        ".jp2, .j2k); fix or remove the line"]
+    (tmp_path / "empty.txt").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="lists no image: write one image path a line"):
+        _inputs(f"{tmp_path}/empty.txt")
+
+
+def test_predict_segments_the_images_a_glob_pattern_matches(checkpoint, tmp_path):
+    inputs = _images(tmp_path / "in", "a.png", "b.tif", "c.png")
+    out = tmp_path / "out"
+    assert _run(checkpoint, f"{inputs}/*.png", out) == 0
+    assert [Path(r["image"]).name for r in _records(out)] == ["a.png", "c.png"]
 
 
 def test_two_inputs_with_one_stem_keep_both_results(checkpoint, tmp_path, capsys):

@@ -359,6 +359,27 @@ def test_tts_json_holds_image_ids_and_is_reused(tmp_path):
     assert fresh.test_ids != first.test_ids
 
 
+def test_test_ids_fix_the_test_split_and_the_tts_json_records_it(tmp_path):
+    root = tmp_path / "data"
+    for i in range(6):
+        _good(root, f"frame{i}")
+    s = _build(root, tmp_path, fixed_test_ids=["frame4", "frame1"])
+    assert s.test_ids == ["frame1", "frame4"] and s.train_ids == ["frame0", "frame2", "frame3", "frame5"]
+    record = json.loads((tmp_path / "run" / "tts.json").read_text())
+    assert record["folds"] == [{"test": ["frame1", "frame4"]}] and record["num_folds"] == 1 and record["fixed"]
+    assert _build(root, tmp_path, fixed_test_ids=["frame1", "frame4"]).test_ids == ["frame1", "frame4"]  # reused
+    with pytest.raises(DatasetError, match=r"holds the test set frame1, frame4, not TEST_IDS frame2: use the TEST_IDS "
+                                           r"it was made with, or start a new run"):
+        _build(root, tmp_path, fixed_test_ids=["frame2"])
+    with pytest.raises(DatasetError, match=r"TEST_IDS names 2 image\(s\) that are not in the dataset: frame7, "
+                                           r"frame9; give the stems of its images \(file names without the suffix\), "
+                                           r"e\.g\. frame0, frame1, frame2, \.\.\. \(3 more\)"):
+        _build(root, tmp_path, fixed_test_ids=["frame9", "frame1", "frame7"], split_file=tmp_path / "new.json")
+    with pytest.raises(DatasetError, match="TEST_IDS holds all 6 images of the dataset, so none is left to train on"):
+        _build(root, tmp_path, fixed_test_ids=[f"frame{i}" for i in range(6)], split_file=tmp_path / "new.json")
+    assert not (tmp_path / "new.json").exists()
+
+
 def test_tts_json_that_no_longer_matches_the_files_is_an_error(tmp_path):
     root = tmp_path / "data"
     for i in range(6):

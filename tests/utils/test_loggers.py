@@ -31,3 +31,19 @@ def test_wandb_logger_works_offline_without_a_key(tmp_path, monkeypatch):
     logger.log({"loss": 1.0}, step=0)
     logger.close()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_progress_bars_are_drawn_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from utils.loggers import progress_bars
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert progress_bars()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file or a pipe
+    assert not progress_bars()

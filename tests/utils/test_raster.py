@@ -18,7 +18,7 @@ from PIL import Image
 import utils.raster as raster
 import utils.raster_write as raster_write
 from utils.raster import RasterError, open_image
-from utils.raster_write import MaskWriter, class_palette, overlay_png
+from utils.raster_write import ClassMask, MaskWriter, ProbabilityWriter, class_palette, overlay_png
 
 H, W = 300, 517  # not multiples of any tile or strip size used below
 RNG = np.random.default_rng(0)
@@ -544,3 +544,85 @@ def test_rasterio_jpeg2000_read_and_mask_keeps_crs(tmp_path):
         np.testing.assert_array_equal(tif.pages[0].asarray(), GRAY8 % 3)
     _assert_georeferenced_like(rasterio, writer.path, transform)
     assert sorted(os.listdir(tmp_path)) == ["m.tif", "scene.jp2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# class masks a viewer shows, probabilities a viewer opens
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_a_binary_class_mask_is_0_255_gray_and_reads_back_as_indices(tmp_path, suffix):
+    labels = (GRAY8 > 127).astype(np.uint8)
+    with MaskWriter(tmp_path / f"m{suffix}", H, W, classes=2) as writer:
+        _write_in_bands(writer, labels)
+    with Image.open(writer.path) as im:  # before: 0/1, an all-black picture
+        assert im.mode == "L"
+        np.testing.assert_array_equal(np.asarray(im), labels * 255)
+    with ClassMask(writer.path, 2) as mask:
+        np.testing.assert_array_equal(mask[0:H, 0:W], labels)
+        np.testing.assert_array_equal(mask[10:20, 5:9], labels[10:20, 5:9])
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_a_multiclass_mask_holds_indices_with_a_colour_per_class(tmp_path, suffix):
+    labels = GRAY8 % 4
+    with MaskWriter(tmp_path / f"m{suffix}", H, W, classes=4) as writer:
+        _write_in_bands(writer, labels)
+    with Image.open(writer.path) as im:
+        assert im.mode == "P"
+        np.testing.assert_array_equal(np.asarray(im), labels)  # the pixels are still the class indices
+        rgb = np.asarray(im.convert("RGB"))
+    colours = [(0, 0, 0), (230, 159, 0), (86, 180, 233), (0, 158, 115)]  # background black, then Okabe-Ito
+    np.testing.assert_array_equal(rgb, np.array(colours, np.uint8)[labels])
+    if suffix == ".tif":
+        with tifffile.TiffFile(writer.path) as tif:
+            assert tif.pages[0].photometric == 3  # palette
+            np.testing.assert_array_equal(tif.pages[0].colormap[:, :4].T // 257, colours)
+    with ClassMask(writer.path, 4) as mask:
+        np.testing.assert_array_equal(mask[0:H, 0:W], labels)
+
+
+def test_a_class_mask_refuses_indices_beyond_its_classes(tmp_path):
+    with pytest.raises(ValueError, match=r"class index 2 in a mask of 2 classes \[0, 2\)"):
+        with MaskWriter(tmp_path / "m", H, W, classes=2) as writer:
+            writer.write_rows(0, np.full((H, W), 2, np.uint8))
+    with pytest.raises(ValueError, match="a class mask holds 2 to 256 classes in one uint8 channel, not 3 classes "
+                                         "in 1 uint16 channel"):
+        MaskWriter(tmp_path / "m", H, W, np.uint16, classes=3)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_tiff_mask_declares_nodata_when_asked(tmp_path):
+    with MaskWriter(tmp_path / "m.tif", H, W, classes=3, nodata=255) as writer:
+        writer.write_rows(0, GRAY8 % 3)
+    with MaskWriter(tmp_path / "plain.tif", H, W, classes=3) as plain:
+        plain.write_rows(0, GRAY8 % 3)
+    with tifffile.TiffFile(writer.path) as tif, tifffile.TiffFile(plain.path) as other:
+        assert tif.pages[0].nodata == 255 and other.pages[0].nodata == 0 and 42113 not in other.pages[0].tags
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_probabilities_are_uint8_0_255_by_default_or_float32(tmp_path, dtype):
+    probs = np.array([[0.0, 0.5, 1.0, 0.25], [1 / 255, 0.998, 0.002, 0.75]], np.float32)
+    with ProbabilityWriter(tmp_path / "p.tif", 2, 4, channels=1, dtype=dtype) as writer:
+        writer.write_rows(0, probs)
+    with Image.open(writer.path) as im:  # before: float16, which Pillow cannot open
+        got = np.asarray(im)
+    if dtype == "uint8":
+        np.testing.assert_array_equal(got, [[0, 128, 255, 64], [1, 254, 1, 191]])
+    else:
+        np.testing.assert_array_equal(got, probs)
+    with pytest.raises(ValueError, match="probabilities are written as uint8 or float32, not float16"):
+        ProbabilityWriter(tmp_path / "q.tif", 2, 4, channels=1, dtype="float16")
+
+
+def test_rasterio_geotiff_class_mask_has_the_colour_table_and_nodata(tmp_path):
+    arr = _hwc(GRAY8)
+    rasterio, transform = _rasterio_write(tmp_path / "scene.jp2", arr, "JP2OpenJPEG", QUALITY=100, REVERSIBLE="YES")
+    with open_image(tmp_path / "scene.jp2") as reader:
+        with MaskWriter(tmp_path / "m", H, W, like=reader, classes=3, nodata=255) as writer:
+            _write_in_bands(writer, GRAY8 % 3)
+    _assert_georeferenced_like(rasterio, writer.path, transform)
+    with rasterio.open(writer.path) as ds:
+        assert ds.nodata == 255
+        assert [ds.colormap(1)[k] for k in range(3)] == [(0, 0, 0, 255), (230, 159, 0, 255), (86, 180, 233, 255)]
+        np.testing.assert_array_equal(ds.read(1), GRAY8 % 3)
