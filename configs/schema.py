@@ -163,6 +163,8 @@ class Config:
         "predict / whole-image eval: also decode mirrored tiles and average (flips = 4x, d4 = 8x the decoder time)",
     )
     SAVE_PROBABILITIES: bool = opt(False, "predict: also write the class probabilities (float16 TIFF)")
+    SAVE_POLYGONS: bool = opt(False, "predict: also write the mask as polygons (<stem>_polygons.geojson, map coordinates when georeferenced)")
+    POLYGON_TOLERANCE: float = opt(1.0, "predict: polygon simplification tolerance in pixels (0 = exact pixel edges)")
     # distributed
     GPUs: Optional[list[int]] = opt(None, "GPU indices to run on (train, eval, predict), one process each (null = all visible; [] = CPU)")
     CPU_PROCESSES: int = opt(1, "processes on the CPU for train, eval and predict (gloo DDP when > 1)")

@@ -160,6 +160,7 @@ def test_the_three_classic_mistakes_in_one_error():
         (["RUN_ID=../escape"], "must be a plain folder name"),
         (["MIXED_PRECISION=fp16"], "needs a CUDA GPU"),
         (["AUGMENTATIONS=[{name: HorizontalFlap, p: 0.5}]"], "HorizontalFlap"),
+        (["POLYGON_TOLERANCE=-0.5"], "POLYGON_TOLERANCE=-0.5 is out of range: use a value in [0, inf)"),
     ],
 )
 def test_validator_rules(overrides, expected, cpu_only):  # the GPU rows mean a machine without one
