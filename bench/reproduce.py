@@ -58,6 +58,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from utils.image_io import file_digest  # noqa: E402
+from utils.isbi2012 import SOURCE as ISBI_SOURCE, TERMS as ISBI_TERMS  # noqa: E402
 from bench.folder_datasets import FOLDER_DATASETS, ensure_folder_dataset  # noqa: E402
 from utils.splits import num_folds  # noqa: E402
 from utils.util import atomic_write_json, atomic_write_text, cpu_threads  # noqa: E402
@@ -244,6 +245,28 @@ def write_fixed_split(folder: Path, images_dir: Path, test: list[str], num_folds
         "source": str(images_dir.parent), "seed": seed, "num_folds": num_folds, "cross_validation": False,
         "images": ids, "folds": [{"test": f} for f in folds], "hashes": {i: file_digest(files[i]) for i in ids},
     })
+
+
+def missing_data(names: list[str], opts: Options) -> list[str]:
+    """One message per dataset folder that ``names`` read and that is not there (generated datasets
+    are made when needed, so only the ones a user brings can be missing): where it should be, where it
+    comes from, and the command that puts it there."""
+    folders: dict[str, list[str]] = {}
+    for name in names:
+        data_dir, generated = dataset_dir(name, opts)
+        if not generated and data_dir != "synthetic" and not (ROOT / data_dir / "images").is_dir():
+            folders.setdefault(data_dir, []).append(name)
+    messages = []
+    for data_dir, users in folders.items():
+        where = (f"{(ROOT / data_dir).resolve()} (DATASET_DIR: {data_dir} of "
+                 f"{', '.join(f'configs/experiments/{u}.yaml' for u in users)})")
+        if Path(data_dir).name == "isbi2012":
+            messages.append(f"the ISBI 2012 data is not at {where}.\n  It is {ISBI_SOURCE}; terms: {ISBI_TERMS}.\n"
+                            f"  Put it there with (in the repository root):  python -m utils.isbi2012 train-volume.tif "
+                            f"train-labels.tif {data_dir}")
+        else:
+            messages.append(f"no dataset at {where}: put its images/ and masks/ there")
+    return messages
 
 
 def git_commit() -> str:
@@ -522,6 +545,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     def seeds_for(name: str) -> list[int]:
         return list(args.seeds) if args.seeds else list(EXPERIMENTS[name].seeds)
 
+    if not (args.tables_only or args.dry_run):
+        missing = missing_data(names, opts)
+        if missing:
+            print("\n".join(f"error: {m}" for m in missing), file=sys.stderr)
+            return 2
     failed = []
     if not args.tables_only:
         for name in names:

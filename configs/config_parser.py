@@ -308,6 +308,7 @@ RESUMABLE_KEYS = frozenset({
     "TRAIN_EPOCHS", "DATASET_DIR", "RESULTS_DIR", "NUM_WORKERS", "GPUs", "CPU_PROCESSES", "MASTER_ADDR",
     "MASTER_PORT", "NCCL_P2P_DISABLE", "LOG_WANDB", "LOG_LOCAL", "EXP_ID", "RUN_ID", "INPUT", "OUTPUT", "GATING",
     "TTA", "SAVE_PROBABILITIES", "PROBABILITIES_DTYPE", "EARLY_STOPPING", "COMPILE", "PLOT_EVERY", "PLOT_TILES",
+    "SAVE_POLYGONS", "POLYGON_TOLERANCE",
 })
 
 #: Options ``eval`` takes from the command line; the others come from the checkpoint's run.
@@ -320,7 +321,8 @@ EVAL_KEYS = frozenset({
 })
 
 #: Options ``predict`` takes from the command line, beyond the evaluation options.
-PREDICT_KEYS = EVAL_KEYS | {"INPUT", "OUTPUT", "SAVE_PROBABILITIES", "PROBABILITIES_DTYPE"}
+PREDICT_KEYS = EVAL_KEYS | {"INPUT", "OUTPUT", "SAVE_PROBABILITIES", "PROBABILITIES_DTYPE", "SAVE_POLYGONS",
+                               "POLYGON_TOLERANCE"}
 
 
 def saved_values(saved: dict[str, Any]) -> dict[str, Any]:

@@ -179,6 +179,8 @@ class Config:
         "uint8",
         "predict: uint8 (0-255 = probability x 255, opens in image viewers) | float32 (0-1, exact)",
     )
+    SAVE_POLYGONS: bool = opt(False, "predict: also write the mask as polygons (<stem>_polygons.geojson, map coordinates when georeferenced)")
+    POLYGON_TOLERANCE: float = opt(1.0, "predict: polygon simplification tolerance in pixels (0 = exact pixel edges)")
     # distributed
     GPUs: Optional[list[int]] = opt(None, "GPU indices to run on (train, eval, predict), one process each (null = all visible; [] = CPU)")
     CPU_PROCESSES: int = opt(1, "processes on the CPU for train, eval and predict (gloo DDP when > 1)")

@@ -7,7 +7,9 @@ The network, classes and input scaling come from the checkpoint's configuration.
 writes ``<stem>_mask.png`` (or a tiled ``.tif`` for large scenes and georeferenced inputs, keeping
 the georeferencing; one foreground class as 0/255, more as class indices with a colour table),
 ``<stem>_overlay.png`` (downsampled for large scenes), optionally ``<stem>_prob.tif`` (probabilities,
-uint8 0-255 or float32: PROBABILITIES_DTYPE), and one JSON line in ``predictions.jsonl``. A folder
+uint8 0-255 or float32: PROBABILITIES_DTYPE), optionally ``<stem>_polygons.geojson`` (SAVE_POLYGONS:
+one polygon per connected region of each class, see :mod:`utils.polygons`), and one JSON line in
+``predictions.jsonl``. A folder
 goes on past a bad file and lists every failure at the end (exit status 2). This module predicts in
 one process; over several (``torchrun``, ``GPUs=[0,1]``, ``CPU_PROCESSES=N``) the files are shared
 among them, with these rules and writers: see :mod:`engines.predict_ddp`.
@@ -60,6 +62,7 @@ from engines.sliding_window import Predictor
 from model.AuxNet import AuxNet
 from utils.hardware import Runtime
 from utils.image_io import InputScaling
+from utils.polygons import KeptRows, write_polygons
 from utils.raster import SUPPORTED_SUFFIXES, RasterError, open_image
 from utils.raster_write import ClassMask, MaskWriter, ProbabilityWriter, overlay_png
 from utils.run_paths import RunDir
@@ -68,7 +71,7 @@ from utils.util import DistContext, RunError, atomic_write_text, make_writable_f
 #: Hidden temporary files of an interrupted write into a predict folder: ``atomic_write`` and
 #: raster_write's temporary outputs (``tempfile.mkstemp`` names: ``.<output name>.<8 random>.tmp``)
 #: and the write probe of :func:`~utils.util.make_writable_folder` (``.write_test.<pid>``).
-_LEFTOVER = re.compile(r"\..+\.(png|tif|tiff|jsonl)\.[a-z0-9_]{8}\.tmp|\.write_test\.\d+")
+_LEFTOVER = re.compile(r"\..+\.(png|tif|tiff|jsonl|geojson)\.[a-z0-9_]{8}\.tmp|\.write_test\.\d+")
 #: Write errors after which every later output in the folder would fail the same way, and the fix.
 _FOLDER_ERRORS = {
     errno.ENOSPC: "free some space on that disk, or choose an OUTPUT on another one",
@@ -351,7 +354,7 @@ def predict_each(cfg: Config, predictor: Predictor, files: list[Path], mine: Ite
                 try:
                     finished(list(records.values()), record)
                 except BaseException:
-                    remove_outputs([record["mask"], record["overlay"], record["probabilities"]])
+                    remove_outputs([record["mask"], record["overlay"], record["probabilities"], record["polygons"]])
                     raise
         except PREDICT_ERRORS as err:
             failures[i] = failure(path, out, err)
@@ -461,10 +464,11 @@ def predict_file(cfg: Config, predictor: Predictor, path: Path, out: Path, name:
 
 
 def write_outputs(cfg: Config, predictor: Predictor, image, out: Path, name: str, classes: int) -> dict:
-    """Predict ``image`` into ``<name>_mask``, ``<name>_overlay.png`` and (SAVE_PROBABILITIES)
-    ``<name>_prob.tif`` under ``out``; returns their part of the JSON record. The mask opens in an
-    image viewer (``classes`` = 2: 0/255; more: a palette of class indices, see
-    :class:`~utils.raster_write.MaskWriter`); the probabilities are PROBABILITIES_DTYPE.
+    """Predict ``image`` into ``<name>_mask``, ``<name>_overlay.png``, (SAVE_PROBABILITIES)
+    ``<name>_prob.tif`` and (SAVE_POLYGONS) ``<name>_polygons.geojson`` under ``out``; returns their
+    part of the JSON record. The mask opens in an image viewer (``classes`` = 2: 0/255; more: a
+    palette of class indices, see :class:`~utils.raster_write.MaskWriter`); the probabilities are
+    PROBABILITIES_DTYPE.
 
     No output replaces an existing file. On any failure (Ctrl-C included) the outputs this call
     already moved into place are removed and the temporary ones are discarded, so an image is
@@ -473,7 +477,7 @@ def write_outputs(cfg: Config, predictor: Predictor, image, out: Path, name: str
     Raises:
         OSError: an output cannot be written; FileExistsError: a file already has its name.
     """
-    mask = prob = None
+    mask = prob = polygons = None
     try:
         with ExitStack() as writers:  # closed in reverse order; an error aborts both
             mask = writers.enter_context(MaskWriter(out / f"{name}_mask", image.height, image.width, np.uint8,
@@ -482,12 +486,19 @@ def write_outputs(cfg: Config, predictor: Predictor, image, out: Path, name: str
                 prob = writers.enter_context(ProbabilityWriter(out / f"{name}_prob.tif", image.height, image.width,
                                                                predictor.channels, cfg.PROBABILITIES_DTYPE,
                                                                like=image, overwrite=False))
-            stats = predictor.run(image, mask, prob, cfg.SEG_THRESHOLD)
+            rows = KeptRows(mask, image.height, image.width) if cfg.SAVE_POLYGONS else mask
+            stats = predictor.run(image, rows, prob, cfg.SEG_THRESHOLD)
+        if cfg.SAVE_POLYGONS:  # the class mask, in the input's map coordinates when it is georeferenced
+            georef = image.georef
+            write_polygons(out / f"{name}_polygons.geojson", rows.array, cfg.POLYGON_TOLERANCE,
+                           georef.transform if georef else None, georef.crs if georef else None, overwrite=False)
+            polygons = out / f"{name}_polygons.geojson"
         overlay = out / f"{name}_overlay.png"
         with ClassMask(mask.path, classes) as written:
             overlay_png(overlay, image, written, classes, overwrite=False)  # last: written whole or not at all
     except BaseException:
-        remove_outputs([w.path for w in (mask, prob) if w is not None and w.committed])
+        remove_outputs([w.path for w in (mask, prob) if w is not None and w.committed] + [polygons])
         raise
     return {"height": image.height, "width": image.width, "mask": str(mask.path), "overlay": str(overlay),
-            "probabilities": str(prob.path) if prob else None, **stats.as_dict()}
+            "probabilities": str(prob.path) if prob else None, "polygons": str(polygons) if polygons else None,
+            **stats.as_dict()}

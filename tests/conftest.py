@@ -200,8 +200,68 @@ def pytest_collection_modifyitems(config, items):
 ROOT = Path(__file__).resolve().parents[1]
 
 #: The ISBI-2012 EM data (30 images of 512² and their membrane masks), where it is checked out beside
-#: the repository; the tests that use it skip without it.
+#: the repository; the tests that use it skip without it (the EM-like stand-in below runs everywhere).
 ISBI = ROOT.parent / "shared" / "data" / "isbi2012"
+#: Why the real-data tests skip in a clone without it.
+ISBI_MISSING = (f"ISBI 2012 data not found at {ISBI} (python -m utils.isbi2012 writes it from the challenge's "
+                "stacks); the EM-like stand-in runs instead")
+
+
+def em_like_stacks(count: int, size: int = 512, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A stand-in for the ISBI 2012 training stacks: ``count`` EM-like slices ``(count, size, size)``
+    uint8 and their labels (255 = cell, 0 = membrane), as ``train-volume.tif`` and
+    ``train-labels.tif`` hold them.
+
+    Cells are the Voronoi regions of random seeds (about 40 px across); membranes are their 2-3 px
+    borders, dark on lighter, textured cell interiors, blurred and noisy as a TEM slice.
+    """
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    volume = np.empty((count, size, size), np.uint8)
+    labels = np.empty((count, size, size), np.uint8)
+    for n in range(count):
+        seeds = np.ones((size, size), np.uint8)
+        points = rng.integers(0, size, (max(4, size * size // 1600), 2))
+        seeds[points[:, 0], points[:, 1]] = 0
+        _, cells = cv2.distanceTransformWithLabels(seeds, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL)
+        edge = np.zeros((size, size), bool)
+        edge[:-1] |= cells[:-1] != cells[1:]
+        edge[:, :-1] |= cells[:, :-1] != cells[:, 1:]
+        membrane = ndi.binary_dilation(edge, iterations=int(rng.integers(1, 3)))
+        shade = rng.uniform(0.55, 0.8, cells.max() + 1)[cells]  # each cell its own gray
+        scene = np.where(membrane, 0.2, shade) + ndi.gaussian_filter(rng.normal(0, 0.08, (size, size)), 2)
+        scene = ndi.gaussian_filter(scene, 1.0) + rng.normal(0, 0.04, (size, size))
+        volume[n] = np.clip(np.rint(scene * 255), 0, 255)
+        labels[n] = np.where(membrane, 0, 255)
+    return volume, labels
+
+
+@pytest.fixture(scope="session")
+def isbi_like(tmp_path_factory) -> Path:
+    """A DATASET_DIR folder of 5 EM-like 512² slices (:func:`em_like_stacks`), made the user's way:
+    the stacks written as multi-page TIFFs and converted by ``python -m utils.isbi2012``."""
+    import tifffile
+
+    from utils.isbi2012 import main as convert_main
+
+    root = tmp_path_factory.mktemp("isbi_like")
+    volume, labels = em_like_stacks(5)
+    tifffile.imwrite(root / "train-volume.tif", volume)
+    tifffile.imwrite(root / "train-labels.tif", labels)
+    assert convert_main([str(root / "train-volume.tif"), str(root / "train-labels.tif"), str(root / "isbi")]) == 0
+    return root / "isbi"
+
+
+@pytest.fixture(params=["em_like", "real"])
+def isbi_folder(request) -> Path:
+    """The ISBI 2012 folder layout twice: the EM-like stand-in (:func:`isbi_like`, every clone) and the
+    real data (:data:`ISBI`; skipped, with the reason, where it is not checked out)."""
+    if request.param == "em_like":
+        return request.getfixturevalue("isbi_like")
+    if not ISBI.is_dir():
+        pytest.skip(ISBI_MISSING)
+    return ISBI
 
 #: A command-line run that trains in seconds: 3 training images of 128² (tiles of 64²), 1 test image,
 #: a 3-level U-Net 8 maps wide, no loader workers.

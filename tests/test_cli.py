@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ISBI, TINY, eval_summary, run_cli
+from conftest import TINY, eval_summary, run_cli
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -174,10 +174,9 @@ def test_resume_refuses_changed_options_and_keeps_the_run(trained_run):
     assert (trained_run / "config.yaml").read_text() == before and (trained_run / "last.pth").is_file()
 
 
-@pytest.mark.skipif(not ISBI.is_dir(), reason=f"ISBI 2012 data not found at {ISBI}")
-def test_one_epoch_on_the_isbi2012_em_data(tmp_path):
-    run_cli(f"DATASET_DIR={ISBI}", "TRAIN_EPOCHS=1", "WARMUP_EPOCHS=0", "UNET_DEPTH=3", "CONV_DEPTH=8",
-            "BATCH_SIZE=16", f"RESULTS_DIR={tmp_path}")
+def test_one_epoch_on_the_isbi2012_em_data(tmp_path, isbi_folder):
+    run_cli(f"DATASET_DIR={isbi_folder}", "TRAIN_EPOCHS=1", "WARMUP_EPOCHS=0", "UNET_DEPTH=3", "CONV_DEPTH=8",
+            "BATCH_SIZE=4", f"RESULTS_DIR={tmp_path}")
     (record,) = read_log(tmp_path / "default" / "run_001")
     assert record["DSC"] > 0.5 and json.loads((tmp_path / "default" / "run_001" / "tts.json").read_text())
 

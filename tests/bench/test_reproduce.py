@@ -104,3 +104,19 @@ def test_smoke_run_end_to_end_writes_the_table(tmp_path):
     assert "Machine:" in table and "Commit:" in table
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "reusing" in again.stdout  # a finished run is not retrained
+
+
+def test_missing_isbi_data_is_one_message_with_its_source_terms_and_converter(tmp_path, monkeypatch, capsys):
+    """Before: a FileNotFoundError traceback from writing the split. Now: exit 2 before any run, saying
+    where the data goes, where it comes from, on what terms, and the command that converts it."""
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path / "repo")  # a clone without ../shared beside it
+    assert reproduce.main(["isbi2012", "isbi2012_wce", "smoke", "--results-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err
+    assert (f"the ISBI 2012 data is not at {tmp_path / 'shared' / 'data' / 'isbi2012'} (DATASET_DIR: "
+            "../shared/data/isbi2012 of configs/experiments/isbi2012.yaml, configs/experiments/isbi2012_wce.yaml)"
+            ) in err
+    assert 'ISBI 2012 challenge "Segmentation of neuronal structures in EM stacks"' in err
+    assert "terms: for research and testing only, citing Arganda-Carreras et al." in err
+    assert ("python -m utils.isbi2012 train-volume.tif train-labels.tif ../shared/data/isbi2012\n") in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "repo").exists()

@@ -166,6 +166,7 @@ def test_the_three_classic_mistakes_in_one_error():
         (["TEST_IDS=[a, b]", "DEFAULT_FOLD=2"], "DEFAULT_FOLD=2 chooses a drawn fold, but TEST_IDS fixes the one split"),
         (["TEST_IDS=[]"], "TEST_IDS=[] holds no image: list the stems of the test images, or use TEST_IDS=null"),
         (["TEST_IDS=[a, b, a]"], "TEST_IDS lists a more than once: list each test image once"),
+        (["POLYGON_TOLERANCE=-0.5"], "POLYGON_TOLERANCE=-0.5 is out of range: use a value in [0, inf)"),
     ],
 )
 def test_validator_rules(overrides, expected, cpu_only):  # the GPU rows mean a machine without one

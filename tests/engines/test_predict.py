@@ -547,3 +547,43 @@ def test_a_disk_that_fills_up_stops_the_folder_cleanly(checkpoint, tmp_path, tmp
             "or choose an OUTPUT on another one; 1 image(s) were not predicted") in printed
     assert sorted(os.listdir(out)) == ["a_mask.png", "a_overlay.png", "predictions.jsonl"]
     assert [Path(r["image"]).name for r in _records(out)] == ["a.png"]
+
+
+# ---- polygons (SAVE_POLYGONS)
+
+
+def test_save_polygons_writes_the_mask_as_geojson_in_the_inputs_map_coordinates(checkpoint, tmp_path):
+    """A georeferenced input (10 m pixels, EPSG:32633) gives polygons in map coordinates whose areas add
+    up to the mask's foreground; the file is in the record and its temporary name is a known leftover."""
+    from utils.polygons import signed_area
+    from utils.raster import open_image
+
+    rng = np.random.default_rng(0)
+    scene = (rng.random((96, 96)) * 60).astype(np.uint8)
+    scene[20:60, 30:80] += 150  # a bright block, so the untrained network's mask has some structure
+    geo = [(33550, "d", 3, (10.0, 10.0, 0.0), False), (33922, "d", 6, (0, 0, 0, 500000.0, 4000000.0, 0), False),
+           (34735, "H", 16, (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633), False)]
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "geo.tif", scene, extratags=geo)
+    out = tmp_path / "out"
+    assert _run(checkpoint, tmp_path / "in", out, "SAVE_POLYGONS=true", "POLYGON_TOLERANCE=0") == 0
+    record = _records(out)[0]
+    assert record["polygons"] == str(out / "geo_polygons.geojson")
+    collection = json.loads((out / "geo_polygons.geojson").read_text())
+    assert collection["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32633"
+    with open_image(record["mask"]) as mask:
+        foreground = int(np.count_nonzero(mask.read_window(0, 96, 0, 96)))
+    assert 0 < foreground < 96 * 96
+    rings = [r for f in collection["features"] for r in f["geometry"]["coordinates"]]
+    assert sum(signed_area(np.array(r[:-1])) for r in rings) == pytest.approx(foreground * 100)  # 10 m x 10 m
+    assert sum(f["properties"]["pixels"] for f in collection["features"]) == foreground
+    xs, ys = zip(*(v for r in rings for v in r))
+    assert 500000 <= min(xs) and max(xs) <= 500960 and 3999040 <= min(ys) and max(ys) <= 4000000
+    assert predict_module._LEFTOVER.fullmatch(".geo_polygons.geojson.ab12cd34.tmp")
+
+
+def test_without_save_polygons_no_polygons_are_written(checkpoint, tmp_path):
+    inputs = _images(tmp_path / "in", "a.png")
+    assert _run(checkpoint, inputs, tmp_path / "out") == 0
+    assert _records(tmp_path / "out")[0]["polygons"] is None
+    assert not list((tmp_path / "out").glob("*.geojson"))

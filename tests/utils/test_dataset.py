@@ -15,7 +15,7 @@ from scipy import ndimage
 
 import utils.image_io as image_io
 import utils.synthetic as synthetic
-from conftest import ISBI, random_box
+from conftest import random_box
 from utils.augment import DEFAULT_AUGMENTATIONS, UNetElasticTransform, augmentation_problems, build_augmentation
 from utils.dataset import SceneSDM, TileDataset, build_datasets, make_loader
 from utils.image_io import DatasetError, ImageEntry, ImageSet, load_folder
@@ -290,18 +290,18 @@ def test_missing_folders_and_empty_dataset(tmp_path):
         _build(tmp_path / "nope", tmp_path)
 
 
-# --------------------------------------------------------------------------------- real EM data
-@pytest.mark.skipif(not ISBI.is_dir(), reason=f"ISBI 2012 data not found at {ISBI} (CI clones the repo beside shared/)")
-def test_isbi2012_loads_without_conversion_and_trains(tmp_path):
-    splits = _build(ISBI, tmp_path, input_size=128, seg_classes=1, augmentations=DEFAULT_AUGMENTATIONS)
-    assert len(splits.train_ids) == 24 and len(splits.test_ids) == 6
-    assert len(splits.train) == 24 * 16 and len(splits.test) == 6 * 16
-    for k in (0, 37):
+# --------------------------------------------------------------------------------- EM data (ISBI 2012 layout)
+def test_isbi2012_loads_without_conversion_and_trains(tmp_path, isbi_folder):
+    count = len(list((isbi_folder / "images").glob("*.png")))  # 30 real slices, 5 EM-like ones
+    splits = _build(isbi_folder, tmp_path, input_size=128, seg_classes=1, augmentations=DEFAULT_AUGMENTATIONS)
+    assert len(splits.train_ids) == count * 4 // 5 and len(splits.test_ids) == count // 5
+    assert len(splits.train) == count * 4 // 5 * 16 and len(splits.test) == count // 5 * 16
+    for k in (0, len(splits.test) - 1):  # the first and last tiles
         item = splits.test[k]
         image_id, y, x = item["id"].split("_")
         y, x = int(y[1:]), int(x[1:])
-        raw = np.asarray(Image.open(ISBI / "images" / f"{image_id}.png"))[y:y + 128, x:x + 128]
-        label = np.asarray(Image.open(ISBI / "masks" / f"{image_id}.png"))[y:y + 128, x:x + 128]
+        raw = np.asarray(Image.open(isbi_folder / "images" / f"{image_id}.png"))[y:y + 128, x:x + 128]
+        label = np.asarray(Image.open(isbi_folder / "masks" / f"{image_id}.png"))[y:y + 128, x:x + 128]
         np.testing.assert_allclose(item["image"][0].numpy(), raw / 255.0, atol=1e-6)
         np.testing.assert_array_equal(item["mask"].numpy(), (label == 255).astype(np.int64))  # 1 = cell interior
     # A couple of optimisation steps on augmented tiles from the loader.
