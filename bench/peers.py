@@ -420,48 +420,79 @@ def mean_std(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def row_cells(task: Task, results: list[dict], mode: str) -> list[str]:
-    """The table cells of one row from its runs' results (one per seed)."""
-    scores = [r["scores"][mode] for r in results if mode in r.get("scores", {})]
-    if not scores:
+def headline(task: Task, score: dict) -> tuple[float, float]:
+    """(mean Dice over the task's scored classes, IoU of its boundary class) of one run's scores."""
+    return statistics.mean(score[f"DSC/{c}"] for c in task.scored), score[f"IoU/{task.boundary}"]
+
+
+def paired_change(values: dict[int, float], reference: dict[int, float]) -> str:
+    """Mean change from ``reference`` over the seeds both have, with ``*`` where a paired t-test over
+    the seeds gives p < 0.05 (every row sees the same data order and augmentation for a seed)."""
+    from scipy.stats import ttest_rel
+
+    seeds = sorted(set(values) & set(reference))
+    if not seeds:
+        return "—"
+    delta = statistics.mean(values[s] - reference[s] for s in seeds)
+    significant = False
+    if len(seeds) >= 3:
+        a, b = [values[s] for s in seeds], [reference[s] for s in seeds]
+        if any(x != y for x, y in zip(a, b)):
+            significant = bool(ttest_rel(a, b).pvalue < 0.05)
+    return f"{delta:+.4f}{'*' if significant else ''}"
+
+
+def row_cells(task: Task, results: list[dict], mode: str, reference: dict[int, tuple[float, float]]) -> list[str]:
+    """The table cells of one row from its runs' results (one per seed); ``reference`` holds AuxNet
+    default's (Dice, boundary IoU) by seed, for the change columns."""
+    done = [r for r in results if mode in r.get("scores", {})]
+    if not done:
         return []
+    scores = [r["scores"][mode] for r in done]
     b = task.boundary
-    dsc = [statistics.mean(s[f"DSC/{c}"] for c in task.scored) for s in scores]
+    heads = {r["seed"]: headline(task, r["scores"][mode]) for r in done}
+    dsc = [h[0] for h in heads.values()]
     iou = [statistics.mean(s[f"IoU/{c}"] for c in task.scored) for s in scores]
     cells = [mean_std(dsc), mean_std(iou)]
     if len(task.scored) > 1:
         cells += [" / ".join(f"{statistics.mean(s[f'DSC/{c}'] for s in scores):.4f}" for c in task.scored)]
     cells += [mean_std([s[f"IoU/{b}"] for s in scores]), mean_std([s[f"HD95/{b}"] for s in scores], 2),
               mean_std([s[f"ASD/{b}"] for s in scores], 2), mean_std([s["ACC"] for s in scores])]
-    wall = [r["wall_s"] for r in results]
-    train = [r["train_s"] for r in results]
+    cells += [paired_change({k: v[0] for k, v in heads.items()}, {k: v[0] for k, v in reference.items()}),
+              paired_change({k: v[1] for k, v in heads.items()}, {k: v[1] for k, v in reference.items()})]
+    wall = [r["wall_s"] for r in done]
+    train = [r["train_s"] for r in done]
     predict = [s["predict_s"] for s in scores]
-    cells += [f"{results[0]['params'] / 1e6:.3f}", f"{statistics.mean(train):.0f} / {statistics.mean(wall):.0f}",
+    cells += [f"{done[0]['params'] / 1e6:.3f}", f"{statistics.mean(train):.0f} / {statistics.mean(wall):.0f}",
               f"{statistics.mean(predict):.1f}", str(len(scores))]
     return cells
 
 
-def task_table(name: str, rows: list[str], runs: dict[str, list[dict]], results_dir: Path) -> str:
+def task_table(name: str, rows: list[str], runs: dict[str, list[dict]]) -> str:
+    """The markdown table of one task: a row per model (and AuxNet's gated prediction)."""
     task = TASKS[name]
     names = list(task.scored.values())
     head = ["model", f"Dice ({' + '.join(names)})", "IoU"]
     if len(task.scored) > 1:
         head += [f"Dice {' / '.join(names)}"]
     bname = {**task.scored, 0: task.scored.get(0, "background")}[task.boundary]
-    head += [f"IoU {bname}", f"HD95 {bname} px", f"ASD {bname} px", "pixel acc.", "params M", "train / wall s",
-             "predict s", "seeds"]
+    head += [f"IoU {bname}", f"HD95 {bname} px", f"ASD {bname} px", "pixel acc.", "Δ Dice", f"Δ IoU {bname}",
+             "params M", "train / wall s", "predict s", "seeds"]
     lines = [f"### {task.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    reference = {r["seed"]: headline(task, r["scores"]["ungated"]) for r in runs.get("auxnet", [])
+                 if "ungated" in r.get("scores", {})}
     skipped = []
     for row_name in rows:
         results = runs.get(row_name, [])
-        done = [r for r in results if "scores" in r]
-        if not done:
+        if not any("scores" in r for r in results):
             why = next((r["skipped"] for r in results if "skipped" in r), None)
             if why:
                 skipped.append(f"{ROWS[row_name].label}: {why}")
             continue
         for mode in ("ungated", "gated"):
-            cells = row_cells(task, done, mode)
+            cells = row_cells(task, results, mode, reference)
+            if cells and row_name == "auxnet" and mode == "ungated":
+                cells[head.index("Δ Dice") - 1:head.index("Δ Dice") + 1] = ["(reference)", "(reference)"]
             if cells:
                 label = ROWS[row_name].label + (", gated" if mode == "gated" else "")
                 lines.append("| " + " | ".join([label, *cells]) + " |")
@@ -474,16 +505,19 @@ def write_tables(tasks: list[str], rows: list[str], seeds: list[int], results_di
                  epochs: Optional[int]) -> str:
     parts = [f"Made by `python bench/peers.py` on {machine()} at commit {git_commit()}. Mean ± sample std over "
              f"the seeds ({', '.join(map(str, seeds))}); whole test images; the final epoch's network "
-             "(nothing selected on the test images). HD95 and ASD are the mean over the test images; 'train / wall "
-             "s' is the training epochs' time and the whole command's; 'predict s' sums the test images."]
+             "(nothing selected on the test images). HD95 and ASD are the mean over the test images. Δ: the mean "
+             "change from 'AuxNet default' over the same seeds (each seed gives every row the same data order and "
+             "augmentation), * where a paired t-test over the seeds gives p < 0.05. 'train / wall s': the training "
+             "epochs' time and the whole command's; 'predict s': the test images' prediction. 'gated': the same "
+             "network predicting with its head (windows it calls boundary-free are filled, not decoded)."]
     for name in tasks:
         runs: dict[str, list[dict]] = {}
         for row_name in rows:
             for i, seed in enumerate(seeds):
                 path = Run(name, row_name, seed, i, results_dir, epochs).folder / "result.json"
                 if path.is_file():
-                    runs.setdefault(row_name, []).append(json.loads(path.read_text()))
-        parts.append(task_table(name, rows, runs, results_dir))
+                    runs.setdefault(row_name, []).append({"seed": seed, **json.loads(path.read_text())})
+        parts.append(task_table(name, rows, runs))
     text = "\n\n".join(parts) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text)
@@ -530,7 +564,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                         continue
                     if result and "skipped" in result:
                         print(f"{name} / {row_name}: skipped: {result['skipped']}", flush=True)
-                        break
     print(write_tables(args.tasks, rows, args.seeds, results_dir, out, args.epochs))
     return 1 if failed else 0
 
