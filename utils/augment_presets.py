@@ -21,8 +21,10 @@ DEFAULT_AUGMENTATIONS: list[dict[str, Any]] = [
     {"name": "GaussNoise", "p": 0.2, "std_range": [0.01, 0.04]},
 ]
 
-#: Only the 8 flips and quarter turns (the dihedral group of the square), each of the three with p=0.5:
-#: every orientation of a tile equally likely, the pixels themselves unchanged.
+#: Only the 8 flips and quarter turns (the dihedral group of the square), the pixels themselves
+#: unchanged: the default recipe's first three transforms, each with p=0.5. (So the 8 orientations are not
+#: equally likely: the identity, the half turn and the two mirror flips come 3/16 of the time each, the
+#: quarter turns and the two diagonal flips 1/16 each.)
 FLIP_AUGMENTATIONS: list[dict[str, Any]] = [
     {"name": "HorizontalFlip", "p": 0.5},
     {"name": "VerticalFlip", "p": 0.5},
