@@ -503,21 +503,32 @@ def task_table(name: str, rows: list[str], runs: dict[str, list[dict]]) -> str:
 
 def write_tables(tasks: list[str], rows: list[str], seeds: list[int], results_dir: Path, out: Path,
                  epochs: Optional[int]) -> str:
-    parts = [f"Made by `python bench/peers.py` on {machine()} at commit {git_commit()}. Mean ± sample std over "
-             f"the seeds ({', '.join(map(str, seeds))}); whole test images; the final epoch's network "
-             "(nothing selected on the test images). HD95 and ASD are the mean over the test images. Δ: the mean "
-             "change from 'AuxNet default' over the same seeds (each seed gives every row the same data order and "
-             "augmentation), * where a paired t-test over the seeds gives p < 0.05. 'train / wall s': the training "
-             "epochs' time and the whole command's; 'predict s': the test images' prediction. 'gated': the same "
-             "network predicting with its head (windows it calls boundary-free are filled, not decoded)."]
+    parts = ["# AuxNet beside its peers\n\nWritten by `bench/peers.py` (do not edit: rerun it). The runs: "
+             "`python bench/peers.py --threads 1` (AuxNet and the peers on every task) and `python bench/peers.py "
+             "--threads 1 --tasks touching_blobs --rows ablations` (AuxNet's ablations); the tables: `python "
+             "bench/peers.py --tables-only --rows peers ablations`. One thread per run, so that two runs side by side "
+             "on a 2-core machine time alike.",
+             "PROVENANCE Mean ± sample std over the seeds (" + ", ".join(map(str, seeds)) + "); whole test images; "
+             "the final epoch's network (nothing selected on the test images). HD95 and ASD are the mean over the test "
+             "images. Δ: the mean change from 'AuxNet default' over the same seeds (each seed gives every row the same "
+             "data order and augmentation), * where a paired t-test over the seeds gives p < 0.05. 'train / wall s': "
+             "the training epochs' time and the whole command's; 'predict s': the test images' prediction. 'gated': "
+             "the same network predicting with its head (windows it calls boundary-free are filled, not decoded)."]
+    machines, commits = set(), set()
     for name in tasks:
         runs: dict[str, list[dict]] = {}
         for row_name in rows:
             for i, seed in enumerate(seeds):
                 path = Run(name, row_name, seed, i, results_dir, epochs).folder / "result.json"
                 if path.is_file():
-                    runs.setdefault(row_name, []).append({"seed": seed, **json.loads(path.read_text())})
+                    result = json.loads(path.read_text())
+                    runs.setdefault(row_name, []).append({"seed": seed, **result})
+                    machines.add(result.get("machine", "?"))
+                    commits.add(result.get("commit", "?"))
         parts.append(task_table(name, rows, runs))
+    made = (f"Made on {'; '.join(sorted(machines)) or machine()}, at commit(s) {', '.join(sorted(commits)) or '—'}. "
+            if machines else "")
+    parts[1] = parts[1].replace("PROVENANCE ", made)
     text = "\n\n".join(parts) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text)
