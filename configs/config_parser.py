@@ -307,7 +307,7 @@ def save_config(cfg: Config, path: Path, resolved: Optional[dict[str, str]] = No
 RESUMABLE_KEYS = frozenset({
     "TRAIN_EPOCHS", "DATASET_DIR", "RESULTS_DIR", "NUM_WORKERS", "GPUs", "CPU_PROCESSES", "MASTER_ADDR",
     "MASTER_PORT", "NCCL_P2P_DISABLE", "LOG_WANDB", "LOG_LOCAL", "EXP_ID", "RUN_ID", "INPUT", "OUTPUT", "GATING",
-    "TTA", "SAVE_PROBABILITIES", "PROBABILITIES_DTYPE", "EARLY_STOPPING", "COMPILE", "PLOT_EVERY", "PLOT_TILES",
+    "TTA", "PREDICT_BATCH", "SAVE_PROBABILITIES", "PROBABILITIES_DTYPE", "EARLY_STOPPING", "COMPILE", "PLOT_EVERY", "PLOT_TILES",
 })
 
 #: Options ``eval`` takes from the command line; the others come from the checkpoint's run.
@@ -316,7 +316,7 @@ EVAL_KEYS = frozenset({
     "CPU_PROCESSES", "MASTER_ADDR", "MASTER_PORT", "NCCL_P2P_DISABLE", "LOG_WANDB", "LOG_LOCAL",
     "MIXED_PRECISION", "CHANNELS_LAST", "SEG_THRESHOLD", "CLS_THRESHOLD", "EVAL_METRIC", "CMA_COEFFICIENTS",
     "DISTANCE_METRICS", "PIXEL_SPACING", "INCLUDE_BACKGROUND", "GATING", "TILE_OVERLAP",
-    "TTA",
+    "TTA", "PREDICT_BATCH",
 })
 
 #: Options ``predict`` takes from the command line, beyond the evaluation options.
