@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 #: Windows per forward pass on the CPU when PREDICT_BATCH is null. Measured with the default network
-#: (128² windows, fp32, BatchNorm folded) on a 2-core x86 CPU, one thread: windows/s rose by < 3 %
-#: from 8 to 16 windows a batch and not at all beyond (bench/inference.py).
-CPU_PREDICT_BATCH = 16
+#: (128² windows, fp32, BatchNorm folded), one thread on a shared 2-core x86 CPU: 30.6, 32.8, 29.9,
+#: 25.0 and 21.2 windows/s at batches of 4, 8, 16, 32 and 64 (larger batches leave the caches).
+CPU_PREDICT_BATCH = 8
 #: The largest automatic batch on a GPU (beyond it a batch no longer runs faster, it only holds memory).
 MAX_AUTO_BATCH = 512
 #: Share of the device's free memory the automatic batch may use (the rest: bands, blending, caches).
