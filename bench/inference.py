@@ -9,7 +9,11 @@ Part 1 (one run, side by side, on one synthetic scene of ``--size`` px a side, d
 * (c) ``gated``  -- :class:`~engines.sliding_window.Predictor`, ``gating=True``, ``CLS_THRESHOLD`` 0.5.
 
 All three use 128-px windows (the checkpoint's INPUT_SIZE), 64 px overlap and 16 windows per
-forward pass. With ``(size - tile)`` divisible by the step (4096 is), MONAI's windows start exactly
+forward pass (PREDICT_BATCH), on ``--device`` (``cpu``, ``cuda`` or ``auto``: a GPU where torch sees one).
+``--old-code DIR`` adds the rows (a0) and (c0): plain and gated prediction by another checkout of
+the project (e.g. ``git archive 93649e8 | tar -x -C DIR``), run by that checkout's own bench worker
+(on the CPU) with the same weights and scene, so an old and a new predictor are compared back to
+back. With ``(size - tile)`` divisible by the step (4096 is), MONAI's windows start exactly
 where :func:`utils.tiling.window_starts` puts ours, so (a) and (b) must agree to float rounding.
 Each configuration runs in a fresh interpreter (so one's memory peak does not bleed into the next):
 it loads the model and the image, warms the network up on one batch, then predicts the whole scene.
@@ -17,7 +21,8 @@ Reported per configuration:
 
 * wall and CPU seconds of the prediction call (ours streams its finished rows to a ``.npy`` on
   disk as they come, as ``main.py predict`` streams them to its writers; MONAI returns one array);
-* windows total / decoded / gated off;
+* windows total / decoded / gated off, and windows per second (windows / wall);
+* on a GPU, the device memory peak (``torch.cuda.max_memory_allocated``);
 * Dice and HD95 (pixels) of the thresholded probabilities against the ground truth over the WHOLE
   scene (:class:`model.metrics.SegmentationMetrics`, computed in this parent process);
 * peak RSS of the worker (``VmHWM``; :func:`_status_mib` says why not ``ru_maxrss``), and its growth
@@ -59,6 +64,8 @@ Usage:
     python bench/inference.py --threads 1              # the same on a CPU shared with other processes
     python bench/inference.py --weights /tmp/bench_inf/w/run_001/best.pth
     python bench/inference.py --weights W --size 1024 --tiff-size 2048    # a quick check
+    python bench/inference.py --device cuda --size 8192 --tiff-size 0      # on a GPU
+    python bench/inference.py --weights W --old-code /tmp/devpred-old --size 1024 --tiff-size 0 --threads 1
 """
 
 from __future__ import annotations
@@ -90,7 +97,9 @@ from utils.tiling import window_starts  # noqa: E402
 
 TILE, OVERLAP, BATCH, SIGMA_SCALE, CLS_THRESHOLD = 128, 64, 16, 0.125, 0.5
 MODES = ("plain", "monai", "gated")
-LABELS = {"plain": "(a) ours, plain", "monai": "(b) MONAI sliding_window_inference", "gated": "(c) ours, gated"}
+OLD_MODES = ("old-plain", "old-gated")  # --old-code: another checkout's predictor, plain and gated
+LABELS = {"plain": "(a) ours, plain", "monai": "(b) MONAI sliding_window_inference", "gated": "(c) ours, gated",
+          "old-plain": "(a0) --old-code, plain", "old-gated": "(c0) --old-code, gated"}
 
 # Scene: square blocks rendered one at a time (also the TIFF's tile), with a margin for the blur.
 BLOCK, BLUR_SIGMA, BLUR_MARGIN = 512, 1.0, 4
@@ -106,6 +115,7 @@ GOAL_MAX_DIFF = 1e-4          # max |p(a) - p(b)|
 GOAL_GATED_SPEEDUP = 2.5      # (a) time / (c) time >= this
 GOAL_DICE_LOSS = 0.005        # Dice(a) - Dice(c) <= this
 GOAL_CLI_RSS_GIB = 1.5        # peak RSS of `main.py predict` on the TIFF scene
+GOAL_SPEED_VS_OLD = 1.3       # windows/s of ours / of --old-code (the issue's CPU goal)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,13 +292,14 @@ def run_config(job: dict) -> dict:
 
     torch.manual_seed(0)
     gating = job["mode"] == "gated"
-    overrides = [f"MODEL_WEIGHTS={job['weights']}", f"TILE_OVERLAP={OVERLAP}", f"BATCH_SIZE={BATCH}",
+    overrides = [f"MODEL_WEIGHTS={job['weights']}", f"TILE_OVERLAP={OVERLAP}", f"PREDICT_BATCH={BATCH}",
                  f"CLS_THRESHOLD={CLS_THRESHOLD}", f"GATING={'true' if gating else 'false'}"]
     checkpoint = load_for_inference(load_config(None, overrides), overrides, "predict")  # as `main.py predict` does
     cfg = checkpoint.cfg
     if cfg.INPUT_SIZE != TILE:
         raise SystemExit(f"the checkpoint's INPUT_SIZE is {cfg.INPUT_SIZE}; this bench compares {TILE}-px windows")
-    device = torch.device("cpu")
+    device = torch.device(job.get("device", "cpu"))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     runtime = build_runtime(cfg, DistContext(device=device))  # as `main.py predict` resolves it
     net = place(checkpoint.net, runtime.device, runtime.channels_last)
     predictor = build_predictor(cfg, net, checkpoint.can_gate, runtime, gating)
@@ -303,7 +314,11 @@ def run_config(job: dict) -> dict:
         net.decode(skips, bottleneck), net.classify(bottleneck)
     seconds = {"encode": 0.0, "decode": 0.0, "classify": 0.0}
     windows = {"encode": 0, "decode": 0, "classify": 0}
-    _instrument(net, seconds, windows)
+    if device.type == "cpu":  # on a GPU the calls return before the work is done: no split there
+        _instrument(net, seconds, windows)
+    else:
+        sync()
+        torch.cuda.reset_peak_memory_stats(device)
     rss_before = _status_mib("VmRSS")
     h, w = image.height, image.width
 
@@ -318,10 +333,11 @@ def run_config(job: dict) -> dict:
 
         start, cpu = time.perf_counter(), _cpu_seconds()
         with torch.no_grad():
-            inputs = torch.from_numpy(image.normalize(image.array)).permute(2, 0, 1)[None]  # (1, C, H, W)
+            inputs = torch.from_numpy(image.normalize(image.array)).permute(2, 0, 1)[None].to(device)  # (1, C, H, W)
             out = sliding_window_inference(inputs, (TILE, TILE), BATCH, network, overlap=OVERLAP / TILE,
                                            mode="gaussian", sigma_scale=SIGMA_SCALE, device=device, sw_device=device)
-            probs = out[0].permute(1, 2, 0).numpy()  # (H, W, K)
+            probs = out[0].permute(1, 2, 0).cpu().numpy()  # (H, W, K)
+            sync()
         wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
         n = len(window_starts(h, TILE, TILE - OVERLAP)) * len(window_starts(w, TILE, TILE - OVERLAP))
         stats = {"tiles": n, "decoded": n, "gated_off": 0}
@@ -333,11 +349,14 @@ def run_config(job: dict) -> dict:
         with _open_npy(Path(job["out"]), (h, w, k)) as fh:
             for _, band in predictor.bands(image, counted):  # finished rows, top to bottom
                 fh.write(np.ascontiguousarray(band.transpose(1, 2, 0)).tobytes())
+        sync()
         wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
         stats = {"tiles": counted.tiles, "decoded": counted.decoded, "gated_off": counted.gated_off}
         peak = _status_mib("VmHWM")
     net_seconds = sum(seconds.values())
+    device_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     return {**stats, "seconds": wall, "cpu_seconds": cpu, "peak_mib": peak, "rss_before_mib": rss_before,
+            "device": str(device), "device_peak_mib": device_peak, "batch": predictor.batch_size,
             "split": seconds, "windows": windows,
             "rest_seconds": wall - net_seconds, "precision": str(amp).replace("torch.", "") if amp else "fp32",
             "channels_last": channels_last, "k": k, "seg_threshold": cfg.SEG_THRESHOLD,
@@ -435,25 +454,31 @@ def _yes(ok: bool) -> str:
 
 def print_report(args, rows: dict, diff: float, cli: dict | None, single: tuple[int, int]) -> None:
     print()
-    header = ["configuration", "wall s", "CPU s", "windows", "decoded", "gated off", "encoded", "Dice", "HD95 px",
-              "peak RSS MiB", "Δ RSS MiB", "encoder s", "decoder s", "heads s", "rest s"]
+    header = ["configuration", "wall s", "windows/s", "CPU s", "windows", "decoded", "gated off", "encoded", "Dice",
+              "HD95 px", "peak RSS MiB", "Δ RSS MiB", "device peak MiB", "encoder s", "decoder s", "heads s", "rest s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for mode in MODES:
+    for mode in [m for m in (*MODES, *OLD_MODES) if m in rows]:
         r = rows[mode]
         if "error" in r:
             lines.append(f"| {LABELS[mode]} | {r['error']} |" + " |" * (len(header) - 2))
             continue
         s = r["split"]
         lines.append("| " + " | ".join([
-            LABELS[mode], f"{r['seconds']:.1f}", f"{r['cpu_seconds']:.1f}", str(r["tiles"]), str(r["decoded"]),
-            str(r["gated_off"]), str(r["windows"]["encode"]), f"{r['dice']:.4f}", f"{r['hd95']:.2f}", f"{r['peak_mib']:.0f}",
-            f"{r['peak_mib'] - r['rss_before_mib']:.0f}",
+            LABELS[mode], f"{r['seconds']:.1f}", f"{r['tiles'] / r['seconds']:.0f}", f"{r['cpu_seconds']:.1f}",
+            str(r["tiles"]), str(r["decoded"]), str(r["gated_off"]), str(r["windows"]["encode"]), f"{r['dice']:.4f}",
+            f"{r['hd95']:.2f}", f"{r['peak_mib']:.0f}", f"{r['peak_mib'] - r['rss_before_mib']:.0f}",
+            f"{r.get('device_peak_mib', float('nan')):.0f}",
             f"{s['encode']:.1f}", f"{s['decode']:.1f}", f"{s['classify']:.2f}", f"{r['rest_seconds']:.1f}"]) + " |")
     print("\n".join(lines))
 
     a, b, c = (rows[m] for m in MODES)
     print()
     goals = ["| goal | measured | met |", "|---|---|---|"]
+    for new, old in (("plain", "old-plain"), ("gated", "old-gated")):
+        if old in rows and "error" not in rows[old] and "error" not in rows[new]:
+            ratio = rows[old]["seconds"] / rows[new]["seconds"]
+            goals.append(f"| {LABELS[new]} windows/s ≥ {GOAL_SPEED_VS_OLD:g}× {LABELS[old]} | {ratio:.2f}× | "
+                         f"{_yes(ratio >= GOAL_SPEED_VS_OLD)} |")
     if "error" not in a and "error" not in b:
         ratio = b["seconds"] / a["seconds"]
         goals.append(f"| (a) no slower than (b): time (b)/(a) ≥ {GOAL_SPEED_VS_MONAI:g} | {ratio:.2f} | "
@@ -513,6 +538,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096, help="side of the part-1 scene (px); (size - 128) %% 64 == 0")
     parser.add_argument("--tiff-size", type=int, default=8192, help="side of the part-2 TIFF scene (0 = skip part 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
+                        help="where (a)-(c) run: cpu, cuda, or auto (cuda where torch sees a GPU)")
+    parser.add_argument("--old-code", type=Path, default=None,
+                        help="another checkout of the project (e.g. git archive 93649e8 | tar -x -C DIR): its "
+                             "plain and gated prediction run as rows (a0) and (c0), on the CPU")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_inf"), help="scratch folder")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     parser.add_argument("--threads", type=int, default=0,
@@ -533,6 +563,14 @@ def main() -> None:
     if args.tiff_size and args.tiff_size % 16:
         parser.error(f"--tiff-size={args.tiff_size} must be a multiple of 16 (TIFF tile rule)")
 
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: no CUDA device is available to torch {torch.__version__}")
+    old_worker = args.old_code / "bench" / "inference.py" if args.old_code else None
+    if old_worker is not None and not old_worker.is_file():
+        parser.error(f"--old-code {args.old_code}: no bench/inference.py there (a checkout of the project?)")
     began = time.perf_counter()
     args.workdir.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
@@ -554,10 +592,11 @@ def main() -> None:
           f"clusters, rendered in {time.perf_counter() - t:.1f} s")
 
     rows: dict = {}
-    for mode in MODES:
+    for mode in (*MODES, *(OLD_MODES if old_worker else ())):
         out = args.workdir / f"probs_{mode}.npy"
-        job = {"mode": mode, "weights": str(weights), "image": str(image_path), "out": str(out)}
-        rows[mode] = r = spawn(__file__, job, env, args.timeout)
+        job = {"mode": mode.removeprefix("old-"), "weights": str(weights), "image": str(image_path), "out": str(out),
+               "device": device}
+        rows[mode] = r = spawn(str(old_worker) if mode in OLD_MODES else __file__, job, env, args.timeout)
         if "error" not in r:
             truth = classes if r["k"] == 3 else (classes > 0).astype(np.uint8)
             r.update(scores(out, truth, r["k"], r["seg_threshold"]))
@@ -590,7 +629,7 @@ def main() -> None:
         cli = cli_predict(Path(weights), tif, out, args.timeout, env)
         print(f"  main.py predict: {cli.get('error', 'ok')}, {cli.get('seconds', float('nan')):.1f} s", flush=True)
 
-    print(f"\ntorch {info.get('torch')} on CPU, {info.get('threads')} thread(s) (--threads {args.threads}); "
+    print(f"\ntorch {info.get('torch')} on {device}, {info.get('threads')} thread(s) (--threads {args.threads}); "
           f"precision {info.get('precision')} (the checkpoint's), channels_last {info.get('channels_last')}; "
           f"windows {TILE} px, overlap {OVERLAP} px, {BATCH} per batch; weights {weights}")
     print_report(args, rows, diff, cli, single)

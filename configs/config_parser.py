@@ -307,8 +307,8 @@ def save_config(cfg: Config, path: Path, resolved: Optional[dict[str, str]] = No
 RESUMABLE_KEYS = frozenset({
     "TRAIN_EPOCHS", "DATASET_DIR", "RESULTS_DIR", "NUM_WORKERS", "GPUs", "CPU_PROCESSES", "MASTER_ADDR",
     "MASTER_PORT", "NCCL_P2P_DISABLE", "LOG_WANDB", "LOG_LOCAL", "EXP_ID", "RUN_ID", "INPUT", "OUTPUT", "GATING",
-    "TTA", "SAVE_PROBABILITIES", "PROBABILITIES_DTYPE", "EARLY_STOPPING", "COMPILE", "PLOT_EVERY", "PLOT_TILES",
-    "SAVE_POLYGONS", "POLYGON_TOLERANCE",
+    "TTA", "PREDICT_BATCH", "SAVE_PROBABILITIES", "PROBABILITIES_DTYPE", "EARLY_STOPPING", "COMPILE", "PLOT_EVERY",
+    "PLOT_TILES", "SAVE_POLYGONS", "POLYGON_TOLERANCE",
 })
 
 #: Options ``eval`` takes from the command line; the others come from the checkpoint's run.
@@ -317,7 +317,7 @@ EVAL_KEYS = frozenset({
     "CPU_PROCESSES", "MASTER_ADDR", "MASTER_PORT", "NCCL_P2P_DISABLE", "LOG_WANDB", "LOG_LOCAL",
     "MIXED_PRECISION", "CHANNELS_LAST", "SEG_THRESHOLD", "CLS_THRESHOLD", "EVAL_METRIC", "CMA_COEFFICIENTS",
     "DISTANCE_METRICS", "PIXEL_SPACING", "INCLUDE_BACKGROUND", "GATING", "TILE_OVERLAP",
-    "TTA",
+    "TTA", "PREDICT_BATCH",
 })
 
 #: Options ``predict`` takes from the command line, beyond the evaluation options.

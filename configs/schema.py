@@ -174,6 +174,7 @@ class Config:
         "none",
         "predict / whole-image eval: also decode mirrored tiles and average (flips = 4x, d4 = 8x the decoder time)",
     )
+    PREDICT_BATCH: Optional[int] = opt(None, "predict / whole-image eval: windows per forward pass (null = chosen from the GPU's free memory; 8 on a CPU)")
     SAVE_PROBABILITIES: bool = opt(False, "predict: also write the class probabilities (<stem>_prob.tif, one channel per class; binary: the foreground's)")
     PROBABILITIES_DTYPE: Literal["uint8", "float32"] = opt(
         "uint8",

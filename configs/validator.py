@@ -58,7 +58,7 @@ RANGES: dict[str, tuple] = {
     "PLOT_TILES": (0, 64), "CLAMP_DELTA": (0, None, True), "SIGMOID_STEEPNESS": (0, None, True),
     "WCE_W0": (0, None), "WCE_SIGMA": (0, None, True), "WBCE_W0": (0, None), "WBCE_SIGMA": (0, None, True),
     "CLDICE_ITERATIONS": (1, None), "FOCAL_GAMMA": (0, None), "FOCAL_ALPHA": (0, 1), "CLS_WEIGHT": (0, None),
-    "CPU_PROCESSES": (1, None), "POLYGON_TOLERANCE": (0, None),
+    "CPU_PROCESSES": (1, None), "POLYGON_TOLERANCE": (0, None), "PREDICT_BATCH": (1, None),
 }
 
 

@@ -1,7 +1,7 @@
 """The ``predict`` command: segment whole images of any size with a trained checkpoint.
 
     python main.py predict MODEL_WEIGHTS=<run>/best INPUT=<image, folder, 'glob*.tif' or list.txt> [OUTPUT=<folder>]
-                           [GATING=true|false] [TTA=none|flips|d4] [TILE_OVERLAP=…] [BATCH_SIZE=…] [SAVE_PROBABILITIES=true]
+                           [GATING=true|false] [TTA=none|flips|d4] [TILE_OVERLAP=…] [PREDICT_BATCH=…] [SAVE_PROBABILITIES=true]
 
 The network, classes and input scaling come from the checkpoint's configuration. Per image it
 writes ``<stem>_mask.png`` (or a tiled ``.tif`` for large scenes and georeferenced inputs, keeping
@@ -250,13 +250,14 @@ def output_names(files: list[Path]) -> dict[Path, str]:
 
 def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, runtime: Runtime, gating: bool,
                     progress: bool = False) -> Predictor:
-    """A :class:`Predictor` of ``net`` with the configuration's tile, overlap and batch, run as ``runtime`` says.
+    """A :class:`Predictor` of ``net`` with the configuration's tile, overlap and PREDICT_BATCH (null: chosen
+    for the device, not the training BATCH_SIZE), run as ``runtime`` says.
 
     Raises:
         CheckpointError: see :func:`check_gating`.
     """
     check_gating(cfg, can_gate, gating)
-    return Predictor(net, tile=cfg.INPUT_SIZE, overlap=cfg.predict_overlap, batch_size=cfg.BATCH_SIZE,
+    return Predictor(net, tile=cfg.INPUT_SIZE, overlap=cfg.predict_overlap, batch_size=cfg.PREDICT_BATCH,
                      device=runtime.device, amp_dtype=runtime.amp_dtype, channels_last=runtime.channels_last,
                      gating=gating, cls_threshold=cfg.CLS_THRESHOLD, tta=cfg.TTA, progress=progress)
 

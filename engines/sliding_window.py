@@ -22,10 +22,18 @@ symmetries of the square) and the probabilities, mapped back, are averaged, as n
 inference. The heads decide on the window itself, so gating is unchanged; filled windows cost
 nothing more.
 
-**Memory.** Windows are processed one row of windows (a band) at a time. Only the rows that later
-windows can still reach are kept (at most one tile high, the full width); finished rows are handed
-to the caller at once, so a scene of any height needs memory for one band, not for the image (with
-gating, plus the input bands of the few rows of cells that the heads see ahead).
+**Memory and the device.** Windows are processed one row of windows (a band) at a time, on the
+device that runs the network: each band of the image is read on a background thread one band
+ahead, uploaded once (from pinned memory on a GPU), and its windows are cut there; the weighted
+probabilities and weights of the rows that later windows can still reach (at most one tile high,
+the full width) are summed there. The host receives only finished rows, as class labels (uint8)
+or, when asked, probabilities, copied while the device works on the next band. Nothing inside a
+band waits for the device: not a batch, and with gating one small transfer of the heads'
+decisions per band (:meth:`Predictor._gated_row`). A scene of any height needs memory for one band,
+not for the image (with gating, plus the input bands of the few rows of cells that the heads see
+ahead). Where a band does not fit a GPU's free memory, that image is blended on the host, with a
+note (:func:`engines.device_bands.blending_device`). The batch is PREDICT_BATCH, or chosen from the
+device's free memory (:func:`engines.device_bands.auto_batch`).
 """
 
 from __future__ import annotations
@@ -39,17 +47,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engines.forward import NonFiniteOutput, autocast_for, image_to
+from engines.device_bands import BandReader, HostRows, auto_batch, band_bytes, blending_device, feature_budget, upload
+from engines.forward import NonFiniteOutput, autocast_for
+from engines.gating import FILL_BLEND_WEIGHT, GATE_REACH, GatePlan, cover_indices  # noqa: F401 (re-exported)
 from model.AuxNet import AuxNet, fold_batchnorm
 from model.metrics import labels_from_scores, predict_classes
 from utils.image_io import to_unit_range
 from utils.loggers import progress_bars
 from utils.tiling import gaussian_importance_map, window_starts
 
-#: Blend weight of a gated-off (filled) window relative to a decoded one.
-FILL_BLEND_WEIGHT = 1e-3
-#: Windows within this many cells of a boundary cell are decoded too (see :class:`GatePlan`).
-GATE_REACH = 1
 _FLIPS = ((), (-1,), (-2,), (-2, -1))  # none, left-right, up-down, both
 #: Test-time augmentation: the symmetries each decoded window is also predicted under, as
 #: (transpose H and W first, dims flipped); the identity is always the first.
@@ -121,10 +127,11 @@ class Predictor:
     against the unfolded network's own bf16 error of ~0.004 (measured on the default network).
 
     Args:
-        net: the network. Gating needs its heads.
+        net: the network, on ``device``. Gating needs its heads.
         tile: window side (INPUT_SIZE).
         overlap: pixels shared by neighbouring windows (the real overlap may be larger).
-        batch_size: windows per forward pass.
+        batch_size: windows per forward pass; None: chosen for ``device``
+            (:func:`engines.device_bands.auto_batch`; ``batch_note`` says how).
         device, amp_dtype, channels_last: where and how the network runs.
         gating: skip the decoder on windows the head calls boundary-free.
         cls_threshold: boundary probability above which a window is decoded (one-output heads;
@@ -135,13 +142,14 @@ class Predictor:
         progress: show a tqdm bar over windows.
 
     Raises:
-        ValueError: gating without the classifier and fill heads, or an unknown ``tta``.
+        ValueError: gating without the classifier and fill heads, an unknown ``tta``, a
+            ``batch_size`` below 1.
     """
 
-    def __init__(self, net: AuxNet, *, tile: int, overlap: int, batch_size: int, device: torch.device,
-                 amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False, gating: bool = False,
-                 cls_threshold: float = 0.5, gate_reach: int = GATE_REACH, tta: str = "none",
-                 progress: bool = False):
+    def __init__(self, net: AuxNet, *, tile: int, overlap: int, device: torch.device,
+                 batch_size: Optional[int] = None, amp_dtype: Optional[torch.dtype] = None,
+                 channels_last: bool = False, gating: bool = False, cls_threshold: float = 0.5,
+                 gate_reach: int = GATE_REACH, tta: str = "none", progress: bool = False):
         if gating and (net.head is None or net.fill_head is None):
             raise ValueError("gated prediction needs the classifier and fill heads; this network has none "
                              "(MODEL=UNet): use GATING=false")
@@ -149,18 +157,27 @@ class Predictor:
             raise ValueError(f"overlap={overlap} must be in [0, tile={tile})")
         if tta not in TTA_TRANSFORMS:
             raise ValueError(f"tta={tta!r}: choose one of {' | '.join(TTA_TRANSFORMS)}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1 (or None: chosen for the device)")
         # exact only in fp32 (see the class docstring); a copy either way: the caller's network is untouched
         self.net = fold_batchnorm(net) if amp_dtype is None else copy.deepcopy(net).eval()
-        self.tile, self.step, self.batch_size = tile, tile - overlap, batch_size
+        self.tile, self.step = tile, tile - overlap
         self.device, self.amp_dtype, self.channels_last = device, amp_dtype, channels_last
         self.gating, self.cls_threshold, self.gate_reach, self.progress = gating, cls_threshold, gate_reach, progress
         self.transforms = TTA_TRANSFORMS[tta]
         self.channels = net.outc.out_channels  # K: 1 = binary (foreground probability)
-        self.weights = gaussian_importance_map(tile)
+        weights = torch.from_numpy(gaussian_importance_map(tile))[None]  # (1, t, t)
         # A filled window is the head's guess for the whole window; where a decoded window overlaps
         # it, the decoder's pixels should decide, so fills blend with a far smaller weight (alone,
         # a fill still gives its class: the weight cancels in the division).
-        self.fill_weights = self.weights * np.float32(FILL_BLEND_WEIGHT)
+        self.weights, self.fill_weights = weights, weights * np.float32(FILL_BLEND_WEIGHT)
+        if batch_size is None:
+            batch_size, self.batch_note = auto_batch(self._decode_windows, _in_channels(net), tile, device)
+        else:
+            self.batch_note = f"{batch_size} (PREDICT_BATCH)"
+        self.batch_size = batch_size
+        # encoder features of a row of cells kept on the device until the band's one transfer
+        self.feature_budget = feature_budget(device)
 
     # ------------------------------------------------------------------ results
     def predict_array(self, image) -> tuple[np.ndarray, PredictStats]:
@@ -173,13 +190,25 @@ class Predictor:
 
     def run(self, image, mask_writer, prob_writer=None, seg_threshold: float = 0.5) -> PredictStats:
         """Predict ``image`` band by band into writers (``write_rows(y0, rows)``): class indices
-        (H, W) uint8 into ``mask_writer``, probabilities (H, W, K) float32 into ``prob_writer``."""
+        (H, W) uint8 into ``mask_writer``, probabilities (H, W, K) float32 into ``prob_writer``. The
+        labels are made on the device; the probabilities leave it only for a ``prob_writer``."""
         stats = PredictStats()
-        for y0, probs in self.bands(image, stats):
-            mask_writer.write_rows(y0, self.labels(probs, seg_threshold))
+        for y0, labels, probs in self._blend(image, stats, seg_threshold, prob_writer is not None):
+            mask_writer.write_rows(y0, labels)
             if prob_writer is not None:
                 prob_writer.write_rows(y0, probs.transpose(1, 2, 0))
         return stats
+
+    def bands(self, image, stats: Optional[PredictStats] = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first row, probabilities (K, rows, W) float32)`` of finished rows, top to bottom.
+
+        ``image`` has the reader interface (``height``, ``width``, ``read_window``, ``normalize``).
+
+        Raises:
+            NonFiniteOutput (a RunError): the network produced non-finite probabilities (naming the rows).
+        """
+        for y0, _, probs in self._blend(image, stats if stats is not None else PredictStats(), None, True):
+            yield y0, probs
 
     def labels(self, probs: np.ndarray, seg_threshold: float = 0.5) -> np.ndarray:
         """Class indices (rows, W) uint8 of probabilities (K, rows, W), by the metrics' rule
@@ -188,80 +217,128 @@ class Predictor:
         return labels_from_scores(scores, seg_threshold)[0].numpy().astype(np.uint8)
 
     # ------------------------------------------------------------------ the engine
-    def bands(self, image, stats: Optional[PredictStats] = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(first row, probabilities (K, rows, W))`` of finished rows, top to bottom.
-
-        ``image`` has the reader interface (``height``, ``width``, ``read_window``, ``normalize``).
-
-        Raises:
-            NonFiniteOutput (a RunError): the network produced non-finite probabilities (naming the rows).
-        """
-        stats = stats if stats is not None else PredictStats()
+    @torch.inference_mode()
+    def _blend(self, image, stats: PredictStats, seg_threshold: Optional[float],
+               want_probs: bool) -> Iterator[tuple[int, Optional[np.ndarray], Optional[np.ndarray]]]:
+        """Yield ``(first row, labels (rows, W) uint8 or None, probabilities (K, rows, W) or None)`` of
+        finished rows on the host, top to bottom: labels when ``seg_threshold`` is given,
+        probabilities when ``want_probs``. See :meth:`bands` for what it raises."""
         started = time.perf_counter()
-        h, w, t = image.height, image.width, self.tile
+        h, w, t, k = image.height, image.width, self.tile, self.channels
         hp, wp = max(h, t), max(w, t)  # an image smaller than a tile is padded to one
         ys, xs = window_starts(hp, t, self.step), window_starts(wp, t, self.step)
-        plan = GatePlan(ys, xs, t, self.gate_reach) if self.gating else None
-        acc = np.zeros((self.channels, t, wp), np.float32)  # rows [lo, lo + t) of the weighted sums
-        wsum = np.zeros((t, wp), np.float32)
+        store = blending_device(self.device, band_bytes(image.channels, k, t, wp, self.gating), str(image.path))
+        # the columns of every window's pixels: windows are cut and blended by index, on the device
+        cols = upload(np.array(xs)[:, None] + np.arange(t), store)
+        plan = GatePlan(ys, xs, t, self.gate_reach, store) if self.gating else None
+        weights = (self.weights.to(store), self.fill_weights.to(store))
+        acc = torch.zeros((k, t, wp), device=store)  # rows [lo, lo + t) of the weighted sums
+        wsum = torch.zeros((t, wp), device=store)
         lo = 0
-        bar = tqdm(total=len(ys) * len(xs), desc="tiles", unit="tile", leave=False, disable=not (self.progress and progress_bars()))
-        rows = _BandCache(lambda y: self._read_band(image, y, hp, wp))
-        for i, y in enumerate(ys):
-            if y > lo:  # no later window reaches rows < y: hand them out
-                yield from self._finish(acc, wsum, lo, y, h, w)
-                _shift(acc, y - lo)
-                _shift(wsum, y - lo)
-                lo = y
-            if plan is None:
-                placed = [(x, probs, True) for x, probs in self._decode_row(rows.get(i, y), xs, range(len(xs)))]
-                stats.encoded += len(xs)
-            else:
-                placed = self._gated_row(plan, rows, i, stats)
-            for x, probs, decoded in placed:
-                weights = self.weights if decoded else self.fill_weights
-                acc[:, :, x:x + t] += probs * weights
-                wsum[:, x:x + t] += weights
-                stats.decoded += int(decoded)
-            stats.tiles += len(xs)
-            rows.drop(i)
-            bar.update(len(xs))
-        bar.close()
-        yield from self._finish(acc, wsum, lo, hp, h, w)
+        bar = tqdm(total=len(ys) * len(xs), desc="tiles", unit="tile", leave=False,
+                   disable=not (self.progress and progress_bars()))
+        reader, host = BandReader(lambda y: self._read_band(image, y, hp, wp), ys, store), HostRows()
+        try:
+            for i, y in enumerate(ys):
+                if y > lo:  # no later window reaches rows < y: hand them out
+                    done = host.put(lo, self._finished(acc, wsum, lo, y, h, w, seg_threshold, want_probs))
+                    if done is not None:
+                        yield _checked(*done)
+                    acc, wsum, lo = _shifted(acc, y - lo), _shifted(wsum, y - lo), y
+                if plan is None:
+                    self._decode_into(acc, wsum, reader.get(i), cols, weights[0])
+                    stats.encoded += len(xs)
+                    stats.decoded += len(xs)
+                else:
+                    self._gated_row(plan, reader, i, acc, wsum, cols, weights, stats)
+                stats.tiles += len(xs)
+                reader.drop(i)
+                bar.update(len(xs))
+            last = self._finished(acc, wsum, lo, hp, h, w, seg_threshold, want_probs)
+            for done in (host.put(lo, last) if last is not None else None, host.flush()):
+                if done is not None:
+                    yield _checked(*done)
+        finally:
+            reader.close()
+            bar.close()
         stats.seconds += time.perf_counter() - started
 
-    def _gated_row(self, plan: "GatePlan", rows: "_BandCache", i: int, stats: PredictStats) -> list:
-        """The windows of row ``i`` that contribute, as ``(x, probabilities (K, t, t), decoded)``.
+    def _gated_row(self, plan: GatePlan, reader: BandReader, i: int, acc: torch.Tensor, wsum: torch.Tensor,
+                   cols: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor], stats: PredictStats) -> None:
+        """Blend the windows of row ``i`` that contribute into ``acc`` / ``wsum``.
 
-        Heads run on the plan's cell rows that decide about row ``i`` (a few rows ahead at most):
-        a cell is decoded from its own features where its head says boundary, else filled. Then
-        the windows that :meth:`GatePlan.needs_decoding` names are encoded and decoded."""
+        The heads run on the plan's cell rows that decide about row ``i`` and were not seen yet (a
+        few rows ahead at most), batched across the row; the windows of row ``i`` that must be
+        decoded are found on the device (:meth:`GatePlan.decode_mask`). Then, in one transfer, the
+        host learns the heads' and the plan's decisions: it decodes the boundary cells from their
+        own features, and encodes and decodes the windows the plan names, batched."""
+        pending: list[_Cells] = []  # cells whose heads ran, waiting to be decoded from their features
         for r in plan.cell_rows_reaching(i):
             if r not in plan.heads:
-                band, cells = rows.get(r, plan.ys[r]), [plan.xs[c] for c in plan.cell_cols]
-                probs, decoded = [], []
-                for start in range(0, len(cells), self.batch_size):
-                    p, d = self._predict_windows(_windows(band, cells[start:start + self.batch_size], self.tile))
-                    probs.extend(p)
-                    decoded.extend(d)
-                plan.record(r, probs, np.array(decoded, bool))
-                stats.classified += len(cells)
-                stats.encoded += len(cells)
-        extra = [j for j in range(len(plan.xs)) if plan.needs_decoding(i, j)]
+                self._heads_of_row(plan, r, reader.get(r), cols, pending, stats)
+        need = plan.decode_mask(i)
+        flags = torch.cat([c.boundary for c in pending] + [need]).cpu().numpy()  # the band's one transfer
+        self._decode_cells(plan, pending, flags[:-len(need)])
+        extra = np.flatnonzero(flags[-len(need):])
+        if plan.is_cell_row(i):  # its cells, but those decoded again below (weight 0)
+            cells, boundary = upload(np.array(plan.cell_cols), acc.device), plan.heads[i]
+            scale = torch.where(boundary, 1.0, np.float32(FILL_BLEND_WEIGHT)) * ~need[cells]
+            _accumulate(acc, wsum, cols[cells], plan.probs.pop(i), weights[0] * scale[:, None, None, None])
+            stats.decoded += int(plan.boundary_flags[i].sum())
+        if len(extra):
+            self._decode_into(acc, wsum, reader.get(i), cols[upload(extra, acc.device)], weights[0])
         stats.encoded += len(extra)
-        placed = []
-        if i in plan.heads:  # a row of cells: those not decoded again below
-            cells = zip(plan.cell_cols, plan.probs.pop(i), plan.heads[i])
-            placed = [(plan.xs[c], p, bool(d)) for c, p, d in cells if c not in extra]
-        placed += [(x, p, True) for x, p in self._decode_row(rows.get(i, plan.ys[i]), plan.xs, extra)]
-        return placed
+        stats.decoded += len(extra)
 
-    def _decode_row(self, band: np.ndarray, xs: list[int], columns) -> Iterator[tuple[int, np.ndarray]]:
-        """``(x, probabilities (K, t, t))`` of the windows of ``band`` in ``columns``, decoded."""
-        columns = list(columns)
-        for start in range(0, len(columns), self.batch_size):
-            batch = [xs[j] for j in columns[start:start + self.batch_size]]
-            yield from zip(batch, self._decode_windows(_windows(band, batch, self.tile)))
+    def _heads_of_row(self, plan: GatePlan, r: int, band: torch.Tensor, cols: torch.Tensor,
+                      pending: list["_Cells"], stats: PredictStats) -> None:
+        """The heads on the cells of row ``r``, batched: their boundary flags into ``plan.heads``,
+        each cell's fill (one-hot of the fill head's class) into ``plan.probs``, and each batch's
+        encoder features into ``pending`` for the boundary cells' decoding. Past
+        :attr:`feature_budget` the pending cells are decoded at once (a transfer of their flags)."""
+        cells = cols[upload(np.array(plan.cell_cols), cols.device)]
+        n, t = len(plan.cell_cols), self.tile
+        plan.probs[r] = torch.empty((n, self.channels, t, t), device=cols.device)
+        plan.boundary_flags[r] = np.zeros(n, bool)
+        flags = []
+        for start in range(0, n, self.batch_size):
+            x = self._cut(band, cells[start:start + self.batch_size])
+            features, boundary, fill = self._encode_heads(x)
+            plan.probs[r][start:start + len(x)] = _one_hot_fill(fill, self.channels, t).to(cols.device)
+            flags.append(boundary.to(cols.device))
+            pending.append(_Cells(r, start, x, features, flags[-1]))
+            if sum(c.nbytes for c in pending) > self.feature_budget:
+                self._decode_cells(plan, pending, torch.cat([c.boundary for c in pending]).cpu().numpy())
+                pending.clear()
+        plan.heads[r] = torch.cat(flags)
+        stats.classified += n
+        stats.encoded += n
+
+    def _decode_cells(self, plan: GatePlan, pending: list["_Cells"], flags: np.ndarray) -> None:
+        """Decode the boundary cells of ``pending`` (``flags``: their boundary flags, in order) from
+        their own encoder features into ``plan.probs``."""
+        offset = 0
+        for c in pending:
+            own = flags[offset:offset + len(c.x)]
+            offset += len(c.x)
+            plan.boundary_flags[c.row][c.start:c.start + len(own)] = own
+            if own.any():
+                keep = upload(np.flatnonzero(own), c.x.device)
+                probs = self._decode_features(c.features, keep, c.x)
+                plan.probs[c.row][c.start + keep.to(plan.probs[c.row].device)] = probs.to(plan.probs[c.row].device)
+
+    def _decode_into(self, acc: torch.Tensor, wsum: torch.Tensor, band: torch.Tensor, cols: torch.Tensor,
+                     weights: torch.Tensor) -> None:
+        """Encode, decode and blend the windows of ``band`` at ``cols`` (n, t), batched."""
+        for start in range(0, len(cols), self.batch_size):
+            idx = cols[start:start + self.batch_size]
+            _accumulate(acc, wsum, idx, self._decode_windows(self._cut(band, idx)), weights)
+
+    def _cut(self, band: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The windows (n, C, t, t) of ``band`` (C, t, W) at pixel columns ``cols`` (n, t), on the
+        network's device in its memory format."""
+        windows = band[:, :, cols].permute(2, 0, 1, 3).to(self.device, non_blocking=True)
+        return windows.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def _read_band(self, image, y: int, hp: int, wp: int) -> np.ndarray:
         """Rows [y, y + tile) of the (reflect-padded) image, normalised: (C, tile, wp) float32."""
@@ -270,34 +347,31 @@ class Predictor:
         if pad_y or pad_x:
             rows = np.pad(rows, ((0, pad_y), (0, pad_x), (0, 0)), mode="reflect" if min(rows.shape[:2]) > 1
                           else "edge")
-        return np.ascontiguousarray(rows.transpose(2, 0, 1))
+        return np.require(rows.transpose(2, 0, 1), np.float32, ["C_CONTIGUOUS", "WRITEABLE"])
 
     @torch.inference_mode()
-    def _decode_windows(self, windows: torch.Tensor) -> np.ndarray:
-        """Probabilities (n, K, t, t) of a batch of windows, encoded and decoded."""
-        x = image_to(windows, self.device, self.channels_last)
+    def _decode_windows(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities (n, K, t, t) float32 of a batch of windows, encoded and decoded."""
         with autocast_for(self.device, self.amp_dtype):
-            probs = _probabilities(self.net.decode(*self.net.encode(x)))
-            return self._augmented(x, probs).cpu().numpy()
+            return self._augmented(x, _probabilities(self.net.decode(*self.net.encode(x))))
 
     @torch.inference_mode()
-    def _predict_windows(self, windows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Heads on a batch of windows: probabilities (n, K, t, t), decoded (n,) bool. A window the
-        classifier calls boundary is decoded from its encoder features; any other is filled with
-        the fill head's class."""
-        x = image_to(windows, self.device, self.channels_last)
+    def _encode_heads(self, x: torch.Tensor) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+        """The encoder and heads on a batch of windows: (encoder features, boundary (n,) bool, fill
+        class (n,)), all on the device. A window is boundary exactly as TTR scores the head."""
         with autocast_for(self.device, self.amp_dtype):
             skips, bottleneck = self.net.encode(x)
             cls, fill = self.net.classify(bottleneck)
-            # the head's decision exactly as TTR scores it
-            keep = (predict_classes(cls.float(), self.cls_threshold) == 1).nonzero().flatten()
-            out = _one_hot_fill(fill.float().argmax(1), self.channels, self.tile)
-            if keep.numel():
-                seg = self.net.decode([s[keep] for s in skips], bottleneck[keep])
-                out[keep.cpu().numpy()] = self._augmented(x[keep], _probabilities(seg)).cpu().numpy()
-        decoded = np.zeros(len(windows), bool)
-        decoded[keep.cpu().numpy()] = True
-        return out, decoded
+        return (skips, bottleneck), predict_classes(cls.float(), self.cls_threshold) == 1, fill.float().argmax(1)
+
+    @torch.inference_mode()
+    def _decode_features(self, features: tuple, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities (len(keep), K, t, t) of the windows ``keep`` of a batch, decoded from the
+        batch's encoder ``features`` (the windows ``x`` for test-time augmentation)."""
+        skips, bottleneck = features
+        with autocast_for(self.device, self.amp_dtype):
+            seg = self.net.decode([s[keep] for s in skips], bottleneck[keep])
+            return self._augmented(x[keep], _probabilities(seg))
 
     def _augmented(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """``probs`` (the windows ``x`` as they are) averaged with the probabilities of the windows'
@@ -314,116 +388,65 @@ class Predictor:
             total += p.transpose(-2, -1) if transpose else p
         return total / len(self.transforms)
 
-    def _finish(self, acc, wsum, lo: int, hi: int, h: int, w: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Blended probabilities of rows [lo, hi) (only those inside the image)."""
+    def _finished(self, acc: torch.Tensor, wsum: torch.Tensor, lo: int, hi: int, h: int, w: int,
+                  seg_threshold: Optional[float], want_probs: bool) -> Optional[list]:
+        """Rows [lo, hi) (only those inside the image), blended on the device: [labels or None,
+        probabilities or None, all finite (1,) bool]; None when no row is inside."""
         end = min(hi, h)
         if end <= lo:
-            return
-        n = end - lo
-        probs = acc[:, :n, :w] / wsum[:n, :w]
-        if not np.isfinite(probs).all():  # the caller knows where the weights came from, and words the fix
-            raise NonFiniteOutput(f"the network produced non-finite probabilities in rows {lo}..{end - 1}: its "
-                                  "weights are NaN, or so large that its outputs overflow")
-        yield lo, probs
+            return None
+        probs = acc[:, :end - lo, :w] / wsum[:end - lo, :w]
+        labels = None
+        if seg_threshold is not None:
+            labels = labels_from_scores(probs[None], seg_threshold)[0].to(torch.uint8)
+        return [labels, probs if want_probs else None, torch.isfinite(probs).all()[None]]
 
 
-class GatePlan:
-    """Which windows of an evenly spaced grid the heads see, and which are decoded.
+@dataclass
+class _Cells:
+    """A batch of cells whose heads ran: the decoder may still need their encoder features."""
 
-    The heads run on *cells*: the fewest windows of the grid, per axis, whose neighbours are at
-    most a tile apart (every other window at 50 % overlap; see :func:`cover_indices`), so the cells
-    cover the image. A cell the classifier calls boundary is decoded from its own features; the
-    others are filled with the fill head's class. Then these windows are encoded and decoded:
+    row: int
+    start: int  # position of the first in the row's cells
+    x: torch.Tensor
+    features: tuple
+    boundary: torch.Tensor
 
-    * a window that is not a cell and overlaps a boundary cell (every window that sees a part of
-      it, as a plain sliding window would);
-    * a filled cell next to a boundary cell (within ``reach`` cells): a boundary the head missed in
-      a cell lies most often beside one it found, where an object crosses the cells' edge.
+    @property
+    def nbytes(self) -> int:
+        skips, bottleneck = self.features
+        return sum(f.numel() * f.element_size() for f in (*skips, bottleneck))
 
-    A scene without boundaries costs one encoder pass per cell, about a quarter of the windows at
-    50 % overlap. Measured on the 4096² scene of ``bench/inference.py`` (3,969 windows, 1,024
-    cells): reach 0 decoded 681 windows and lost 0.013 Dice against the plain sliding window;
-    reach 1 decoded 866 (185 cells encoded a second time) and lost 0.0001.
 
-    Args:
-        ys, xs: window starts of the grid (rows, columns).
-        tile: window side.
-        reach: neighbourhood of a boundary cell (in cells) whose filled cells are decoded too.
+def _checked(y0: int, rows: list) -> tuple[int, Optional[np.ndarray], Optional[np.ndarray]]:
+    """``(y0, labels, probabilities)`` of finished rows, once their finite flag says they are finite."""
+    labels, probs, finite = rows
+    if not finite[0]:  # the caller knows where the weights came from, and words the fix
+        n = (labels if labels is not None else probs[0]).shape[0]
+        raise NonFiniteOutput(f"the network produced non-finite probabilities in rows {y0}..{y0 + n - 1}: its "
+                              "weights are NaN, or so large that its outputs overflow")
+    return y0, labels, probs
+
+
+def _accumulate(acc: torch.Tensor, wsum: torch.Tensor, cols: torch.Tensor, probs: torch.Tensor,
+                weights: torch.Tensor) -> None:
+    """Add windows' weighted probabilities and weights at their pixel columns, on ``acc``'s device.
+
+    Shape:
+        acc: (K, t, W); wsum: (t, W); cols: (n, t); probs: (n, K, t, t); weights: (1 or n, 1, t, t).
     """
-
-    def __init__(self, ys: list[int], xs: list[int], tile: int, reach: int = GATE_REACH):
-        self.ys, self.xs = ys, xs
-        self.cell_rows, self.cell_cols = cover_indices(ys, tile), cover_indices(xs, tile)
-        self._col_index = {c: k for k, c in enumerate(self.cell_cols)}
-        self._row_index = {r: k for k, r in enumerate(self.cell_rows)}
-        # the cells each window overlaps, per axis (as positions in cell_rows / cell_cols)
-        self._rows_touch = [[k for k, r in enumerate(self.cell_rows) if abs(ys[r] - y) < tile] for y in ys]
-        self._cols_touch = [[k for k, c in enumerate(self.cell_cols) if abs(xs[c] - x) < tile] for x in xs]
-        self.reach = reach
-        self.heads: dict[int, np.ndarray] = {}  # cell row -> boundary flag per cell column
-        self.probs: dict[int, list] = {}  # cell row -> probabilities per cell, until placed
-
-    def cell_rows_reaching(self, i: int) -> list[int]:
-        """The cell rows (grid row indices) whose heads decide about window row ``i``."""
-        return [self.cell_rows[k] for k in _widen(self._rows_touch[i], self.reach, len(self.cell_rows))]
-
-    def record(self, r: int, probs: list, boundary: np.ndarray) -> None:
-        self.heads[r], self.probs[r] = boundary, probs
-
-    def needs_decoding(self, i: int, j: int) -> bool:
-        """Window (i, j) must be decoded (again): a cell whose head said no boundary but one of its
-        neighbours (within ``reach`` cells) did, or any other window that overlaps a boundary cell."""
-        if i in self._row_index and j in self._col_index:
-            r, c = self._row_index[i], self._col_index[j]
-            if self.heads[i][c]:
-                return False  # decoded from its own features already
-            rows, cols = _widen([r], self.reach, len(self.cell_rows)), _widen([c], self.reach, len(self.cell_cols))
-        else:
-            rows, cols = self._rows_touch[i], self._cols_touch[j]
-        return any(self.heads[self.cell_rows[k]][cols].any() for k in rows)
+    n, k, t, _ = probs.shape
+    weights = weights.expand(n, 1, t, t)
+    flat = cols.reshape(-1)
+    acc.index_add_(2, flat, (probs.to(acc.device) * weights).permute(1, 2, 0, 3).reshape(k, t, n * t))
+    wsum.index_add_(1, flat, weights[:, 0].permute(1, 0, 2).reshape(t, n * t))
 
 
-def _widen(indices: list[int], reach: int, n: int) -> np.ndarray:
-    """``indices`` (consecutive) and ``reach`` more on each side, within [0, n)."""
-    return np.arange(max(indices[0] - reach, 0), min(indices[-1] + reach + 1, n))
-
-
-def cover_indices(starts: list[int], tile: int) -> list[int]:
-    """The fewest of ``starts`` (always the first and last) whose neighbours are at most ``tile``
-    apart, so that their windows still cover everything the windows of all ``starts`` cover."""
-    keep = [0]
-    while keep[-1] < len(starts) - 1:
-        cur = keep[-1]
-        reach = [j for j in range(cur + 1, len(starts)) if starts[j] - starts[cur] <= tile]
-        keep.append(reach[-1] if reach else cur + 1)
-    return keep
-
-
-class _BandCache:
-    """The bands of the rows of windows, read once each and kept until their row is placed (a cell
-    row is read one row early, for its heads)."""
-
-    def __init__(self, read):
-        self._read, self._bands = read, {}
-
-    def get(self, i: int, y: int) -> np.ndarray:
-        if i not in self._bands:
-            self._bands[i] = self._read(y)
-        return self._bands[i]
-
-    def drop(self, i: int) -> None:
-        self._bands.pop(i, None)
-
-
-def _windows(band: np.ndarray, xs: list[int], tile: int) -> torch.Tensor:
-    """(n, C, t, t) windows of a band at columns ``xs``."""
-    return torch.from_numpy(np.stack([band[:, :, x:x + tile] for x in xs]))
-
-
-def _shift(a: np.ndarray, k: int) -> None:
-    """Move rows k.. of the last-but-one axis to the front, in place; zeros after them."""
-    a[..., : a.shape[-2] - k, :] = a[..., k:, :]  # numpy copies overlapping slices correctly
-    a[..., a.shape[-2] - k:, :] = 0
+def _shifted(a: torch.Tensor, k: int) -> torch.Tensor:
+    """``a`` with rows k.. of its last-but-one axis moved to the front, zeros after them."""
+    out = torch.zeros_like(a)
+    out[..., : a.shape[-2] - k, :] = a[..., k:, :]
+    return out
 
 
 def _probabilities(seg_logits: torch.Tensor) -> torch.Tensor:
@@ -432,12 +455,12 @@ def _probabilities(seg_logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(x) if x.shape[1] == 1 else torch.softmax(x, dim=1)
 
 
-def _one_hot_fill(classes: torch.Tensor, channels: int, tile: int) -> np.ndarray:
+def _one_hot_fill(classes: torch.Tensor, channels: int, tile: int) -> torch.Tensor:
     """(n, K, t, t) probabilities of windows filled with one class each (K = 1: the foreground's)."""
-    c = classes.cpu().numpy()
-    if channels == 1:
-        values = c[:, None].astype(np.float32)
-    else:
-        values = np.eye(channels, dtype=np.float32)[c]
-    return np.ascontiguousarray(np.broadcast_to(values[:, :, None, None], (len(c), channels, tile, tile)))
+    values = classes.float()[:, None] if channels == 1 else torch.nn.functional.one_hot(classes, channels).float()
+    return values[:, :, None, None].expand(len(classes), channels, tile, tile)
 
+
+def _in_channels(net: AuxNet) -> int:
+    """The image channels ``net`` takes (its first convolution's input)."""
+    return next(m for m in net.inc.modules() if isinstance(m, torch.nn.Conv2d)).in_channels

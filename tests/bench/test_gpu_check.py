@@ -32,7 +32,8 @@ def test_every_check_runs_small_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     table = done.stdout[done.stdout.index("| check |"):].splitlines()[2:]
     checks = [row.split(" | ")[0].lstrip("| ") for row in table]
-    assert len(checks) == 6 and all(row.endswith("| yes |") for row in table), "\n".join(table)
+    assert len(checks) == 7 and all(row.endswith("| yes |") for row in table), "\n".join(table)
     assert [c.split(",")[0].split(" ")[0] for c in checks] == ["exact", "ASD/AD/HD95/D95", "default", "1-process",
-                                                               "predict", "predict"]
+                                                               "predict", "predict", "predict"]
+    assert checks[-1] == "predict 256² scene, gated / plain" and "steps/s" in table[2]
     assert "over gloo" in checks[3]

@@ -198,10 +198,10 @@ def test_decoded_windows_outweigh_filled_ones_where_they_overlap():
     image = np.random.default_rng(7).random((32, 64, 1)).astype(np.float32)
     predictor = Predictor(net, tile=32, overlap=16, batch_size=8, device=CPU, gating=True, gate_reach=0)
     # windows at x = 0, 16, 32; the heads see the cells x = 0 and 32 (not decoded again: reach 0)
-    predictor._predict_windows = lambda windows: (  # cell 0 decoded (0.9), cell 32 filled with class 0
-        np.concatenate([np.full((1, 1, 32, 32), 0.9, np.float32), np.zeros((1, 1, 32, 32), np.float32)]),
-        np.array([True, False]))
-    predictor._decode_windows = lambda windows: np.full((len(windows), 1, 32, 32), 0.5, np.float32)
+    # cell 0 boundary, decoded from its features (0.9); cell 32 filled with class 0; others decoded (0.5)
+    predictor._encode_heads = lambda windows: (([], windows), torch.tensor([True, False]), torch.tensor([0, 0]))
+    predictor._decode_features = lambda features, keep, windows: torch.full((len(keep), 1, 32, 32), 0.9)
+    predictor._decode_windows = lambda windows: torch.full((len(windows), 1, 32, 32), 0.5)
     probs, stats = predictor.predict_array(ArrayImage(image))
     assert (stats.tiles, stats.classified, stats.decoded) == (3, 2, 2)  # x = 16 overlaps the boundary cell
     w = gaussian_importance_map(32)
@@ -228,15 +228,15 @@ def test_gating_decodes_the_windows_that_overlap_a_boundary_cell_and_the_cells_n
     predictor = Predictor(net, tile=32, overlap=16, batch_size=4, device=CPU, gating=True)
     decoded_at = []
 
-    def heads(windows):
-        boundary = windows.flatten(1).amax(1).numpy() > 0
-        return np.zeros((len(windows), 1, 32, 32), np.float32) + boundary[:, None, None, None], boundary
+    def heads(windows):  # (features, boundary, fill class): boundary where the mark is
+        return ([], windows), windows.flatten(1).amax(1) > 0, torch.zeros(len(windows), dtype=torch.long)
 
     def decode(windows):
         decoded_at.extend(windows.flatten(1).sum(1).tolist())
-        return np.ones((len(windows), 1, 32, 32), np.float32)
+        return torch.ones((len(windows), 1, 32, 32))
 
-    predictor._predict_windows, predictor._decode_windows = heads, decode
+    predictor._encode_heads, predictor._decode_windows = heads, decode
+    predictor._decode_features = lambda features, keep, windows: torch.ones((len(keep), 1, 32, 32))
     probs, stats = predictor.predict_array(ArrayImage(image))
     # a 9 x 9 grid (starts 0, 16, ..., 128); the heads see the 5 x 5 cells at 0, 32, ..., 128. Decoded:
     # the boundary cell from its own features; the 8 other windows that start at 16, 32 or 48 on
