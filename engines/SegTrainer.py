@@ -33,6 +33,7 @@ class TrainStep(nn.Module):
     def __init__(self, net: AuxNet, loss: nn.Module, decode: bool, use_cls: bool):
         super().__init__()
         self.net, self.loss, self.decode, self.use_cls = net, loss, decode, use_cls
+        loss.trust_targets()  # the dataset checked every mask's class indices as it loaded them
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, fill: torch.Tensor,
                 sdm: Optional[torch.Tensor] = None):
@@ -64,6 +65,53 @@ class TrainerSettings:
 
 class TrainingDiverged(RunError):
     """A loss, weight or BatchNorm statistic became NaN or infinite; the last good checkpoint is kept."""
+
+
+#: Training steps between two check points. A step never waits for the device (no loss read on the
+#: host, no ``if`` on a tensor), so a GPU runs ahead of Python. Every CHECK_EVERY steps, and at the end
+#: of each epoch (so always before a checkpoint is written), the losses of the steps since the last
+#: check are read in one transfer, the weights and BatchNorm statistics are checked for NaN and
+#: infinity, and the progress bar's running loss is refreshed. A divergence is thus caught at most
+#: CHECK_EVERY - 1 steps after it happened, naming the step, its tiles and its loss terms.
+CHECK_EVERY = 50
+
+
+class LossWindow:
+    """The loss and its terms of the steps since the last check point, kept on the device.
+
+    :meth:`add` writes one row per step with device-side copies only; :meth:`take` reads the rows
+    to the host in one transfer (the check point's wait for the device) and empties the window. The
+    steps' numbers and tile ids are host data and stay on the host.
+    """
+
+    def __init__(self, size: int, device: torch.device):
+        self.size, self.device = size, device
+        self.names: list[str] = []  # "loss", then the loss's terms in its order
+        self.rows: Optional[torch.Tensor] = None  # (size, len(names)) fp32, on the device
+        self.steps: list[tuple[int, list]] = []  # (step, tile ids) of each row in use
+
+    def add(self, loss_out, step: int, ids: list) -> None:
+        """Keep ``loss_out``'s total and terms (detached) as the next row; never waits for the device."""
+        names = ["loss", *loss_out.terms]
+        if self.rows is None:
+            self.names = names
+            self.rows = torch.empty(self.size, len(names), dtype=torch.float32, device=self.device)
+        elif names != self.names:
+            raise RuntimeError(f"the loss returned the terms {names[1:]} after {self.names[1:]}")
+        values = [loss_out.total.detach(), *loss_out.terms.values()]
+        self.rows[len(self.steps)] = torch.stack([v.float() for v in values])
+        self.steps.append((step, ids))
+
+    def full(self) -> bool:
+        """Every row is in use: time for a check point."""
+        return len(self.steps) == self.size
+
+    def take(self) -> tuple[list[list[float]], list[tuple[int, list]]]:
+        """The rows in use, on the host (one wait for the device), with their steps and tile ids;
+        the window is empty afterwards."""
+        rows = self.rows[:len(self.steps)].tolist() if self.steps else []
+        steps, self.steps = self.steps, []
+        return rows, steps
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -143,36 +191,45 @@ class SegTrainer:
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set; returns the mean loss and each term and weight (averaged
-        over every rank's batches)."""
+        over every rank's batches).
+
+        The steps never wait for the device: their losses stay there until a check point (every
+        :data:`CHECK_EVERY` steps and at the end of the epoch, before it is evaluated or saved),
+        which reads them, sums them on the host in fp64 and checks the run (:meth:`check_health`).
+
+        Raises:
+            TrainingDiverged: see :meth:`check_health`.
+        """
         self.ddp.train()
         self.step.loss.set_epoch(epoch)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate of the epoch's first step
+        window = LossWindow(CHECK_EVERY, self.ctx.device)
         sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
         batches = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False,
                        disable=not (self.ctx.is_main and progress_bars()), dynamic_ncols=True)
         for n, batch in enumerate(batches, start=1):
-            loss_out = self.optimise(batch, epoch)
-            for name, value in {"loss": loss_out.total.detach(), **loss_out.terms}.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
-            weights = loss_out.weights
-            batches.set_postfix(loss=f"{sums['loss'] / n:.4f}")
+            step = self.scheduler.last_epoch  # this optimisation step's index in the run
+            window.add(self.optimise(batch), step, list(batch.get("id", [])))
+            if window.full():
+                self.check_health(window, sums, epoch)
+                batches.set_postfix(loss=f"{sums['loss'] / n:.4f}")
+        self.check_health(window, sums, epoch)
         means = self.all_reduce_means(sums, len(self.train_loader))
         stats = {"lr": lr, "loss": means.get("loss", math.nan)}
         stats |= {f"loss/{k}": v for k, v in means.items() if k != "loss"}
-        stats |= {f"weight/{k}": float(v) for k, v in weights.items()}
+        stats |= {f"weight/{k}": float(v) for k, v in self.step.loss.current_weights().items()}
         return stats
 
-    def optimise(self, batch: dict[str, Any], epoch: int = 0):
+    def optimise(self, batch: dict[str, Any]):
         """Forward, backward and one optimiser step on a batch; returns the loss output.
 
-        Raises:
-            TrainingDiverged: the loss, or after the step a weight or BatchNorm statistic, is not finite.
+        Nothing here reads a tensor's value on the host, so Python never waits for the device and a
+        GPU stays busy: a non-finite loss or weight is found at the next check point
+        (:meth:`check_health`). Under fp16 the GradScaler keeps its own waits (it reads whether the
+        gradients are finite to skip a step and adjust its scale); bf16 and fp32 need none.
         """
         with self.autocast():
             _, loss_out = self.ddp(*self.to_device(batch))
-        if not torch.isfinite(loss_out.total):
-            self.diverged(f"the loss became {float(loss_out.total.detach())}", batch, loss_out, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss_out.total).backward()
         if self.settings.grad_clip:
@@ -182,20 +239,34 @@ class SegTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        bad = non_finite(self.step)
-        if bad:
-            self.diverged(f"after the optimiser step {len(bad)} tensor(s) are not finite ({', '.join(bad[:4])}"
-                          f"{', …' if len(bad) > 4 else ''})", batch, loss_out, epoch)
         return loss_out
 
-    def diverged(self, what: str, batch: dict[str, Any], loss_out, epoch: int) -> None:
-        """Stop the run: name the step, the batch's tiles and the loss terms (nothing is saved)."""
-        terms = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in loss_out.terms.items()}
-        raise TrainingDiverged(
-            f"training diverged at step {self.scheduler.last_epoch} (epoch {epoch}): {what}; loss "
-            f"{float(loss_out.total.detach()):.4g}, terms {terms}; tiles {list(batch.get('id', []))}. "
-            f"{self.kept()}. Lower BASE_LR, set GRAD_CLIP, or check these tiles"
-        )
+    def check_health(self, window: "LossWindow", sums: dict[str, float], epoch: int) -> None:
+        """A check point: stop a diverged run, else add the window's losses to ``sums`` (host, fp64).
+
+        Under DDP every rank calls it at the same steps, and one small all-reduce makes every rank
+        stop together when any rank's loss or weights are not finite.
+
+        Raises:
+            TrainingDiverged: a loss of a step since the last check point, or now a weight or
+                BatchNorm statistic, is NaN or infinite; names the step, its tiles and its loss terms.
+        """
+        rows, steps = window.take()
+        problem = first_non_finite_loss(window.names, rows, steps, epoch)
+        if problem is None:
+            bad = non_finite(self.step)
+            if bad:
+                problem = non_finite_weights(bad, window.names, rows, steps, epoch)
+        if self.ctx.distributed:
+            flag = torch.tensor([problem is not None], dtype=torch.int32, device=self.ctx.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if problem is None and bool(flag):
+                problem = f"training diverged on another rank in epoch {epoch} (its message names the step)"
+        if problem is not None:
+            raise TrainingDiverged(f"{problem}. {self.kept()}. Lower BASE_LR, set GRAD_CLIP, or check these tiles")
+        for row in rows:
+            for name, value in zip(window.names, row):
+                sums[name] = sums.get(name, 0.0) + value
 
     def evaluate_epoch(self, epoch: int) -> dict[str, float]:
         """The evaluation metrics after ``epoch``.
@@ -351,6 +422,34 @@ class SegTrainer:
 
     def autocast(self):
         return autocast_for(self.ctx.device, self.settings.amp_dtype)
+
+
+def first_non_finite_loss(names: list[str], rows: list[list[float]], steps: list, epoch: int) -> Optional[str]:
+    """The first step of ``rows`` (see :class:`LossWindow`) whose loss or a term is not finite,
+    described (:func:`describe_step`); None when every one is finite."""
+    for row, (step, ids) in zip(rows, steps):
+        if not all(map(math.isfinite, row)):
+            return describe_step(f"the loss became {row[0]}", names, row, step, ids, epoch)
+    return None
+
+
+def non_finite_weights(bad: list[str], names: list[str], rows: list[list[float]], steps: list, epoch: int) -> str:
+    """Non-finite tensors ``bad`` found at a check point, described with the steps since the last
+    check point and the one of them with the largest loss (the likeliest culprit)."""
+    what = f"{len(bad)} tensor(s) are not finite ({', '.join(bad[:4])}{', …' if len(bad) > 4 else ''})"
+    if not rows:
+        return f"training diverged in epoch {epoch}: {what}"
+    worst = max(range(len(rows)), key=lambda i: rows[i][0])
+    what = (f"after the optimiser steps {steps[0][0]}..{steps[-1][0]} {what} (checked every {CHECK_EVERY} "
+            f"steps); step {steps[worst][0]} had the largest loss of those")
+    return describe_step(what, names, rows[worst], *steps[worst], epoch)
+
+
+def describe_step(what: str, names: list[str], row: list[float], step: int, ids: list, epoch: int) -> str:
+    """``training diverged at step …``: ``what``, then the step's loss, its terms and its tiles."""
+    terms = dict(zip(names[1:], row[1:]))
+    return (f"training diverged at step {step} (epoch {epoch}): {what}; loss {row[0]:.4g}, terms {terms}; "
+            f"tiles {ids}")
 
 
 def non_finite(module: nn.Module) -> list[str]:

@@ -117,6 +117,35 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert len(log) == 1 and 0.0 <= log[0]["DSC"] <= 1.0
 
 
+def test_eval_on_two_cpu_processes_shares_the_images_and_gives_the_metrics_of_one(tmp_path):
+    # 5 images, 3 of them for testing: rank 0 predicts two whole images, rank 1 one, and each scores
+    # its share of the tiles; the sums are all-reduced (an image predicted by both would count twice)
+    data = ["SYNTHETIC_IMAGES=5", "TEST_SPLIT=0.4"]
+    run_cli(*TINY, *data, "TRAIN_EPOCHS=2", f"RESULTS_DIR={tmp_path}")
+    run = tmp_path / "default" / "run_001"
+    evals = {}
+    for processes in (1, 2):
+        proc = run_cli("eval", f"MODEL_WEIGHTS={run / 'best.pth'}", f"CPU_PROCESSES={processes}")
+        summary = json.loads(eval_summary(proc).read_text())
+        images = (run / summary["files"]["images"]).read_text().splitlines()
+        tiles = (run / summary["files"]["tiles"]).read_text()
+        evals[processes] = summary, images, tiles
+    (one, one_images, one_tiles), (two, two_images, two_tiles) = evals[1], evals[2]
+    assert len(one["test_images"]) == 3 and two["test_images"] == one["test_images"]
+    assert two["tiles"] == one["tiles"] > 0 and two_tiles == one_tiles
+    assert two["metrics"] == pytest.approx(one["metrics"], rel=1e-12)  # sums all-reduced in another order
+    for mode, whole in one["whole_image"].items():
+        assert whole["tiles"] == two["whole_image"][mode]["tiles"] > 0
+        same = {k: v for k, v in whole.items() if k != "seconds"}
+        assert {k: two["whole_image"][mode][k] for k in same} == pytest.approx(same, rel=1e-12), mode
+
+    def scores(rows):  # per image: the metrics and tile counts, not the timings (the last two columns)
+        return [row.split(",")[:-2] for row in rows]
+
+    assert len(one_images) == 1 + 3 * len(one["whole_image"])  # the header, then each image once per mode
+    assert scores(two_images) == scores(one_images)
+
+
 def test_stage_c_trains_only_the_head_of_a_trained_network(trained_run, tmp_path):
     proc = run_cli(*TINY, "TRAIN_EPOCHS=1", f"RESULTS_DIR={tmp_path}", "MODEL=AuxNet-C",  # EVAL_METRIC: TTR, chosen
                    f"MODEL_WEIGHTS={trained_run / 'best'}")

@@ -359,7 +359,10 @@ def _class_maps(mask: torch.Tensor, num_classes: Optional[int]) -> torch.Tensor:
 
 def label_masks(labels: torch.Tensor, classes) -> torch.Tensor:
     """(B, C, H, W) bool masks ``labels == c`` of an integer (B, H, W) label map, one per class in ``classes``."""
-    classes = torch.as_tensor(list(classes), device=labels.device, dtype=labels.dtype)
+    if isinstance(classes, range):  # made on the device: a copy from the host would wait for it
+        classes = torch.arange(classes.start, classes.stop, classes.step, device=labels.device, dtype=labels.dtype)
+    else:
+        classes = torch.as_tensor(list(classes), device=labels.device, dtype=labels.dtype)
     return labels.unsqueeze(1) == classes.view(1, -1, 1, 1)
 
 

@@ -80,8 +80,9 @@ class LossOptions:
 # input checks
 
 
-def check_seg_inputs(seg_logits: Tensor, target: Tensor, who: str) -> None:
-    """Raise a ValueError naming ``who`` unless logits and target fit the loss interface."""
+def check_seg_inputs(seg_logits: Tensor, target: Tensor, who: str, values: bool = True) -> None:
+    """Raise a ValueError naming ``who`` unless logits and target fit the loss interface;
+    ``values=False`` trusts the target's class indices (their check waits for the device)."""
     if not isinstance(seg_logits, Tensor) or seg_logits.dim() != 4 or not seg_logits.is_floating_point():
         got = tuple(seg_logits.shape) if isinstance(seg_logits, Tensor) else type(seg_logits).__name__
         raise ValueError(f"{who}: seg_logits must be a float (B, K, H, W) tensor of raw logits, got {got}")
@@ -99,7 +100,7 @@ def check_seg_inputs(seg_logits: Tensor, target: Tensor, who: str) -> None:
     n = max(k, 2)
     # One device sync per call: an out-of-range index would otherwise surface as a device-side
     # assert on CUDA (or silently wrong one-hot maps).
-    if target.numel() and bool(((target < 0) | (target >= n)).any()):
+    if values and target.numel() and bool(((target < 0) | (target >= n)).any()):
         raise ValueError(
             f"{who}: target holds class indices in [{int(target.min())}, {int(target.max())}] but a head "
             f"with K={k} output channel(s) has classes 0..{n - 1}"

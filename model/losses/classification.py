@@ -34,6 +34,7 @@ class ClassificationLoss(nn.Module):
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"cls_classes={num_classes!r} must be an int >= 1")
         self.num_classes = num_classes
+        self.check_targets = True  # False: trust cls_target's class indices (see CombinedLoss.trust_targets)
 
     def forward(self, cls_logits: Tensor, cls_target: Tensor, fill_logits: Optional[Tensor] = None,
                 fill_target: Optional[Tensor] = None) -> Tensor:
@@ -65,7 +66,7 @@ class ClassificationLoss(nn.Module):
                 f"CLS_CLASSES={j}: expected logits (B, {j}) and a target (B,)"
             )
         n = max(j, 2)
-        if t.numel() and bool(((t < 0) | (t >= n) | (t != t.round())).any()):
+        if self.check_targets and t.numel() and bool(((t < 0) | (t >= n) | (t != t.round())).any()):
             raise ValueError(f"CLS: cls_target must hold class indices 0..{n - 1}")
         with torch.autocast(x.device.type, enabled=False):
             if j == 1:

@@ -3,7 +3,7 @@ static, learned (uncertainty) or scheduled weights."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,12 +21,13 @@ class LossOutput(NamedTuple):
     Attributes:
         total: the weighted sum to back-propagate (scalar, fp32, with grad).
         terms: each computed term, unweighted and detached, by name (``"CLS"`` for the classifier).
-        weights: each configured term's current effective weight, by name.
+        weights: each configured term's current effective weight, by name (a float, or under
+            adaptive weighting a detached 0-dim tensor, so that the step never waits for the device).
     """
 
     total: Tensor
     terms: dict[str, Tensor]
-    weights: dict[str, float]
+    weights: dict[str, Union[float, Tensor]]
 
 
 class CombinedLoss(nn.Module):
@@ -99,6 +100,7 @@ class CombinedLoss(nn.Module):
                 raise ValueError(f"{name}={value!r} must be a number in [0, 1]")
         self.alpha_start, self.alpha_step, self.alpha_max = float(alpha_start), float(alpha_step), float(alpha_max)
         self.epoch = 0
+        self.check_targets = True  # see trust_targets()
         if weighting == "schedule":
             groups = {t.schedule_group for t in seg_terms.values()}
             if groups != {"region", "boundary"}:
@@ -114,6 +116,15 @@ class CombinedLoss(nn.Module):
                 )
             self.log_vars = nn.Parameter(torch.zeros(len(self.names)))
 
+    def trust_targets(self) -> None:
+        """Stop checking the targets' class indices on every call (shapes and dtypes are still
+        checked). The check reads the targets on the host: on a GPU a wait for the device in every
+        training step. The trainer trusts them because the dataset checked every mask's values when
+        it loaded it, and tiling and augmentation keep class indices."""
+        self.check_targets = False
+        if self.cls_term is not None:
+            self.cls_term.check_targets = False
+
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch (from 0) that the ``schedule`` weighting's α follows; other modes ignore it."""
         if not isinstance(epoch, int) or epoch < 0:
@@ -125,10 +136,11 @@ class CombinedLoss(nn.Module):
         """The ``schedule`` weighting's current α."""
         return min(self.alpha_max, self.alpha_start + self.alpha_step * self.epoch)
 
-    def current_weights(self) -> dict[str, float]:
-        """Each term's effective weight now: fixed, scheduled, or ``exp(-s_i)``."""
-        if self.weighting == "adaptive":
-            return dict(zip(self.names, torch.exp(-self.log_vars.detach()).float().tolist()))
+    def current_weights(self) -> dict[str, Union[float, Tensor]]:
+        """Each term's effective weight now: fixed, scheduled, or ``exp(-s_i)`` (a detached 0-dim
+        tensor on the loss's device; ``float()`` reads it)."""
+        if self.weighting == "adaptive":  # 0-dim tensors: reading them would wait for the device every step
+            return dict(zip(self.names, torch.exp(-self.log_vars.detach()).float().unbind()))
         if self.weighting == "schedule":
             a = self.alpha
             scale = {"boundary": a, "region": 1 - a}
@@ -170,7 +182,7 @@ class CombinedLoss(nn.Module):
         """
         losses: dict[str, Tensor] = {}
         if seg_logits is not None and len(self.seg_terms):
-            check_seg_inputs(seg_logits, target, "CombinedLoss")
+            check_seg_inputs(seg_logits, target, "CombinedLoss", values=self.check_targets)
             for term in self.seg_terms.values():
                 term.check_head(seg_logits.shape[1])
             check_target_sdm(seg_logits, target_sdm, "CombinedLoss")

@@ -39,7 +39,7 @@ def batches_and_weights(root, workers: int, steps: int = 2):
         batches = list(trainer.train_loader)
         trainer.ddp.train()
         for batch in batches[:steps]:
-            trainer.optimise(batch, epoch=1)
+            trainer.optimise(batch)
         return batches, trainer.step.net.state_dict()
     finally:
         trainer.logger.close()
