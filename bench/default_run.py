@@ -180,7 +180,7 @@ def render(record: dict) -> str:
         def cell(key: str, fmt: str) -> str:
             return format(r[key], fmt) if key in r else "–"
         lines.append(f"| {ROW_TITLES.get(name, name)} | {r['wall_s']:.0f} | {r['precision']} | {r['memory_format']} | "
-                     f"{r['peak_rss_mib']} | {r['best_epoch']} of {r['epochs']} | {r['best_dsc']:.4f} | "
+                     f"{r['peak_rss_mib']} | {r['best_epoch']} (of 0–{r['epochs'] - 1}) | {r['best_dsc']:.4f} | "
                      f"{cell('whole_dsc_ungated', '.4f')} | {cell('whole_hd95_ungated', '.2f')} | "
                      f"{cell('whole_dsc_gated', '.4f')} | {cell('whole_hd95_gated', '.2f')} | "
                      f"{cell('whole_gated_off_fraction_gated', '.0%')} |")
