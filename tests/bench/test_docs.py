@@ -118,3 +118,16 @@ def test_default_run_md_is_its_json_rendered_and_the_figure_is_small():
                                   "experiments.md", "benchmarks.md"])
 def test_readme_links_every_doc(name):
     assert f"(docs/{name})" in README.read_text()
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_links_to_sections_that_exist():
+    links = re.findall(r"\(docs/([\w.]+\.md)#([\w-]+)\)", README.read_text())
+    assert links
+    for name, anchor in links:
+        headings = re.findall(r"^#+ (.+)$", (ROOT / "docs" / name).read_text(), flags=re.MULTILINE)
+        assert anchor in {github_slug(h) for h in headings}, f"README links docs/{name}#{anchor}, no such heading"
