@@ -1,7 +1,8 @@
 """The configuration schema: every option with its type, default and one-line doc.
 
 The dataclass is the single source of truth: `configs/config.yaml` repeats each default with the
-doc as its comment, and the README's configuration reference shows the same doc (tests compare all
+doc as its comment, and docs/configuration.md (written by
+`python -m configs.reference --write`) shows the same doc (tests compare all
 three). Choices come from the registries that own them (the model stages, the metric names), so a
 new stage or metric appears here without a second list; those modules import no torch, and neither
 does this one.
@@ -41,7 +42,7 @@ def opt(default: Any = dataclasses.MISSING, doc: str = "", *, default_factory: A
 @dataclass
 class Config:
     """All run options. Each field's one-line doc is the comment in `configs/config.yaml` and the
-    meaning in the README's configuration reference (tests keep the three in step)."""
+    meaning in docs/configuration.md (tests keep the three in step)."""
 
     # directories
     DATASET_DIR: str = opt(

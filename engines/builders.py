@@ -234,9 +234,10 @@ def build_trainer(cfg: Config, ctx: DistContext, runtime: Runtime, run: RunDir, 
     step = TrainStep(net, build_loss(cfg), decode=cfg.stage.decodes, use_cls=cfg.trains_classifier)
     train_loader, test_loader = build_loaders(cfg, splits, ctx)
     optimizer, scheduler = build_optimizer(cfg, step, max(len(train_loader), 1))
+    name = f"{run.root.parent.name}/{run.root.name}"  # the run's name in W&B and on its figures
     logger = build_loggers(
         run.root, is_main=ctx.is_main, local=cfg.LOG_LOCAL, wandb=cfg.LOG_WANDB,
-        project="AuxNet", name=f"{run.root.parent.name}/{run.root.name}", config=cfg.to_dict(),
+        project="AuxNet", name=name, config=cfg.to_dict(),
     )
     settings = TrainerSettings(
         run=run,
@@ -258,7 +259,7 @@ def build_trainer(cfg: Config, ctx: DistContext, runtime: Runtime, run: RunDir, 
                          logger, ctx, settings)
     if ctx.is_main:
         trainer.plotter = make_plotter(run.root, trainer.step.net, splits.test, runtime, cfg.SEG_THRESHOLD,
-                                       cfg.PLOT_TILES, logger.log_images)
+                                       cfg.PLOT_TILES, logger.log_images, name=name, eval_metric=cfg.EVAL_METRIC)
     return trainer
 
 

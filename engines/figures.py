@@ -12,9 +12,9 @@ import torch
 
 from engines.forward import autocast_for, image_to
 from model.AuxNet import AuxNet
-from model.metrics import DISTANCE_METRICS, predict_labels
+from model.metrics import DISTANCE_METRICS, HIGHER_IS_BETTER, predict_labels
 from utils.hardware import Runtime
-from utils.plots import plot_curves, plot_overlays
+from utils.plots import best_epoch, plot_curves, plot_overlays
 from utils.run_paths import RunDir
 from utils.sdf import signed_distance_map
 
@@ -54,19 +54,22 @@ def predict_tiles(net: AuxNet, dataset, indices: list[int], device: torch.device
 
 
 def make_plotter(run_root: Path, net: AuxNet, test_set, runtime: Runtime, seg_threshold: float, tiles: int,
-                 log_images: Optional[Callable] = None):
+                 log_images: Optional[Callable] = None, *, name: str = "", eval_metric: str = "DSC"):
     """``plot(history, epoch)``: write ``curves.png`` and ``overlays.png`` to ``run_root`` (and hand
-    them to ``log_images(files, step)``, e.g. W&B); the overlays are predicted as ``runtime`` says."""
+    them to ``log_images(files, step)``, e.g. W&B); the overlays are predicted as ``runtime`` says.
+    Both carry the run's ``name``; the curves mark the best epoch by ``eval_metric`` (the one best.pth holds)."""
     indices = fixed_tiles(test_set, tiles)
     run = RunDir(Path(run_root))
 
     def plot(history: list[dict[str, Any]], epoch: int) -> dict[str, Path]:
-        files = {"curves": plot_curves(history, run.curves, distance_metrics=DISTANCE_METRICS)}
+        best = best_epoch(history, eval_metric, HIGHER_IS_BETTER[eval_metric])
+        files = {"curves": plot_curves(history, run.curves, distance_metrics=DISTANCE_METRICS, title=name,
+                                       best=None if best is None else (eval_metric, best))}
         if indices:
             shown = predict_tiles(net, test_set, indices, runtime.device, runtime.amp_dtype, runtime.channels_last,
                                   seg_threshold)
             files["overlays"] = plot_overlays(shown["images"], shown["truths"], shown["preds"], shown["errors"],
-                                              shown["ids"], run.overlays)
+                                              shown["ids"], run.overlays, title=f"{name}, epoch {epoch}" if name else "")
         if log_images is not None:
             log_images(files, epoch)
         return files

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -120,3 +121,37 @@ def test_missing_isbi_data_is_one_message_with_its_source_terms_and_converter(tm
     assert "terms: for research and testing only, citing Arganda-Carreras et al." in err
     assert ("python -m utils.isbi2012 train-volume.tif train-labels.tif ../shared/data/isbi2012\n") in err
     assert not (tmp_path / "r").exists() and not (tmp_path / "repo").exists()
+
+
+def test_real_experiments_write_docs_results_and_smoke_or_short_runs_do_not():
+    """Before: every run wrote RESULTS_DIR/results.md and the published tables lived, by hand, in the README."""
+    assert reproduce.results_path(["isbi2012", "hard_cldice"], reproduce.Options()) == reproduce.DOCS_RESULTS
+    assert reproduce.DOCS_RESULTS == ROOT / "docs" / "results.md"
+    assert reproduce.results_path(["smoke"], reproduce.Options()) == ROOT / "saved" / "reproduce" / "results.md"
+    assert reproduce.results_path(["isbi2012"], reproduce.Options(epochs=1)) == ROOT / "saved/reproduce/results.md"
+    assert reproduce.results_path(["isbi2012"], reproduce.Options(results_dir="/tmp/x")) == Path("/tmp/x/results.md")
+
+
+def test_rerunning_one_table_keeps_the_other_published_tables(tmp_path):
+    opts = reproduce.Options(results_dir=str(tmp_path))
+    seeds = lambda name: list(reproduce.EXPERIMENTS[name].seeds)  # noqa: E731
+    published = reproduce.DOCS_INTRO + "\n" + "\n".join(
+        f"<!-- table: {t} -->\n## old {t}\n\n| old row of {t} |\n" for t in ("isbi2012", "staged", "lines_ellipses"))
+    # no run on disk: a fresh clone's --tables-only keeps every published table as it was
+    assert reproduce.merge_tables(published, ["isbi2012", "staged"], opts, seeds) == reproduce.DOCS_INTRO + "\n" + \
+        "\n".join(f"<!-- table: {t} -->\n## old {t}\n\n| old row of {t} |\n" for t in ("isbi2012", "lines_ellipses",
+                                                                                      "staged"))
+    for name in ("hard_dice_bce", "staged_ed", "staged_c"):  # the staged table's runs
+        folder = reproduce.run_folder(name, 42, opts)
+        folder.mkdir(parents=True)
+        whole = {"DSC": 0.9, "HD95": 3.0, "seconds": 1.0, "gated_off_fraction": 0.5}
+        (folder / "summary.json").write_text(json.dumps({
+            "final": {"epoch": 1, "TTR": 0.8}, "whole_image": {"ungated": whole, "gated": whole}}))
+        (folder / "reproduce.json").write_text(json.dumps({
+            "command": "python main.py", "wall_s": 60.0, "commit": "abc1234", "machine": "m"}))
+    merged = reproduce.merge_tables(published, ["staged"], opts, seeds)
+    parts = reproduce.split_tables(merged)
+    assert list(parts) == ["isbi2012", "lines_ellipses", "staged"]  # the order of TABLES
+    assert parts["isbi2012"] == "<!-- table: isbi2012 -->\n## old isbi2012\n\n| old row of isbi2012 |\n"
+    assert "old staged" not in merged and "Commit: abc1234." in parts["staged"]
+    assert "| joint: AuxNet-EDC (`hard_dice_bce`) | 2 | 0.9000 | 3.00 |" in parts["staged"]

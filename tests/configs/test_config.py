@@ -13,6 +13,7 @@ import yaml
 
 from configs import Config, ConfigError, load_config
 from configs.config_parser import DEFAULT_CONFIG, FIELDS
+from configs.reference import COMMAND, REFERENCE, render
 from conftest import ROOT, write_checkpoint
 
 
@@ -48,10 +49,24 @@ def test_yaml_defaults_match_schema_and_are_documented():
             assert "#" in line, f"option without a one-line comment: {line}"
 
 
-def test_readme_documents_every_option():
+def test_configuration_reference_documents_every_option_in_its_section():
+    reference = REFERENCE.read_text()
+    missing = [key for key in FIELDS if f"| `{key}` |" not in reference]
+    assert not missing, f"docs/configuration.md lacks {missing}: run {COMMAND}"
+    assert "## optimiser (AdamW)\n\n| option | default | meaning |\n|---|---|---|\n| `INIT_LR` | `0.0001` |" in reference
+    assert "| `CMA_COEFFICIENTS` | `{DSC: 0.5, TTR: 0.2, HD95: 0.3}` |" in reference
+    assert "| `RESULTS_DIR` | `saved` | runs go to RESULTS_DIR/&lt;EXP_ID&gt;/&lt;RUN_ID&gt;/ |" in reference
+
+
+def test_configuration_reference_is_what_the_generator_writes_now():
+    """docs/configuration.md is generated from the schema: a changed doc or default without the file
+    rewritten fails here, with the command that rewrites it."""
+    assert REFERENCE.read_text() == render(), f"docs/configuration.md is stale: run {COMMAND}"
+
+
+def test_readme_links_the_configuration_reference():
     readme = (DEFAULT_CONFIG.parents[1] / "README.md").read_text()
-    missing = [key for key in FIELDS if f"| `{key}` |" not in readme]
-    assert not missing, f"README configuration reference lacks {missing}"
+    assert "(docs/configuration.md)" in readme
 
 
 def test_default_config_is_valid():
@@ -226,19 +241,18 @@ def _yaml_comments() -> dict[str, str]:
     return comments
 
 
-def _readme_meanings() -> dict[str, str]:
-    """The meaning column of each `| `KEY` | `default` | meaning |` row of README.md, unescaped."""
-    readme = (DEFAULT_CONFIG.parents[1] / "README.md").read_text()
+def _reference_meanings() -> dict[str, str]:
+    """The meaning column of each `| `KEY` | `default` | meaning |` row of docs/configuration.md, unescaped."""
     meanings = {}
-    for line in readme.splitlines():
+    for line in REFERENCE.read_text().splitlines():
         m = re.fullmatch(r"\| `(\w+)` \| `[^`]*` \| (.*) \|", line.strip())
         if m and m.group(1) in FIELDS:
             meanings[m.group(1)] = m.group(2).replace(r"\|", "|").replace("&lt;", "<").replace("&gt;", ">")
     return meanings
 
 
-def test_schema_doc_is_the_yaml_comment_and_the_readme_meaning():
-    comments, meanings = _yaml_comments(), _readme_meanings()
+def test_schema_doc_is_the_yaml_comment_and_the_reference_meaning():
+    comments, meanings = _yaml_comments(), _reference_meanings()
     problems = []
     for key, field in FIELDS.items():
         doc = field.metadata.get("doc")
@@ -248,7 +262,8 @@ def test_schema_doc_is_the_yaml_comment_and_the_readme_meaning():
         if comments.get(key) != doc:
             problems.append(f"{key}: config.yaml comment {comments.get(key)!r} != schema doc {doc!r}")
         if meanings.get(key) != doc:
-            problems.append(f"{key}: README meaning {meanings.get(key)!r} != schema doc {doc!r}")
+            problems.append(f"{key}: docs/configuration.md meaning {meanings.get(key)!r} != schema doc {doc!r}"
+                            f" (run {COMMAND})")
     assert not problems, "\n".join(problems)
 
 
