@@ -1,5 +1,6 @@
-"""What keeps the device of a whole-image prediction busy: bands of the image read ahead on a
-thread and uploaded once (:class:`BandReader`), finished rows copied back while the device works
+"""What keeps the device of a whole-image prediction busy: bands of the image made ahead on a
+thread from rows each read once (by several readers at once where the file decodes) and uploaded
+once (:class:`BandReader`), finished rows copied back while the device works
 on the next band (:class:`HostRows`), and the prediction batch and blending device chosen from
 the device's free memory (:func:`auto_batch`, :func:`blending_device`).
 
@@ -9,8 +10,9 @@ code runs.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Optional
+import threading
+from concurrent.futures import Future
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -99,45 +101,88 @@ def upload(values: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class BandReader:
-    """The bands of an image (rows ``[y, y + tile)`` per row of windows), each read once, on a
-    background thread one band ahead of its use, and uploaded once to ``device`` (from pinned
-    memory on a GPU). A band stays until :meth:`drop`; a reading error is raised by :meth:`get`.
+    """The bands of an image (rows ``[y, y + tile)`` per row of windows) made on a background thread,
+    in order, from chunks of rows that each hold every row once (:func:`utils.raster.row_chunks`,
+    which may read several chunks ahead on threads of its own), and uploaded once to ``device``
+    (from pinned memory on a GPU). Bands overlap, the reading does not: rows a band shares with the
+    next are kept, not read again. A band is made when it is asked for or when it is the one after
+    the furthest asked (one band ahead) and stays until :meth:`drop`; an error while reading or
+    making one is raised by :meth:`get`.
 
     Args:
-        read: the band at row ``y``, (C, tile, width) float32 NumPy.
-        ys: the first row of each band.
+        chunks: ``(first row, rows)`` of the image, consecutive from row 0, covering every row a band
+            needs (rows past the image's ``height`` are never asked for).
+        make: the band at row ``y`` from the image's rows ``[y, min(y + tile, height))``: a
+            (C, tile, width) float32 NumPy array.
+        ys: the first row of each band, increasing.
+        tile, height: band height and image height.
         device: where the bands go.
     """
 
-    def __init__(self, read: Callable[[int], np.ndarray], ys: list[int], device: torch.device):
-        self._read, self._ys, self._device = read, ys, device
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="band-reader")
-        self._ahead: dict[int, Future] = {}
+    def __init__(self, chunks: Iterator[tuple[int, np.ndarray]], make: Callable[[int, np.ndarray], np.ndarray],
+                 ys: list[int], tile: int, height: int, device: torch.device):
+        self._chunks, self._make, self._ys, self._tile, self._height = chunks, make, ys, tile, height
+        self._device = device
+        self._ready: list[Future] = [Future() for _ in ys]
         self._bands: dict[int, torch.Tensor] = {}
+        self._wanted, self._stop = -1, False
+        self._turn = threading.Condition()
+        self._thread = threading.Thread(target=self._produce, name="band-reader", daemon=True)
+        self._thread.start()
 
     def get(self, i: int) -> torch.Tensor:
-        """Band ``i`` on the device; reading band ``i + 1`` starts."""
+        """Band ``i`` on the device; making band ``i + 1`` may start."""
         if i not in self._bands:
-            self._start(i)
-            self._bands[i] = self._ahead.pop(i).result().to(self._device, non_blocking=True)
-        self._start(i + 1)
+            with self._turn:
+                self._wanted = max(self._wanted, i)
+                self._turn.notify()
+            self._bands[i] = self._ready[i].result().to(self._device, non_blocking=True)
+            self._ready[i] = None  # the host copy is the device's now
         return self._bands[i]
 
     def drop(self, i: int) -> None:
         self._bands.pop(i, None)
 
     def close(self) -> None:
-        for future in self._ahead.values():
-            future.cancel()
-        self._pool.shutdown(wait=True)  # a read in progress finishes before the image is closed
+        """Stop making bands; a read in progress finishes before this returns (and before the image
+        may be closed)."""
+        with self._turn:
+            self._stop = True
+            self._turn.notify()
+        self._thread.join()
 
-    def _start(self, i: int) -> None:
-        if i < len(self._ys) and i not in self._ahead and i not in self._bands:
-            self._ahead[i] = self._pool.submit(self._host_band, i)
+    def _produce(self) -> None:
+        """The background thread: bands in order, each at most one past the furthest asked."""
+        held: list[tuple[int, np.ndarray]] = []  # chunks that hold rows of the next bands
+        i = 0
+        try:
+            for i, y in enumerate(self._ys):
+                with self._turn:
+                    while not self._stop and i > self._wanted + 1:
+                        self._turn.wait()
+                    if self._stop:
+                        return
+                end = min(y + self._tile, self._height)
+                while not held or held[-1][0] + len(held[-1][1]) < end:
+                    held.append(next(self._chunks))
+                held = [(y0, rows) for y0, rows in held if y0 + len(rows) > y]  # no later band needs the rest
+                band = torch.from_numpy(self._make(y, _rows(held, y, end)))
+                self._ready[i].set_result(band.pin_memory() if self._device.type == "cuda" else band)
+        except BaseException as exc:  # raised by get(); the bands after it cannot be made either
+            for future in self._ready[i:]:
+                if future is not None and not future.done():
+                    future.set_exception(exc)
+        finally:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()  # a generator's readers and handles are released on this thread
 
-    def _host_band(self, i: int) -> torch.Tensor:
-        band = torch.from_numpy(self._read(self._ys[i]))
-        return band.pin_memory() if self._device.type == "cuda" else band
+
+def _rows(held: list[tuple[int, np.ndarray]], y0: int, y1: int) -> np.ndarray:
+    """Rows ``[y0, y1)`` of the image from consecutive chunks ``(first row, rows)`` that hold them
+    (a view when one chunk does)."""
+    parts = [rows[max(y0 - first, 0):y1 - first] for first, rows in held if first < y1 and first + len(rows) > y0]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class HostRows:

@@ -64,7 +64,7 @@ from utils.hardware import Runtime
 from utils.image_io import InputScaling
 from utils.polygons import KeptRows, write_polygons
 from utils.raster import SUPPORTED_SUFFIXES, RasterError, open_image
-from utils.raster_write import ClassMask, MaskWriter, ProbabilityWriter, overlay_png
+from utils.raster_write import ClassMask, MaskWriter, OverlaySample, ProbabilityWriter, overlay_png
 from utils.run_paths import RunDir
 from utils.util import DistContext, RunError, atomic_write_text, make_writable_folder
 
@@ -251,7 +251,8 @@ def output_names(files: list[Path]) -> dict[Path, str]:
 def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, runtime: Runtime, gating: bool,
                     progress: bool = False) -> Predictor:
     """A :class:`Predictor` of ``net`` with the configuration's tile, overlap and PREDICT_BATCH (null: chosen
-    for the device, not the training BATCH_SIZE), run as ``runtime`` says.
+    for the device, not the training BATCH_SIZE), run as ``runtime`` says; the image is read by as many
+    threads as the run's CPU threads (``runtime.threads``) where its format decodes.
 
     Raises:
         CheckpointError: see :func:`check_gating`.
@@ -259,7 +260,8 @@ def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, runtime: Runtime, 
     check_gating(cfg, can_gate, gating)
     return Predictor(net, tile=cfg.INPUT_SIZE, overlap=cfg.predict_overlap, batch_size=cfg.PREDICT_BATCH,
                      device=runtime.device, amp_dtype=runtime.amp_dtype, channels_last=runtime.channels_last,
-                     gating=gating, cls_threshold=cfg.CLS_THRESHOLD, tta=cfg.TTA, progress=progress)
+                     gating=gating, cls_threshold=cfg.CLS_THRESHOLD, tta=cfg.TTA, progress=progress,
+                     readers=runtime.threads)
 
 
 def check_gating(cfg: Config, can_gate: bool, gating: bool) -> None:
@@ -469,7 +471,8 @@ def write_outputs(cfg: Config, predictor: Predictor, image, out: Path, name: str
     ``<name>_prob.tif`` and (SAVE_POLYGONS) ``<name>_polygons.geojson`` under ``out``; returns their
     part of the JSON record. The mask opens in an image viewer (``classes`` = 2: 0/255; more: a
     palette of class indices, see :class:`~utils.raster_write.MaskWriter`); the probabilities are
-    PROBABILITIES_DTYPE.
+    PROBABILITIES_DTYPE. The image is read once: the overlay's pixels are sampled as prediction reads
+    its rows (:class:`~utils.raster_write.OverlaySample`).
 
     No output replaces an existing file. On any failure (Ctrl-C included) the outputs this call
     already moved into place are removed and the temporary ones are discarded, so an image is
@@ -488,7 +491,8 @@ def write_outputs(cfg: Config, predictor: Predictor, image, out: Path, name: str
                                                                predictor.channels, cfg.PROBABILITIES_DTYPE,
                                                                like=image, overwrite=False))
             rows = KeptRows(mask, image.height, image.width) if cfg.SAVE_POLYGONS else mask
-            stats = predictor.run(image, rows, prob, cfg.SEG_THRESHOLD)
+            sample = OverlaySample(image)
+            stats = predictor.run(image, rows, prob, cfg.SEG_THRESHOLD, seen=sample.add)
         if cfg.SAVE_POLYGONS:  # the class mask, in the input's map coordinates when it is georeferenced
             georef = image.georef
             write_polygons(out / f"{name}_polygons.geojson", rows.array, cfg.POLYGON_TOLERANCE,
@@ -496,7 +500,7 @@ def write_outputs(cfg: Config, predictor: Predictor, image, out: Path, name: str
             polygons = out / f"{name}_polygons.geojson"
         overlay = out / f"{name}_overlay.png"
         with ClassMask(mask.path, classes) as written:
-            overlay_png(overlay, image, written, classes, overwrite=False)  # last: written whole or not at all
+            overlay_png(overlay, image, written, classes, overwrite=False, sample=sample)  # last: whole or not at all
     except BaseException:
         remove_outputs([w.path for w in (mask, prob) if w is not None and w.committed] + [polygons])
         raise

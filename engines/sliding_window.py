@@ -23,8 +23,9 @@ inference. The heads decide on the window itself, so gating is unchanged; filled
 nothing more.
 
 **Memory and the device.** Windows are processed one row of windows (a band) at a time, on the
-device that runs the network: each band of the image is read on a background thread one band
-ahead, uploaded once (from pinned memory on a GPU), and its windows are cut there; the weighted
+device that runs the network: each band of the image is made on a background thread one band
+ahead, from rows each read once (bands overlap, reads do not: :func:`utils.raster.row_chunks`, with
+``readers`` threads where the file decodes), uploaded once (from pinned memory on a GPU), and its windows are cut there; the weighted
 probabilities and weights of the rows that later windows can still reach (at most one tile high,
 the full width) are summed there. The host receives only finished rows, as class labels (uint8)
 or, when asked, probabilities, copied while the device works on the next band. Nothing inside a
@@ -41,7 +42,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -54,6 +55,7 @@ from model.AuxNet import AuxNet, fold_batchnorm
 from model.metrics import labels_from_scores, predict_classes
 from utils.image_io import to_unit_range
 from utils.loggers import progress_bars
+from utils.raster import row_chunks
 from utils.tiling import gaussian_importance_map, window_starts
 
 _FLIPS = ((), (-1,), (-2,), (-2, -1))  # none, left-right, up-down, both
@@ -140,6 +142,9 @@ class Predictor:
             (see :class:`GatePlan`).
         tta: test-time augmentation of decoded windows, a key of :data:`TTA_TRANSFORMS`.
         progress: show a tqdm bar over windows.
+        readers: threads that read (decode) the image's rows ahead of the device, each with its own
+            handle, where the file decodes (compressed TIFF, GeoTIFF, JPEG 2000; see
+            :func:`utils.raster.row_chunks`): the CPU threads the run may use.
 
     Raises:
         ValueError: gating without the classifier and fill heads, an unknown ``tta``, a
@@ -149,7 +154,7 @@ class Predictor:
     def __init__(self, net: AuxNet, *, tile: int, overlap: int, device: torch.device,
                  batch_size: Optional[int] = None, amp_dtype: Optional[torch.dtype] = None,
                  channels_last: bool = False, gating: bool = False, cls_threshold: float = 0.5,
-                 gate_reach: int = GATE_REACH, tta: str = "none", progress: bool = False):
+                 gate_reach: int = GATE_REACH, tta: str = "none", progress: bool = False, readers: int = 1):
         if gating and (net.head is None or net.fill_head is None):
             raise ValueError("gated prediction needs the classifier and fill heads; this network has none "
                              "(MODEL=UNet): use GATING=false")
@@ -165,6 +170,7 @@ class Predictor:
         self.device, self.amp_dtype, self.channels_last = device, amp_dtype, channels_last
         self.gating, self.cls_threshold, self.gate_reach, self.progress = gating, cls_threshold, gate_reach, progress
         self.transforms = TTA_TRANSFORMS[tta]
+        self.readers = max(1, int(readers))
         self.channels = net.outc.out_channels  # K: 1 = binary (foreground probability)
         weights = torch.from_numpy(gaussian_importance_map(tile))[None]  # (1, t, t)
         # A filled window is the head's guess for the whole window; where a decoded window overlaps
@@ -188,12 +194,15 @@ class Predictor:
             out[:, y0:y0 + probs.shape[1]] = probs
         return out, stats
 
-    def run(self, image, mask_writer, prob_writer=None, seg_threshold: float = 0.5) -> PredictStats:
+    def run(self, image, mask_writer, prob_writer=None, seg_threshold: float = 0.5,
+            seen: Optional[Callable[[int, np.ndarray], None]] = None) -> PredictStats:
         """Predict ``image`` band by band into writers (``write_rows(y0, rows)``): class indices
         (H, W) uint8 into ``mask_writer``, probabilities (H, W, K) float32 into ``prob_writer``. The
-        labels are made on the device; the probabilities leave it only for a ``prob_writer``."""
+        labels are made on the device; the probabilities leave it only for a ``prob_writer``.
+        ``seen(y0, rows)`` is called with every row of the image's raw pixels once, as they are read
+        (on the reading thread), e.g. to keep a preview (:class:`utils.raster_write.OverlaySample`)."""
         stats = PredictStats()
-        for y0, labels, probs in self._blend(image, stats, seg_threshold, prob_writer is not None):
+        for y0, labels, probs in self._blend(image, stats, seg_threshold, prob_writer is not None, seen):
             mask_writer.write_rows(y0, labels)
             if prob_writer is not None:
                 prob_writer.write_rows(y0, probs.transpose(1, 2, 0))
@@ -218,8 +227,9 @@ class Predictor:
 
     # ------------------------------------------------------------------ the engine
     @torch.inference_mode()
-    def _blend(self, image, stats: PredictStats, seg_threshold: Optional[float],
-               want_probs: bool) -> Iterator[tuple[int, Optional[np.ndarray], Optional[np.ndarray]]]:
+    def _blend(self, image, stats: PredictStats, seg_threshold: Optional[float], want_probs: bool,
+               seen: Optional[Callable[[int, np.ndarray], None]] = None,
+               ) -> Iterator[tuple[int, Optional[np.ndarray], Optional[np.ndarray]]]:
         """Yield ``(first row, labels (rows, W) uint8 or None, probabilities (K, rows, W) or None)`` of
         finished rows on the host, top to bottom: labels when ``seg_threshold`` is given,
         probabilities when ``want_probs``. See :meth:`bands` for what it raises."""
@@ -237,7 +247,9 @@ class Predictor:
         lo = 0
         bar = tqdm(total=len(ys) * len(xs), desc="tiles", unit="tile", leave=False,
                    disable=not (self.progress and progress_bars()))
-        reader, host = BandReader(lambda y: self._read_band(image, y, hp, wp), ys, store), HostRows()
+        chunks = _seen(row_chunks(image, self.readers), seen)
+        reader = BandReader(chunks, lambda y, rows: self._make_band(image, rows, wp), ys, t, h, store)
+        host = HostRows()
         try:
             for i, y in enumerate(ys):
                 if y > lo:  # no later window reaches rows < y: hand them out
@@ -340,9 +352,10 @@ class Predictor:
         windows = band[:, :, cols].permute(2, 0, 1, 3).to(self.device, non_blocking=True)
         return windows.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
-    def _read_band(self, image, y: int, hp: int, wp: int) -> np.ndarray:
-        """Rows [y, y + tile) of the (reflect-padded) image, normalised: (C, tile, wp) float32."""
-        rows = image.normalize(image.read_window(y, min(y + self.tile, image.height), 0, image.width))
+    def _make_band(self, image, rows: np.ndarray, wp: int) -> np.ndarray:
+        """A band from the image's raw ``rows`` [y, y + tile) (fewer at the bottom), normalised and
+        reflect-padded: (C, tile, wp) float32."""
+        rows = image.normalize(rows)
         pad_y, pad_x = self.tile - rows.shape[0], wp - rows.shape[1]
         if pad_y or pad_x:
             rows = np.pad(rows, ((0, pad_y), (0, pad_x), (0, 0)), mode="reflect" if min(rows.shape[:2]) > 1
@@ -416,6 +429,18 @@ class _Cells:
     def nbytes(self) -> int:
         skips, bottleneck = self.features
         return sum(f.numel() * f.element_size() for f in (*skips, bottleneck))
+
+
+def _seen(chunks: Iterator[tuple[int, np.ndarray]],
+          seen: Optional[Callable[[int, np.ndarray], None]]) -> Iterator[tuple[int, np.ndarray]]:
+    """``chunks``, each also passed to ``seen`` (when given) as it goes by."""
+    try:
+        for y0, rows in chunks:
+            if seen is not None:
+                seen(y0, rows)
+            yield y0, rows
+    finally:
+        chunks.close()  # the row readers stop with this generator
 
 
 def _checked(y0: int, rows: list) -> tuple[int, Optional[np.ndarray], Optional[np.ndarray]]:

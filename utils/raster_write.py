@@ -167,14 +167,20 @@ class _PngSink:
 
 class _RasterioSink:
     """A tiled, deflate-compressed GeoTIFF through rasterio, for georeferencing that exists only
-    as crs/transform (e.g. from a JPEG 2000), which GDAL encodes as GeoTIFF keys."""
+    as crs/transform (e.g. from a JPEG 2000), which GDAL encodes as GeoTIFF keys.
+
+    Rows are handed to GDAL a whole row of tiles at a time: GDAL then fills every tile it is given,
+    whatever its block cache holds (the input's reads bound that cache, :mod:`utils.raster`; a tile
+    flushed half filled would be written, read back and written again)."""
 
     def __init__(self, tmp: Path, height: int, width: int, channels: int, dtype: np.dtype, georef: GeoRef,
                  palette: Optional[np.ndarray] = None, nodata: Optional[int] = None):
         import rasterio
         from affine import Affine  # a rasterio dependency
 
-        self.width = width
+        self.width, self.height = width, height
+        self.band = np.empty((OUTPUT_TILE, width, channels), dtype)
+        self.filled = self.y0 = 0  # rows in self.band, and the image row of its first
         self.ds = rasterio.open(
             tmp, "w", driver="GTiff", height=height, width=width, count=channels, dtype=dtype.name,
             crs=georef.crs, transform=Affine(*georef.transform), tiled=True, blockxsize=OUTPUT_TILE,
@@ -184,9 +190,20 @@ class _RasterioSink:
             self.ds.write_colormap(1, {k: (*map(int, rgb), 255) for k, rgb in enumerate(palette)})
 
     def add_rows(self, y0: int, rows: np.ndarray) -> None:
+        i = 0
+        while i < len(rows):
+            take = min(OUTPUT_TILE - self.filled, len(rows) - i)
+            self.band[self.filled:self.filled + take] = rows[i:i + take]
+            self.filled, i = self.filled + take, i + take
+            if self.filled == OUTPUT_TILE or self.y0 + self.filled == self.height:
+                self._flush()
+
+    def _flush(self) -> None:
         from rasterio.windows import Window
 
-        self.ds.write(np.moveaxis(rows, -1, 0), window=Window(0, y0, self.width, len(rows)))
+        band = self.band[:self.filled]
+        self.ds.write(np.moveaxis(band, -1, 0), window=Window(0, self.y0, self.width, len(band)))
+        self.y0, self.filled = self.y0 + self.filled, 0
 
     def finish(self) -> None:
         self.ds.close()
@@ -466,6 +483,46 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
     return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
 
 
+class OverlaySample:
+    """Every ``step``-th row and column of an image's shown channels (the first, or the first three),
+    kept as its rows pass by (:meth:`add`, e.g. from :meth:`engines.sliding_window.Predictor.run`),
+    so that :func:`overlay_png` needs no second read of the image. ``step`` is the smallest integer
+    that brings the longer side to at most ``max_side``; striding keeps the values exact.
+
+    Args:
+        image: the image (its ``height``, ``width``, ``channels``, ``dtype``).
+        max_side: longest side of the overlay.
+    """
+
+    def __init__(self, image: ImageReader, max_side: int = 2048):
+        self.height, self.width = image.height, image.width
+        self.step = max(1, math.ceil(max(self.height, self.width) / max_side))
+        self.shown = min(image.channels, 3) if image.channels >= 3 else 1
+        out_h, out_w = math.ceil(self.height / self.step), math.ceil(self.width / self.step)
+        self.pixels = np.empty((out_h, out_w, self.shown), image.dtype)
+        self._rows = np.zeros(out_h, bool)  # which sampled rows arrived
+
+    def add(self, y0: int, rows: np.ndarray) -> None:
+        """Keep the sampled pixels of the image's raw ``rows`` (n, W, C) that start at row ``y0``."""
+        first = -(-y0 // self.step) * self.step  # the first sampled row at or after y0
+        kept = rows[first - y0::self.step, ::self.step, :self.shown]
+        self.pixels[first // self.step:first // self.step + len(kept)] = kept
+        self._rows[first // self.step:first // self.step + len(kept)] = True
+
+    def read(self, reader: ImageReader) -> "OverlaySample":
+        """Fill the sample from ``reader`` in bands of rows (one pass over the file); returns self."""
+        h, w = self.height, self.width
+        # bands are a multiple of `step` rows, so striding inside each band matches global striding
+        band = max(self.step, SCAN_BAND_BYTES // (w * reader.channels * reader.dtype.itemsize) // self.step * self.step)
+        for y0 in range(0, h, band):
+            self.add(y0, reader.read_window(y0, min(h, y0 + band), 0, w))
+        return self
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._rows.all())
+
+
 def _mask_band(mask: Any, y0: int, y1: int, width: int) -> np.ndarray:
     if isinstance(mask, ImageReader):
         return mask.read_window(y0, y1, 0, width)[..., 0]
@@ -473,13 +530,14 @@ def _mask_band(mask: Any, y0: int, y1: int, width: int) -> np.ndarray:
 
 
 def overlay_png(path: Union[str, Path], reader: ImageReader, mask: Any, num_classes: int,
-                max_side: int = 2048, alpha: float = 0.5, overwrite: bool = True) -> tuple[int, int]:
+                max_side: int = 2048, alpha: float = 0.5, overwrite: bool = True,
+                sample: Optional[OverlaySample] = None) -> tuple[int, int]:
     """Write a colour overlay of the image and its class mask as a small PNG, atomically.
 
     The image and mask are downsampled by taking every ``step``-th pixel (``step`` the smallest
     integer that brings the longer side to at most ``max_side``; striding keeps class values
     exact). Both are read in bands of rows, so a 30000 x 30000 scene costs one pass over the file
-    and a few tens of MB. The image is shown in gray (one or two channels) or RGB (first three),
+    and a few tens of MB; with ``sample`` (kept while predicting) the image is not read at all. The image is shown in gray (one or two channels) or RGB (first three),
     contrast-stretched to its 0.5-99.5 percentiles (16-bit EM and microscopy images often use a
     small part of the range); class 0 is left transparent, class k > 0 is blended with
     ``class_palette(num_classes)[k]``.
@@ -495,31 +553,33 @@ def overlay_png(path: Union[str, Path], reader: ImageReader, mask: Any, num_clas
         alpha: opacity of the class colours.
         overwrite: replace an existing ``path``; when False, an existing file is left as it is and
             FileExistsError is raised.
+        sample: the image's pixels, already sampled for ``max_side`` (every row seen); None: read
+            from ``reader``.
 
     Returns:
         ``(height, width)`` of the PNG.
 
     Raises:
-        ValueError: mask size differs from the image's, or holds values outside [0, K).
+        ValueError: mask size differs from the image's, or holds values outside [0, K); a ``sample``
+            that has not seen every row of the image (a bug of its caller).
         RasterError: the image cannot be read.
     """
     h, w = reader.height, reader.width
     mask_shape = (mask.height, mask.width) if isinstance(mask, ImageReader) else tuple(mask.shape[:2])
     if mask_shape != (h, w):
         raise ValueError(f"mask of shape {mask_shape} does not match the {h} x {w} image {reader.path}")
-    step = max(1, math.ceil(max(h, w) / max_side))
-    out_h, out_w = math.ceil(h / step), math.ceil(w / step)
-    shown = min(reader.channels, 3) if reader.channels >= 3 else 1
-    image = np.empty((out_h, out_w, shown), np.float32)
+    if sample is None:
+        sample = OverlaySample(reader, max_side).read(reader)
+    elif not sample.complete or (sample.height, sample.width) != (h, w):
+        raise ValueError(f"the overlay sample of {reader.path} has not seen every row of the image")
+    step, shown = sample.step, sample.shown
+    out_h, out_w = sample.pixels.shape[:2]
+    image = (sample.pixels.astype(np.float32) - reader.offset) / reader.scale
     classes = np.empty((out_h, out_w), np.int64)
-    # bands are a multiple of `step` rows, so striding inside each band matches global striding
-    band = max(step, SCAN_BAND_BYTES // (w * reader.channels * reader.dtype.itemsize) // step * step)
+    band = max(step, SCAN_BAND_BYTES // w // step * step)  # a multiple of `step` rows, as the sample
     for y0 in range(0, h, band):
         y1 = min(h, y0 + band)
-        oy0, oy1 = y0 // step, math.ceil(y1 / step)
-        window = reader.read_window(y0, y1, 0, w)[::step, ::step, :shown]
-        image[oy0:oy1] = (window.astype(np.float32) - reader.offset) / reader.scale
-        classes[oy0:oy1] = _mask_band(mask, y0, y1, w)[::step, ::step]
+        classes[y0 // step:math.ceil(y1 / step)] = _mask_band(mask, y0, y1, w)[::step, ::step]
     lo_cls, hi_cls = int(classes.min()), int(classes.max())
     if lo_cls < 0 or hi_cls >= num_classes:
         raise ValueError(

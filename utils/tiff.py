@@ -263,6 +263,12 @@ class TiffImage:
                 tif.close()
                 raise
 
+    @property
+    def segment_rows(self) -> int:
+        """Rows of the tallest tile or strip (1 for memory-mapped data): a read of whole multiples of
+        it, aligned to it, decodes each segment once."""
+        return max((p.seg_h for p in self._parts if isinstance(p, _SegmentPart)), default=1)
+
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Rows ``[y0, y1)`` and columns ``[x0, x1)`` (inside the image): ``(h, w, channels)``.
 

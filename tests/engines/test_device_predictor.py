@@ -147,21 +147,32 @@ def test_host_transfers_do_not_grow_with_the_batches(monkeypatch, gating):
     assert counts[0] == counts[1] <= (8 if gating else 6) * bands, counts
 
 
-def test_each_band_is_read_once_on_a_background_thread():
+def test_each_row_is_read_once_on_a_background_thread():
+    """Bands overlap by half (tile 32, step 16) but reads do not: every pixel row is read exactly
+    once per prediction, off the main thread."""
     net = tiny_net(seed=15)
     image = _scene((128, 96), seed=16)
     reads = []
 
     class Recorded(ArrayImage):
+        chunk_rows = 24  # not a multiple of the step: bands straddle chunks
+
         def read_window(self, y0, y1, x0, x1):
-            reads.append((y0, threading.current_thread() is threading.main_thread()))
+            reads.append((y0, y1, x0, x1, threading.current_thread() is threading.main_thread()))
             return super().read_window(y0, y1, x0, x1)
 
     for gating in (False, True):
         reads.clear()
-        Predictor(net, tile=32, overlap=16, batch_size=4, device=CPU, gating=gating).predict_array(Recorded(image))
-        assert [y for y, _ in reads] == window_starts(128, 32, 16)
-        assert not any(main for _, main in reads)
+        probs, _ = Predictor(net, tile=32, overlap=16, batch_size=4, device=CPU,
+                             gating=gating).predict_array(Recorded(image))
+        rows = np.zeros(128, int)
+        for y0, y1, x0, x1, _ in reads:
+            rows[y0:y1] += 1
+            assert (x0, x1) == (0, 96)
+        assert rows.tolist() == [1] * 128
+        assert not any(main for *_, main in reads)
+        assert np.array_equal(probs, Predictor(net, tile=32, overlap=16, batch_size=4, device=CPU,
+                                               gating=gating).predict_array(ArrayImage(image))[0])
 
 
 def test_a_reading_error_reaches_the_caller_and_the_reader_thread_ends():
@@ -177,20 +188,33 @@ def test_a_reading_error_reaches_the_caller_and_the_reader_thread_ends():
     assert threading.active_count() == before
 
 
-def test_band_reader_prefetches_the_next_band():
-    started = []
-    reader = BandReader(lambda y: started.append(y) or np.zeros((1, 2, 2), np.float32), [0, 10, 20], CPU)
+def test_band_reader_makes_one_band_ahead_from_chunks_read_once():
+    made, pulled = [], []
+    rows = np.arange(30, dtype=np.float32)[:, None, None] * np.ones((1, 2, 1), np.float32)  # (30, 2, 1)
+
+    def chunks():
+        for y0 in range(0, 30, 7):
+            pulled.append(y0)
+            yield y0, rows[y0:y0 + 7]
+
+    def make(y, band_rows):
+        made.append(y)
+        return np.ascontiguousarray(band_rows.transpose(2, 0, 1))
+
+    reader = BandReader(chunks(), make, [0, 10, 20], 10, 30, CPU)
     try:
-        reader.get(0)
-        reader._ahead[1].result()  # read ahead while band 0 is used
-        assert started == [0, 10]
+        assert reader.get(0)[0, :, 0].tolist() == list(range(10))
+        reader._ready[1].result()  # made ahead while band 0 is used
+        assert made == [0, 10] and pulled == [0, 7, 14]  # band 2 waits until band 1 is asked for
+        assert reader.get(2)[0, :, 0].tolist() == list(range(20, 30))
+        assert pulled == [0, 7, 14, 21, 28]
     finally:
         reader.close()
 
 
 def test_the_prediction_batch_is_chosen_for_the_device_not_the_training_batch():
     net = tiny_net(seed=17)
-    runtime = SimpleNamespace(device=CPU, amp_dtype=None, channels_last=False)
+    runtime = SimpleNamespace(device=CPU, amp_dtype=None, channels_last=False, threads=1)
     auto = build_predictor(load_config(None, ["BATCH_SIZE=3", "GPUs=[]"]), net, True, runtime, gating=False)
     assert auto.batch_size == CPU_PREDICT_BATCH and "CPU" in auto.batch_note
     set_ = build_predictor(load_config(None, ["BATCH_SIZE=3", "PREDICT_BATCH=5", "GPUs=[]"]), net, True, runtime,

@@ -587,3 +587,59 @@ def test_without_save_polygons_no_polygons_are_written(checkpoint, tmp_path):
     assert _run(checkpoint, inputs, tmp_path / "out") == 0
     assert _records(tmp_path / "out")[0]["polygons"] is None
     assert not list((tmp_path / "out").glob("*.geojson"))
+
+
+# ---- the input is read once
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".jp2"])
+def test_predict_reads_each_input_row_once_with_several_readers(checkpoint, tmp_path, monkeypatch, suffix):
+    """Bands overlap (64-pixel windows at 50 %) and the overlay shows the input, yet each input row is
+    read exactly once per predict, by 3 readers (the run's CPU threads), and the overlay is the one
+    read from the file. (Reading the input's intensity range for a checkpoint that records its training
+    scaling samples a few windows besides; this checkpoint records none.)"""
+    import threading
+
+    import utils.raster as raster
+    from utils.raster_write import ClassMask, overlay_png
+
+    rng = np.random.default_rng(3)
+    scene = rng.integers(0, 256, (200, 150), dtype=np.uint8)
+    scene[40:120, 30:100] = 255  # some structure for the mask
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "in" / f"scene{suffix}"
+    if suffix == ".tif":
+        tifffile.imwrite(path, scene, tile=(32, 32), compression="zlib")
+    else:
+        rasterio = pytest.importorskip("rasterio")  # georeferenced: the mask is written through rasterio too
+        with rasterio.open(path, "w", driver="JP2OpenJPEG", height=200, width=150, count=1, dtype="uint8",
+                           crs="EPSG:32633", transform=rasterio.Affine(10, 0, 500000, 0, -10, 4000000),
+                           QUALITY=100, REVERSIBLE="YES", BLOCKXSIZE=64, BLOCKYSIZE=32) as ds:
+            ds.write(scene[None])
+    monkeypatch.setattr(raster, "CHUNK_BYTES", 64 * 150, raising=False)  # 2 blocks of 32 rows a chunk
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    reads, lock, original = np.zeros(200, int), threading.Lock(), raster.ImageReader.read_window
+    readers = set()
+
+    def counted(self, y0, y1, x0, x1):
+        if self.path == path:
+            with lock:
+                reads[y0:y1] += 1
+                readers.add((id(self), threading.current_thread().name))
+        return original(self, y0, y1, x0, x1)
+
+    monkeypatch.setattr(raster.ImageReader, "read_window", counted)
+    threads = torch.get_num_threads()
+    try:
+        assert _run(checkpoint, tmp_path / "in", tmp_path / "out") == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert reads.tolist() == [1] * 200
+    handles, threads_ = {h for h, _ in readers}, {t for _, t in readers}
+    assert len(handles) == len(threads_) == len(readers) <= 3  # a handle of its own per reading thread
+    assert all(t.startswith("row-reader") for t in threads_)
+    record = _records(tmp_path / "out")[0]
+    monkeypatch.setattr(raster.ImageReader, "read_window", original)
+    with raster.open_image(path) as image, ClassMask(record["mask"], 2) as mask:
+        overlay_png(tmp_path / "read.png", image, mask, 2)
+    assert Path(record["overlay"]).read_bytes() == (tmp_path / "read.png").read_bytes()

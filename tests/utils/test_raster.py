@@ -626,3 +626,85 @@ def test_rasterio_geotiff_class_mask_has_the_colour_table_and_nodata(tmp_path):
         assert ds.nodata == 255
         assert [ds.colormap(1)[k] for k in range(3)] == [(0, 0, 0, 255), (230, 159, 0, 255), (86, 180, 233, 255)]
         np.testing.assert_array_equal(ds.read(1), GRAY8 % 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# a whole pass: rows read once, in block-aligned chunks, by several readers; GDAL's cache bounded
+# ---------------------------------------------------------------------------------------------
+def _chunks_of(reader, readers):
+    chunks = list(raster.row_chunks(reader, readers))
+    return [y0 for y0, _ in chunks], np.concatenate([rows for _, rows in chunks])
+
+
+@pytest.mark.parametrize("kind", ["jp2", "geotiff", "tiff"])
+def test_row_chunks_read_every_row_once_aligned_to_blocks_by_several_handles(tmp_path, monkeypatch, kind):
+    monkeypatch.setattr(raster, "CHUNK_BYTES", 96 * W * 3 * 2)  # 96 rows of RGB16: 3 blocks of 32 rows
+    if kind == "tiff":
+        tifffile.imwrite(tmp_path / "s.tif", RGB16, tile=(32, 32), compression="zlib")
+        path = tmp_path / "s.tif"
+    else:
+        driver, path = ("JP2OpenJPEG", tmp_path / "s.jp2") if kind == "jp2" else ("GTiff", tmp_path / "s.tif")
+        options = (dict(QUALITY=100, REVERSIBLE="YES", BLOCKXSIZE=64, BLOCKYSIZE=32) if kind == "jp2"
+                   else dict(tiled=True, blockxsize=64, blockysize=32, compress="deflate"))
+        _rasterio_write(path, RGB16, driver, **options)
+    opened = []
+    original = raster.ImageReader.reopen
+    monkeypatch.setattr(raster.ImageReader, "reopen", lambda self: opened.append(original(self)) or opened[-1])
+    with open_image(path) as reader:
+        assert reader.parallel_reads and reader.block_rows == 32 and reader.chunk_rows == 96
+        one_starts, one = _chunks_of(reader, 1)
+        three_starts, three = _chunks_of(reader, 3)
+    assert one_starts == three_starts == list(range(0, H, 96))
+    np.testing.assert_array_equal(one, RGB16)  # lossless JPEG 2000 included
+    np.testing.assert_array_equal(three, RGB16)
+    assert len(opened) == 3  # one handle a thread, not the caller's
+    assert all(r.offset == 0 and r.scale == 65535 for r in opened)
+
+
+def _gdal_cache_used():
+    """Bytes in GDAL's block cache (through rasterio's own libgdal), or a skip where it cannot be found."""
+    import ctypes
+    import ctypes.util
+    import glob
+
+    rasterio = pytest.importorskip("rasterio")
+    found = glob.glob(os.path.dirname(rasterio.__file__) + ".libs/libgdal*") or [ctypes.util.find_library("gdal")]
+    if not found[0]:
+        pytest.skip("GDAL's shared library cannot be located to read its cache")
+    lib = ctypes.CDLL(found[0])
+    lib.GDALGetCacheUsed64.restype = ctypes.c_int64
+    return lib.GDALGetCacheUsed64
+
+
+def test_gdal_block_cache_is_bounded_to_two_chunks_during_a_whole_pass(tmp_path, monkeypatch):
+    """GDAL keeps 5 % of the RAM of blocks unless told otherwise: a pass over a JPEG 2000 held the
+    whole image. Bounded, it holds at most two chunks."""
+    used = _gdal_cache_used()
+    monkeypatch.setattr(raster, "CHUNK_BYTES", 64 * W, raising=False)  # 64 rows of GRAY8: 2 blocks of 32 rows
+    _rasterio_write(tmp_path / "s.jp2", GRAY8[..., None], "JP2OpenJPEG", QUALITY=100, REVERSIBLE="YES",
+                    BLOCKXSIZE=64, BLOCKYSIZE=32)
+    with open_image(tmp_path / "s.jp2") as reader:
+        peak = 0
+        for y0 in range(0, H, 64):  # the chunks of a pass
+            reader.read_window(y0, min(H, y0 + 64), 0, W)
+            peak = max(peak, used())
+        assert 0 < peak <= 2 * 64 * W < H * W
+        assert reader.gdal_cache_bytes == 2 * 64 * W
+
+
+def test_overlay_from_rows_kept_while_they_pass_equals_the_overlay_read_from_the_file(tmp_path):
+    tifffile.imwrite(tmp_path / "img.tif", RGB16, tile=(32, 32), compression="zlib")
+    mask = (GRAY8 % 3).astype(np.uint8)
+    with open_image(tmp_path / "img.tif") as reader:
+        overlay_png(tmp_path / "read.png", reader, mask, num_classes=3, max_side=100)
+        sample = raster_write.OverlaySample(reader, max_side=100)
+        assert sample.step == 6  # 517 / 6 <= 100: not a divisor of the chunks' 37 rows
+        for y0 in range(0, H, 37):
+            sample.add(y0, RGB16[y0:y0 + 37])
+        overlay_png(tmp_path / "kept.png", reader, mask, num_classes=3, max_side=100, sample=sample)
+        partial = raster_write.OverlaySample(reader, max_side=100)
+        partial.add(0, RGB16[:200])
+        with pytest.raises(ValueError, match=r"img.tif has not seen every row"):
+            overlay_png(tmp_path / "bad.png", reader, mask, num_classes=3, max_side=100, sample=partial)
+    assert (tmp_path / "kept.png").read_bytes() == (tmp_path / "read.png").read_bytes()
+    assert not (tmp_path / "bad.png").exists()
