@@ -23,18 +23,18 @@ inference. The heads decide on the window itself, so gating is unchanged; filled
 nothing more.
 
 **Memory and the device.** Windows are processed one row of windows (a band) at a time, on the
-device that runs the network: each band of the image is made on a background thread one band
-ahead, from rows each read once (bands overlap, reads do not: :func:`utils.raster.row_chunks`, with
-``readers`` threads where the file decodes), uploaded once (from pinned memory on a GPU), and its windows are cut there; the weighted
-probabilities and weights of the rows that later windows can still reach (at most one tile high,
-the full width) are summed there. The host receives only finished rows, as class labels (uint8)
-or, when asked, probabilities, copied while the device works on the next band. Nothing inside a
-band waits for the device: not a batch, and with gating one small transfer of the heads'
-decisions per band (:meth:`Predictor._gated_row`). A scene of any height needs memory for one band,
-not for the image (with gating, plus the input bands of the few rows of cells that the heads see
-ahead). Where a band does not fit a GPU's free memory, that image is blended on the host, with a
-note (:func:`engines.device_bands.blending_device`). The batch is PREDICT_BATCH, or chosen from the
-device's free memory (:func:`engines.device_bands.auto_batch`).
+device that runs the network: each band of the image is made on a background thread one band ahead,
+from rows each read once (bands overlap, reads do not: :func:`utils.raster.row_chunks`, with
+``readers`` threads where the file decodes), uploaded once (from pinned memory on a GPU), and its
+windows are cut there; the weighted probabilities and weights of the rows that later windows can
+still reach (at most one tile high, the full width) are summed there. The host receives only
+finished rows, as class labels (uint8) or, when asked, probabilities, copied while the device works
+on the next band. Nothing inside a band waits for the device: not a batch, and with gating one small
+transfer of the heads' decisions per band (:meth:`Predictor._gated_row`). A scene of any height
+needs memory for one band, not for the image (with gating, plus the input bands of the few rows of
+cells that the heads see ahead). Where a band does not fit a GPU's free memory, that image is
+blended on the host, with a note (:func:`engines.device_bands.blending_device`). The batch is
+PREDICT_BATCH, or chosen from the device's free memory (:func:`engines.device_bands.auto_batch`).
 """
 
 from __future__ import annotations
@@ -144,7 +144,8 @@ class Predictor:
         progress: show a tqdm bar over windows.
         readers: threads that read (decode) the image's rows ahead of the device, each with its own
             handle, where the file decodes (compressed TIFF, GeoTIFF, JPEG 2000; see
-            :func:`utils.raster.row_chunks`): the CPU threads the run may use.
+            :func:`utils.raster.row_chunks`): :func:`engines.predict.build_predictor` gives the run's
+            CPU threads on a GPU, 1 on the CPU.
 
     Raises:
         ValueError: gating without the classifier and fill heads, an unknown ``tta``, a

@@ -80,7 +80,7 @@ DEFAULT_CACHE_BYTES = 128 * 2**20
 FLOAT_SCAN_PIXELS = 4096 * 4096
 FLOAT_SAMPLE_SIDE = 256
 # A chunk of :func:`row_chunks` holds about this many bytes (whole rows of the file's blocks, at least one).
-CHUNK_BYTES = 8 * 2**20
+CHUNK_BYTES = 4 * 2**20
 # Rows read at a time when scanning a whole image (float check, overlay) stay under this many bytes.
 SCAN_BAND_BYTES = 64 * 2**20
 # use_scaling measures images up to RANGE_SAMPLE pixels whole, larger ones on an evenly spaced
@@ -499,8 +499,9 @@ class _RasterioReader(ImageReader):
 
     @property
     def gdal_cache_bytes(self) -> int:
-        """GDAL's block cache during a read: two chunks (a read that straddles two rows of blocks
-        decodes each once; a chunk read decodes each of its blocks once and needs none again)."""
+        """GDAL's block cache during a read: two chunks. A chunk read needs no block again once it is
+        copied, but the JPEG 2000 driver decodes several blocks before copying them: with a cache of
+        one chunk it decoded a 4096-wide scene twice (0.23 s/MP instead of 0.11)."""
         return 2 * self.chunk_rows * self.width * self.channels * self.dtype.itemsize
 
     def _read(self, y0, y1, x0, x1):

@@ -535,12 +535,12 @@ def overlay_png(path: Union[str, Path], reader: ImageReader, mask: Any, num_clas
     """Write a colour overlay of the image and its class mask as a small PNG, atomically.
 
     The image and mask are downsampled by taking every ``step``-th pixel (``step`` the smallest
-    integer that brings the longer side to at most ``max_side``; striding keeps class values
-    exact). Both are read in bands of rows, so a 30000 x 30000 scene costs one pass over the file
-    and a few tens of MB; with ``sample`` (kept while predicting) the image is not read at all. The image is shown in gray (one or two channels) or RGB (first three),
-    contrast-stretched to its 0.5-99.5 percentiles (16-bit EM and microscopy images often use a
-    small part of the range); class 0 is left transparent, class k > 0 is blended with
-    ``class_palette(num_classes)[k]``.
+    integer that brings the longer side to at most ``max_side``; striding keeps class values exact).
+    Both are read in bands of rows, so a 30000 x 30000 scene costs one pass over the file and a few
+    tens of MB; with ``sample`` (kept while predicting) the image is not read at all. The image is
+    shown in gray (one or two channels) or RGB (first three), contrast-stretched to its 0.5-99.5
+    percentiles (16-bit EM and microscopy images often use a small part of the range); class 0 is
+    left transparent, class k > 0 is blended with ``class_palette(num_classes)[k]``.
 
     Args:
         path: output PNG.

@@ -22,6 +22,7 @@ from configs import load_config
 from conftest import predict_config
 from engines import predict as predict_module
 from engines.predict import predict
+from engines.sliding_window import Predictor
 from model.AuxNet import AuxNet
 from utils.raster_write import MaskWriter
 
@@ -595,7 +596,7 @@ def test_without_save_polygons_no_polygons_are_written(checkpoint, tmp_path):
 @pytest.mark.parametrize("suffix", [".tif", ".jp2"])
 def test_predict_reads_each_input_row_once_with_several_readers(checkpoint, tmp_path, monkeypatch, suffix):
     """Bands overlap (64-pixel windows at 50 %) and the overlay shows the input, yet each input row is
-    read exactly once per predict, by 3 readers (the run's CPU threads), and the overlay is the one
+    read exactly once per predict, by 3 readers (as on a GPU host with 3 CPU threads), and the overlay is the one
     read from the file. (Reading the input's intensity range for a checkpoint that records its training
     scaling samples a few windows besides; this checkpoint records none.)"""
     import threading
@@ -617,7 +618,7 @@ def test_predict_reads_each_input_row_once_with_several_readers(checkpoint, tmp_
                            QUALITY=100, REVERSIBLE="YES", BLOCKXSIZE=64, BLOCKYSIZE=32) as ds:
             ds.write(scene[None])
     monkeypatch.setattr(raster, "CHUNK_BYTES", 64 * 150, raising=False)  # 2 blocks of 32 rows a chunk
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setattr(predict_module, "Predictor", lambda *a, **k: Predictor(*a, **{**k, "readers": 3}))
     reads, lock, original = np.zeros(200, int), threading.Lock(), raster.ImageReader.read_window
     readers = set()
 
@@ -629,11 +630,7 @@ def test_predict_reads_each_input_row_once_with_several_readers(checkpoint, tmp_
         return original(self, y0, y1, x0, x1)
 
     monkeypatch.setattr(raster.ImageReader, "read_window", counted)
-    threads = torch.get_num_threads()
-    try:
-        assert _run(checkpoint, tmp_path / "in", tmp_path / "out") == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert _run(checkpoint, tmp_path / "in", tmp_path / "out") == 0
     assert reads.tolist() == [1] * 200
     handles, threads_ = {h for h, _ in readers}, {t for _, t in readers}
     assert len(handles) == len(threads_) == len(readers) <= 3  # a handle of its own per reading thread

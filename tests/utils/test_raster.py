@@ -657,7 +657,7 @@ def test_row_chunks_read_every_row_once_aligned_to_blocks_by_several_handles(tmp
     assert one_starts == three_starts == list(range(0, H, 96))
     np.testing.assert_array_equal(one, RGB16)  # lossless JPEG 2000 included
     np.testing.assert_array_equal(three, RGB16)
-    assert len(opened) == 3  # one handle a thread, not the caller's
+    assert 1 <= len(opened) <= 3  # a handle a thread (an idle thread is reused), not the caller's
     assert all(r.offset == 0 and r.scale == 65535 for r in opened)
 
 
