@@ -97,6 +97,10 @@ class Config:
     CLS_CLASSES: int = opt(1, "classifier outputs: 1 = sigmoid, 2 = softmax (\"tile contains a boundary\")")
     CLS_DROPOUT: float = opt(0.3, "dropout before the classifier's linear layer")
     CLS_THRESHOLD: float = opt(0.5, "positive-class probability threshold (CLS_CLASSES = 1)")
+    CLS_TRAINS_ENCODER: bool = opt(
+        True,
+        "the classifier's loss also trains the encoder (false: the heads learn on its features without changing them)",
+    )
     # optimiser
     INIT_LR: float = opt(1e-4, "learning rate at the start of the warm-up")
     BASE_LR: float = opt(3e-3, "learning rate reached at the end of the warm-up, then cosine decay to 0")
@@ -236,7 +240,7 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Co
 #: made before NORM and ACTIVATION existed has BatchNorm and ReLU. (Saved configurations hold every
 #: option of their time, so a later change of a default needs no entry; a new option does whenever
 #: its default is not what runs did before it existed.)
-LEGACY_VALUES: dict[str, Any] = {"NORM": "batch", "ACTIVATION": "relu"}
+LEGACY_VALUES: dict[str, Any] = {"NORM": "batch", "ACTIVATION": "relu", "CLS_TRAINS_ENCODER": True}
 
 
 #: Options whose command-line value is kept as typed, not parsed as YAML (``RUN_ID=001`` stays "001").

@@ -67,6 +67,7 @@ def _bare_model(cfg: Config) -> AuxNet:
         cls_dropout=cfg.CLS_DROPOUT,
         norm=cfg.NORM,
         activation=cfg.ACTIVATION,
+        head_trains_encoder=cfg.CLS_TRAINS_ENCODER,
     )
 
 

@@ -133,6 +133,8 @@ class AuxNet(nn.Module):
         cls_dropout: dropout before the head's linear layer.
         norm: the blocks' normalisation, one of :data:`~model.layer_choices.NORMS` (see :func:`norm_layer`).
         activation: the blocks' activation, one of :data:`~model.layer_choices.ACTIVATIONS`.
+        head_trains_encoder: the heads' loss also trains the encoder (False: the heads see the
+            bottleneck detached, so in training only the segmentation loss shapes the encoder).
 
     Shape:
         x: (B, in_channels, H, W) with H, W divisible by 2^(depth-1).
@@ -151,6 +153,7 @@ class AuxNet(nn.Module):
         cls_dropout: float = 0.0,
         norm: str = DEFAULT_NORM,
         activation: str = DEFAULT_ACTIVATION,
+        head_trains_encoder: bool = True,
     ):
         super().__init__()
         if depth < 2:
@@ -159,6 +162,7 @@ class AuxNet(nn.Module):
         check_choice("activation", activation, ACTIVATIONS)
         widths = [base_width * 2**i for i in range(depth)]
         self.depth = depth
+        self.head_trains_encoder = head_trains_encoder
         layers = {"norm": norm, "activation": activation}
         self.inc = ConvBlock(in_channels, widths[0], seg_dropout, **layers)
         self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], seg_dropout, **layers) for i in range(depth - 1))
@@ -179,7 +183,9 @@ class AuxNet(nn.Module):
 
     def forward(self, x: torch.Tensor, decode: bool = True) -> AuxNetOutput:
         skips, bottleneck = self.encode(x)
-        cls, fill = self.classify(bottleneck)
+        # Without head_trains_encoder the heads read the bottleneck but their loss does not reach the
+        # encoder, which then learns from the segmentation loss alone.
+        cls, fill = self.classify(bottleneck if self.head_trains_encoder else bottleneck.detach())
         return AuxNetOutput(self.decode(skips, bottleneck) if decode else None, cls, fill)
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

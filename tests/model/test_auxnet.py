@@ -150,3 +150,27 @@ def test_folding_keeps_the_memory_format_and_refuses_batchnorm_without_statistic
     with pytest.raises(ValueError, match="keeps no running statistics \\(track_running_stats=False\\): "
                                          "it cannot be folded into the convolution before it"):
         fold_batchnorm(blind)
+
+
+@pytest.mark.parametrize("trains_encoder", [True, False])
+def test_the_heads_loss_reaches_the_encoder_only_when_it_trains_it(trains_encoder):
+    torch.manual_seed(0)
+    net = AuxNet(1, 1, 1, depth=3, base_width=4, head_trains_encoder=trains_encoder).train()
+    out = net(torch.randn(2, 1, 16, 16))
+    (out.cls.sum() + out.fill.sum()).backward()  # the heads' outputs alone
+    encoder = [p.grad for m in net.encoder_modules() for p in m.parameters()]
+    heads = [p.grad for m in net.head_modules() for p in m.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in heads)
+    reached = any(g is not None and g.abs().sum() > 0 for g in encoder)
+    assert reached == trains_encoder
+    assert all(p.grad is None for p in net.decoder_modules()[0].parameters())  # the decoder never
+
+
+def test_a_detached_head_gives_the_same_outputs():
+    torch.manual_seed(0)
+    a = AuxNet(1, 2, 1, depth=3, base_width=4).eval()
+    b = AuxNet(1, 2, 1, depth=3, base_width=4, head_trains_encoder=False).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 1, 16, 16)
+    for u, v in zip(a(x), b(x)):
+        assert torch.equal(u, v)
