@@ -128,6 +128,19 @@ def _cell_cluster(rng, scene, mask, cy, cx, radius, background) -> None:
                           rng.uniform(0, math.pi), background + rng.uniform(0.12, 0.22), 1)
 
 
+def _uneven_background(rng: np.random.Generator, size: int, levels: tuple[float, float],
+                       ramp: float) -> tuple[float, np.ndarray]:
+    """A square scene's background: a gray level drawn from ``levels``, an illumination ramp of
+    amplitude ``ramp`` in a random direction, and smooth clutter (a 7x7 grid of sigma 0.03, bicubic);
+    returns (the level, the float32 scene)."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    background = rng.uniform(*levels)
+    angle = rng.uniform(0, 2 * math.pi)
+    scene = (background + ramp * (math.cos(angle) * xx + math.sin(angle) * yy - 0.5)).astype(np.float32)
+    scene += cv2.resize(rng.normal(0, 0.03, (7, 7)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
+    return background, scene
+
+
 def generate_hard_boundaries(seed: int, num_images: int, size: int = 768) -> tuple[np.ndarray, np.ndarray]:
     """Binary scenes where the boundary is the hard part: thin and touching structures at low
     contrast in large, mostly empty scenes.
@@ -156,13 +169,8 @@ def generate_hard_boundaries(seed: int, num_images: int, size: int = 768) -> tup
     rng = np.random.default_rng([FOLDER_DATASETS_VERSION, 3, seed])
     images = np.empty((num_images, size, size), np.uint8)
     masks = np.zeros((num_images, size, size), np.uint8)
-    yy, xx = np.mgrid[0:size, 0:size] / size
     for n in range(num_images):
-        background = rng.uniform(0.3, 0.5)
-        angle = rng.uniform(0, 2 * math.pi)
-        scene = (background + 0.08 * (math.cos(angle) * xx + math.sin(angle) * yy - 0.5)).astype(np.float32)
-        scene += cv2.resize(rng.normal(0, 0.03, (7, 7)).astype(np.float32), (size, size),
-                            interpolation=cv2.INTER_CUBIC)
+        background, scene = _uneven_background(rng, size, (0.3, 0.5), ramp=0.08)
         for _ in range(int(rng.integers(1, 3))):
             cy, cx = rng.uniform(0.2 * size, 0.8 * size, 2)
             radius = rng.uniform(50, 90)
@@ -213,13 +221,8 @@ def generate_touching_blobs(seed: int, num_images: int, size: int = 512) -> tupl
     rng = np.random.default_rng([FOLDER_DATASETS_VERSION, 4, seed])
     images = np.empty((num_images, size, size), np.uint8)
     classes = np.zeros((num_images, size, size), np.uint8)
-    yy, xx = np.mgrid[0:size, 0:size] / size
     for n in range(num_images):
-        background = rng.uniform(0.25, 0.40)
-        angle = rng.uniform(0, 2 * math.pi)
-        scene = (background + 0.06 * (math.cos(angle) * xx + math.sin(angle) * yy - 0.5)).astype(np.float32)
-        scene += cv2.resize(rng.normal(0, 0.03, (7, 7)).astype(np.float32), (size, size),
-                            interpolation=cv2.INTER_CUBIC)
+        background, scene = _uneven_background(rng, size, (0.25, 0.40), ramp=0.06)
         instances = np.zeros((size, size), np.int32)
         cells = []  # (cy, cx, a, b, theta)
         for _ in range(int(rng.integers(2, 5))):
