@@ -40,6 +40,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -130,21 +131,30 @@ class Row:
     label: str
     overrides: tuple[str, ...] = ()
     peer: Optional[str] = None
+    #: the row a change column compares with (and whose options this row's start from)
+    reference: str = "auxnet"
     #: LOSS terms added to the task's own LOSS (boundary-aware ablations), e.g. ("Boundary",).
     extra_terms: tuple[str, ...] = ()
     #: LOSS term of the task's own LOSS replaced: (old, new), e.g. ("CE", "wCE").
     swap_term: Optional[tuple[str, str]] = None
 
 
+#: What the ablations change from: the default recipe before CLS_TRAINS_ENCODER=false became the
+#: default (each ablation row is this plus one change, compared with the row ``previous``).
+PREVIOUS_DEFAULT = ("CLS_TRAINS_ENCODER=true",)
+
 PEERS: dict[str, Row] = {
     "auxnet": Row("AuxNet default"),
+    "previous": Row("AuxNet, previous default (CLS_TRAINS_ENCODER=true)", PREVIOUS_DEFAULT),
     "basicunet": Row("MONAI BasicUNet + DiceCE", peer="basicunet"),
     "unet": Row("MONAI UNet + DiceCE", peer="unet"),
     "smp": Row("SMP Unet + DiceCE", peer="smp"),
 }
 
-#: AuxNet's ablations: one option changed from the default recipe per row.
-ABLATIONS: dict[str, Row] = {
+#: AuxNet's ablations: one option changed per row from the previous default (:data:`PREVIOUS_DEFAULT`),
+#: the recipe they were measured against when they chose the default.
+ABLATIONS: dict[str, Row] = {name: replace(row, overrides=PREVIOUS_DEFAULT + row.overrides, reference="previous")
+                             for name, row in {
     "norm_instance": Row("NORM=instance", ("NORM=instance",)),
     "norm_group": Row("NORM=group", ("NORM=group",)),
     "leaky_relu": Row("ACTIVATION=leaky_relu", ("ACTIVATION=leaky_relu",)),
@@ -161,9 +171,9 @@ ABLATIONS: dict[str, Row] = {
     "cldice": Row("+ clDice", extra_terms=("clDice",)),
     "smae": Row("+ sMAE", extra_terms=("sMAE",)),
     "wce": Row("wCE / wBCE instead of CE / BCE", swap_term=("CE", "wCE")),
-}
+    }.items()}
 ROWS: dict[str, Row] = {**PEERS, **ABLATIONS}
-ROW_SETS = {"peers": list(PEERS), "ablations": ["auxnet", *ABLATIONS]}
+ROW_SETS = {"peers": list(PEERS), "ablations": ["previous", *ABLATIONS]}
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -226,13 +236,21 @@ class Run:
         return ["python", "main.py", *self.overrides()]
 
 
-def prepare(run: Run) -> Optional[str]:
-    """Write the run's data (generated) and ``tts.json``; the reason it cannot run, or None."""
+def ensure_data(run: Run) -> Optional[str]:
+    """Generate the run's data when it is a generated dataset; the reason it cannot run, or None."""
     if run.task.data in FOLDER_DATASETS:
         ensure_folder_dataset(run.data_dir, run.task.data, DATA_SEED)
     elif not (run.data_dir / "images").is_dir():
         return (f"{run.data_dir} is missing: the ISBI 2012 training slices (images/ and masks/) are not on this "
                 "machine")
+    return None
+
+
+def prepare(run: Run) -> Optional[str]:
+    """Write the run's data (generated) and ``tts.json``; the reason it cannot run, or None."""
+    reason = ensure_data(run)
+    if reason:
+        return reason
     images_dir = run.data_dir / "images"
     ids = sorted(p.stem for p in images_dir.iterdir() if not p.name.startswith("."))
     run.folder.mkdir(parents=True, exist_ok=True)
@@ -378,14 +396,47 @@ def score(run: Run, splits, predict: Callable) -> dict:
     return {**metrics.compute(), "predict_s": time.perf_counter() - started, "decoded": float(np.mean(decoded))}
 
 
+def run_spec(run: Run) -> dict:
+    """What makes two runs the same: the network (or peer), the whole resolved configuration but where
+    it is written (RESULTS_DIR, EXP_ID, RUN_ID), and on a cross-validated task the fold."""
+    cfg = load_config(None, run.overrides()).to_dict()
+    for key in ("RESULTS_DIR", "EXP_ID", "RUN_ID"):
+        cfg.pop(key)
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"config": digest, "peer": run.row.peer, "fold": run.replicate if run.task.folds else None}
+
+
+def finished_twin(run: Run, spec: dict) -> Optional[tuple[str, dict]]:
+    """Another row's finished run of the same task and seed with the same :func:`run_spec` (e.g. an
+    ablation that became the default): (its row, its result)."""
+    for path in sorted((run.results / run.task_name).glob(f"*/{run.folder.name}/result.json")):
+        if path.parent != run.folder:
+            found = json.loads(path.read_text())
+            if found.get("spec") == spec:
+                return path.parent.parent.name, found
+    return None
+
+
 def run_one(run: Run, force: bool) -> Optional[dict]:
-    """Train and score one run (or reuse it); its result, or None when it cannot run here."""
+    """Train and score one run, or reuse it (its own earlier result, or a twin's: see
+    :func:`finished_twin`); its result, or ``{"skipped": why}`` when it cannot run here."""
     path = run.folder / "result.json"
-    spec = {"command": shlex.join(run.command()), "peer": run.row.peer}
+    reason = ensure_data(run)
+    if reason:
+        return {"skipped": reason}
+    spec = run_spec(run)
     if path.is_file() and not force:
         found = json.loads(path.read_text())
         if found.get("spec") == spec:
             return found
+    twin = None if force else finished_twin(run, spec)
+    if twin:
+        result = {**twin[1], "same_run_as": twin[0]}
+        run.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, result)
+        print(f"{run.task_name} / {run.row.label} / seed {run.seed}: the same configuration as {twin[0]}'s run",
+              flush=True)
+        return result
     if run.row.peer:
         try:
             peer_network(run.row.peer, 2)
@@ -393,9 +444,7 @@ def run_one(run: Run, force: bool) -> Optional[dict]:
             return {"skipped": str(err)}
     if run.folder.exists():
         shutil.rmtree(run.folder)
-    reason = prepare(run)
-    if reason:
-        return {"skipped": reason}
+    prepare(run)
     print(f"{run.task_name} / {run.row.label} / seed {run.seed} ...", flush=True)
     if run.row.peer:
         timing, (predict, splits) = train_peer(run)
@@ -404,7 +453,7 @@ def run_one(run: Run, force: bool) -> Optional[dict]:
         timing = train_auxnet(run)
         scores = score_auxnet(run)
         timing["params"] = scores.pop("params")
-    result = {"spec": spec, **timing, "scores": scores, "commit": git_commit(), "machine": machine(),
+    result = {"spec": spec, "command": shlex.join(run.command()), **timing, "scores": scores, "commit": git_commit(), "machine": machine(),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     atomic_write_json(path, result)
     u = scores["ungated"]
@@ -472,8 +521,9 @@ def row_cells(task: Task, results: list[dict], mode: str, reference: dict[int, t
     return cells
 
 
-def task_table(name: str, rows: list[str], runs: dict[str, list[dict]]) -> str:
-    """The markdown table of one task: a row per model (and AuxNet's gated prediction)."""
+def task_table(name: str, rows: list[str], runs: dict[str, list[dict]], title: str) -> str:
+    """The markdown table of one task: a row per model (and AuxNet's gated prediction), each compared
+    with its reference row (:attr:`Row.reference`)."""
     task = TASKS[name]
     names = list(task.scored.values())
     head = ["model", f"Dice ({' + '.join(names)})", "IoU"]
@@ -482,9 +532,7 @@ def task_table(name: str, rows: list[str], runs: dict[str, list[dict]]) -> str:
     bname = {**task.scored, 0: task.scored.get(0, "background")}[task.boundary]
     head += [f"IoU {bname}", f"HD95 {bname} px", f"ASD {bname} px", "pixel acc.", "Δ Dice", f"Δ IoU {bname}",
              "params M", "train / wall s", "predict s", "seeds"]
-    lines = [f"### {task.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    reference = {r["seed"]: headline(task, r["scores"]["ungated"]) for r in runs.get("auxnet", [])
-                 if "ungated" in r.get("scores", {})}
+    lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     skipped = []
     for row_name in rows:
         results = runs.get(row_name, [])
@@ -493,9 +541,12 @@ def task_table(name: str, rows: list[str], runs: dict[str, list[dict]]) -> str:
             if why:
                 skipped.append(f"{ROWS[row_name].label}: {why}")
             continue
+        reference = {r["seed"]: headline(task, r["scores"]["ungated"]) for r in runs.get(ROWS[row_name].reference, [])
+                     if "ungated" in r.get("scores", {})}
+        is_reference = any(ROWS[other].reference == row_name for other in rows if other != row_name)
         for mode in ("ungated", "gated"):
             cells = row_cells(task, results, mode, reference)
-            if cells and row_name == "auxnet" and mode == "ungated":
+            if cells and is_reference and mode == "ungated":
                 cells[head.index("Δ Dice") - 1:head.index("Δ Dice") + 1] = ["(reference)", "(reference)"]
             if cells:
                 label = ROWS[row_name].label + (", gated" if mode == "gated" else "")
@@ -514,7 +565,8 @@ def write_tables(tasks: list[str], rows: list[str], seeds: list[int], results_di
              "on a 2-core machine time alike.",
              "PROVENANCE Mean ± sample std over the seeds (" + ", ".join(map(str, seeds)) + "); whole test images; "
              "the final epoch's network (nothing selected on the test images). HD95 and ASD are the mean over the test "
-             "images. Δ: the mean change from 'AuxNet default' over the same seeds (each seed gives every row the same "
+             "images. Δ: the mean change from the table's reference row ('AuxNet default'; for the ablations, the "
+             "previous default they were measured against) over the same seeds (each seed gives every row the same "
              "data order and augmentation), * where a paired t-test over the seeds gives p < 0.05. 'train / wall s': "
              "the training epochs' time and the whole command's; 'predict s': the test images' prediction. 'gated': "
              "the same network predicting with its head (windows it calls boundary-free are filled, not decoded)."]
@@ -529,7 +581,14 @@ def write_tables(tasks: list[str], rows: list[str], seeds: list[int], results_di
                     runs.setdefault(row_name, []).append({"seed": seed, **result})
                     machines.add(result.get("machine", "?"))
                     commits.add(result.get("commit", "?"))
-        parts.append(task_table(name, rows, runs))
+        task = TASKS[name]
+        peer_rows = [r for r in rows if r in PEERS]
+        if any(r in runs for r in peer_rows):
+            parts.append(task_table(name, peer_rows, runs, f"### {task.title}"))
+        ablation_rows = [r for r in ["previous", *ABLATIONS] if r in rows]
+        if any(r in runs for r in ablation_rows if r != "previous"):
+            parts.append(task_table(name, ablation_rows, runs, f"#### {task.title}: ablations, one change from the "
+                                    "previous default each"))
     made = (f"Made on {'; '.join(sorted(machines)) or machine()}, at commit(s) {', '.join(sorted(commits)) or '—'}. "
             if machines else "")
     parts[1] = parts[1].replace("PROVENANCE ", made)

@@ -97,3 +97,19 @@ def test_one_epoch_of_auxnet_beside_basicunet(tiny_task, tmp_path, capsys):
     assert peers.main(args) == 0
     assert "..." not in capsys.readouterr().out
     assert (tmp_path / "tiny" / "auxnet" / "seed42_e1" / "result.json").stat().st_mtime_ns == before
+
+
+def test_a_row_with_the_configuration_of_a_finished_run_reuses_it(tiny_task, tmp_path, monkeypatch):
+    first = Run("tiny", "cls_detached", 42, 0, tmp_path, epochs=1)
+    assert peers.ensure_data(first) is None
+    spec = peers.run_spec(first)
+    first.folder.mkdir(parents=True)
+    (first.folder / "result.json").write_text(json.dumps({"spec": spec, "scores": {}, "wall_s": 1.0}))
+    # the same options written differently: a twin; another option: not
+    monkeypatch.setitem(peers.ROWS, "same", Row("same", ("CLS_TRAINS_ENCODER=false",)))
+    monkeypatch.setitem(peers.ROWS, "other", Row("other", ("CLS_TRAINS_ENCODER=true",)))
+    twin = Run("tiny", "same", 42, 0, tmp_path, epochs=1)
+    assert peers.run_spec(twin) == spec
+    assert peers.finished_twin(twin, spec) == ("cls_detached", json.loads((first.folder / "result.json").read_text()))
+    assert peers.run_spec(Run("tiny", "other", 42, 0, tmp_path, epochs=1)) != spec
+    assert peers.finished_twin(twin, {**spec, "config": "x"}) is None
