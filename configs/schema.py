@@ -98,7 +98,7 @@ class Config:
     CLS_DROPOUT: float = opt(0.3, "dropout before the classifier's linear layer")
     CLS_THRESHOLD: float = opt(0.5, "positive-class probability threshold (CLS_CLASSES = 1)")
     CLS_TRAINS_ENCODER: bool = opt(
-        False,
+        True,
         "the classifier's loss also trains the encoder (false: the heads learn on its features without changing them)",
     )
     # optimiser
