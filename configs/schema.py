@@ -99,7 +99,7 @@ class Config:
     CLS_THRESHOLD: float = opt(0.5, "positive-class probability threshold (CLS_CLASSES = 1)")
     CLS_TRAINS_ENCODER: bool = opt(
         True,
-        "the classifier's loss also trains the encoder (false: the heads learn on its features without changing them)",
+        "the classifier's loss also trains the encoder (false: it does not; better ungated segmentation, worse gating on sparse scenes)",
     )
     # optimiser
     INIT_LR: float = opt(1e-4, "learning rate at the start of the warm-up")
