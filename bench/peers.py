@@ -139,13 +139,13 @@ class Row:
     swap_term: Optional[tuple[str, str]] = None
 
 
-#: What the ablations change from: the default recipe before CLS_TRAINS_ENCODER=false became the
-#: default (each ablation row is this plus one change, compared with the row ``previous``).
-PREVIOUS_DEFAULT = ("CLS_TRAINS_ENCODER=true",)
+#: What the ablations change from: the default recipe before they chose CLS_WEIGHT=0.1 (each ablation
+#: row is this plus one change, compared with the row ``previous``).
+PREVIOUS_DEFAULT = ("CLS_WEIGHT=1.0",)
 
 PEERS: dict[str, Row] = {
     "auxnet": Row("AuxNet default"),
-    "previous": Row("AuxNet, previous default (CLS_TRAINS_ENCODER=true)", PREVIOUS_DEFAULT),
+    "previous": Row("AuxNet, previous default (CLS_WEIGHT=1.0)", PREVIOUS_DEFAULT),
     "basicunet": Row("MONAI BasicUNet + DiceCE", peer="basicunet"),
     "unet": Row("MONAI UNet + DiceCE", peer="unet"),
     "smp": Row("SMP Unet + DiceCE", peer="smp"),
@@ -161,7 +161,7 @@ ABLATIONS: dict[str, Row] = {name: replace(row, overrides=PREVIOUS_DEFAULT + row
     "instance_leaky": Row("NORM=instance, ACTIVATION=leaky_relu", ("NORM=instance", "ACTIVATION=leaky_relu")),
     "dice_background": Row("INCLUDE_BACKGROUND=true (Dice also of the background)", ("INCLUDE_BACKGROUND=true",)),
     "cls_0": Row("CLS_WEIGHT=0 (head carried, not trained)", ("CLS_WEIGHT=0",)),
-    "cls_0.1": Row("CLS_WEIGHT=0.1", ("CLS_WEIGHT=0.1",)),
+    "cls_0.1": Row("CLS_WEIGHT=0.1 (the default since)", ("CLS_WEIGHT=0.1",)),
     "cls_0.3": Row("CLS_WEIGHT=0.3", ("CLS_WEIGHT=0.3",)),
     "cls_detached": Row("CLS_TRAINS_ENCODER=false (heads trained on the encoder's features)",
                         ("CLS_TRAINS_ENCODER=false",)),
@@ -396,12 +396,22 @@ def score(run: Run, splits, predict: Callable) -> dict:
     return {**metrics.compute(), "predict_s": time.perf_counter() - started, "decoded": float(np.mean(decoded))}
 
 
+#: The options a peer's run reads: its data, tiles, augmentation, schedule, precision and seed.
+PEER_KEYS = ("DATASET_DIR", "SEED", "SEG_CLASSES", "INPUT_SIZE", "INPUT_CHANNELS", "BATCH_SIZE", "TILE_OVERLAP",
+             "TEST_SPLIT", "AUGMENTATIONS", "TRAIN_SET_COMPOSITION", "TEST_SET_COMPOSITION", "INIT_LR", "BASE_LR",
+             "L2_DECAY", "WARMUP_EPOCHS", "TRAIN_EPOCHS", "MIXED_PRECISION", "CHANNELS_LAST", "GPUs", "TEST_IDS",
+             "CROSS_VALIDATION", "SYNTHETIC_IMAGES", "SYNTHETIC_SIZE")
+
+
 def run_spec(run: Run) -> dict:
-    """What makes two runs the same: the network (or peer), the whole resolved configuration but where
-    it is written (RESULTS_DIR, EXP_ID, RUN_ID), and on a cross-validated task the fold."""
+    """What makes two runs the same: the network (or peer), the resolved configuration but where it is
+    written (RESULTS_DIR, EXP_ID, RUN_ID; for a peer only :data:`PEER_KEYS`), and on a cross-validated
+    task the fold."""
     cfg = load_config(None, run.overrides()).to_dict()
     for key in ("RESULTS_DIR", "EXP_ID", "RUN_ID"):
         cfg.pop(key)
+    if run.row.peer:  # only what the peers' training reads (AuxNet's options change nothing of theirs)
+        cfg = {key: cfg[key] for key in PEER_KEYS}
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"config": digest, "peer": run.row.peer, "fold": run.replicate if run.task.folds else None}
 

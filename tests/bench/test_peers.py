@@ -106,8 +106,8 @@ def test_a_row_with_the_configuration_of_a_finished_run_reuses_it(tiny_task, tmp
     first.folder.mkdir(parents=True)
     (first.folder / "result.json").write_text(json.dumps({"spec": spec, "scores": {}, "wall_s": 1.0}))
     # the same options written differently: a twin; another option: not
-    monkeypatch.setitem(peers.ROWS, "same", Row("same", ("CLS_TRAINS_ENCODER=false",)))
-    monkeypatch.setitem(peers.ROWS, "other", Row("other", ("CLS_TRAINS_ENCODER=true",)))
+    monkeypatch.setitem(peers.ROWS, "same", Row("same", ("CLS_TRAINS_ENCODER=false", "CLS_WEIGHT=1")))
+    monkeypatch.setitem(peers.ROWS, "other", Row("other", ("CLS_WEIGHT=1.0",)))
     twin = Run("tiny", "same", 42, 0, tmp_path, epochs=1)
     assert peers.run_spec(twin) == spec
     assert peers.finished_twin(twin, spec) == ("cls_detached", json.loads((first.folder / "result.json").read_text()))

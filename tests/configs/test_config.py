@@ -270,7 +270,7 @@ def test_schema_doc_is_the_yaml_comment_and_the_reference_meaning():
 # ---- non-finite numbers (issue 22, item 6)
 
 @pytest.mark.parametrize("override, default", [
-    ("SEG_THRESHOLD=.nan", "SEG_THRESHOLD=0.5"), ("CLS_WEIGHT=.nan", "CLS_WEIGHT=1.0"),
+    ("SEG_THRESHOLD=.nan", "SEG_THRESHOLD=0.5"), ("CLS_WEIGHT=.nan", "CLS_WEIGHT=0.1"),
     ("TEST_SPLIT=.nan", "TEST_SPLIT=0.2"), ("BASE_LR=.inf", "BASE_LR=0.003"),
     ("L2_DECAY=.nan", "L2_DECAY=0.0001"), ("INIT_LR=.nan", "INIT_LR=0.0001"),
     ("BASE_LR=1e999", "BASE_LR=0.003"),  # overflows to inf when read
