@@ -152,7 +152,7 @@ class Config:
         None,
         "Focal: weight alpha of foreground pixels (background 1 - alpha; null = unweighted)",
     )
-    CLS_WEIGHT: float = opt(0.1, "weight of the classifier's loss term (static and schedule weighting)")
+    CLS_WEIGHT: float = opt(0.1, "weight of the classifier's loss term (static and schedule weighting; adaptive learns it)")
     SCHEDULE_ALPHA: list[float] = opt(
         default_factory=lambda: [0.01, 0.01, 0.9],
         doc="schedule weighting: alpha start, rise per epoch, maximum (boundary terms x alpha, others x 1-alpha)",

@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from configs.schema import FIELDS, STAGES, Config, setting
+from configs.schema import STAGES, Config, setting
 from model.losses import loss_problems, parse_loss
 from model.metrics import DISTANCE_METRICS as DISTANCE_METRIC_NAMES
 from model.metrics import METRIC_NAMES
@@ -196,8 +196,7 @@ def _loss_rules(cfg: Config, p: Problems) -> None:
     if terms is not None and p.ok("SEG_CLASSES"):
         # An option already reported joins these rules as its default, so it is not blamed twice.
         weights = cfg.STATIC_WEIGHTS if p.ok("STATIC_WEIGHTS") else None
-        cls_weight = cfg.CLS_WEIGHT if p.ok("CLS_WEIGHT") else FIELDS["CLS_WEIGHT"].default
-        for msg in loss_problems(terms, cfg.SEG_CLASSES, cfg.loss_weighting, weights, cls_weight):
+        for msg in loss_problems(terms, cfg.SEG_CLASSES, cfg.loss_weighting, weights):
             p.add(msg, "LOSS")
     if terms is not None and cfg.SDM_SCOPE == "image" and "Boundary" not in terms:
         p.add(f"SDM_SCOPE=image measures the Boundary term's target distances over the whole image, but "

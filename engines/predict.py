@@ -367,8 +367,15 @@ def predict_each(cfg: Config, predictor: Predictor, files: list[Path], mine: Ite
                 return records, failures, stop_message(out, err, len(mine) - n - 1)
             continue
         records[i] = record
-        tqdm.write(done_line(path, record))
+        say(done_line(path, record))
     return records, failures, ""
+
+
+def say(line: str) -> None:
+    """Print ``line`` above any progress bar in one write: processes that share a terminal or a pipe
+    (the ranks of a multi-process predict) never split each other's lines (``tqdm.write`` writes
+    the text and its newline separately)."""
+    tqdm.write(line + "\n", end="")
 
 
 #: What fails one image (and is listed at the end) rather than the whole predict.
@@ -378,7 +385,7 @@ PREDICT_ERRORS = (RasterError, RunError, OSError)
 def failure(path: Path, out: Path, err: Exception) -> str:
     """The failure message of the input ``path`` (printed now, listed at the end)."""
     message = _failure_message(path, out, err)
-    tqdm.write(f"failed: {message}")
+    say(f"failed: {message}")
     return message
 
 
@@ -444,7 +451,7 @@ def remove_outputs(paths: list) -> None:
         try:
             Path(p).unlink(missing_ok=True)
         except OSError as err:
-            tqdm.write(f"warning: could not remove the partial output {p} ({err.strerror}): delete it by hand")
+            say(f"warning: could not remove the partial output {p} ({err.strerror}): delete it by hand")
 
 
 def predict_file(cfg: Config, predictor: Predictor, path: Path, out: Path, name: Optional[str] = None,
@@ -463,7 +470,7 @@ def predict_file(cfg: Config, predictor: Predictor, path: Path, out: Path, name:
             raise RunError(f"{image.channels} channel(s), but the network takes INPUT_CHANNELS={cfg.INPUT_CHANNELS}")
         warning = image.use_scaling(inputs)
         if warning:
-            tqdm.write(f"warning: {warning}")
+            say(f"warning: {warning}")
         classes = max(cfg.SEG_CLASSES, 2)
         return {"image": str(path), **write_outputs(cfg, predictor, image, out, name or path.stem, classes)}
 

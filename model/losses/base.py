@@ -40,7 +40,8 @@ class LossOptions:
         cls_classes: CLS_CLASSES; 0 = no classifier term, else a term ``CLS`` (BCE for 1, CE for >= 2).
         weighting: ``"static"``, ``"adaptive"`` (learnable) or ``"schedule"`` (see :class:`CombinedLoss`).
         static_weights: one weight per LOSS term, in order (None = all 1); ``static`` and ``schedule``.
-        cls_weight: fixed weight of ``CLS`` (must stay 1.0 under ``adaptive``, which learns it).
+        cls_weight: fixed weight of ``CLS`` under ``static`` and ``schedule`` (``adaptive`` learns it and
+            ignores this one).
         include_background: INCLUDE_BACKGROUND, for SoftDICE, HardDICE, IoU, GDL.
         sdm_distance, sdm_normalization, sdm_kernel_size: distance maps of MAE, cMAE, sMAE and
             Boundary (kernel: the ``conv`` SDM of MAE, cMAE, sMAE; wBCE uses ``sdm_distance`` only).
@@ -58,7 +59,7 @@ class LossOptions:
     cls_classes: int = 0
     weighting: str = "static"
     static_weights: Optional[list[float]] = None
-    cls_weight: float = 1.0
+    cls_weight: float = 0.1
     include_background: bool = False
     sdm_distance: str = "euclidean"
     sdm_normalization: Optional[str] = "static_max"

@@ -74,7 +74,6 @@ def loss_problems(
     seg_classes: int,
     weighting: str = "static",
     static_weights: Optional[list[float]] = None,
-    cls_weight: float = 1.0,
 ) -> list[str]:
     """Everything wrong with a list of (parsed) loss terms for a head and a weighting: the one place
     these rules live (the config validator and :func:`build_loss` both ask here).
@@ -84,7 +83,6 @@ def loss_problems(
         seg_classes: SEG_CLASSES, the head's output channels (1 = binary).
         weighting: ``"static"``, ``"adaptive"`` or ``"schedule"``.
         static_weights: STATIC_WEIGHTS, one per term (None = all 1).
-        cls_weight: CLS_WEIGHT.
 
     Returns:
         One message per problem, each with its fix (empty when all is well).
@@ -113,8 +111,6 @@ def loss_problems(
                 f"schedule weighting needs a region term next to the boundary terms in {terms} "
                 "(e.g. SoftDICE_Boundary): a boundary loss alone does not train (Kervadec et al.)"
             )
-    if weighting == "adaptive" and cls_weight != 1.0:
-        problems.append("CLS_WEIGHT is learned with ADAPTIVE_WEIGHTS=true: leave CLS_WEIGHT at 1.0")
     if static_weights is not None:
         if weighting == "adaptive":
             problems.append("STATIC_WEIGHTS is set but ADAPTIVE_WEIGHTS=true learns the weights: remove "
@@ -144,7 +140,7 @@ def build_loss(loss: str, options: Optional[LossOptions] = None, **overrides) ->
     """
     o = LossOptions(**{**(options.__dict__ if options else {}), **overrides})
     terms = parse_loss(loss)
-    problems = loss_problems(terms, o.seg_classes, o.weighting, o.static_weights, o.cls_weight)
+    problems = loss_problems(terms, o.seg_classes, o.weighting, o.static_weights)
     if not isinstance(o.cls_classes, int) or o.cls_classes < 0:
         problems.append(f"cls_classes={o.cls_classes!r} must be an int >= 0 (0 = no classifier term)")
     if problems:
@@ -154,7 +150,7 @@ def build_loss(loss: str, options: Optional[LossOptions] = None, **overrides) ->
     cls_term = None
     if o.cls_classes > 0:
         cls_term = ClassificationLoss(o.cls_classes)
-        if o.weighting != "adaptive":
+        if o.weighting != "adaptive":  # adaptive learns the CLS weight as it learns the others
             weights["CLS"] = o.cls_weight
     start, step, top = o.schedule_alpha
     return CombinedLoss(seg_terms, cls_term, weighting=o.weighting, weights=weights,

@@ -52,8 +52,10 @@ def _old_checkpoint(path, *overrides):
 
 
 def test_a_saved_configuration_without_norm_and_activation_reads_as_batchnorm_and_relu(defaults_changed):
-    assert saved_values({"UNET_DEPTH": 3}) == {"UNET_DEPTH": 3, "NORM": "batch", "ACTIVATION": "relu"}
-    assert saved_values({"NORM": "group", "ACTIVATION": "leaky_relu"}) == {"NORM": "group", "ACTIVATION": "leaky_relu"}
+    assert saved_values({"UNET_DEPTH": 3}) == {"UNET_DEPTH": 3, "NORM": "batch", "ACTIVATION": "relu",
+                                               "CLS_TRAINS_ENCODER": True}
+    assert saved_values({"NORM": "group", "ACTIVATION": "leaky_relu", "CLS_TRAINS_ENCODER": False}) == {
+        "NORM": "group", "ACTIVATION": "leaky_relu", "CLS_TRAINS_ENCODER": False}
 
 
 @pytest.mark.parametrize("command", ["eval", "predict"])

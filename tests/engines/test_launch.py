@@ -151,7 +151,7 @@ def test_ctrl_c_during_training_is_one_line_exit_130_and_leaves_no_lock_or_tempo
 def test_ctrl_c_during_predict_is_one_line_exit_130_and_leaves_no_temporary_file(trained, tmp_path):
     rng = np.random.default_rng(0)
     (tmp_path / "in").mkdir()
-    for n in range(12):
+    for n in range(40):  # enough that the Ctrl-C sent after the first image lands before the last one
         Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8)).save(tmp_path / "in" / f"{n:02d}.png")
     proc = _interrupt(["predict", "GPUs=[]", f"MODEL_WEIGHTS={trained / 'best'}", f"INPUT={tmp_path / 'in'}",
                        f"OUTPUT={tmp_path / 'out'}"], wait_for="00.png")

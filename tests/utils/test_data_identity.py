@@ -211,7 +211,7 @@ def trained(tmp_path_factory):
 
 def _predict(weights: Path, image: Path, out: Path) -> np.ndarray:
     assert predict(predict_config(weights, "GATING=false", f"INPUT={image}", f"OUTPUT={out}")) == 0
-    return np.asarray(Image.open(out / f"{image.stem}_mask.png"))
+    return np.asarray(Image.open(out / f"{image.stem}_mask.png")) // 255  # one class: written as 0/255
 
 
 def test_the_checkpoint_records_the_scaling_and_hashes_of_its_data(trained):
