@@ -146,6 +146,7 @@ PREVIOUS_DEFAULT = ("CLS_WEIGHT=1.0",)
 PEERS: dict[str, Row] = {
     "auxnet": Row("AuxNet default"),
     "previous": Row("AuxNet, previous default (CLS_WEIGHT=1.0)", PREVIOUS_DEFAULT),
+    "auxnet_cldice": Row("AuxNet default + clDice", extra_terms=("clDice",)),
     "basicunet": Row("MONAI BasicUNet + DiceCE", peer="basicunet"),
     "unet": Row("MONAI UNet + DiceCE", peer="unet"),
     "smp": Row("SMP Unet + DiceCE", peer="smp"),
