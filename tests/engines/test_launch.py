@@ -123,9 +123,12 @@ def test_an_interrupted_run_with_a_checkpoint_says_how_to_resume_and_releases_it
 
 def _interrupt(args: list[str], wait_for: str) -> subprocess.CompletedProcess:
     """Run main.py with ``args``, send it SIGINT (Ctrl-C) once a stdout line holds ``wait_for``."""
+    # As from a terminal: a shell's background job (nohup, `&` in a script, some CI runners) starts its
+    # children with SIGINT ignored, and Python then never turns it into KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
-                                 "PYTHONUNBUFFERED": "1"})
+                                 "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stdout:
         seen.append(line)
