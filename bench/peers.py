@@ -70,7 +70,7 @@ from engines.builders import build_data, build_loaders, build_runtime, lr_factor
 from engines.forward import autocast_for, image_to, place  # noqa: E402
 from engines.inference import load_for_inference  # noqa: E402
 from engines.predict import build_predictor  # noqa: E402
-from engines.SegTrainer import epoch_seed  # noqa: E402
+from engines.SegTrainer import seed_loader_epoch  # noqa: E402
 from engines.sliding_window import ArrayImage  # noqa: E402
 from model.metrics import SegmentationMetrics  # noqa: E402
 from utils.image_io import to_unit_range  # noqa: E402
@@ -348,10 +348,7 @@ def train_peer(run: Run) -> tuple[dict, Callable]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     train_s = 0.0
     for epoch in range(cfg.WARMUP_EPOCHS + cfg.TRAIN_EPOCHS):
-        seed = epoch_seed(cfg.SEED, epoch, 0)  # the trainer's seeding: the same augmentation draws
-        seed_everything(seed)
-        loader.dataset.reseed(seed)
-        loader.sampler.set_epoch(epoch)
+        seed_loader_epoch(loader, cfg.SEED, epoch, 0)  # the trainer's seeding: the same augmentation draws
         net.train()
         began = time.perf_counter()
         for batch in loader:

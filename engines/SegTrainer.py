@@ -121,6 +121,23 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % 2**63
 
 
+def seed_loader_epoch(loader, seed: int, epoch: int, rank: int) -> None:
+    """Seed every random stream of ``epoch`` from :func:`epoch_seed` (python, numpy, torch, each
+    sample's augmentation, the workers' generators) and the sampler's epoch: what a training epoch
+    over ``loader`` draws then depends on (seed, epoch, rank) alone."""
+    seed = epoch_seed(seed, epoch, rank)
+    seed_everything(seed)
+    dataset = getattr(loader, "dataset", None)
+    if hasattr(dataset, "reseed"):
+        dataset.reseed(seed)  # each sample's augmentation: from (seed, its index), in any worker
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        generator.manual_seed(seed)  # the workers' global generators (nothing of ours draws from them)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
 class SegTrainer:
     """Trains a :class:`TrainStep` and evaluates it after every epoch.
 
@@ -176,18 +193,8 @@ class SegTrainer:
 
     # ------------------------------------------------------------------ steps
     def seed_epoch(self, epoch: int) -> None:
-        """Seed every random stream of ``epoch`` (see :func:`epoch_seed`) and the sampler's epoch."""
-        seed = epoch_seed(self.settings.seed, epoch, self.ctx.rank)
-        seed_everything(seed)
-        dataset = getattr(self.train_loader, "dataset", None)
-        if hasattr(dataset, "reseed"):
-            dataset.reseed(seed)  # each sample's augmentation: from (seed, its index), in any worker
-        generator = getattr(self.train_loader, "generator", None)
-        if generator is not None:
-            generator.manual_seed(seed)  # the workers' global generators (nothing of ours draws from them)
-        sampler = getattr(self.train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        """Seed every random stream of ``epoch`` and the sampler's epoch (see :func:`seed_loader_epoch`)."""
+        seed_loader_epoch(self.train_loader, self.settings.seed, epoch, self.ctx.rank)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set; returns the mean loss and each term and weight (averaged
