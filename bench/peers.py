@@ -173,8 +173,13 @@ ABLATIONS: dict[str, Row] = {name: replace(row, overrides=PREVIOUS_DEFAULT + row
     "smae": Row("+ sMAE", extra_terms=("sMAE",)),
     "wce": Row("wCE / wBCE instead of CE / BCE", swap_term=("CE", "wCE")),
     }.items()}
-ROWS: dict[str, Row] = {**PEERS, **ABLATIONS}
-ROW_SETS = {"peers": list(PEERS), "ablations": ["previous", *ABLATIONS]}
+#: Changes on top of today's default (compared with the row ``auxnet``): what a next default is chosen from.
+CHANGES: dict[str, Row] = {
+    "default_background": Row("AuxNet default + INCLUDE_BACKGROUND=true", ("INCLUDE_BACKGROUND=true",)),
+    "default_instance": Row("AuxNet default + NORM=instance", ("NORM=instance",)),
+}
+ROWS: dict[str, Row] = {**PEERS, **ABLATIONS, **CHANGES}
+ROW_SETS = {"peers": list(PEERS), "ablations": ["previous", *ABLATIONS], "changes": ["auxnet", *CHANGES]}
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -597,6 +602,9 @@ def write_tables(tasks: list[str], rows: list[str], seeds: list[int], results_di
         if any(r in runs for r in ablation_rows if r != "previous"):
             parts.append(task_table(name, ablation_rows, runs, f"#### {task.title}: ablations, one change from the "
                                     "previous default each"))
+        change_rows = [r for r in ["auxnet", *CHANGES] if r in rows]
+        if any(r in runs for r in change_rows if r != "auxnet"):
+            parts.append(task_table(name, change_rows, runs, f"#### {task.title}: one change from the default each"))
     made = (f"Made on {'; '.join(sorted(machines)) or machine()}, at commit(s) {', '.join(sorted(commits)) or '—'}. "
             if machines else "")
     parts[1] = parts[1].replace("PROVENANCE ", made)
