@@ -177,6 +177,9 @@ ABLATIONS: dict[str, Row] = {name: replace(row, overrides=PREVIOUS_DEFAULT + row
 CHANGES: dict[str, Row] = {
     "default_background": Row("AuxNet default + INCLUDE_BACKGROUND=true", ("INCLUDE_BACKGROUND=true",)),
     "default_instance": Row("AuxNet default + NORM=instance", ("NORM=instance",)),
+    "default_image_dice": Row("AuxNet default + BATCH_DICE=false (Dice per image)", ("BATCH_DICE=false",)),
+    "default_image_dice_bg": Row("AuxNet default + BATCH_DICE=false, INCLUDE_BACKGROUND=true (MONAI's Dice)",
+                                 ("BATCH_DICE=false", "INCLUDE_BACKGROUND=true")),
 }
 ROWS: dict[str, Row] = {**PEERS, **ABLATIONS, **CHANGES}
 ROW_SETS = {"peers": list(PEERS), "ablations": ["previous", *ABLATIONS], "changes": ["auxnet", *CHANGES]}

@@ -135,6 +135,10 @@ class Config:
         False,
         "region losses (Dice, IoU, GDL) also score the background (binary heads: the 1-p channel)",
     )
+    BATCH_DICE: bool = opt(
+        True,
+        "region losses (Dice, IoU, GDL): true = one ratio per class over the whole batch | false = one per image and class, averaged (MONAI's DiceLoss; false pixels in a tile without the class cost most)",
+    )
     ADAPTIVE_WEIGHTS: Union[bool, Literal["schedule"]] = opt(
         False,
         "false = STATIC_WEIGHTS | true = learnable (uncertainty) weights | schedule = boundary terms by a rising alpha",

@@ -109,6 +109,7 @@ def loss_options(cfg: Config) -> LossOptions:
         static_weights=cfg.STATIC_WEIGHTS,
         cls_weight=cfg.CLS_WEIGHT,
         include_background=cfg.INCLUDE_BACKGROUND,
+        batch_dice=cfg.BATCH_DICE,
         sdm_distance=cfg.SDM_DISTANCE,
         sdm_normalization=None if cfg.SDM_NORMALIZATION == "none" else cfg.SDM_NORMALIZATION,
         sdm_kernel_size=cfg.SDM_KERNEL_SIZE,

@@ -43,6 +43,8 @@ class LossOptions:
         cls_weight: fixed weight of ``CLS`` under ``static`` and ``schedule`` (``adaptive`` learns it and
             ignores this one).
         include_background: INCLUDE_BACKGROUND, for SoftDICE, HardDICE, IoU, GDL.
+        batch_dice: BATCH_DICE, for SoftDICE, HardDICE, IoU, GDL: one ratio per class over the whole
+            batch (True) or one per image and class, averaged (False).
         sdm_distance, sdm_normalization, sdm_kernel_size: distance maps of MAE, cMAE, sMAE and
             Boundary (kernel: the ``conv`` SDM of MAE, cMAE, sMAE; wBCE uses ``sdm_distance`` only).
         clamp_delta: cMAE's δ.
@@ -61,6 +63,7 @@ class LossOptions:
     static_weights: Optional[list[float]] = None
     cls_weight: float = 0.1
     include_background: bool = False
+    batch_dice: bool = True
     sdm_distance: str = "euclidean"
     sdm_normalization: Optional[str] = "static_max"
     sdm_kernel_size: int = 3
@@ -175,9 +178,10 @@ def pixel_nll(seg_logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(x, target.long(), reduction="none")
 
 
-def dice_terms(p: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-class sums over batch and pixels: intersection, prediction volume, target volume."""
-    dims = (0, 2, 3)
+def dice_terms(p: Tensor, y: Tensor, batch: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Intersection, prediction volume and target volume: per class summed over the batch and the
+    pixels, shape (C,) (``batch``), or per image and class summed over the pixels, shape (B, C)."""
+    dims = (0, 2, 3) if batch else (2, 3)
     return (p * y).sum(dims), p.sum(dims), y.sum(dims)
 
 

@@ -66,7 +66,7 @@ def test_an_unknown_name_lists_every_valid_name():
 
 
 OPTIONS = LossOptions(
-    seg_classes=3, include_background=True, sdm_distance="manhattan", sdm_normalization="minmax", sdm_kernel_size=5,
+    seg_classes=3, include_background=True, batch_dice=False, sdm_distance="manhattan", sdm_normalization="minmax", sdm_kernel_size=5,
     clamp_delta=0.3, sigmoid_steepness=4.0, seg_threshold=0.3, wce_w0=3.0, wce_sigma=2.0, wbce_w0=2.0,
     wbce_sigma=1.5, focal_gamma=1.5, focal_alpha=0.25, cldice_iterations=3,
 )
@@ -75,10 +75,10 @@ EXPECTED = {  # what each term takes from OPTIONS
     "BCE": {}, "CE": {},
     "wBCE": {"w0": 2.0, "sigma": 1.5, "distance": "manhattan"},
     "Focal": {"gamma": 1.5, "alpha": 0.25},
-    "SoftDICE": {"include_background": True},
-    "HardDICE": {"include_background": True, "steepness": 4.0, "threshold": 0.3},
-    "IoU": {"include_background": True},
-    "GDL": {"include_background": True},
+    "SoftDICE": {"include_background": True, "batch_dice": False},
+    "HardDICE": {"include_background": True, "steepness": 4.0, "threshold": 0.3, "batch_dice": False},
+    "IoU": {"include_background": True, "batch_dice": False},
+    "GDL": {"include_background": True, "batch_dice": False},
     "MAE": SDM,
     "cMAE": {**SDM, "delta": 0.3},
     "sMAE": {**SDM, "steepness": 4.0},

@@ -196,6 +196,36 @@ def test_region_losses_match_monai_on_random_inputs():
             assert ours(x, y).item() == pytest.approx(ref(x, y.unsqueeze(1)).item(), abs=1e-5)
 
 
+def test_region_losses_per_image_match_monai_batch_false():
+    monai_losses = pytest.importorskip("monai.losses")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 9, 9, generator=g)
+    y = torch.randint(0, 4, (3, 9, 9), generator=g)
+    y[:, 0, :4] = torch.arange(4)  # every class in every image: MONAI's unsmoothed ratios stay defined
+    y_missing = y.clone()
+    y_missing[1][y_missing[1] == 2] = 3  # image 1 has no class 2: the smoothing decides its ratio
+    for bg in (False, True):
+        kw = dict(softmax=True, to_onehot_y=True, include_background=bg, batch=False)
+        cases = [
+            (SoftDiceLoss(bg, batch_dice=False), monai_losses.DiceLoss(smooth_nr=SMOOTH, smooth_dr=SMOOTH, **kw), y_missing),
+            (LOSSES["IoU"](bg, batch_dice=False), monai_losses.DiceLoss(jaccard=True, smooth_nr=0, smooth_dr=0, **kw), y),
+            (LOSSES["GDL"](bg, batch_dice=False), monai_losses.GeneralizedDiceLoss(smooth_nr=0, smooth_dr=0, **kw), y),
+        ]
+        for ours, ref, target in cases:
+            assert ours(x, target).item() == pytest.approx(ref(x, target.unsqueeze(1)).item(), abs=1e-5)
+
+
+def test_per_image_dice_charges_a_false_pixel_in_an_empty_tile_fully():
+    # tile A: one object pixel, found; tile B: no object, one false pixel. Batch Dice: 1 - 2·1/(2 + 1);
+    # per image: Dice 1 for A and (0 + s)/(1 + s) ≈ 0 for B, so 1 - (1 + 0)/2
+    target = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]])
+    logits = binary_logits([[[1, 0], [0, 0]], [[0, 0], [0, 1]]])
+    assert SoftDiceLoss()(logits, target).item() == pytest.approx(1 / 3, abs=1e-5)
+    assert SoftDiceLoss(batch_dice=False)(logits, target).item() == pytest.approx(0.5, abs=1e-4)
+    hard = HardDiceLoss(steepness=1e4, batch_dice=False)(logits, target).item()
+    assert hard == pytest.approx(0.5, abs=1e-3)
+
+
 def test_hard_dice_approaches_hard_dice_with_steep_sigmoid():
     g = torch.Generator().manual_seed(2)
     x, y = 3 * torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 3, (2, 8, 8), generator=g)
