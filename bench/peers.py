@@ -177,6 +177,8 @@ ABLATIONS: dict[str, Row] = {name: replace(row, overrides=PREVIOUS_DEFAULT + row
 CHANGES: dict[str, Row] = {
     "default_background": Row("AuxNet default + INCLUDE_BACKGROUND=true", ("INCLUDE_BACKGROUND=true",)),
     "default_instance": Row("AuxNet default + NORM=instance", ("NORM=instance",)),
+    "default_d5w8": Row("AuxNet default + UNET_DEPTH=5, CONV_DEPTH=8 (BasicUNet's levels and widths)",
+                        ("UNET_DEPTH=5", "CONV_DEPTH=8")),
     "default_image_dice": Row("AuxNet default + BATCH_DICE=false (Dice per image)", ("BATCH_DICE=false",)),
     "default_image_dice_bg": Row("AuxNet default + BATCH_DICE=false, INCLUDE_BACKGROUND=true (MONAI's Dice)",
                                  ("BATCH_DICE=false", "INCLUDE_BACKGROUND=true")),
