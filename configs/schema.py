@@ -179,6 +179,10 @@ class Config:
     INPUT: Optional[str] = opt(None, "predict: what to segment: an image file, a folder of images, a glob pattern ('scenes/*.tif') or a .txt list of paths")
     OUTPUT: Optional[str] = opt(None, "predict: output folder (null = predict_<n>/ beside the checkpoint)")
     GATING: bool = opt(True, "predict / whole-image eval: decode only the tiles the head says contain a boundary")
+    GATE_THRESHOLD: float = opt(
+        0.3,
+        "gating: a window is decoded where the head's boundary probability exceeds this (lower = safer for faint, thin structures, slower)",
+    )
     TTA: Literal["none", "flips", "d4"] = opt(
         "none",
         "predict / whole-image eval: also decode mirrored tiles and average (flips = 4x, d4 = 8x the decoder time)",
@@ -241,10 +245,12 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Co
 
 #: The value each option had before it existed: what a saved configuration (a checkpoint's, a run's
 #: config.yaml) that lacks the key was made with, whatever the option's default is now. A checkpoint
-#: made before NORM and ACTIVATION existed has BatchNorm and ReLU. (Saved configurations hold every
+#: made before NORM and ACTIVATION existed has BatchNorm and ReLU; one made before GATE_THRESHOLD gated at 0.5
+#: (the default CLS_THRESHOLD, which decided then). (Saved configurations hold every
 #: option of their time, so a later change of a default needs no entry; a new option does whenever
 #: its default is not what runs did before it existed.)
-LEGACY_VALUES: dict[str, Any] = {"NORM": "batch", "ACTIVATION": "relu", "CLS_TRAINS_ENCODER": True}
+LEGACY_VALUES: dict[str, Any] = {"NORM": "batch", "ACTIVATION": "relu", "CLS_TRAINS_ENCODER": True,
+                                 "GATE_THRESHOLD": 0.5}
 
 
 #: Options whose command-line value is kept as typed, not parsed as YAML (``RUN_ID=001`` stays "001").

@@ -53,6 +53,7 @@ RANGES: dict[str, tuple] = {
     "UNET_DEPTH": (2, 8), "CONV_DEPTH": (1, None), "INPUT_CHANNELS": (1, None), "BATCH_SIZE": (1, None),
     "INPUT_SIZE": (1, None), "SEG_CLASSES": (1, None), "SEG_DROPOUT": (0, 1, False, True),
     "SEG_THRESHOLD": (0, 1, True, True), "CLS_DROPOUT": (0, 1, False, True), "CLS_THRESHOLD": (0, 1, True, True),
+    "GATE_THRESHOLD": (0, 1, True, True),
     "INIT_LR": (0, None, True), "BASE_LR": (0, None, True), "L2_DECAY": (0, None), "WARMUP_EPOCHS": (0, None),
     "TRAIN_EPOCHS": (1, None), "GRAD_CLIP": (0, None, True), "EARLY_STOPPING": (1, None), "PLOT_EVERY": (0, None),
     "PLOT_TILES": (0, 64), "CLAMP_DELTA": (0, None, True), "SIGMOID_STEEPNESS": (0, None, True),

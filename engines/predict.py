@@ -262,7 +262,7 @@ def build_predictor(cfg: Config, net: AuxNet, can_gate: bool, runtime: Runtime, 
     check_gating(cfg, can_gate, gating)
     return Predictor(net, tile=cfg.INPUT_SIZE, overlap=cfg.predict_overlap, batch_size=cfg.PREDICT_BATCH,
                      device=runtime.device, amp_dtype=runtime.amp_dtype, channels_last=runtime.channels_last,
-                     gating=gating, cls_threshold=cfg.CLS_THRESHOLD, tta=cfg.TTA, progress=progress,
+                     gating=gating, gate_threshold=cfg.GATE_THRESHOLD, tta=cfg.TTA, progress=progress,
                      readers=runtime.threads if runtime.device.type == "cuda" else 1)
 
 

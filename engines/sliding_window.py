@@ -9,8 +9,9 @@ summed weights, so neighbouring windows blend without seams. With gating off thi
 
 **Gating.** The heads decide which windows need the decoder (:class:`GatePlan`). The encoder and
 both heads run on *cells*, a subset of the windows that still covers the image (every other window
-at 50 % overlap); the classifier's call on a cell is made exactly as TTR scores it
-(``model.metrics.predict_classes`` with CLS_THRESHOLD). A boundary cell is decoded from its own
+at 50 % overlap); a cell is called boundary where the head's boundary probability exceeds
+GATE_THRESHOLD (:func:`boundary_probability`; 0.3 by default, below the classifier's 0.5, so that
+a cell it is unsure of is decoded). A boundary cell is decoded from its own
 encoder features; the other windows that overlap it, and the filled cells next to it, are encoded
 and decoded. Every other cell is single-class: it contributes the one-hot probability of the class
 the fill head names, blended with a far smaller weight (:data:`FILL_BLEND_WEIGHT`) so that where a
@@ -52,7 +53,7 @@ from engines.device_bands import BandReader, HostRows, auto_batch, band_bytes, b
 from engines.forward import NonFiniteOutput, autocast_for
 from engines.gating import FILL_BLEND_WEIGHT, GATE_REACH, GatePlan, cover_indices  # noqa: F401 (re-exported)
 from model.AuxNet import AuxNet, fold_batchnorm
-from model.metrics import labels_from_scores, predict_classes
+from model.metrics import labels_from_scores
 from utils.image_io import to_unit_range
 from utils.loggers import progress_bars
 from utils.raster import row_chunks
@@ -136,8 +137,9 @@ class Predictor:
             (:func:`engines.device_bands.auto_batch`; ``batch_note`` says how).
         device, amp_dtype, channels_last: where and how the network runs.
         gating: skip the decoder on windows the head calls boundary-free.
-        cls_threshold: boundary probability above which a window is decoded (one-output heads;
-            a two-output head decides by argmax, as :func:`model.metrics.predict_classes`).
+        gate_threshold: boundary probability above which a window is decoded (GATE_THRESHOLD;
+            :func:`boundary_probability`). Below the classifier's own 0.5 on purpose: a skipped
+            window that held a faint line loses it, a decoded one that did not costs only time.
         gate_reach: filled cells within this many cells of a boundary cell are decoded too
             (see :class:`GatePlan`).
         tta: test-time augmentation of decoded windows, a key of :data:`TTA_TRANSFORMS`.
@@ -154,7 +156,7 @@ class Predictor:
 
     def __init__(self, net: AuxNet, *, tile: int, overlap: int, device: torch.device,
                  batch_size: Optional[int] = None, amp_dtype: Optional[torch.dtype] = None,
-                 channels_last: bool = False, gating: bool = False, cls_threshold: float = 0.5,
+                 channels_last: bool = False, gating: bool = False, gate_threshold: float = 0.5,
                  gate_reach: int = GATE_REACH, tta: str = "none", progress: bool = False, readers: int = 1):
         if gating and (net.head is None or net.fill_head is None):
             raise ValueError("gated prediction needs the classifier and fill heads; this network has none "
@@ -169,7 +171,9 @@ class Predictor:
         self.net = fold_batchnorm(net) if amp_dtype is None else copy.deepcopy(net).eval()
         self.tile, self.step = tile, tile - overlap
         self.device, self.amp_dtype, self.channels_last = device, amp_dtype, channels_last
-        self.gating, self.cls_threshold, self.gate_reach, self.progress = gating, cls_threshold, gate_reach, progress
+        if not 0 <= gate_threshold <= 1:
+            raise ValueError(f"gate_threshold={gate_threshold} must be in [0, 1]")
+        self.gating, self.gate_threshold, self.gate_reach, self.progress = gating, gate_threshold, gate_reach, progress
         self.transforms = TTA_TRANSFORMS[tta]
         self.readers = max(1, int(readers))
         self.channels = net.outc.out_channels  # K: 1 = binary (foreground probability)
@@ -372,11 +376,12 @@ class Predictor:
     @torch.inference_mode()
     def _encode_heads(self, x: torch.Tensor) -> tuple[tuple, torch.Tensor, torch.Tensor]:
         """The encoder and heads on a batch of windows: (encoder features, boundary (n,) bool, fill
-        class (n,)), all on the device. A window is boundary exactly as TTR scores the head."""
+        class (n,)), all on the device. A window is boundary where :func:`boundary_probability`
+        exceeds the gate threshold."""
         with autocast_for(self.device, self.amp_dtype):
             skips, bottleneck = self.net.encode(x)
             cls, fill = self.net.classify(bottleneck)
-        return (skips, bottleneck), predict_classes(cls.float(), self.cls_threshold) == 1, fill.float().argmax(1)
+        return (skips, bottleneck), boundary_probability(cls) > self.gate_threshold, fill.float().argmax(1)
 
     @torch.inference_mode()
     def _decode_features(self, features: tuple, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -479,6 +484,13 @@ def _probabilities(seg_logits: torch.Tensor) -> torch.Tensor:
     """Class probabilities (float32, on the logits' device): sigmoid for one channel, else softmax."""
     x = seg_logits.float()
     return torch.sigmoid(x) if x.shape[1] == 1 else torch.softmax(x, dim=1)
+
+
+def boundary_probability(cls_logits: torch.Tensor) -> torch.Tensor:
+    """(n,) float32 probability that each window holds a boundary, from the classifier's (n, J)
+    logits: sigmoid of the one output (J = 1), or the softmax of class 1 (J = 2)."""
+    x = cls_logits.float()
+    return torch.sigmoid(x[:, 0]) if x.shape[1] == 1 else torch.softmax(x, dim=1)[:, 1]
 
 
 def _one_hot_fill(classes: torch.Tensor, channels: int, tile: int) -> torch.Tensor:

@@ -53,9 +53,9 @@ def _old_checkpoint(path, *overrides):
 
 def test_a_saved_configuration_without_norm_and_activation_reads_as_batchnorm_and_relu(defaults_changed):
     assert saved_values({"UNET_DEPTH": 3}) == {"UNET_DEPTH": 3, "NORM": "batch", "ACTIVATION": "relu",
-                                               "CLS_TRAINS_ENCODER": True}
-    assert saved_values({"NORM": "group", "ACTIVATION": "leaky_relu", "CLS_TRAINS_ENCODER": False}) == {
-        "NORM": "group", "ACTIVATION": "leaky_relu", "CLS_TRAINS_ENCODER": False}
+                                               "CLS_TRAINS_ENCODER": True, "GATE_THRESHOLD": 0.5}
+    saved = {"NORM": "group", "ACTIVATION": "leaky_relu", "CLS_TRAINS_ENCODER": False, "GATE_THRESHOLD": 0.3}
+    assert saved_values(saved) == saved
 
 
 @pytest.mark.parametrize("command", ["eval", "predict"])

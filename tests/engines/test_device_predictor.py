@@ -4,6 +4,7 @@ classes), a fixed number of host transfers per band whatever the batch, bands re
 background thread, and the prediction batch and blending device chosen for the device."""
 
 import copy
+import math
 import threading
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from engines.device_bands import (CPU_PREDICT_BATCH, MAX_AUTO_BATCH, BandReader,
                                   blending_device)
 from engines.gating import FILL_BLEND_WEIGHT, cover_indices
 from engines.predict import build_predictor
-from engines.sliding_window import ArrayImage, Predictor
+from engines.sliding_window import ArrayImage, Predictor, boundary_probability
 from model.metrics import predict_classes
 from tests.engines.test_sliding_window import tiny_net
 from utils.tiling import gaussian_importance_map, window_starts
@@ -110,11 +111,39 @@ def test_the_predictor_equals_a_whole_image_sliding_window(gating, tta, classes)
     image = _scene((160, 192), seed=12)
     threshold = _median_threshold(net, image, 32)
     probs, stats = Predictor(net, tile=32, overlap=16, batch_size=3, device=CPU, gating=gating, tta=tta,
-                             cls_threshold=threshold).predict_array(ArrayImage(image))
+                             gate_threshold=threshold).predict_array(ArrayImage(image))
     ref = reference(net, image, 32, 16, gating=gating, tta=tta, threshold=threshold)
     assert probs.shape == ref.shape == (classes, 160, 192)
     assert np.abs(probs - ref).max() <= 1e-5
     assert 0 < stats.decoded < stats.tiles if gating else stats.decoded == stats.tiles
+
+
+def test_boundary_probability_of_one_and_two_output_heads():
+    logits = torch.tensor([[0.0], [math.log(3.0)]])  # sigmoid: 1/2, 3/4
+    assert boundary_probability(logits).tolist() == pytest.approx([0.5, 0.75])
+    two = torch.tensor([[0.0, 0.0], [0.0, math.log(9.0)]])  # softmax of class 1: 1/2, 9/10
+    assert boundary_probability(two).tolist() == pytest.approx([0.5, 0.9])
+
+
+def test_the_gate_threshold_decides_which_windows_are_decoded():
+    """Every head probability of a sigmoid lies in (0, 1): at threshold 0 every window is decoded
+    and the gated prediction is the plain one; at 1 none is, and every pixel is a filled class; in
+    between, a lower threshold never decodes fewer windows."""
+    net = tiny_net(seed=15)
+    image = _scene((96, 128), seed=16)
+    plain, _ = Predictor(net, tile=32, overlap=16, device=CPU).predict_array(ArrayImage(image))
+    decoded = {}
+    for threshold in (0.0, 0.3, 0.5, 1.0):
+        probs, stats = Predictor(net, tile=32, overlap=16, device=CPU, gating=True,
+                                 gate_threshold=threshold).predict_array(ArrayImage(image))
+        decoded[threshold] = stats.decoded
+        if threshold == 0.0:
+            assert stats.decoded == stats.tiles and np.abs(probs - plain).max() <= 1e-5
+        if threshold == 1.0:
+            assert stats.decoded == 0 and set(np.unique(probs)) <= {0.0, 1.0}
+    assert decoded[0.0] >= decoded[0.3] >= decoded[0.5] >= decoded[1.0]
+    with pytest.raises(ValueError, match=r"gate_threshold=1.5 must be in \[0, 1\]"):
+        Predictor(net, tile=32, overlap=16, device=CPU, gating=True, gate_threshold=1.5)
 
 
 @pytest.mark.parametrize("gating", [False, True])
@@ -138,7 +167,7 @@ def test_host_transfers_do_not_grow_with_the_batches(monkeypatch, gating):
     counts = []
     for batch in (2, 64):
         predictor = Predictor(net, tile=32, overlap=16, batch_size=batch, device=CPU, gating=gating,
-                              cls_threshold=threshold)
+                              gate_threshold=threshold)
         predictor.feature_budget = 2**40  # a GPU's: a whole row of cells' features stays on the device
         calls.clear()
         predictor.predict_array(ArrayImage(image))

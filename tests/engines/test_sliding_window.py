@@ -152,7 +152,7 @@ def test_the_folded_network_predicts_what_the_network_predicts(monkeypatch, gati
         windows = torch.from_numpy(image.transpose(2, 0, 1)[None, :, :128, :160]).unfold(2, 32, 32).unfold(3, 32, 32)
         cls = copy.deepcopy(net).eval()(windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, 1, 32, 32), decode=False).cls
     options = dict(tile=32, overlap=16, batch_size=4, device=CPU, gating=gating,
-                   cls_threshold=torch.sigmoid(cls).median().item())
+                   gate_threshold=torch.sigmoid(cls).median().item())
     folded = Predictor(net, **options)
     modes = []
     folded.net.inc.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
