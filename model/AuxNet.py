@@ -25,6 +25,7 @@ import math
 from typing import NamedTuple, Optional, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.layer_choices import ACTIVATIONS, DEFAULT_ACTIVATION, DEFAULT_NORM, GROUPS, LEAKY_SLOPE, NORMS
@@ -41,6 +42,24 @@ class AuxNetOutput(NamedTuple):
     fill: Optional[torch.Tensor] = None
 
 
+class InstanceNorm(nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` (its parameters, state_dict and results), faster in fp32 on the CPU.
+
+    torch computes instance norm as a batch norm of a (1, B·C, H, W) view, so a channels_last input
+    is copied to the contiguous layout and back. In fp32 on the CPU this layer normalises with
+    GroupNorm of one group per channel instead: the same function (per sample and channel over H, W,
+    with the same ε, scale and shift), whose kernel reads channels_last as it is. Measured with
+    ``NORM=instance`` on a 2-core Xeon, one thread, 8×1×128² channels_last, per training step: fp32
+    395 → 309 ms (BatchNorm 264), the precision of an AVX2-only CPU; bf16 is unchanged (198 ms
+    either way: GroupNorm is slower there), so bf16 and other devices use ``nn.InstanceNorm2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4:
+            return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 def norm_layer(norm: str, ch: int) -> nn.Module:
     """The normalisation layer ``norm`` (:data:`~model.layer_choices.NORMS`) of ``ch`` channels.
 
@@ -53,7 +72,7 @@ def norm_layer(norm: str, ch: int) -> nn.Module:
     if norm == "batch":
         return nn.BatchNorm2d(ch)
     if norm == "instance":
-        return nn.InstanceNorm2d(ch, affine=True)
+        return InstanceNorm(ch, affine=True)
     if norm == "group":
         return nn.GroupNorm(math.gcd(GROUPS, ch), ch)
     raise ValueError(f"norm={norm!r} is not one of {list(NORMS)}")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from engines.sliding_window import ArrayImage, Predictor
-from model.AuxNet import AuxNet, ConvBlock, fold_batchnorm
+from model.AuxNet import AuxNet, ConvBlock, InstanceNorm, fold_batchnorm
 from model.layer_choices import ACTIVATIONS, NORMS
 
 CPU = torch.device("cpu")
@@ -54,6 +54,29 @@ def test_relu_and_leaky_relu_are_what_they_say():
     assert isinstance(ConvBlock(1, 4, 0.0)[2], nn.ReLU) and isinstance(ConvBlock(1, 4, 0.0)[1], nn.BatchNorm2d)
     instance = ConvBlock(1, 4, 0.0, norm="instance")[1]
     assert isinstance(instance, nn.InstanceNorm2d) and instance.affine and not instance.track_running_stats
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_cpu_instance_norm_equals_torchs(channels_last):
+    """InstanceNorm's fp32 CPU path (GroupNorm of one group per channel) gives nn.InstanceNorm2d's
+    outputs and gradients to fp32 rounding; bf16 under autocast stays nn.InstanceNorm2d's."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 6, 10, 12, generator=gen) * 3 + 1)
+    ours, ref = InstanceNorm(6, affine=True), nn.InstanceNorm2d(6, affine=True)
+    _randomise_affine(ours, 6)
+    ref.load_state_dict(ours.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xs = [x.clone().contiguous(memory_format=fmt).requires_grad_(True) for _ in range(2)]
+    y_ours, y_ref = ours(xs[0]), ref(xs[1])
+    assert (y_ours - y_ref).abs().max() <= 1e-5
+    upstream = torch.randn(y_ref.shape, generator=gen)
+    (y_ours * upstream).sum().backward()
+    (y_ref * upstream).sum().backward()
+    assert (xs[0].grad - xs[1].grad).abs().max() <= 1e-4
+    assert (ours.weight.grad - ref.weight.grad).abs().max() <= 1e-3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_bf16 = ours(x.to(torch.bfloat16).contiguous(memory_format=fmt))
+    assert (y_bf16.float() - y_ref.detach()).abs().max() <= 0.05
 
 
 @pytest.mark.parametrize("norm", ["instance", "group"])
