@@ -139,14 +139,17 @@ class Row:
     swap_term: Optional[tuple[str, str]] = None
 
 
+#: The default before NORM=instance and GATE_THRESHOLD=0.3 (BatchNorm; gating at the classifier's
+#: 0.5): what the rows of :data:`CHANGES` change from, and the row ``batchnorm``.
+BATCHNORM_DEFAULT = ("NORM=batch", "GATE_THRESHOLD=0.5")
 #: What the ablations change from: the default recipe before they chose CLS_WEIGHT=0.1 (each ablation
 #: row is this plus one change, compared with the row ``previous``).
-PREVIOUS_DEFAULT = ("CLS_WEIGHT=1.0",)
+PREVIOUS_DEFAULT = ("CLS_WEIGHT=1.0", *BATCHNORM_DEFAULT)
 
 PEERS: dict[str, Row] = {
     "auxnet": Row("AuxNet default"),
-    "previous": Row("AuxNet, previous default (CLS_WEIGHT=1.0)", PREVIOUS_DEFAULT),
-    "auxnet_cldice": Row("AuxNet default + clDice", extra_terms=("clDice",)),
+    "batchnorm": Row("AuxNet, previous default (NORM=batch, GATE_THRESHOLD=0.5)", BATCHNORM_DEFAULT),
+    "auxnet_cldice": Row("AuxNet, previous default + clDice", BATCHNORM_DEFAULT, extra_terms=("clDice",)),
     "basicunet": Row("MONAI BasicUNet + DiceCE", peer="basicunet"),
     "unet": Row("MONAI UNet + DiceCE", peer="unet"),
     "smp": Row("SMP Unet + DiceCE", peer="smp"),
@@ -162,7 +165,7 @@ ABLATIONS: dict[str, Row] = {name: replace(row, overrides=PREVIOUS_DEFAULT + row
     "instance_leaky": Row("NORM=instance, ACTIVATION=leaky_relu", ("NORM=instance", "ACTIVATION=leaky_relu")),
     "dice_background": Row("INCLUDE_BACKGROUND=true (Dice also of the background)", ("INCLUDE_BACKGROUND=true",)),
     "cls_0": Row("CLS_WEIGHT=0 (head carried, not trained)", ("CLS_WEIGHT=0",)),
-    "cls_0.1": Row("CLS_WEIGHT=0.1 (the default since)", ("CLS_WEIGHT=0.1",)),
+    "cls_0.1": Row("CLS_WEIGHT=0.1", ("CLS_WEIGHT=0.1",)),
     "cls_0.3": Row("CLS_WEIGHT=0.3", ("CLS_WEIGHT=0.3",)),
     "cls_detached": Row("CLS_TRAINS_ENCODER=false (heads trained on the encoder's features)",
                         ("CLS_TRAINS_ENCODER=false",)),
@@ -173,18 +176,23 @@ ABLATIONS: dict[str, Row] = {name: replace(row, overrides=PREVIOUS_DEFAULT + row
     "smae": Row("+ sMAE", extra_terms=("sMAE",)),
     "wce": Row("wCE / wBCE instead of CE / BCE", swap_term=("CE", "wCE")),
     }.items()}
-#: Changes on top of today's default (compared with the row ``auxnet``): what a next default is chosen from.
-CHANGES: dict[str, Row] = {
-    "default_background": Row("AuxNet default + INCLUDE_BACKGROUND=true", ("INCLUDE_BACKGROUND=true",)),
-    "default_instance": Row("AuxNet default + NORM=instance", ("NORM=instance",)),
-    "default_d5w8": Row("AuxNet default + UNET_DEPTH=5, CONV_DEPTH=8 (BasicUNet's levels and widths)",
-                        ("UNET_DEPTH=5", "CONV_DEPTH=8")),
-    "default_image_dice": Row("AuxNet default + BATCH_DICE=false (Dice per image)", ("BATCH_DICE=false",)),
-    "default_image_dice_bg": Row("AuxNet default + BATCH_DICE=false, INCLUDE_BACKGROUND=true (MONAI's Dice)",
+ABLATIONS = {"previous": Row("AuxNet, CLS_WEIGHT=1.0 (the default before CLS_WEIGHT=0.1)", PREVIOUS_DEFAULT),
+             **ABLATIONS}
+
+#: One change each from the previous default (:data:`BATCHNORM_DEFAULT`, compared with the row
+#: ``batchnorm``): what the next default was chosen from.
+CHANGES: dict[str, Row] = {name: replace(row, overrides=BATCHNORM_DEFAULT + row.overrides, reference="batchnorm")
+                           for name, row in {
+    "default_instance": Row("NORM=instance, GATE_THRESHOLD=0.3 (the default since)",
+                            ("NORM=instance", "GATE_THRESHOLD=0.3")),
+    "default_background": Row("INCLUDE_BACKGROUND=true", ("INCLUDE_BACKGROUND=true",)),
+    "default_image_dice": Row("BATCH_DICE=false (Dice per image, as MONAI's)", ("BATCH_DICE=false",)),
+    "default_image_dice_bg": Row("BATCH_DICE=false, INCLUDE_BACKGROUND=true (MONAI's Dice)",
                                  ("BATCH_DICE=false", "INCLUDE_BACKGROUND=true")),
-}
+    "default_d5w8": Row("UNET_DEPTH=5, CONV_DEPTH=8 (BasicUNet's levels and widths)", ("UNET_DEPTH=5", "CONV_DEPTH=8")),
+    }.items()}
 ROWS: dict[str, Row] = {**PEERS, **ABLATIONS, **CHANGES}
-ROW_SETS = {"peers": list(PEERS), "ablations": ["previous", *ABLATIONS], "changes": ["auxnet", *CHANGES]}
+ROW_SETS = {"peers": list(PEERS), "ablations": list(ABLATIONS), "changes": ["batchnorm", *CHANGES]}
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -404,6 +412,10 @@ def score(run: Run, splits, predict: Callable) -> dict:
     return {**metrics.compute(), "predict_s": time.perf_counter() - started, "decoded": float(np.mean(decoded))}
 
 
+#: Options added after finished runs of these tables were made, with the value those runs had: a run
+#: whose option has that value is the same run as one made before the option existed.
+ADDED_SINCE = {"BATCH_DICE": True, "GATE_THRESHOLD": 0.5}
+
 #: The options a peer's run reads: its data, tiles, augmentation, schedule, precision and seed.
 PEER_KEYS = ("DATASET_DIR", "SEED", "SEG_CLASSES", "INPUT_SIZE", "INPUT_CHANNELS", "BATCH_SIZE", "TILE_OVERLAP",
              "TEST_SPLIT", "AUGMENTATIONS", "TRAIN_SET_COMPOSITION", "TEST_SET_COMPOSITION", "INIT_LR", "BASE_LR",
@@ -418,6 +430,9 @@ def run_spec(run: Run) -> dict:
     cfg = load_config(None, run.overrides()).to_dict()
     for key in ("RESULTS_DIR", "EXP_ID", "RUN_ID"):
         cfg.pop(key)
+    for key, value in ADDED_SINCE.items():  # a run made before the option existed had this value
+        if cfg.get(key) == value:
+            cfg.pop(key)
     if run.row.peer:  # only what the peers' training reads (AuxNet's options change nothing of theirs)
         cfg = {key: cfg[key] for key in PEER_KEYS}
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -603,13 +618,14 @@ def write_tables(tasks: list[str], rows: list[str], seeds: list[int], results_di
         peer_rows = [r for r in rows if r in PEERS]
         if any(r in runs for r in peer_rows):
             parts.append(task_table(name, peer_rows, runs, f"### {task.title}"))
-        ablation_rows = [r for r in ["previous", *ABLATIONS] if r in rows]
+        ablation_rows = [r for r in ABLATIONS if r in rows]
         if any(r in runs for r in ablation_rows if r != "previous"):
             parts.append(task_table(name, ablation_rows, runs, f"#### {task.title}: ablations, one change from the "
                                     "previous default each"))
-        change_rows = [r for r in ["auxnet", *CHANGES] if r in rows]
-        if any(r in runs for r in change_rows if r != "auxnet"):
-            parts.append(task_table(name, change_rows, runs, f"#### {task.title}: one change from the default each"))
+        change_rows = [r for r in ["batchnorm", *CHANGES] if r in rows]
+        if any(r in runs for r in change_rows if r != "batchnorm"):
+            parts.append(task_table(name, change_rows, runs, f"#### {task.title}: one change from the previous "
+                                    "default (NORM=batch, GATE_THRESHOLD=0.5) each"))
     made = (f"Made on {'; '.join(sorted(machines)) or machine()}, at commit(s) {', '.join(sorted(commits)) or '—'}. "
             if machines else "")
     parts[1] = parts[1].replace("PROVENANCE ", made)
