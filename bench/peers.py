@@ -441,11 +441,12 @@ def run_spec(run: Run) -> dict:
 
 def finished_twin(run: Run, spec: dict) -> Optional[tuple[str, dict]]:
     """Another row's finished run of the same task and seed with the same :func:`run_spec` (e.g. an
-    ablation that became the default): (its row, its result)."""
+    ablation that became the default), one that trained its network itself (not a reuse, whose
+    folder may later hold another run): (its row, its result)."""
     for path in sorted((run.results / run.task_name).glob(f"*/{run.folder.name}/result.json")):
         if path.parent != run.folder:
             found = json.loads(path.read_text())
-            if found.get("spec") == spec:
+            if found.get("spec") == spec and not found.get("same_run_as"):  # the run that trained it
                 return path.parent.parent.name, found
     return None
 
@@ -465,6 +466,8 @@ def run_one(run: Run, force: bool) -> Optional[dict]:
     twin = None if force else finished_twin(run, spec)
     if twin:
         result = {**twin[1], "same_run_as": twin[0]}
+        if run.folder.exists():  # an earlier run's network and logs are not this result's
+            shutil.rmtree(run.folder)
         run.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, result)
         print(f"{run.task_name} / {run.row.label} / seed {run.seed}: the same configuration as {twin[0]}'s run",
