@@ -106,10 +106,22 @@ def test_a_row_with_the_configuration_of_a_finished_run_reuses_it(tiny_task, tmp
     first.folder.mkdir(parents=True)
     (first.folder / "result.json").write_text(json.dumps({"spec": spec, "scores": {}, "wall_s": 1.0}))
     # the same options written differently: a twin; another option: not
-    monkeypatch.setitem(peers.ROWS, "same", Row("same", ("CLS_TRAINS_ENCODER=false", "CLS_WEIGHT=1")))
+    monkeypatch.setitem(peers.ROWS, "same", Row("same", ("CLS_TRAINS_ENCODER=false", "CLS_WEIGHT=1", "NORM=batch",
+                                                         "GATE_THRESHOLD=0.5", "BATCH_DICE=true")))
     monkeypatch.setitem(peers.ROWS, "other", Row("other", ("CLS_WEIGHT=1.0",)))
     twin = Run("tiny", "same", 42, 0, tmp_path, epochs=1)
     assert peers.run_spec(twin) == spec
     assert peers.finished_twin(twin, spec) == ("cls_detached", json.loads((first.folder / "result.json").read_text()))
     assert peers.run_spec(Run("tiny", "other", 42, 0, tmp_path, epochs=1)) != spec
     assert peers.finished_twin(twin, {**spec, "config": "x"}) is None
+    # options added since the run was made, at the value it had, leave the identity as it was
+    assert set(peers.ADDED_SINCE) == {"BATCH_DICE", "GATE_THRESHOLD"}
+    monkeypatch.setitem(peers.ROWS, "gate", Row("gate", peers.ROWS["same"].overrides[:-2] + ("GATE_THRESHOLD=0.3",)))
+    assert peers.run_spec(Run("tiny", "gate", 42, 0, tmp_path, epochs=1)) != spec
+    # a reuse is never the run reused: only the row that trained the network is
+    monkeypatch.setitem(peers.ROWS, "a_reuse", Row("a_reuse", peers.ROWS["same"].overrides))  # found first
+    reuse = Run("tiny", "a_reuse", 42, 0, tmp_path, epochs=1)
+    reuse.folder.mkdir(parents=True)
+    (reuse.folder / "result.json").write_text(json.dumps({"spec": spec, "same_run_as": "cls_detached"}))
+    monkeypatch.setitem(peers.ROWS, "third", Row("third", peers.ROWS["same"].overrides))
+    assert peers.finished_twin(Run("tiny", "third", 42, 0, tmp_path, epochs=1), spec)[0] == "cls_detached"
