@@ -58,8 +58,9 @@ def test_relu_and_leaky_relu_are_what_they_say():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_the_cpu_instance_norm_equals_torchs(channels_last):
-    """InstanceNorm's fp32 CPU path (GroupNorm of one group per channel) gives nn.InstanceNorm2d's
-    outputs and gradients to fp32 rounding; bf16 under autocast stays nn.InstanceNorm2d's."""
+    """InstanceNorm's CPU path (GroupNorm of one group per channel) gives nn.InstanceNorm2d's outputs
+    and gradients to fp32 rounding, and in bf16 without gradients its outputs to bf16 rounding, in
+    the input's memory format."""
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(3, 6, 10, 12, generator=gen) * 3 + 1)
     ours, ref = InstanceNorm(6, affine=True), nn.InstanceNorm2d(6, affine=True)
@@ -74,9 +75,11 @@ def test_the_cpu_instance_norm_equals_torchs(channels_last):
     (y_ref * upstream).sum().backward()
     assert (xs[0].grad - xs[1].grad).abs().max() <= 1e-4
     assert (ours.weight.grad - ref.weight.grad).abs().max() <= 1e-3
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_bf16 = ours(x.to(torch.bfloat16).contiguous(memory_format=fmt))
-    assert (y_bf16.float() - y_ref.detach()).abs().max() <= 0.05
+    for grad in (True, False):  # bf16: nn.InstanceNorm2d when training, GroupNorm without gradients
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            y_bf16 = ours(x.to(torch.bfloat16).contiguous(memory_format=fmt))
+        assert y_bf16.dtype == torch.bfloat16 and (y_bf16.float() - y_ref.detach()).abs().max() <= 0.05
+        assert y_bf16.is_contiguous(memory_format=fmt) or grad
 
 
 @pytest.mark.parametrize("norm", ["instance", "group"])
