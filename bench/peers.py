@@ -149,6 +149,7 @@ PREVIOUS_DEFAULT = ("CLS_WEIGHT=1.0", *BATCHNORM_DEFAULT)
 PEERS: dict[str, Row] = {
     "auxnet": Row("AuxNet default"),
     "batchnorm": Row("AuxNet, previous default (NORM=batch, GATE_THRESHOLD=0.5)", BATCHNORM_DEFAULT),
+    "default_cldice": Row("AuxNet default + clDice", extra_terms=("clDice",)),
     "auxnet_cldice": Row("AuxNet, previous default + clDice", BATCHNORM_DEFAULT, extra_terms=("clDice",)),
     "basicunet": Row("MONAI BasicUNet + DiceCE", peer="basicunet"),
     "unet": Row("MONAI UNet + DiceCE", peer="unet"),

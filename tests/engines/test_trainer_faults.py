@@ -74,14 +74,14 @@ def test_a_huge_lr_stops_with_the_step_tiles_and_terms_and_leaves_the_checkpoint
 
 
 def test_the_parameter_guard_names_a_non_finite_batchnorm_buffer():
-    net = build_network(tiny_config("unused"))[0]
+    net = build_network(tiny_config("unused", "NORM=batch"))[0]
     assert non_finite(net) == []
     net.inc[1].running_var[0] = math.inf
     assert non_finite(net) == ["inc.1.running_var"]
 
 
 def test_a_non_finite_checkpoint_is_never_written(trainers, tmp_path):
-    trainer = trainers()
+    trainer = trainers("NORM=batch")
     trainer.step.net.inc[1].running_var.fill_(math.inf)
     with pytest.raises(CheckpointError, match="refusing to write .* NaN or infinity .*inc.1.running_var"):
         trainer.save_checkpoint(0, improved=True)

@@ -152,7 +152,7 @@ def test_a_loss_that_becomes_infinite_is_caught_at_the_next_check_point_named_an
 
 def test_a_statistic_that_becomes_nan_is_caught_at_the_next_check_point_named_and_nothing_saved(
         nine_steps, monkeypatch):
-    trainer = nine_steps("TRAIN_EPOCHS=1")
+    trainer = nine_steps("TRAIN_EPOCHS=1", "NORM=batch")
     optimise = trainer.optimise
     steps = []
 

@@ -51,7 +51,7 @@ def test_set_trainable_freezes_the_other_parts(model):
 
 
 def test_frozen_encoder_keeps_batchnorm_statistics():
-    net = AuxNet(1, 1, 1, depth=3, base_width=4)
+    net = AuxNet(1, 1, 1, depth=3, base_width=4, norm="batch")
     net.set_trainable("C")
     before = net.inc[1].running_mean.clone()
     net.train()
@@ -106,7 +106,7 @@ def test_folded_batchnorm_gives_the_outputs_of_the_network(model, depth):
     stage = STAGES[model]
     seg, cls = (1, 3, 2)[depth - 3], (1 if depth % 2 else 2) if stage.has_head else 0
     torch.manual_seed(depth)
-    net = _with_statistics(AuxNet(2, seg, cls, depth=depth, base_width=4), seed=depth)
+    net = _with_statistics(AuxNet(2, seg, cls, depth=depth, base_width=4, norm="batch"), seed=depth)
     net.set_trainable(stage.trains)
     net.train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -139,7 +139,7 @@ def test_folded_batchnorm_gives_the_outputs_of_the_network(model, depth):
 
 
 def test_folding_keeps_the_memory_format_and_refuses_batchnorm_without_statistics():
-    net = _with_statistics(AuxNet(1, 1, 1, depth=3, base_width=4), seed=0).to(memory_format=torch.channels_last)
+    net = _with_statistics(AuxNet(1, 1, 1, depth=3, base_width=4, norm="batch"), seed=0).to(memory_format=torch.channels_last)
     folded = fold_batchnorm(net)
     assert folded.inc[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert not folded.inc[0].weight.requires_grad and folded.inc[0].bias is not None
