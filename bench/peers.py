@@ -149,7 +149,6 @@ PREVIOUS_DEFAULT = ("CLS_WEIGHT=1.0", *BATCHNORM_DEFAULT)
 PEERS: dict[str, Row] = {
     "auxnet": Row("AuxNet default"),
     "batchnorm": Row("AuxNet, previous default (NORM=batch, GATE_THRESHOLD=0.5)", BATCHNORM_DEFAULT),
-    "default_cldice": Row("AuxNet default + clDice", extra_terms=("clDice",)),
     "auxnet_cldice": Row("AuxNet, previous default + clDice", BATCHNORM_DEFAULT, extra_terms=("clDice",)),
     "basicunet": Row("MONAI BasicUNet + DiceCE", peer="basicunet"),
     "unet": Row("MONAI UNet + DiceCE", peer="unet"),
@@ -184,7 +183,7 @@ ABLATIONS = {"previous": Row("AuxNet, CLS_WEIGHT=1.0 (the default before CLS_WEI
 #: ``batchnorm``): what the next default was chosen from.
 CHANGES: dict[str, Row] = {name: replace(row, overrides=BATCHNORM_DEFAULT + row.overrides, reference="batchnorm")
                            for name, row in {
-    "default_instance": Row("NORM=instance, GATE_THRESHOLD=0.3 (the default since)",
+    "default_instance": Row("NORM=instance, GATE_THRESHOLD=0.3",
                             ("NORM=instance", "GATE_THRESHOLD=0.3")),
     "default_background": Row("INCLUDE_BACKGROUND=true", ("INCLUDE_BACKGROUND=true",)),
     "default_image_dice": Row("BATCH_DICE=false (Dice per image, as MONAI's)", ("BATCH_DICE=false",)),

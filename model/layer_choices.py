@@ -15,7 +15,7 @@ NORMS = ("batch", "instance", "group")
 ACTIVATIONS = ("relu", "leaky_relu")
 
 #: The default NORM and ACTIVATION (of the configuration and of :class:`model.AuxNet.AuxNet`).
-DEFAULT_NORM = "instance"
+DEFAULT_NORM = "batch"
 DEFAULT_ACTIVATION = "relu"
 
 #: LeakyReLU's slope for negative inputs (MONAI BasicUNet's).

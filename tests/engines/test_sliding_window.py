@@ -94,11 +94,12 @@ def _constant_tiles(rng, n, classes, size=32):
     return torch.from_numpy(images), torch.from_numpy(masks)
 
 
-@pytest.mark.parametrize("classes", [1, 3])
-def test_the_fill_class_is_learned_and_gated_tiles_are_filled_with_it(classes):
+def _gated_labels_of_two_uniform_regions(classes: int, norm: str) -> tuple[np.ndarray, int]:
+    """Train a tiny network on single-class tiles, then predict, gated, an image of two uniform
+    regions (gray 0.2 = class 0, 0.8 = class k-1) each many tiles wide: (labels, k)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(3)
-    net = AuxNet(1, classes, 1, depth=3, base_width=4)
+    net = AuxNet(1, classes, 1, depth=3, base_width=4, norm=norm)
     loss = build_loss("SoftDICE", seg_classes=classes, cls_classes=1)
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     for _ in range(60):
@@ -117,8 +118,23 @@ def test_the_fill_class_is_learned_and_gated_tiles_are_filled_with_it(classes):
     predictor = Predictor(net, tile=32, overlap=0, batch_size=8, device=CPU, gating=True)
     probs, stats = predictor.predict_array(ArrayImage(image))
     assert stats.decoded == 0 and stats.gated_off == stats.tiles == 16
-    labels = predictor.labels(probs)
+    return predictor.labels(probs), k
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_the_fill_class_is_learned_and_gated_tiles_are_filled_with_it(classes):
+    labels, k = _gated_labels_of_two_uniform_regions(classes, "batch")
     assert (labels[:, :128] == 0).all() and (labels[:, 128:] == k - 1).all()
+
+
+@pytest.mark.parametrize("norm", ["instance", "group"])
+def test_per_window_statistics_lose_the_gray_level_of_a_uniform_window(norm):
+    """Why NORM=batch stays the default: under InstanceNorm or GroupNorm a window of one gray level
+    normalises to the same features whatever the level (every channel is constant up to the zero
+    padding, and its mean is subtracted), so the same training as above cannot tell the two regions
+    apart: both get one class, where BatchNorm's running statistics name each correctly."""
+    labels, _ = _gated_labels_of_two_uniform_regions(1, norm)
+    assert len(np.unique(labels)) == 1
 
 
 def test_batchnorm_is_folded_only_without_autocast():
