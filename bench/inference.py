@@ -7,7 +7,7 @@ Part 1 (one run, side by side, on one synthetic scene of ``--size`` px a side, d
   with the same network (encoder + decoder, sigmoid / softmax probabilities, the checkpoint's
   autocast precision and memory format) on the same normalised image;
 * (c) ``gated``  -- :class:`~engines.sliding_window.Predictor`, ``gating=True`` at the checkpoint's
-  GATE_THRESHOLD (0.3 for a new one; a checkout from before the option gates at CLS_THRESHOLD 0.5).
+  GATE_THRESHOLD (0.4 for a new one; a checkout from before the option gates at CLS_THRESHOLD 0.5).
 
 All three use 128-px windows (the checkpoint's INPUT_SIZE), 64 px overlap and 16 windows per
 forward pass (PREDICT_BATCH), on ``--device`` (``cpu``, ``cuda`` or ``auto``: a GPU where torch sees one).

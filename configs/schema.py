@@ -180,7 +180,7 @@ class Config:
     OUTPUT: Optional[str] = opt(None, "predict: output folder (null = predict_<n>/ beside the checkpoint)")
     GATING: bool = opt(True, "predict / whole-image eval: decode only the tiles the head says contain a boundary")
     GATE_THRESHOLD: float = opt(
-        0.3,
+        0.4,
         "gating: a window is decoded where the head's boundary probability exceeds this (lower = safer for faint, thin structures, slower)",
     )
     TTA: Literal["none", "flips", "d4"] = opt(

@@ -10,7 +10,7 @@ summed weights, so neighbouring windows blend without seams. With gating off thi
 **Gating.** The heads decide which windows need the decoder (:class:`GatePlan`). The encoder and
 both heads run on *cells*, a subset of the windows that still covers the image (every other window
 at 50 % overlap); a cell is called boundary where the head's boundary probability exceeds
-GATE_THRESHOLD (:func:`boundary_probability`; 0.3 by default, below the classifier's 0.5, so that
+GATE_THRESHOLD (:func:`boundary_probability`; 0.4 by default, below the classifier's 0.5, so that
 a cell it is unsure of is decoded). A boundary cell is decoded from its own
 encoder features; the other windows that overlap it, and the filled cells next to it, are encoded
 and decoded. Every other cell is single-class: it contributes the one-hot probability of the class
