@@ -150,6 +150,7 @@ PEERS: dict[str, Row] = {
     "auxnet": Row("AuxNet default"),
     "batchnorm": Row("AuxNet, previous default (gated at GATE_THRESHOLD=0.5)", BATCHNORM_DEFAULT),
     "auxnet_cldice": Row("AuxNet, previous default + clDice", BATCHNORM_DEFAULT, extra_terms=("clDice",)),
+    "auxnet_wce": Row("AuxNet default, wCE / wBCE instead of CE / BCE", swap_term=("CE", "wCE")),
     "basicunet": Row("MONAI BasicUNet + DiceCE", peer="basicunet"),
     "unet": Row("MONAI UNet + DiceCE", peer="unet"),
     "smp": Row("SMP Unet + DiceCE", peer="smp"),
@@ -596,9 +597,10 @@ def write_tables(tasks: list[str], rows: list[str], seeds: list[int], results_di
                  epochs: Optional[int]) -> str:
     parts = ["# AuxNet beside its peers\n\nWritten by `bench/peers.py` (do not edit: rerun it). The runs: "
              "`python bench/peers.py --threads 1` (AuxNet and the peers on every task) and `python bench/peers.py "
-             "--threads 1 --tasks touching_blobs --rows ablations` (AuxNet's ablations); the tables: `python "
-             "bench/peers.py --tables-only --rows peers ablations`. One thread per run, so that two runs side by side "
-             "on a 2-core machine time alike.",
+             "--threads 1 --tasks touching_blobs --rows ablations` (AuxNet's ablations), `--rows changes` (one change "
+             "each from the previous default); the tables: `python bench/peers.py --tables-only --rows peers "
+             "ablations changes`. One thread per run, so that two runs side by side on a 2-core machine time alike "
+             "(under the load of other work, so the time columns compare rows within a table only).",
              "PROVENANCE Mean ± sample std over the seeds (" + ", ".join(map(str, seeds)) + "); whole test images; "
              "the final epoch's network (nothing selected on the test images). HD95 and ASD are the mean over the test "
              "images. Δ: the mean change from the table's reference row ('AuxNet default'; for the ablations, the "
