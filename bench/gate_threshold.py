@@ -1,5 +1,5 @@
 """Gated prediction of finished ``bench/peers.py`` runs at several GATE_THRESHOLD values: the table
-that chose the default (0.3).
+that chose the default (0.4).
 
 For each task and seed the run's final network (``last.pth``) predicts the task's whole test images
 with gating at each threshold, scored as ``bench/peers.py`` scores (one
@@ -43,21 +43,12 @@ def trained_folder(run: peers.Run) -> Path:
 
 def sweep(run: peers.Run, thresholds) -> dict[float, tuple[float, float, float, float, float]]:
     """threshold -> (Dice, boundary IoU, boundary HD95, decoded share, predict s) of one run."""
-    folder = trained_folder(run)
-    cfg = peers.load_config(None, [*run.overrides(), f"MODEL_WEIGHTS={folder / 'last.pth'}"])
-    checkpoint = peers.load_for_inference(cfg, overrides=[], command="eval")
-    runtime = peers.build_runtime(checkpoint.cfg, peers.DistContext(device=peers.bench_device(cfg)))
-    splits = peers.build_data(checkpoint.cfg, folder / "tts.json", fold=0, scene_sdm=False)
+    checkpoint, runtime, splits = peers.load_trained(run, trained_folder(run))
     out = {}
     for threshold in thresholds:
         gate_cfg = dataclasses.replace(checkpoint.cfg, GATE_THRESHOLD=threshold)
         predictor = peers.build_predictor(gate_cfg, checkpoint.net, checkpoint.can_gate, runtime, gating=True)
-
-        def predict(raw, entry, predictor=predictor):
-            probs, stats = predictor.predict_array(peers.ArrayImage(raw, entry.offset, entry.scale))
-            return predictor.labels(probs, gate_cfg.SEG_THRESHOLD), stats.decoded / max(stats.tiles, 1)
-
-        scores = peers.score(run, splits, predict)
+        scores = peers.score(run, splits, peers.whole_image_predict(predictor, gate_cfg.SEG_THRESHOLD))
         dice, iou = peers.headline(run.task, scores)
         out[threshold] = (dice, iou, scores[f"HD95/{run.task.boundary}"], scores["decoded"], scores["predict_s"])
     return out

@@ -293,23 +293,33 @@ def train_auxnet(run: Run) -> dict:
     return {"wall_s": wall, "train_s": sum(e.get("train_s", e.get("time_s", 0.0)) for e in epochs)}
 
 
+def load_trained(run: Run, folder: Optional[Path] = None):
+    """A finished AuxNet run's final network (``last.pth`` of ``folder``, default the run's own) as
+    :func:`engines.inference.load_for_inference` reads it, its runtime and its data splits."""
+    folder = folder or run.folder
+    cfg = load_config(None, [*run.overrides(), f"MODEL_WEIGHTS={folder / 'last.pth'}"])
+    checkpoint = load_for_inference(cfg, overrides=[], command="eval")
+    runtime = build_runtime(checkpoint.cfg, DistContext(device=bench_device(cfg)))
+    splits = build_data(checkpoint.cfg, folder / "tts.json", fold=0, scene_sdm=False)
+    return checkpoint, runtime, splits
+
+
+def whole_image_predict(predictor, seg_threshold: float) -> Callable:
+    """:func:`score`'s ``predict`` for the framework's predictor: (labels, share of windows decoded)."""
+    def predict(raw, entry):
+        probs, stats = predictor.predict_array(ArrayImage(raw, entry.offset, entry.scale))
+        return predictor.labels(probs, seg_threshold), stats.decoded / max(stats.tiles, 1)
+    return predict
+
+
 def score_auxnet(run: Run) -> dict[str, dict]:
     """Whole test images predicted from ``last.pth`` with the framework's predictor, ungated and gated."""
-    cfg = load_config(None, [*run.overrides(), f"MODEL_WEIGHTS={run.folder / 'last.pth'}"])
-    checkpoint = load_for_inference(cfg, overrides=[], command="eval")
-    ctx = DistContext(device=bench_device(cfg))
-    runtime = build_runtime(checkpoint.cfg, ctx)
-    splits = build_data(checkpoint.cfg, run.folder / "tts.json", fold=0, scene_sdm=False)
+    checkpoint, runtime, splits = load_trained(run)
     out = {}
     for mode in ("ungated", "gated") if checkpoint.can_gate else ("ungated",):
         predictor = build_predictor(checkpoint.cfg, checkpoint.net, checkpoint.can_gate, runtime,
                                     gating=mode == "gated")
-
-        def predict(raw, entry, predictor=predictor):
-            probs, stats = predictor.predict_array(ArrayImage(raw, entry.offset, entry.scale))
-            return predictor.labels(probs, checkpoint.cfg.SEG_THRESHOLD), stats.decoded / max(stats.tiles, 1)
-
-        out[mode] = score(run, splits, predict)
+        out[mode] = score(run, splits, whole_image_predict(predictor, checkpoint.cfg.SEG_THRESHOLD))
     out["params"] = sum(p.numel() for p in checkpoint.net.parameters())
     return out
 
@@ -630,7 +640,7 @@ def write_tables(tasks: list[str], rows: list[str], seeds: list[int], results_di
         change_rows = [r for r in ["batchnorm", *CHANGES] if r in rows]
         if any(r in runs for r in change_rows if r != "batchnorm"):
             parts.append(task_table(name, change_rows, runs, f"#### {task.title}: one change from the previous "
-                                    "default (NORM=batch, GATE_THRESHOLD=0.5) each"))
+                                    f"default ({', '.join(BATCHNORM_DEFAULT)}) each"))
     made = (f"Made on {'; '.join(sorted(machines)) or machine()}, at commit(s) {', '.join(sorted(commits)) or '—'}. "
             if machines else "")
     parts[1] = parts[1].replace("PROVENANCE ", made)
