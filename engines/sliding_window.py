@@ -40,7 +40,6 @@ PREDICT_BATCH, or chosen from the device's free memory (:func:`engines.device_ba
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -52,7 +51,8 @@ from tqdm import tqdm
 from engines.device_bands import BandReader, HostRows, auto_batch, band_bytes, blending_device, feature_budget, upload
 from engines.forward import NonFiniteOutput, autocast_for
 from engines.gating import FILL_BLEND_WEIGHT, GATE_REACH, GatePlan, cover_indices  # noqa: F401 (re-exported)
-from model.AuxNet import AuxNet, fold_batchnorm
+from model.AuxNet import AuxNet
+from model.fused import inference_copy
 from model.metrics import labels_from_scores
 from utils.image_io import to_unit_range
 from utils.loggers import progress_bars
@@ -122,12 +122,13 @@ class ArrayImage:
 class Predictor:
     """Sliding-window (optionally gated) prediction of whole images with one network.
 
-    The predictor runs an inference copy of ``net`` in eval mode under ``torch.inference_mode``;
-    ``net`` itself, its mode and its weights are not changed. In fp32 (no ``amp_dtype``) the copy has
-    its BatchNorm folded into the convolutions (:func:`model.AuxNet.fold_batchnorm`: the same
-    probabilities to ~1e-6, 1.08-1.14x the windows/s on an AVX2 CPU). Under autocast it is not
-    folded: the folded bias would be rounded to bf16/fp16, moving probabilities by up to ~0.02
-    against the unfolded network's own bf16 error of ~0.004 (measured on the default network).
+    The predictor runs an inference copy of ``net`` in eval mode under ``torch.inference_mode``
+    (:func:`model.fused.inference_copy`); ``net`` itself, its mode and its weights are not changed.
+    The copy has its BatchNorm folded into the convolutions in fp32 everywhere and in bf16 on the
+    CPU, where each convolution also runs with its activation in one oneDNN call and keeps its bias
+    in fp32 (the same probabilities to ~1e-6 in fp32; in bf16 the unfused network's own error).
+    Under fp16, and under bf16 on a GPU, BatchNorm is not folded: the folded bias would be rounded
+    to the low precision, moving probabilities by up to ~0.02 (measured on the default network).
 
     Args:
         net: the network, on ``device``. Gating needs its heads.
@@ -167,8 +168,9 @@ class Predictor:
             raise ValueError(f"tta={tta!r}: choose one of {' | '.join(TTA_TRANSFORMS)}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1 (or None: chosen for the device)")
-        # exact only in fp32 (see the class docstring); a copy either way: the caller's network is untouched
-        self.net = fold_batchnorm(net) if amp_dtype is None else copy.deepcopy(net).eval()
+        _check_finite(net)
+        # a copy: the caller's network is untouched (see the class docstring)
+        self.net = inference_copy(net, amp_dtype)
         self.tile, self.step = tile, tile - overlap
         self.device, self.amp_dtype, self.channels_last = device, amp_dtype, channels_last
         if not 0 <= gate_threshold <= 1:
@@ -480,9 +482,21 @@ def _shifted(a: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
+def _check_finite(net: torch.nn.Module) -> None:
+    """Raise :class:`NonFiniteOutput` naming the first weight of ``net`` that holds NaN or inf. Needed
+    before prediction, not only after it: a fused ReLU (:mod:`model.fused`) maps NaN to 0, so NaN
+    weights need not reach the output."""
+    for name, tensor in (*net.named_parameters(), *net.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise NonFiniteOutput(f"the network's weight {name} holds NaN or infinite values")
+
+
 def _probabilities(seg_logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities (float32, on the logits' device): sigmoid for one channel, else softmax."""
+    """Class probabilities (float32, on the logits' device): sigmoid for one channel, else softmax.
+    An infinite logit (an overflow; sigmoid and softmax would round it to a finite 0 or 1) gives NaN,
+    which the band's finite check reports."""
     x = seg_logits.float()
+    x = x + (x - x)  # exact for finite x; inf - inf = NaN
     return torch.sigmoid(x) if x.shape[1] == 1 else torch.softmax(x, dim=1)
 
 

@@ -7,7 +7,8 @@ The package's names are imported on first use (PEP 562), so that a torch-free pa
 import importlib
 
 #: Each re-exported name: the module that defines it.
-_EXPORTS = {"AuxNet": "model.AuxNet", "AuxNetOutput": "model.AuxNet", "fold_batchnorm": "model.AuxNet"}
+_EXPORTS = {"AuxNet": "model.AuxNet", "AuxNetOutput": "model.AuxNet", "fold_batchnorm": "model.AuxNet",
+            "inference_copy": "model.fused"}
 
 __all__ = list(_EXPORTS)
 

@@ -137,23 +137,28 @@ def test_per_window_statistics_lose_the_gray_level_of_a_uniform_window(norm):
     assert len(np.unique(labels)) == 1
 
 
-def test_batchnorm_is_folded_only_without_autocast():
-    """Folding is exact in fp32 only: under bf16 autocast the folded bias would be rounded to bf16
-    (probabilities moved by ~0.02 on the default network), so the predictor keeps BatchNorm there,
-    in its own eval copy (the caller's network keeps its mode)."""
+def test_batchnorm_is_folded_where_its_shift_keeps_fp32():
+    """Folding is exact in fp32. Under bf16 on a CPU where oneDNN computes bf16 the folded bias stays
+    fp32 in the fused convolution (model.fused), so BatchNorm is folded there too; under fp16 (and
+    bf16 elsewhere) the bias would be rounded to the low precision (probabilities moved by ~0.02
+    on the default network), so the predictor keeps BatchNorm, in its own eval copy (the caller's
+    network keeps its mode)."""
+    from model.fused import _onednn_bf16
+
     net = tiny_net(seed=4).train()
     options = dict(tile=32, overlap=16, batch_size=4, device=CPU)
     has_bn = [any(isinstance(m, torch.nn.BatchNorm2d) for m in Predictor(net, amp_dtype=dtype, **options).net.modules())
-              for dtype in (None, torch.bfloat16)]
-    assert has_bn == [False, True]
-    bf16 = Predictor(net, amp_dtype=torch.bfloat16, **options)
-    assert bf16.net is not net and not bf16.net.training and net.training
+              for dtype in (None, torch.bfloat16, torch.float16)]
+    assert has_bn == [False, not _onednn_bf16(), True]
+    for dtype in (torch.bfloat16, torch.float16):
+        low = Predictor(net, amp_dtype=dtype, **options)
+        assert low.net is not net and not low.net.training and net.training
 
 
 @pytest.mark.parametrize("gating, classes", [(False, 1), (True, 1), (True, 3)])
 def test_the_folded_network_predicts_what_the_network_predicts(monkeypatch, gating, classes):
-    """The predictor runs a copy of the network with BatchNorm folded into the convolutions, under
-    inference mode: the same probabilities (to fp32 rounding), labels and gating decisions as the
+    """The predictor runs a copy of the network with BatchNorm folded into the convolutions (and on
+    the CPU fused with the activations, model.fused), under inference mode: the same probabilities (to fp32 rounding), labels and gating decisions as the
     network itself, which keeps its mode and weights."""
     import copy
 
@@ -177,7 +182,7 @@ def test_the_folded_network_predicts_what_the_network_predicts(monkeypatch, gati
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.net.modules())
     assert modes and all(modes)
 
-    monkeypatch.setattr(sliding_window, "fold_batchnorm", lambda n: copy.deepcopy(n).eval())
+    monkeypatch.setattr(sliding_window, "inference_copy", lambda n, amp_dtype: copy.deepcopy(n).eval())
     plain = Predictor(net, **options)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.net.modules())
     ref, ref_stats = plain.predict_array(ArrayImage(image))
@@ -360,3 +365,23 @@ def test_tta_with_gating_augments_the_decoded_windows_and_leaves_the_fills():
 def test_an_unknown_tta_is_refused_by_name():
     with pytest.raises(ValueError, match="tta='rot'.*none \\| flips \\| d4"):
         Predictor(tiny_net(), tile=32, overlap=0, batch_size=2, device=CPU, tta="rot")
+
+
+def test_nan_weights_and_infinite_logits_are_reported_not_rounded():
+    """A fused ReLU maps NaN to 0, and sigmoid / softmax round an infinite logit to 0 or 1: the
+    predictor checks the weights before it runs, and turns infinite logits into NaN probabilities,
+    which the band's finite check reports."""
+    from engines.forward import NonFiniteOutput
+    from engines.sliding_window import _probabilities
+
+    net = tiny_net(seed=1)
+    with torch.no_grad():
+        net.downs[1][1][1].running_var[2] = float("nan")
+    with pytest.raises(NonFiniteOutput, match=r"^the network's weight downs\.1\.1\.1\.running_var holds NaN or "
+                                              r"infinite values$"):
+        Predictor(net, tile=32, overlap=0, batch_size=2, device=CPU)
+    logits = torch.tensor([[[[float("inf"), -float("inf"), 3.0]]]])
+    probs = _probabilities(logits)
+    assert probs[0, 0, 0, :2].isnan().all() and probs[0, 0, 0, 2] == torch.sigmoid(torch.tensor(3.0))
+    two = _probabilities(torch.tensor([[[[float("inf"), 1.0]], [[0.0, 2.0]]]]))
+    assert two[:, :, :, 0].isnan().all() and torch.equal(two[0, :, 0, 1], torch.softmax(torch.tensor([1.0, 2.0]), 0))
