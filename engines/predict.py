@@ -27,8 +27,8 @@ What predict writes, and where (it never destroys a file):
   appears during the run is never replaced.
 - Inputs that share a stem (``scene.png``, ``scene.tif``) keep both results: their outputs are named
   with the suffix (``scene_png_mask.png``, ``scene_tif_mask.png``), with a note.
-- ``predictions.jsonl`` is rewritten whole, atomically, after each image: a kill never leaves half
-  a line, and every image it lists has all its outputs (only a kill -9 can leave part of the
+- ``predictions.jsonl`` is rewritten whole, atomically, after each image (:class:`RecordsFile`):
+  a kill never leaves half a line, and every image it lists has all its outputs (only a kill -9 can leave part of the
   outputs of the image being written, without a line).
 - An OUTPUT that cannot be created or written is one error before any prediction. A write error
   while saving one image's outputs removes that image's partial outputs and lists it among the
@@ -323,10 +323,9 @@ def predict_files(cfg: Config, predictor: Predictor, files: list[Path], out: Pat
     Returns:
         (images predicted, one message per failed image, why the folder stopped early or "").
     """
-    jsonl = out / "predictions.jsonl"
+    jsonl = RecordsFile(out / "predictions.jsonl")
     records, failures, stopped = predict_each(
-        cfg, predictor, files, range(len(files)), output_names(files), out, inputs,
-        finished=lambda earlier, record: write_records(jsonl, [*earlier, record]))
+        cfg, predictor, files, range(len(files)), output_names(files), out, inputs, finished=jsonl.add)
     return len(records), list(failures.values()), stopped
 
 
@@ -337,16 +336,15 @@ Results = tuple[dict[int, dict], dict[int, str], str]
 
 def predict_each(cfg: Config, predictor: Predictor, files: list[Path], mine: Iterable[int], names: dict[Path, str],
                  out: Path, inputs: Optional[InputScaling],
-                 finished: Optional[Callable[[list[dict], dict], None]] = None) -> Results:
+                 finished: Optional[Callable[[dict], None]] = None) -> Results:
     """Predict ``files[i]`` for each ``i`` of ``mine`` into ``out``, its outputs named after ``names``
     (:func:`output_names`). An image that fails is listed and the others go on, unless no later output
     could be written (:func:`stops_folder`). The one loop of one process and of each rank
     (:mod:`engines.predict_ddp`).
 
     Args:
-        finished: called with the earlier records and each new one once its outputs are written (one
-            process records it in ``predictions.jsonl``); if it raises, that image fails and its
-            outputs are removed.
+        finished: called with each image's record once its outputs are written (one process adds
+            it to ``predictions.jsonl``); if it raises, that image fails and its outputs are removed.
     """
     mine = list(mine)
     records: dict[int, dict] = {}
@@ -357,7 +355,7 @@ def predict_each(cfg: Config, predictor: Predictor, files: list[Path], mine: Ite
             record = predict_file(cfg, predictor, path, out, names[path], inputs)
             if finished is not None:
                 try:
-                    finished(list(records.values()), record)
+                    finished(record)
                 except BaseException:
                     remove_outputs([record["mask"], record["overlay"], record["probabilities"], record["polygons"]])
                     raise
@@ -429,17 +427,29 @@ def _failure_message(path: Path, out: Path, err: Exception) -> str:
     return str(err) if str(err).startswith(str(path)) else f"{path}: {err}"
 
 
-def write_records(path: Path, records: list[dict]) -> None:
-    """Rewrite ``predictions.jsonl`` whole, atomically (a kill never leaves half a line); its first
-    write refuses a file this predict did not make.
+class RecordsFile:
+    """``predictions.jsonl`` of one predict: rewritten whole, atomically, with each record added (a
+    kill never leaves half a line); its first write refuses a file this predict did not make. Each
+    record is serialised once, when it is added: for thousands of images the rewrite copies the
+    earlier lines, not their records."""
 
-    Raises:
-        FileExistsError: ``path`` exists before this predict's first record.
-    """
-    if len(records) == 1 and path.exists():
-        raise FileExistsError(errno.EEXIST, "exists already and was not written by this predict; it is left as "
-                              "it is", str(path))
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    def __init__(self, path: Path):
+        self.path = path
+        self.lines: list[str] = []
+
+    def add(self, *records: dict) -> None:
+        """Append ``records`` and rewrite the file.
+
+        Raises:
+            FileExistsError: the file exists before this predict's first record.
+            OSError: it cannot be written (the records are then not added).
+        """
+        if not self.lines and self.path.exists():
+            raise FileExistsError(errno.EEXIST, "exists already and was not written by this predict; it is left "
+                                  "as it is", str(self.path))
+        lines = [json.dumps(r) + "\n" for r in records]
+        atomic_write_text(self.path, "".join(self.lines + lines))
+        self.lines += lines
 
 
 def remove_outputs(paths: list) -> None:

@@ -36,9 +36,9 @@ from engines.forward import place
 from engines.inference import Inference, load_for_inference
 from engines.launch import (INTERRUPTED, Interrupted, choose_port, exit_status, join_torchrun, processes,
                             run_everywhere)
-from engines.predict import (Results, build_predictor, check_gating, check_inputs, output_dir, output_names,
-                             predict, predict_each, prepare_output, remove_if_empty, report, training_inputs,
-                             write_records)
+from engines.predict import (RecordsFile, Results, build_predictor, check_gating, check_inputs, output_dir,
+                             output_names, predict, predict_each, prepare_output, remove_if_empty, report,
+                             training_inputs)
 from utils.hardware import Runtime
 from utils.image_io import InputScaling
 from utils.run_paths import RunDir
@@ -189,7 +189,7 @@ def finish(shared: Plan, out: Path, everyone: list[Results]) -> int:
     if records:
         jsonl = out / "predictions.jsonl"
         try:
-            write_records(jsonl, [records[i] for i in sorted(records)])
+            RecordsFile(jsonl).add(*(records[i] for i in sorted(records)))
         except OSError as err:
             print(f"error: cannot write {jsonl} ({err.strerror or err}); the {len(records)} image(s) predicted "
                   "keep their outputs", flush=True)

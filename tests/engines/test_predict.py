@@ -21,7 +21,7 @@ from PIL import Image
 from configs import load_config
 from conftest import predict_config
 from engines import predict as predict_module
-from engines.predict import predict
+from engines.predict import RecordsFile, predict
 from engines.sliding_window import Predictor
 from model.AuxNet import AuxNet
 from utils.raster_write import MaskWriter
@@ -640,3 +640,29 @@ def test_predict_reads_each_input_row_once_with_several_readers(checkpoint, tmp_
     with raster.open_image(path) as image, ClassMask(record["mask"], 2) as mask:
         overlay_png(tmp_path / "read.png", image, mask, 2)
     assert Path(record["overlay"]).read_bytes() == (tmp_path / "read.png").read_bytes()
+
+
+def test_records_file_serialises_each_record_once_and_rewrites_the_whole_file(tmp_path, monkeypatch):
+    dumped = []
+    real_dumps = json.dumps
+    monkeypatch.setattr(predict_module.json, "dumps", lambda obj, **kw: dumped.append(obj) or real_dumps(obj, **kw))
+    path = tmp_path / "predictions.jsonl"
+    jsonl = RecordsFile(path)
+    records = [{"image": f"{i}.png", "tiles": i} for i in range(50)]
+    for r in records:
+        jsonl.add(r)
+    assert dumped == records  # once each, not once per rewrite (1275 times)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records
+
+    def full(*_args, **_kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(predict_module, "atomic_write_text", full)
+    with pytest.raises(OSError):
+        jsonl.add({"image": "late.png"})
+    assert len(jsonl.lines) == 50 and len(path.read_text().splitlines()) == 50  # not added, file as it was
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("not ours\n")
+    with pytest.raises(FileExistsError, match="exists already and was not written by this predict"):
+        RecordsFile(other).add({"image": "a.png"})
+    assert other.read_text() == "not ours\n"
