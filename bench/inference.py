@@ -477,7 +477,7 @@ def scores(probs_path: Path, truth: np.ndarray, k: int, seg_threshold: float) ->
 def cli_predict(weights: Path, tif: Path, out: Path, timeout: float, env: dict) -> dict:
     """Wall time and peak RSS of `main.py predict` on ``tif``."""
     cmd = [sys.executable, "main.py", "predict", f"MODEL_WEIGHTS={weights}", f"INPUT={tif}", f"OUTPUT={out}",
-           f"TILE_OVERLAP={OVERLAP}", f"BATCH_SIZE={BATCH}", "GATING=true", f"CLS_THRESHOLD={CLS_THRESHOLD}"]
+           f"TILE_OVERLAP={OVERLAP}", f"PREDICT_BATCH={BATCH}", "GATING=true", f"CLS_THRESHOLD={CLS_THRESHOLD}"]
     time_bin = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
     if time_bin:
         full, how = [time_bin, "-v", *cmd], "/usr/bin/time -v"

@@ -36,11 +36,12 @@ oneDNN computes no bf16 (an AVX2-only CPU: there ``auto`` precision is fp32 anyw
 and GroupNorm blocks (each sample's own statistics sit between convolution and activation: only
 the decoder's split and the pooling apply), and a torch built without oneDNN.
 
-Measured (``bench/inference.py --threads 1``, 4096² scene, 3969 windows, against the predictor
-before this copy existed): bf16 on a 2-core Xeon with AMX 1.62× the windows/s, gated 2.02×; fp32
-limited to AVX2 1.17× (gated 1.17×). On AVX2 the default network's 1.15 GFLOP per window run at
-96 % of the throughput of one large 3×3 convolution on that core: fp32 prediction there is
-bound by the convolutions' arithmetic, which no fusion changes.
+Measured (``bench/inference.py --threads 1 --old-code``, 4096² scene, 3969 windows, against the
+predictor before this copy existed, two runs each): bf16 on a 2-core Xeon with AMX 1.62× and 1.93×
+the windows/s, gated 2.02× and 2.03×; fp32 limited to AVX2 1.17× and 1.30× (gated 1.17×, 1.23×).
+On AVX2 the default network's 1.15 GFLOP per window run at 87–96 % of the rate of one large 3×3
+convolution on that core: fp32 prediction there is bound by the convolutions' arithmetic, which no
+fusion changes.
 """
 
 from __future__ import annotations
