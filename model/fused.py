@@ -217,9 +217,15 @@ class FusedUp(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         partial, c = self.skip_conv(skip), self.up_conv
-        # oneDNN fuses only ReLU after a sum (not LeakyReLU): that one runs as a layer after it
-        y = _POINTWISE.binary(self.up(x).to(c.weight.dtype), partial, c.weight, None, c.padding, c.stride,
-                              c.dilation, c.groups, "add", 1.0, "relu" if c.attr == "relu" else None, [], "")
+        u = self.up(x).to(c.weight.dtype)
+        if u.dtype == torch.float32 or u.is_contiguous(memory_format=torch.channels_last):
+            # oneDNN fuses only ReLU after a sum (not LeakyReLU): that one runs as a layer after it
+            y = _POINTWISE.binary(u, partial, c.weight, None, c.padding, c.stride, c.dilation, c.groups, "add", 1.0,
+                                  "relu" if c.attr == "relu" else None, [], "")
+        else:  # bf16 in the contiguous format: torch's fused sum has no bf16 kernel, so add, then ReLU
+            y = _POINTWISE(u, c.weight, None, c.padding, c.stride, c.dilation, c.groups, "none", [], "").add_(partial)
+            if c.attr == "relu":
+                y = y.relu_()
         return self.rest(y)
 
 

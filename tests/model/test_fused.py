@@ -78,14 +78,15 @@ def test_maxpool_of_strided_views_is_max_pool2d_with_nan_and_inf():
 
 
 @pytest.mark.skipif(not CPU_BF16, reason="oneDNN computes no bf16 convolution on this CPU (AVX2 or less)")
-@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
-def test_bf16_copy_is_as_close_to_fp64_as_the_network_under_autocast(activation):
-    net = _net("batch", activation, depth=4, width=8, seed=3).eval()
+@pytest.mark.parametrize("activation, channels_last", [("relu", True), ("leaky_relu", True), ("relu", False)])
+def test_bf16_copy_is_as_close_to_fp64_as_the_network_under_autocast(activation, channels_last):
+    net = _net("batch", activation, depth=4, width=8, seed=3, channels_last=channels_last).eval()
     copy_ = inference_copy(net, torch.bfloat16)
     weights = [m.weight for m in copy_.modules() if isinstance(m, FusedConv)]
     biases = [m.bias for m in copy_.modules() if isinstance(m, FusedConv) and m.bias is not None]
     assert {w.dtype for w in weights} == {torch.bfloat16} and {b.dtype for b in biases} == {torch.float32}
-    x = torch.rand(4, 2, 64, 64).contiguous(memory_format=torch.channels_last)
+    x = torch.rand(4, 2, 64, 64)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     ref = _outputs(copy.deepcopy(net).double(), x.double())
     fused = _outputs(copy_, x, torch.bfloat16)
     autocast = _outputs(net, x, torch.bfloat16)
