@@ -32,9 +32,10 @@ NaN: oneDNN's fused ReLU gives 0 for NaN where torch's ReLU keeps it, so a NaN f
 about 1e31; the limit is 1e36); the predictor refuses NaN or infinite weights before it runs.
 
 Anything else is left as the unfused eval copy: a network on another device, fp16, bf16 where
-oneDNN computes no bf16 (an AVX2-only CPU: there ``auto`` precision is fp32 anyway), InstanceNorm
-and GroupNorm blocks (each sample's own statistics sit between convolution and activation: only
-the decoder's split and the pooling apply), and a torch built without oneDNN.
+oneDNN computes no bf16 (an AVX2-only CPU: there ``auto`` precision is fp32 anyway), a network
+without BatchNorm (NORM=instance or group: each sample's own statistics sit between convolution
+and activation, so no activation fuses, and the decoder's split and the pooling alone measured
+5–12 % slower there, one thread, three runs each), and a torch built without oneDNN.
 
 Measured (``bench/inference.py --threads 1 --old-code``, 4096² scene, 3969 windows, against the
 predictor before this copy existed, two runs each): bf16 on a 2-core Xeon with AMX 1.62× and 1.93×
@@ -77,7 +78,8 @@ def inference_copy(net: nn.Module, amp_dtype: Optional[torch.dtype] = None) -> n
     Args:
         net: an :class:`~model.AuxNet.AuxNet` (or any module: only the layers this module knows
             are replaced).
-        amp_dtype: the autocast precision the copy will run under: None (fp32) fuses on the CPU,
+        amp_dtype: the autocast precision the copy will run under: None (fp32) fuses on the CPU
+            (a network with BatchNorm),
             bf16 where oneDNN computes bf16 (:func:`_onednn_bf16`); fp16, bf16 elsewhere and other
             devices keep BatchNorm unfolded under autocast, as its folded shift would be rounded to
             the low precision.
@@ -86,8 +88,8 @@ def inference_copy(net: nn.Module, amp_dtype: Optional[torch.dtype] = None) -> n
         The copy, in eval mode, on ``net``'s device.
     """
     device = next(net.parameters(), torch.empty(0)).device
-    fuses = _POINTWISE is not None and device.type == "cpu" and (amp_dtype is None or (
-        amp_dtype == torch.bfloat16 and _onednn_bf16()))
+    fuses = (_POINTWISE is not None and device.type == "cpu" and any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+             and (amp_dtype is None or (amp_dtype == torch.bfloat16 and _onednn_bf16())))
     if not fuses:
         return fold_batchnorm(net) if amp_dtype is None else copy.deepcopy(net).eval()
     dtype = amp_dtype or torch.float32
