@@ -42,7 +42,10 @@ predictor before this copy existed, two runs each): bf16 on a 2-core Xeon with A
 the windows/s, gated 2.02× and 2.03×; fp32 limited to AVX2 1.17× and 1.30× (gated 1.17×, 1.23×).
 On AVX2 the default network's 1.15 GFLOP per window run at 87–96 % of the rate of one large 3×3
 convolution on that core: fp32 prediction there is bound by the convolutions' arithmetic, which no
-fusion changes.
+fusion changes. ``torch.compile`` (inductor, ``freezing=True``) of the same network, 16 windows,
+one thread: bf16 33.6 ms against this copy's 35.6 ms (the unfused network 55.7 ms); fp32 on AVX2
+224.8 against 222.7 ms. Not used: it needs a C++ compiler at run time and compiles per input
+shape, for at most 6 %.
 """
 
 from __future__ import annotations
