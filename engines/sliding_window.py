@@ -124,11 +124,12 @@ class Predictor:
 
     The predictor runs an inference copy of ``net`` in eval mode under ``torch.inference_mode``
     (:func:`model.fused.inference_copy`); ``net`` itself, its mode and its weights are not changed.
-    The copy has its BatchNorm folded into the convolutions in fp32 everywhere and in bf16 on the
-    CPU, where each convolution also runs with its activation in one oneDNN call and keeps its bias
-    in fp32 (the same probabilities to ~1e-6 in fp32; in bf16 the unfused network's own error).
-    Under fp16, and under bf16 on a GPU, BatchNorm is not folded: the folded bias would be rounded
-    to the low precision, moving probabilities by up to ~0.02 (measured on the default network).
+    The copy has its BatchNorm folded into the convolutions in fp32 everywhere and, on a CPU where
+    oneDNN computes bf16, in bf16 too; on the CPU each convolution also runs with its ReLU in one
+    oneDNN call and keeps its bias in fp32 (the same probabilities to ~1e-6 in fp32; in bf16 at
+    most the unfused network's own error). Under fp16, and under bf16 elsewhere, BatchNorm is not
+    folded: the folded bias would be rounded to the low precision, moving probabilities by up to
+    ~0.02 (measured on the default network). Weights that hold NaN or inf are refused here.
 
     Args:
         net: the network, on ``device``. Gating needs its heads.
@@ -153,6 +154,7 @@ class Predictor:
     Raises:
         ValueError: gating without the classifier and fill heads, an unknown ``tta``, a
             ``batch_size`` below 1.
+        NonFiniteOutput: a weight of ``net`` holds NaN or inf.
     """
 
     def __init__(self, net: AuxNet, *, tile: int, overlap: int, device: torch.device,
