@@ -55,10 +55,10 @@ from tqdm import tqdm
 from configs import Config, ConfigError
 from engines.builders import build_runtime
 from engines.checkpoint import CheckpointError
-from engines.forward import place
+from engines.forward import NonFiniteOutput, place
 from engines.inference import Inference
 from engines.launch import launch_plan
-from engines.sliding_window import Predictor
+from engines.sliding_window import Predictor, check_finite
 from model.AuxNet import AuxNet
 from utils.hardware import Runtime
 from utils.image_io import InputScaling
@@ -280,6 +280,19 @@ def check_gating(cfg: Config, can_gate: bool, gating: bool) -> None:
         )
 
 
+def check_weights(checkpoint: Inference) -> None:
+    """Refuse a checkpoint whose weights hold NaN or inf, naming it and the fix, before any output is made.
+
+    Raises:
+        NonFiniteOutput: a weight holds NaN or inf.
+    """
+    try:
+        check_finite(checkpoint.net)
+    except NonFiniteOutput as err:
+        raise NonFiniteOutput(f"MODEL_WEIGHTS={checkpoint.cfg.MODEL_WEIGHTS}: {err}; it cannot predict: use another "
+                              "checkpoint of its run (last.pth or best.pth), or train again") from None
+
+
 def predict(checkpoint: Inference) -> int:
     """Segment every image of INPUT into OUTPUT with the checkpoint, in this process; returns the exit
     status (2 when any image failed). (``main.py predict`` starts here for one process, see
@@ -289,6 +302,7 @@ def predict(checkpoint: Inference) -> int:
         files = check_inputs(cfg)
         out = output_dir(cfg, checkpoint.path)
         # one process: the first device a training run would use, resolved as a launched rank resolves it
+        check_weights(checkpoint)
         runtime = build_runtime(cfg, DistContext(device=launch_plan(cfg)[1][0]))
         net = place(checkpoint.net, runtime.device, runtime.channels_last)
         predictor = build_predictor(cfg, net, checkpoint.can_gate, runtime, cfg.GATING, progress=True)

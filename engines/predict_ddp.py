@@ -36,9 +36,9 @@ from engines.forward import place
 from engines.inference import Inference, load_for_inference
 from engines.launch import (INTERRUPTED, Interrupted, choose_port, exit_status, join_torchrun, processes,
                             run_everywhere)
-from engines.predict import (RecordsFile, Results, build_predictor, check_gating, check_inputs, output_dir,
-                             output_names, predict, predict_each, prepare_output, remove_if_empty, report,
-                             training_inputs)
+from engines.predict import (RecordsFile, Results, build_predictor, check_gating, check_inputs, check_weights,
+                             output_dir, output_names, predict, predict_each, prepare_output, remove_if_empty,
+                             report, training_inputs)
 from utils.hardware import Runtime
 from utils.image_io import InputScaling
 from utils.run_paths import RunDir
@@ -112,6 +112,7 @@ def plan(checkpoint: Inference, ranks: int, pick_port: bool) -> Plan:
     cfg = checkpoint.cfg
     files = check_inputs(cfg)
     out = output_dir(cfg, checkpoint.path)
+    check_weights(checkpoint)
     check_gating(cfg, checkpoint.can_gate, cfg.GATING)
     inputs = training_inputs(cfg, checkpoint.split)
     names = output_names(files)

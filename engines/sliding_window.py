@@ -170,7 +170,7 @@ class Predictor:
             raise ValueError(f"tta={tta!r}: choose one of {' | '.join(TTA_TRANSFORMS)}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1 (or None: chosen for the device)")
-        _check_finite(net)
+        check_finite(net)
         # a copy: the caller's network is untouched (see the class docstring)
         self.net = inference_copy(net, amp_dtype)
         self.tile, self.step = tile, tile - overlap
@@ -484,7 +484,7 @@ def _shifted(a: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def _check_finite(net: torch.nn.Module) -> None:
+def check_finite(net: torch.nn.Module) -> None:
     """Raise :class:`NonFiniteOutput` naming the first weight of ``net`` that holds NaN or inf. Needed
     before prediction, not only after it: a fused ReLU (:mod:`model.fused`) maps NaN to 0, so NaN
     weights need not reach the output."""

@@ -387,6 +387,17 @@ def checkpoint(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pth", cfg)
 
 
+def nan_checkpoint(checkpoint: Path, path: Path) -> str:
+    """Write ``checkpoint`` to ``path`` with NaN in one BatchNorm statistic; returns that weight's name."""
+    import torch
+
+    state = torch.load(checkpoint, weights_only=True)
+    key = next(k for k in state["model"] if k.endswith("running_var"))
+    state["model"][key][0] = float("nan")
+    torch.save(state, path)
+    return key
+
+
 def predict_config(weights: Path, *overrides: str):
     """``main.py predict MODEL_WEIGHTS=weights *overrides`` on the CPU (``GPUs=[]``: predict takes a
     visible GPU), read as predict reads it: an :class:`engines.inference.Inference` (configuration,

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from configs import load_config
-from conftest import predict_config
+from conftest import nan_checkpoint, predict_config
 from engines import predict as predict_module
 from engines.predict import RecordsFile, predict
 from engines.sliding_window import Predictor
@@ -666,3 +666,13 @@ def test_records_file_serialises_each_record_once_and_rewrites_the_whole_file(tm
     with pytest.raises(FileExistsError, match="exists already and was not written by this predict"):
         RecordsFile(other).add({"image": "a.png"})
     assert other.read_text() == "not ours\n"
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_before_anything_is_written(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "nan.pth"
+    key = nan_checkpoint(checkpoint, bad)
+    inputs, out = _images(tmp_path / "in", "a.png"), tmp_path / "out"
+    assert _run(bad, inputs, out) == 2
+    assert (f"error: MODEL_WEIGHTS={bad}: the network's weight {key} holds NaN or infinite values; it cannot "
+            "predict: use another checkpoint of its run (last.pth or best.pth), or train again") in capsys.readouterr().out
+    assert not out.exists()

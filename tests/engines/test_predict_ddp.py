@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CLI_ENV, ROOT, cli_command, predict_config, torch_threads
+from conftest import CLI_ENV, ROOT, cli_command, nan_checkpoint, predict_config, torch_threads
 from engines.predict import predict
-from engines.predict_ddp import share_files
+from engines.predict_ddp import predict_on_ranks, share_files
 
 # ---- the sharing rule
 
@@ -104,3 +104,16 @@ def test_two_processes_write_what_one_process_writes(checkpoint, one_process, tm
     assert _outputs(out) == _outputs(reference)  # masks and overlays, byte for byte
     assert _records(out) == _records(reference)  # one record per image, in input order
     assert [Path(r["image"]).name for r in _records(out)] == list(SIZES)
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_before_the_processes_start(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "nan.pth"
+    key = nan_checkpoint(checkpoint, bad)
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(folder / "a.png")
+    read = predict_config(bad, f"INPUT={folder}", f"OUTPUT={out}", "GATING=false", "CPU_PROCESSES=2")
+    assert predict_on_ranks(read) == 2
+    said = capsys.readouterr().out
+    assert f"error: MODEL_WEIGHTS={bad}: the network's weight {key} holds NaN or infinite values; it cannot predict" in said
+    assert "sharing" not in said and not out.exists()
