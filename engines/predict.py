@@ -66,7 +66,7 @@ from utils.polygons import KeptRows, write_polygons
 from utils.raster import SUPPORTED_SUFFIXES, RasterError, open_image
 from utils.raster_write import ClassMask, MaskWriter, OverlaySample, ProbabilityWriter, overlay_png
 from utils.run_paths import RunDir
-from utils.util import DistContext, RunError, atomic_write_text, make_writable_folder
+from utils.util import DistContext, RunError, atomic_write, atomic_write_text, make_writable_folder
 
 #: Hidden temporary files of an interrupted write into a predict folder: ``atomic_write`` and
 #: raster_write's temporary outputs (``tempfile.mkstemp`` names: ``.<output name>.<8 random>.tmp``)
@@ -462,7 +462,9 @@ class RecordsFile:
             raise FileExistsError(errno.EEXIST, "exists already and was not written by this predict; it is left "
                                   "as it is", str(self.path))
         lines = [json.dumps(r) + "\n" for r in records]
-        atomic_write_text(self.path, "".join(self.lines + lines))
+        text = "".join(self.lines + lines).encode()
+        # the first write never replaces a file, not even one made since the check above
+        atomic_write(self.path, lambda fh: fh.write(text), overwrite=bool(self.lines))
         self.lines += lines
 
 

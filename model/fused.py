@@ -18,18 +18,20 @@ feature map between them. On the CPU this copy removes those passes:
 
 Precision: in fp32 the outputs equal the network's to float rounding (~1e-6). Under bf16 autocast
 the weights are held in bf16 and each bias in fp32: oneDNN accumulates in fp32 and adds the fp32
-bias before the one rounding of the output, so the folded BatchNorm's shift is not rounded to bf16
-(rounding it is why BatchNorm is not folded under fp16, or bf16 on a GPU), and unfused bf16 rounds
-the convolution's output before BatchNorm subtracts its mean. Against an fp64 evaluation of three
-trained default networks on ISBI crops the copy's bf16 error was at most the unfused network's
-(mean |Δp| 3.6e-4 against 4.9e-4, 4.6e-4 against 5.6e-4, 1.7e-3 against 2.6e-3; tested on
-random networks).
+bias before the one rounding of the output (in the decoder's split, the half over the skip, which
+carries the bias, is rounded once more before the sum), so the folded BatchNorm's shift is not
+rounded to bf16 (rounding it is why BatchNorm is not folded under fp16, or bf16 on a GPU), while
+unfused bf16 rounds the convolution's output before BatchNorm subtracts its mean. Against an fp64
+evaluation of three trained default networks on ISBI crops the copy's bf16 error was at most the
+unfused network's (mean |Δp| 3.6e-4 against 4.9e-4, 4.6e-4 against 5.6e-4, 1.7e-3 against 2.6e-3;
+tested on random networks).
 
 NaN: oneDNN's fused ReLU gives 0 for NaN where torch's ReLU keeps it, so a NaN from an overflow
 (inf − inf) could vanish inside the network. ReLU is therefore fused only where
 :func:`activation_bound` proves that no activation can overflow for inputs up to
-:data:`INPUT_BOUND` (trained default networks: 1e24 to 2e26; with UNET_DEPTH=5, CONV_DEPTH=8
-about 1e31; the limit is 1e36); the predictor refuses NaN or infinite weights before it runs.
+:data:`INPUT_BOUND`: trained default networks bound at 2e27 to 9e30, with UNET_DEPTH=5,
+CONV_DEPTH=8 at about 2e34, and the limit is 1e36 (a deeper or wider network above it keeps
+torch's ReLU: exact, slower). The predictor refuses NaN or infinite weights before it runs.
 
 Anything else is left as the unfused eval copy: a network on another device, fp16, bf16 where
 oneDNN computes no bf16 (an AVX2-only CPU: there ``auto`` precision is fp32 anyway), a network
@@ -38,8 +40,10 @@ and activation, so no activation fuses, and the decoder's split and the pooling 
 5–12 % slower there, one thread, three runs each), and a torch built without oneDNN.
 
 Measured (``bench/inference.py --threads 1 --old-code``, 4096² scene, 3969 windows, against the
-predictor before this copy existed, two runs each): bf16 on a 2-core Xeon with AMX 1.62× and 1.93×
-the windows/s, gated 2.02× and 2.03×; fp32 limited to AVX2 1.17× and 1.30× (gated 1.17×, 1.23×).
+predictor before this copy existed, three runs on two sets of weights): bf16 on a 2-core Xeon with
+AMX 1.62–2.20× the windows/s plain, 2.02–2.03× gated at the same threshold (1.55× gated at 0.4
+against the old 0.5, which decodes fewer windows); fp32 limited to AVX2 1.17× and 1.30× (gated
+1.17×, 1.23×).
 On AVX2 the default network's 1.15 GFLOP per window run at 87–96 % of the rate of one large 3×3
 convolution on that core: fp32 prediction there is bound by the convolutions' arithmetic, which no
 fusion changes. ``torch.compile`` (inductor, ``freezing=True``) of the same network, 16 windows,
@@ -59,9 +63,10 @@ from torch import nn
 from model.AuxNet import Up, fold_batchnorm
 
 #: The largest input magnitude :func:`activation_bound` assumes: prediction's inputs are images
-#: scaled to about [0, 1] (an integer image of another dtype than training's, by training's scale:
-#: 65535 / 255 = 257 at most).
-INPUT_BOUND = 1e4
+#: scaled to about [0, 1]; an integer image of another dtype than training's is scaled by training's
+#: scale, at most a 32-bit image by uint8's 255: 4.3e9 / 255 ≈ 1.7e7. (Past the bound an overflow
+#: still ends in an infinite logit, which the predictor reports; the bound is what makes it certain.)
+INPUT_BOUND = 2e7
 #: ReLU is fused only where :func:`activation_bound` stays below this: fp32 and bf16 overflow at
 #: 3.4e38, and bf16's rounding grows a magnitude by less than 1.2× over 30 layers.
 ACTIVATION_LIMIT = 1e36
@@ -75,7 +80,7 @@ def inference_copy(net: nn.Module, amp_dtype: Optional[torch.dtype] = None) -> n
     folded where that is exact enough, and on the CPU the fused layers of this module's docstring.
 
     ``net`` itself (its mode, weights and memory format) is left as it is. The copy is for
-    inference only (its weights take no gradients). Call it with the same autocast as before:
+    inference only (no weight of it requires gradients). Call it with the same autocast as before:
     fused layers cast their input to their weights' dtype, the others are autocast's.
 
     Args:
@@ -94,12 +99,13 @@ def inference_copy(net: nn.Module, amp_dtype: Optional[torch.dtype] = None) -> n
     fuses = (_POINTWISE is not None and device.type == "cpu" and any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
              and (amp_dtype is None or (amp_dtype == torch.bfloat16 and _onednn_bf16())))
     if not fuses:
-        return fold_batchnorm(net) if amp_dtype is None else copy.deepcopy(net).eval()
+        return (fold_batchnorm(net) if amp_dtype is None else copy.deepcopy(net).eval()).requires_grad_(False)
     dtype = amp_dtype or torch.float32
     fused = fold_batchnorm(net)
     # oneDNN's fused ReLU maps NaN to 0: fuse it only where no activation can overflow (finite
     # weights, bounded activations), so that a NaN could not arise to be hidden
     relu = activation_bound(fused) < ACTIVATION_LIMIT
+    fused.requires_grad_(False)
     for parent in list(fused.modules()):
         for name, child in parent.named_children():
             if type(child) is Up:

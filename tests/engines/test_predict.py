@@ -656,7 +656,7 @@ def test_records_file_serialises_each_record_once_and_rewrites_the_whole_file(tm
 
     def full(*_args, **_kw):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(predict_module, "atomic_write_text", full)
+    monkeypatch.setattr(predict_module, "atomic_write", full)
     with pytest.raises(OSError):
         jsonl.add({"image": "late.png"})
     assert len(jsonl.lines) == 50 and len(path.read_text().splitlines()) == 50  # not added, file as it was

@@ -46,7 +46,7 @@ def test_fp32_copy_gives_the_networks_outputs(norm, activation, depth, seg, chan
     copy_ = inference_copy(net)
     # the network is untouched: mode and every weight and statistic
     assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    assert not copy_.training
+    assert not copy_.training and not any(p.requires_grad for p in copy_.parameters())
     x = torch.randn(3, 2, 2 ** (depth + 2), 2 ** (depth + 1) * 3)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
