@@ -27,9 +27,9 @@ What predict writes, and where (it never destroys a file):
   appears during the run is never replaced.
 - Inputs that share a stem (``scene.png``, ``scene.tif``) keep both results: their outputs are named
   with the suffix (``scene_png_mask.png``, ``scene_tif_mask.png``), with a note.
-- ``predictions.jsonl`` is rewritten whole, atomically, after each image (:class:`RecordsFile`):
-  a kill never leaves half a line, and every image it lists has all its outputs (only a kill -9 can leave part of the
-  outputs of the image being written, without a line).
+- ``predictions.jsonl`` is rewritten whole, atomically, after each image (:class:`RecordsFile`): a
+  kill never leaves half a line, and every image it lists has all its outputs (only a kill -9 can
+  leave part of the outputs of the image being written, without a line).
 - An OUTPUT that cannot be created or written is one error before any prediction. A write error
   while saving one image's outputs removes that image's partial outputs and lists it among the
   failures; a full disk, a read-only file system or a permission error stops the folder at once
@@ -301,8 +301,8 @@ def predict(checkpoint: Inference) -> int:
     try:
         files = check_inputs(cfg)
         out = output_dir(cfg, checkpoint.path)
-        # one process: the first device a training run would use, resolved as a launched rank resolves it
         check_weights(checkpoint)
+        # one process: the first device a training run would use, resolved as a launched rank resolves it
         runtime = build_runtime(cfg, DistContext(device=launch_plan(cfg)[1][0]))
         net = place(checkpoint.net, runtime.device, runtime.channels_last)
         predictor = build_predictor(cfg, net, checkpoint.can_gate, runtime, cfg.GATING, progress=True)
