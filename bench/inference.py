@@ -293,19 +293,11 @@ def run_throughput(job: dict) -> dict:
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from configs import load_config
-    from engines.builders import build_runtime
-    from engines.forward import autocast_for, image_to, place
-    from engines.inference import load_for_inference
-    from engines.predict import build_predictor
-    from utils.util import DistContext
+    from engines.forward import autocast_for, image_to
 
-    overrides = [f"MODEL_WEIGHTS={job['weights']}", f"PREDICT_BATCH={BATCH}", "GATING=false"]
-    checkpoint = load_for_inference(load_config(None, overrides), overrides, "predict")
+    checkpoint, net, predictor = _predictor(job, gating=False)
     device = torch.device(job.get("device", "cpu"))
-    runtime = build_runtime(checkpoint.cfg, DistContext(device=device))
-    net = place(checkpoint.net, runtime.device, runtime.channels_last).eval()
-    predictor = build_predictor(checkpoint.cfg, net, False, runtime, False)
+    net.eval()
     fast, amp, channels_last = predictor.net, predictor.amp_dtype, predictor.channels_last
     x = image_to(torch.rand(BATCH, checkpoint.cfg.INPUT_CHANNELS, TILE, TILE), device, channels_last)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -336,34 +328,44 @@ def run_throughput(job: dict) -> dict:
             "conv_gflops": conv_flops / conv_s / 1e9, "precision": str(amp or torch.float32).removeprefix("torch.")}
 
 
+def _predictor(job: dict, gating: bool):
+    """(the checkpoint as `main.py predict` reads it, its network placed on the job's device, the
+    predictor `main.py predict` makes of it) for the bench's windows, overlap and batch."""
+    import torch
+
+    from configs import load_config
+    from engines.builders import build_runtime
+    from engines.forward import place
+    from engines.inference import load_for_inference
+    from engines.predict import build_predictor
+    from utils.util import DistContext
+
+    overrides = [f"MODEL_WEIGHTS={job['weights']}", f"TILE_OVERLAP={OVERLAP}", f"PREDICT_BATCH={BATCH}",
+                 f"CLS_THRESHOLD={CLS_THRESHOLD}", f"GATING={'true' if gating else 'false'}"]
+    checkpoint = load_for_inference(load_config(None, overrides), overrides, "predict")
+    if checkpoint.cfg.INPUT_SIZE != TILE:
+        raise SystemExit(f"the checkpoint's INPUT_SIZE is {checkpoint.cfg.INPUT_SIZE}; this bench compares "
+                         f"{TILE}-px windows")
+    runtime = build_runtime(checkpoint.cfg, DistContext(device=torch.device(job.get("device", "cpu"))))
+    net = place(checkpoint.net, runtime.device, runtime.channels_last)
+    return checkpoint, net, build_predictor(checkpoint.cfg, net, checkpoint.can_gate, runtime, gating)
+
+
 def run_config(job: dict) -> dict:
     """Predict the scene with one configuration; write the probabilities (H, W, K) to job["out"]."""
     if job["mode"] == "throughput":
         return run_throughput(job)
     import torch
 
-    from configs import load_config
-    from engines.builders import build_runtime
-    from engines.forward import autocast_for, image_to, place
-    from engines.inference import load_for_inference
-    from engines.predict import build_predictor
+    from engines.forward import autocast_for, image_to
     from engines.sliding_window import ArrayImage, PredictStats
     from utils.image_io import dtype_intensity_range
-    from utils.util import DistContext
 
     torch.manual_seed(0)
-    gating = job["mode"] == "gated"
-    overrides = [f"MODEL_WEIGHTS={job['weights']}", f"TILE_OVERLAP={OVERLAP}", f"PREDICT_BATCH={BATCH}",
-                 f"CLS_THRESHOLD={CLS_THRESHOLD}", f"GATING={'true' if gating else 'false'}"]
-    checkpoint = load_for_inference(load_config(None, overrides), overrides, "predict")  # as `main.py predict` does
+    checkpoint, net, predictor = _predictor(job, gating=job["mode"] == "gated")
     cfg = checkpoint.cfg
-    if cfg.INPUT_SIZE != TILE:
-        raise SystemExit(f"the checkpoint's INPUT_SIZE is {cfg.INPUT_SIZE}; this bench compares {TILE}-px windows")
     device = torch.device(job.get("device", "cpu"))
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    runtime = build_runtime(cfg, DistContext(device=device))  # as `main.py predict` resolves it
-    net = place(checkpoint.net, runtime.device, runtime.channels_last)
-    predictor = build_predictor(cfg, net, checkpoint.can_gate, runtime, gating)
     net, amp, channels_last = predictor.net, predictor.amp_dtype, predictor.channels_last
     raw = np.load(job["image"])
     image = ArrayImage(raw, *dtype_intensity_range(raw.dtype))  # uint8 / 255, as open_image reads a file
