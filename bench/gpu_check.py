@@ -15,19 +15,27 @@ Rows, on ``--device`` (default ``cuda``):
 * the default run (``python main.py``) for 2 epochs (1 warm-up + 1), once in bf16 and once in fp16
   with the GradScaler: best Dice, seconds per epoch and training steps per second (steps of BATCH_SIZE
   tiles over the epochs' training seconds; goal: Dice ≥ 0.80 after 2 epochs);
+* the default run as the README's first command runs it, whole (goal on a GPU: ≤ 10 s wall);
 * a 1-process DDP run over NCCL: AuxNet wrapped in ``DistributedDataParallel``, 3 training steps
   with the trainer's step and loss, an all-reduce of the metric statistics and a broadcast of a
   Python object (what :mod:`engines.launch` and the trainer do across ranks);
 * ``main.py predict`` of a 4096² and an 8192² synthetic scene (the one of ``bench/inference.py``) with
   the first training run's weights, plain and gated: seconds, windows per second, windows decoded, Dice
-  against the ground truth, and gated's speed-up over plain (the issue's goal: ≥ 2.5×).
+  against the ground truth, and gated's speed-up over plain (goals on a GPU: plain 4096² ≥ 20,000
+  windows/s, gated ≥ 2.5× plain);
+* the 8192² scene tiled 2×2 into a 16384² tiled deflate GeoTIFF and a lossless JPEG 2000 (what
+  orbiter archives ship; written with rasterio, a row "skipped" without it), each read, predicted
+  (gated) and written by ``main.py predict``: the record's seconds (reading, prediction and the mask
+  written; goals on a GPU ≤ 10 s and ≤ 20 s) beside the whole command's wall time.
+
+The goals are the H200's; a row that misses one fails the table.
 
 ``--device cpu --smoke`` runs every row small on the CPU (gloo for NCCL, one fp32 training run, a
-256² scene); ``tests/bench/test_gpu_check.py`` runs it so that the script is known to work before a GPU
-ever runs it.
+256² scene, a 512² GeoTIFF and JPEG 2000); ``tests/bench/test_gpu_check.py`` runs it so that the
+script is known to work before a GPU ever runs it.
 
 Usage:
-    bash bench/gpu_check.sh                  # CUDA-marked tests, then this table (< 8 min on one GPU)
+    bash bench/gpu_check.sh                  # CUDA-marked tests, then this table
     python bench/gpu_check.py --device cpu --smoke
 """
 
@@ -62,14 +70,19 @@ NO_DEVICE = 3
 
 
 class Table:
-    """Rows of ``check | result | reference | goal | ok``; ``failed`` when any row missed its goal."""
+    """Rows of ``check | result | reference | goal | met``; ``failed`` when any row missed its goal."""
 
     def __init__(self):
-        self.rows: list[tuple[str, str, str, str, bool]] = []
+        self.rows: list[tuple[str, str, str, str, bool | None]] = []  # met: None for a row not run
 
     def add(self, check: str, result: str, reference: str, goal: str, ok: bool) -> None:
         self.rows.append((check, result, reference, goal, ok))
         print(f"  {'ok ' if ok else 'FAIL'} {check}: {result}", flush=True)
+
+    def skip(self, check: str, why: str) -> None:
+        """A row not run, for ``why``; it does not fail the table."""
+        self.rows.append((check, f"not run: {why}", "", "", None))
+        print(f"  skip {check}: {why}", flush=True)
 
     def error(self, check: str, err: BaseException) -> None:
         text = f"{type(err).__name__}: {err}".replace("|", "/").replace("\n", " ")[:300]
@@ -77,11 +90,12 @@ class Table:
 
     @property
     def failed(self) -> bool:
-        return any(not row[4] for row in self.rows)
+        return any(row[4] is False for row in self.rows)
 
     def markdown(self) -> str:
         lines = ["| check | result | reference | goal | met |", "|---|---|---|---|---|"]
-        lines += [f"| {c} | {r} | {ref} | {g} | {'yes' if ok else '**NO**'} |" for c, r, ref, g, ok in self.rows]
+        met = {True: "yes", False: "**NO**", None: "skipped"}
+        lines += [f"| {c} | {r} | {ref} | {g} | {met[ok]} |" for c, r, ref, g, ok in self.rows]
         return "\n".join(lines)
 
 
@@ -150,20 +164,25 @@ def _tail(done: subprocess.CompletedProcess) -> str:
     return f"exit {done.returncode}: {lines[-1]}"
 
 
-def check_training(table: Table, device: torch.device, smoke: bool, workdir: Path, precision: str) -> Path | None:
-    """A 2-epoch default run in ``precision``; returns its best checkpoint."""
-    args = [f"RESULTS_DIR={workdir}", f"EXP_ID={precision}", "WARMUP_EPOCHS=1", "TRAIN_EPOCHS=1",
-            f"MIXED_PRECISION={precision}", f"MASTER_PORT={_free_port()}"]
-    args += ["GPUs=[0]"] if device.type == "cuda" else ["GPUs=[]"]
+def _run_main(args: list[str], device: torch.device, smoke: bool, timeout: float = 600):
+    """``python main.py`` with ``args`` on ``device`` (smoke: 4 images of 128²); returns
+    ``(completed process, wall seconds, run folder or None)``."""
+    args = [*args, f"MASTER_PORT={_free_port()}", "GPUs=[0]" if device.type == "cuda" else "GPUs=[]"]
     if smoke:
         args += ["SYNTHETIC_IMAGES=4", "SYNTHETIC_SIZE=128", "INPUT_SIZE=64", "TEST_SPLIT=0.25"]
-    done, wall = _main_py(args, dict(os.environ), 600)
+    done, wall = _main_py(args, dict(os.environ), timeout)
     run = re.search(r"^run (\S+)", done.stdout, re.MULTILINE)
+    return done, wall, Path(run.group(1)) if not done.returncode and run else None
+
+
+def check_training(table: Table, device: torch.device, smoke: bool, workdir: Path, precision: str) -> Path | None:
+    """A 2-epoch default run in ``precision``; returns its best checkpoint."""
+    done, wall, folder = _run_main([f"RESULTS_DIR={workdir}", f"EXP_ID={precision}", "WARMUP_EPOCHS=1",
+                                    "TRAIN_EPOCHS=1", f"MIXED_PRECISION={precision}"], device, smoke)
     check = f"default run, 2 epochs, {precision}" + (" (smoke: 4 images of 128²)" if smoke else "")
-    if done.returncode or not run:
+    if folder is None:
         table.add(check, _tail(done), "", "runs", False)
         return None
-    folder = Path(run.group(1))
     summary = json.loads((folder / "summary.json").read_text())
     records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     per_epoch = sum(r["time_s"] for r in records) / len(records)
@@ -177,6 +196,21 @@ def check_training(table: Table, device: torch.device, smoke: bool, workdir: Pat
     table.add(check, f"DSC {dice:.4f}, {per_epoch:.1f} s/epoch{rate}, {wall:.0f} s in all",
               f"precision said: {chosen.group(1) if chosen else '?'}", f"DSC ≥ {goal:.2f}", dice >= goal)
     return folder / "best.pth"
+
+
+def check_default_run(table: Table, device: torch.device, smoke: bool, workdir: Path) -> None:
+    """``python main.py`` as the README's first command runs it (every option its default), whole:
+    start, 12 epochs, whole-image evaluation, exit (goal on a GPU: ≤ 10 s)."""
+    args = [f"RESULTS_DIR={workdir}", "EXP_ID=default"] + (["WARMUP_EPOCHS=1", "TRAIN_EPOCHS=1"] if smoke else [])
+    done, wall, folder = _run_main(args, device, smoke)
+    check = "python main.py (the default run), whole" + (" (smoke: 2 epochs)" if smoke else "")
+    if folder is None:
+        table.add(check, _tail(done), "", "runs", False)
+        return
+    dice = json.loads((folder / "summary.json").read_text())["best"]["DSC"]
+    on_gpu = device.type == "cuda" and not smoke
+    table.add(check, f"{wall:.1f} s wall, best DSC {dice:.4f}", "", "≤ 10 s wall on a GPU" if on_gpu else "runs",
+              not on_gpu or wall <= 10)
 
 
 def check_ddp(table: Table, device: torch.device) -> None:
@@ -225,48 +259,101 @@ def check_ddp(table: Table, device: torch.device) -> None:
 
 
 def check_prediction(table: Table, device: torch.device, smoke: bool, weights: Path | None, workdir: Path) -> None:
+    """Synthetic scenes predicted plain and gated (4096² and 8192²; smoke: 256²), then the largest of
+    them tiled 2×2 as a GeoTIFF and as a lossless JPEG 2000 (16384²; smoke: 512²)."""
     if weights is None or not weights.is_file():
         table.add("predict a scene", "no weights: the bf16 training run failed", "", "runs", False)
         return
-    for size in (256,) if smoke else (4096, 8192):
-        _predict_scene(table, device, smoke, weights, workdir, size)
-
-
-def _predict_scene(table: Table, device: torch.device, smoke: bool, weights: Path, workdir: Path, size: int) -> None:
-    """Rows for ``main.py predict`` of one ``size``² scene, plain and gated, and gated's speed-up."""
-    import tifffile
     from PIL import Image
 
     from bench.inference import make_scene, render_scene
 
-    image, classes = render_scene(make_scene(size, 0))
-    path = workdir / f"scene_{size}.png"
-    Image.fromarray(image).save(path)
-    truth = classes > 0
+    for size in (256,) if smoke else (4096, 8192):
+        image, classes = render_scene(make_scene(size, 0))
+        path = workdir / f"scene_{size}.png"
+        Image.fromarray(image).save(path)
+        _predict_scene(table, device, smoke, weights, workdir, path, classes > 0)
+    _predict_archive_formats(table, device, smoke, weights, workdir, np.tile(image, (2, 2)), np.tile(classes > 0, (2, 2)))
+
+
+def _predict(table: Table, device: torch.device, weights: Path, path: Path, out: Path, gating: bool,
+             truth: np.ndarray, check: str) -> dict | None:
+    """``main.py predict`` of ``path`` into ``out``; its record, with ``dice`` (of the mask against
+    ``truth``) and ``wall`` (the whole command) added; None after a row saying why it failed."""
+    import tifffile
+    from PIL import Image
+
+    args = [f"MODEL_WEIGHTS={weights}", f"INPUT={path}", f"OUTPUT={out}", f"GATING={str(gating).lower()}",
+            "GPUs=[0]" if device.type == "cuda" else "GPUs=[]"]
+    done, wall = _main_py(["predict", *args], dict(os.environ), 600)
+    log = out / "predictions.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    if done.returncode or not records:
+        table.add(check, _tail(done), "", "runs", False)
+        return None
+    mask = Path(records[-1]["mask"])
+    pred = (tifffile.imread(mask) if mask.suffix == ".tif" else np.asarray(Image.open(mask))) > 0
+    dice = 2 * float((pred & truth).sum()) / max(float(pred.sum() + truth.sum()), 1.0)
+    return {**records[-1], "dice": dice, "wall": wall}
+
+
+def _predict_scene(table: Table, device: torch.device, smoke: bool, weights: Path, workdir: Path, path: Path,
+                   truth: np.ndarray) -> None:
+    """Rows for ``main.py predict`` of one scene, plain and gated, and gated's speed-up (goals on a GPU:
+    plain ≥ 20,000 windows/s, gated ≥ 2.5× plain)."""
+    size = truth.shape[0]
+    on_gpu = device.type == "cuda" and not smoke
     rates = {}
-    for gating in ("false", "true"):
-        out = workdir / f"predict_{size}_{gating}"
-        args = [f"MODEL_WEIGHTS={weights}", f"INPUT={path}", f"OUTPUT={out}", f"GATING={gating}"]
-        args += ["GPUs=[0]"] if device.type == "cuda" else ["GPUs=[]"]
-        check = f"predict {size}² scene, gating {gating}"
-        done, wall = _main_py(["predict", *args], dict(os.environ), 600)
-        log = out / "predictions.jsonl"
-        records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-        masks = list(out.glob("*mask*.png")) + list(out.glob("*mask*.tif"))
-        if done.returncode or not records or not masks:
-            table.add(check, _tail(done), "", "runs", False)
+    for gating in (False, True):
+        check = f"predict {size}² scene, gating {str(gating).lower()}"
+        r = _predict(table, device, weights, path, workdir / f"predict_{size}_{gating}", gating, truth, check)
+        if r is None:
             continue
-        pred = (tifffile.imread(masks[0]) if masks[0].suffix == ".tif" else np.asarray(Image.open(masks[0]))) > 0
-        dice = 2 * float((pred & truth).sum()) / max(float(pred.sum() + truth.sum()), 1.0)
-        r = records[-1]
         rates[gating] = r["tiles_per_s"]
+        fast = not gating and size == 4096 and on_gpu  # the issue's windows/s goal: plain, the bench scene
         table.add(check, f"{r['seconds']:.1f} s ({r['tiles_per_s']} windows/s), {r['decoded']}/{r['tiles']} decoded, "
-                  f"Dice {dice:.4f}", f"{wall:.0f} s whole command", "runs, Dice ≥ 0.5" if not smoke else "runs",
-                  smoke or dice >= 0.5)
-    if len(rates) == 2 and rates["false"]:
-        speedup = rates["true"] / rates["false"]
+                  f"Dice {r['dice']:.4f}", f"{r['wall']:.0f} s whole command",
+                  "runs" if smoke else "Dice ≥ 0.5, ≥ 20,000 windows/s" if fast else "Dice ≥ 0.5",
+                  smoke or (r["dice"] >= 0.5 and (not fast or r["tiles_per_s"] >= 20_000)))
+    if len(rates) == 2 and rates[False]:
+        speedup = rates[True] / rates[False]
         table.add(f"predict {size}² scene, gated / plain", f"{speedup:.2f}× the windows/s", "", "≥ 2.5× on a GPU",
-                  smoke or device.type != "cuda" or speedup >= 2.5)
+                  not on_gpu or speedup >= 2.5)
+
+
+def _predict_archive_formats(table: Table, device: torch.device, smoke: bool, weights: Path, workdir: Path,
+                             image: np.ndarray, truth: np.ndarray) -> None:
+    """A scene as orbiter archives ship it, a tiled deflate GeoTIFF and a lossless JPEG 2000, read,
+    predicted (gated) and written by ``main.py predict`` (goals on a GPU for 16384²: ≤ 10 s and ≤ 20 s,
+    the record's seconds: reading, prediction and writing of the mask)."""
+    size = image.shape[0]
+    formats = (("GeoTIFF", "tif", 10, dict(driver="GTiff", tiled=True, blockxsize=512, blockysize=512,
+                                           compress="deflate", BIGTIFF="IF_SAFER")),
+               ("lossless JPEG 2000", "jp2", 20, dict(driver="JP2OpenJPEG", QUALITY=100, REVERSIBLE="YES")))
+    try:
+        import rasterio
+        from affine import Affine
+    except ImportError:
+        for name, *_ in formats:
+            table.skip(f"predict {size}² {name}, gated", "rasterio is not installed (pip install rasterio)")
+        return
+    on_gpu = device.type == "cuda" and not smoke
+    profile = dict(height=size, width=size, count=1, dtype="uint8", crs="EPSG:32633",
+                   transform=Affine(0.5, 0, 500000, 0, -0.5, 4000000))
+    for name, suffix, goal, options in formats:
+        check = f"predict {size}² {name}, gated"
+        path = workdir / f"scene_{size}.{suffix}"
+        start = time.perf_counter()
+        with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"), rasterio.open(path, "w", NUM_THREADS="ALL_CPUS", **options,
+                                                                      **profile) as ds:
+            ds.write(image, 1)
+        written = time.perf_counter() - start
+        r = _predict(table, device, weights, path, workdir / f"predict_{size}_{suffix}", True, truth, check)
+        if r is not None:
+            table.add(check, f"{r['seconds']:.1f} s ({r['tiles_per_s']} windows/s), {r['decoded']}/{r['tiles']} "
+                      f"decoded, Dice {r['dice']:.4f}", f"{r['wall']:.0f} s whole command; file written in "
+                      f"{written:.0f} s", f"≤ {goal} s on a GPU" if on_gpu else "runs",
+                      not on_gpu or r["seconds"] <= goal)
 
 
 # ------------------------------------------------------------------------------ main
@@ -310,7 +397,8 @@ def main() -> int:
                 weights = weights or best
             except Exception as err:
                 table.error(f"default run, {precision}", err)
-        for name, run in (("DDP", lambda: check_ddp(table, device)),
+        for name, run in (("default run", lambda: check_default_run(table, device, args.smoke, workdir)),
+                          ("DDP", lambda: check_ddp(table, device)),
                           ("predict", lambda: check_prediction(table, device, args.smoke, weights, workdir))):
             try:
                 run()

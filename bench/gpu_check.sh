@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # One call that exercises every GPU path: the CUDA-marked tests, then bench/gpu_check.py's table
 # (exact SDM vs SciPy, distance metrics vs MONAI, 2-epoch default runs in bf16 and fp16, a DDP run
-# over NCCL, prediction of a 4096² and an 8192² scene plain and gated, training steps/s). Under 10
-# minutes on one GPU. Exit status: 0 all passed,
-# 1 a test or check failed, 3 no CUDA device (nothing was checked: a CPU never passes this).
+# over NCCL, the default run's wall time, prediction of a 4096² and an 8192² scene plain and gated,
+# a 16384² GeoTIFF and JPEG 2000, training steps/s). Exit status: 0 all passed, 1 a test or check
+# failed or missed its goal, 3 no CUDA device (nothing was checked: a CPU never passes this).
 #
 #   bash bench/gpu_check.sh              # uses cuda:0
 #   bash bench/gpu_check.sh --device cuda:1
+#   PYTHON=/path/to/python bash bench/gpu_check.sh    # default: python3 (a virtual environment's), else python
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE="${WANDB_MODE:-disabled}"
-python - <<'PY'
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+"$PYTHON" - <<'PY'
 import sys
 import torch
 if not torch.cuda.is_available():
@@ -25,10 +27,10 @@ if [ "$status" -ne 0 ]; then
 fi
 start=$(date +%s)
 echo "== CUDA-marked tests"
-python -m pytest -m cuda -rs -q
+"$PYTHON" -m pytest -m cuda -rs -q
 tests=$?
 echo "== checks"
-python bench/gpu_check.py "$@"
+"$PYTHON" bench/gpu_check.py "$@"
 checks=$?
 echo "== tests exit $tests, checks exit $checks, $(( $(date +%s) - start )) s in all"
 if [ "$tests" -ne 0 ] || [ "$checks" -ne 0 ]; then

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import torch
 
 from conftest import ROOT
 
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+# PYTHON: the shell script's interpreter is this one (on PATH may be another, without torch)
+ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "PYTHON": sys.executable}
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 
 
@@ -32,8 +34,12 @@ def test_every_check_runs_small_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     table = done.stdout[done.stdout.index("| check |"):].splitlines()[2:]
     checks = [row.split(" | ")[0].lstrip("| ") for row in table]
-    assert len(checks) == 7 and all(row.endswith("| yes |") for row in table), "\n".join(table)
-    assert [c.split(",")[0].split(" ")[0] for c in checks] == ["exact", "ASD/AD/HD95/D95", "default", "1-process",
-                                                               "predict", "predict", "predict"]
-    assert checks[-1] == "predict 256² scene, gated / plain" and "steps/s" in table[2]
-    assert "over gloo" in checks[3]
+    assert len(checks) == 10 and all(row.endswith(("| yes |", "| skipped |")) for row in table), "\n".join(table)
+    assert [c.split(",")[0].split(" ")[0] for c in checks] == ["exact", "ASD/AD/HD95/D95", "default", "python",
+                                                               "1-process", "predict", "predict", "predict",
+                                                               "predict", "predict"]
+    assert checks[7] == "predict 256² scene, gated / plain" and "steps/s" in table[2]
+    assert "over gloo" in checks[4]
+    assert checks[8:] == ["predict 512² GeoTIFF, gated", "predict 512² lossless JPEG 2000, gated"]
+    have_rasterio = importlib.util.find_spec("rasterio") is not None
+    assert all(row.endswith("| yes |" if have_rasterio else "| skipped |") for row in table[8:]), "\n".join(table)
