@@ -14,6 +14,9 @@ import torch
 FILL_BLEND_WEIGHT = 1e-3
 #: Windows within this many cells of a boundary cell are decoded too (see :class:`GatePlan`).
 GATE_REACH = 1
+#: The head's boundary probability above which a window is decoded: the configuration's
+#: GATE_THRESHOLD default (a test keeps the two equal).
+GATE_THRESHOLD = 0.4
 
 
 class GatePlan:

@@ -50,7 +50,8 @@ from tqdm import tqdm
 
 from engines.device_bands import BandReader, HostRows, auto_batch, band_bytes, blending_device, feature_budget, upload
 from engines.forward import NonFiniteOutput, autocast_for
-from engines.gating import FILL_BLEND_WEIGHT, GATE_REACH, GatePlan, cover_indices  # noqa: F401 (re-exported)
+from engines.gating import (FILL_BLEND_WEIGHT, GATE_REACH, GATE_THRESHOLD, GatePlan,  # noqa: F401 (re-exported)
+                            cover_indices)
 from model.AuxNet import AuxNet
 from model.fused import inference_copy
 from model.metrics import labels_from_scores
@@ -159,7 +160,7 @@ class Predictor:
 
     def __init__(self, net: AuxNet, *, tile: int, overlap: int, device: torch.device,
                  batch_size: Optional[int] = None, amp_dtype: Optional[torch.dtype] = None,
-                 channels_last: bool = False, gating: bool = False, gate_threshold: float = 0.5,
+                 channels_last: bool = False, gating: bool = False, gate_threshold: float = GATE_THRESHOLD,
                  gate_reach: int = GATE_REACH, tta: str = "none", progress: bool = False, readers: int = 1):
         if gating and (net.head is None or net.fill_head is None):
             raise ValueError("gated prediction needs the classifier and fill heads; this network has none "

@@ -146,6 +146,13 @@ def test_the_gate_threshold_decides_which_windows_are_decoded():
         Predictor(net, tile=32, overlap=16, device=CPU, gating=True, gate_threshold=1.5)
 
 
+def test_the_predictor_gates_at_the_configuration_default():
+    """A Predictor built without ``gate_threshold`` (a library caller, a bench) gates as
+    ``main.py predict`` does by default."""
+    assert Predictor(tiny_net(seed=15), tile=32, overlap=16, device=CPU, gating=True).gate_threshold == \
+        load_config(None, []).GATE_THRESHOLD == 0.4
+
+
 @pytest.mark.parametrize("gating", [False, True])
 def test_host_transfers_do_not_grow_with_the_batches(monkeypatch, gating):
     """No transfer to the host per batch: the windows of a band are cut, predicted and blended on the
