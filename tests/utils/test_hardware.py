@@ -451,13 +451,13 @@ def test_keeping_freed_memory_ends_the_page_faults_of_prediction_batches():
 def test_an_allocator_the_user_chose_is_left_as_it_is(monkeypatch, variable, value):
     calls = []
     monkeypatch.setattr(hardware, "_glibc_mallopt", lambda: lambda *args: calls.append(args) or 1)
+    for name in ("GLIBC_TUNABLES", "LD_PRELOAD", *hardware._ALLOCATOR_CHOICES):  # this shell's own choices
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(variable, value)
     assert hardware.allocator_chosen_by_user() == variable
     assert hardware.keep_freed_memory() is False and calls == []
     monkeypatch.delenv(variable)
-    for name in ("GLIBC_TUNABLES", "LD_PRELOAD", *hardware._ALLOCATOR_CHOICES):
-        monkeypatch.delenv(name, raising=False)
-    assert hardware.keep_freed_memory() is True
+    assert hardware.allocator_chosen_by_user() is None and hardware.keep_freed_memory() is True
     assert calls == [(-3, 256 << 20), (-1, 512 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (malloc.h)
 
 
