@@ -9,6 +9,9 @@ it to with ``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA``); for the memory for
 rule measured on CPUs (channels_last was never slower for AuxNet, see the note at ``_CPU_RULE``)
 and times the actual model elsewhere, or anywhere with ``"measure"``.
 
+Beside these choices, :func:`resolve_runtime` has the process's allocator keep the memory torch
+frees (:func:`keep_freed_memory`).
+
 Each resolver returns ``(choice, reason)``; the reason is one short sentence for the run's first
 log line, e.g. ``"auto: fp32 (CPU without native bf16: AVX2)"``. :func:`resolve_runtime` takes every
 such decision of a process once, into a frozen :class:`Runtime` that the launcher passes down; nothing
@@ -442,9 +445,9 @@ def keep_freed_memory() -> bool:
     Why: on the CPU, torch allocates every layer's output anew, and a batch's feature maps are
     large (16 windows of 128² with 16 channels in fp32: 16.8 MB each). glibc returned the freed maps
     to the system whenever the free top of its heap exceeded twice its adaptive mmap threshold, so
-    each batch of prediction faulted them in again: 12,000-16,000 minor page faults per batch of
+    each batch of prediction faulted them in again: 10,000-20,000 minor page faults per batch of
     the default network (``bench/inference.py``'s network), 8 % of its time in fp32. With
-    :data:`MMAP_THRESHOLD` and :data:`TRIM_THRESHOLD` there are none. The price: up to
+    :data:`MMAP_THRESHOLD` and :data:`TRIM_THRESHOLD` most batches fault in no page. The price: up to
     TRIM_THRESHOLD of freed memory stays with the process (the peak resident memory is what it was).
 
     Left as it is where the user chose (``GLIBC_TUNABLES`` with a malloc tunable, a ``MALLOC_*_``
