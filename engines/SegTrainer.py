@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from engines.checkpoint import CheckpointError, restore_training, save_checkpoint
-from engines.forward import NonFiniteOutput, autocast_for, evaluate_model, image_to, place
+from engines.forward import NonFiniteOutput, autocast_for, evaluate_model, image_to, non_finite, place
 from model.AuxNet import AuxNet, AuxNetOutput
 from model.metrics import HIGHER_IS_BETTER
 from utils.loggers import progress_bars
@@ -457,19 +457,6 @@ def describe_step(what: str, names: list[str], row: list[float], step: int, ids:
     terms = dict(zip(names[1:], row[1:]))
     return (f"training diverged at step {step} (epoch {epoch}): {what}; loss {row[0]:.4g}, terms {terms}; "
             f"tiles {ids}")
-
-
-def non_finite(module: nn.Module) -> list[str]:
-    """Names of ``module``'s floating-point parameters and buffers (BatchNorm statistics) that hold a
-    NaN or an infinity. One synchronisation: the max-norm of a finite tensor is always finite."""
-    named = [(n, t) for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_floating_point()]
-    if not named:
-        return []
-    norms = torch.stack(torch._foreach_norm([t.detach() for _, t in named], float("inf")))
-    finite = torch.isfinite(norms)
-    if bool(finite.all()):
-        return []
-    return [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
 
 
 def largest_weight(module: nn.Module) -> float:

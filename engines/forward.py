@@ -80,3 +80,16 @@ def all_finite(out: AuxNetOutput) -> torch.Tensor:
         if extra is not None:
             finite &= torch.isfinite(extra).all()
     return finite
+
+
+def non_finite(module: nn.Module) -> list[str]:
+    """Names of ``module``'s floating-point parameters and buffers (BatchNorm statistics) that hold a
+    NaN or an infinity. One synchronisation: the max-norm of a finite tensor is always finite."""
+    named = [(n, t) for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_floating_point()]
+    if not named:
+        return []
+    norms = torch.stack(torch._foreach_norm([t.detach() for _, t in named], float("inf")))
+    finite = torch.isfinite(norms)
+    if bool(finite.all()):
+        return []
+    return [n for (n, _), ok in zip(named, finite.tolist()) if not ok]

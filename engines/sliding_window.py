@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from engines.device_bands import BandReader, HostRows, auto_batch, band_bytes, blending_device, feature_budget, upload
-from engines.forward import NonFiniteOutput, autocast_for
+from engines.forward import NonFiniteOutput, autocast_for, non_finite
 from engines.gating import (FILL_BLEND_WEIGHT, GATE_REACH, GATE_THRESHOLD, GatePlan,  # noqa: F401 (re-exported)
                             cover_indices)
 from model.AuxNet import AuxNet
@@ -489,9 +489,9 @@ def check_finite(net: torch.nn.Module) -> None:
     """Raise :class:`NonFiniteOutput` naming the first weight of ``net`` that holds NaN or inf. Needed
     before prediction, not only after it: a fused ReLU (:mod:`model.fused`) maps NaN to 0, so NaN
     weights need not reach the output."""
-    for name, tensor in (*net.named_parameters(), *net.named_buffers()):
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise NonFiniteOutput(f"the network's weight {name} holds NaN or infinite values")
+    bad = non_finite(net)
+    if bad:
+        raise NonFiniteOutput(f"the network's weight {bad[0]} holds NaN or infinite values")
 
 
 def _probabilities(seg_logits: torch.Tensor) -> torch.Tensor:

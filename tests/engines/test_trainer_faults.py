@@ -22,10 +22,10 @@ import torch
 from conftest import TINY, fit_epochs, log_epochs, run_cli, tiny_config, torch_threads
 from engines.builders import build_network
 from engines.checkpoint import CheckpointError, read_checkpoint
-from engines.forward import NonFiniteOutput
+from engines.forward import NonFiniteOutput, non_finite
 from engines.sliding_window import ArrayImage, Predictor
 from utils.run_paths import RunDir
-from engines.SegTrainer import TrainingDiverged, non_finite
+from engines.SegTrainer import TrainingDiverged
 from engines.train import write_summary
 from utils.loggers import JsonLinesLogger
 from utils.util import WriteError
